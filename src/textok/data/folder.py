@@ -1,0 +1,189 @@
+"""Real data: an image folder or tar archive with captions or class labels.
+
+Layouts understood (``../shared/data`` has examples of each):
+
+* ``captions.jsonl`` at the root (or given by path): one ``{"file", "caption" | "captions", "label"?,
+  "split"?}`` per line. Flickr8k's five human captions per photo use ``"captions"``.
+* class folders: ``[split/]<class>/<image>``; captions then come from per-class caption banks (a JSON
+  ``{class_name: [captions]}``), or from generic templates when no bank is given.
+* the split is the top-level folder (``train/``, ``val/``, ``dev/``, ``test/``) or the JSONL ``split``
+  field; ``dev`` and ``val`` are the same split.
+
+A tar (``.tar``, ``.tar.gz``, ``.tgz``) is read once into memory (the sets here are tens of MB). A file that
+cannot be decoded is skipped: the item comes back as ``None``, :func:`collate` drops it and counts it in
+``batch["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TextokError
+from .images import IMAGE_SUFFIXES, decode_image
+
+SPLIT_ALIASES = {"val": "val", "dev": "val", "valid": "val", "validation": "val", "train": "train", "test": "test"}
+DEFAULT_TEMPLATES = ("a photo of {a} {c}.", "a picture of {a} {c}.", "an image showing {a} {c}.",
+                     "a close-up photo of {a} {c}.", "{A} {c} in a natural setting.")
+
+
+class _Source:
+    """Uniform access to a directory or a tar archive: names and bytes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._blobs: dict[str, bytes] | None = None
+        if root.is_dir():
+            self.names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        elif root.is_file() and tarfile.is_tarfile(root):
+            self._blobs = {}
+            with tarfile.open(root) as tar:
+                for m in tar:
+                    if m.isfile():
+                        f = tar.extractfile(m)
+                        name = m.name[2:] if m.name.startswith("./") else m.name
+                        self._blobs[name] = f.read() if f else b""
+            self.names = sorted(self._blobs)
+        else:
+            raise TextokError(f"data {root} is neither a directory nor a tar archive")
+
+    def read(self, name: str) -> bytes:
+        if self._blobs is not None:
+            return self._blobs[name]
+        return (self.root / name).read_bytes()
+
+    def exists(self, name: str) -> bool:
+        return name in self._blobs if self._blobs is not None else (self.root / name).is_file()
+
+
+def _template(template: str, name: str) -> str:
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return template.format(a=article, A=article.capitalize(), c=name)
+
+
+def _split_of(name: str) -> str | None:
+    head = name.split("/", 1)[0]
+    return SPLIT_ALIASES.get(head.lower()) if "/" in name else None
+
+
+class ImageCaptionFolder(torch.utils.data.Dataset):
+    """Images + captions + labels from a folder or tar. Items: ``{"image", "captions", "label", "index"}``."""
+
+    def __init__(self, root: str | Path, split: str = "train", image_size: int = 64,
+                 captions_file: str | Path | None = None, caption_bank: str | Path | dict | None = None,
+                 limit: int | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.exists():
+            raise TextokError(f"data {self.root} does not exist")
+        self.split = SPLIT_ALIASES.get(split, split)
+        self.image_size = image_size
+        self.source = _Source(self.root)
+        records = self._records_from_jsonl(captions_file)
+        if records is None:
+            records = self._records_from_folders(caption_bank)
+        if not records:
+            raise TextokError(f"no images of split {split!r} found in {self.root}")
+        if limit is not None:
+            records = records[:limit]
+        self.records = records
+        self.skipped = 0
+
+    # ---- discovery -----------------------------------------------------------------------------
+    def _records_from_jsonl(self, captions_file: str | Path | None) -> list[dict] | None:
+        if captions_file is not None:
+            path = Path(captions_file)
+            if not path.is_file():
+                raise TextokError(f"captions file {path} does not exist")
+            lines = path.read_text().splitlines()
+        elif self.source.exists("captions.jsonl"):
+            lines = self.source.read("captions.jsonl").decode().splitlines()
+        else:
+            return None
+        records, labels = [], {}
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name = row["file"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TextokError(f"captions line {lineno} is not a JSON object with a 'file' key: {line[:80]!r}") from None
+            row_split = SPLIT_ALIASES.get(str(row.get("split", "")), None) or _split_of(name)
+            if row_split is not None and row_split != self.split:
+                continue
+            caps = row.get("captions", row.get("caption"))
+            caps = [caps] if isinstance(caps, str) else (caps or [])
+            caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+            if not caps:
+                raise TextokError(f"captions line {lineno} ({name}) has no caption: every image needs at least one")
+            label = row.get("label", -1)
+            if isinstance(label, str):
+                label = labels.setdefault(label, len(labels))
+            records.append({"file": name, "captions": caps, "label": int(label)})
+        self.class_names = sorted(labels, key=labels.get) if labels else []
+        return records
+
+    def _records_from_folders(self, caption_bank: str | Path | dict | None) -> list[dict]:
+        images = [n for n in self.source.names if n.lower().endswith(IMAGE_SUFFIXES)]
+        has_splits = any(_split_of(n) for n in images)
+        if has_splits:
+            images = [n for n in images if _split_of(n) == self.split]
+        class_of = {}
+        for n in images:
+            parts = n.split("/")
+            parts = parts[1:] if has_splits else parts
+            class_of[n] = parts[-2] if len(parts) > 1 else None
+        names = sorted({c for c in class_of.values() if c is not None})
+        self.class_names = names
+        bank = self._load_bank(caption_bank, names)
+        return [{"file": n, "captions": bank[class_of[n]] if class_of[n] else ["a photo."],
+                 "label": names.index(class_of[n]) if class_of[n] else -1} for n in images]
+
+    @staticmethod
+    def _load_bank(caption_bank: str | Path | dict | None, names: list[str]) -> dict[str, list[str]]:
+        if caption_bank is None:
+            return {c: [_template(t, c.replace("_", " ")) for t in DEFAULT_TEMPLATES] for c in names}
+        bank = caption_bank if isinstance(caption_bank, dict) else json.loads(Path(caption_bank).read_text())
+        missing = [c for c in names if not bank.get(c)]
+        if missing:
+            raise TextokError(f"caption bank has no captions for class {missing[0]!r}: add a list of captions for it")
+        return {c: list(bank[c]) for c in names}
+
+    # ---- access --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        rec = self.records[index]
+        try:
+            image = decode_image(self.source.read(rec["file"]), self.image_size)
+        except Exception:  # a corrupt or unreadable file: skipped by collate, counted, never a crash
+            self.skipped += 1
+            return None
+        return {"image": image, "captions": rec["captions"], "label": rec["label"], "index": index}
+
+    def caption_bank(self) -> dict[int, list[str]]:
+        bank: dict[int, list[str]] = {}
+        for rec in self.records:
+            if rec["label"] >= 0:
+                bank.setdefault(rec["label"], []).extend(rec["captions"])
+        return bank
+
+
+def collate(items: list[dict | None]) -> dict[str, Any]:
+    """Stack a batch, dropping items that failed to decode; ``skipped`` counts them."""
+    good = [it for it in items if it is not None]
+    if not good:
+        return {"image": torch.empty(0), "captions": [], "label": torch.empty(0, dtype=torch.long),
+                "index": torch.empty(0, dtype=torch.long), "skipped": len(items)}
+    return {
+        "image": torch.stack([it["image"] for it in good]),
+        "captions": [it["captions"] for it in good],
+        "label": torch.tensor([it["label"] for it in good], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "skipped": len(items) - len(good),
+    }

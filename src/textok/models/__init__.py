@@ -1,0 +1,1 @@
+"""Models: transformer blocks, TexTok, and (as they land) TiTok, DiT, MaskGIT, discriminator, quantizers."""

@@ -1,0 +1,243 @@
+"""TexTok: text-conditioned image tokenization (Zha et al., CVPR 2025).
+
+Encoder (a ViT)::
+
+    [ patch tokens of the image (P) | N learnable latent tokens | projected text tokens (L) ]
+        -> transformer -> keep the N latent outputs -> Linear(width -> d)  =  Z  (B, N, d)
+
+Decoder (a ViT)::
+
+    [ P learnable patch (mask) tokens | Linear(d -> width)(Z) | projected text tokens (L) ]
+        -> transformer -> keep the P patch outputs -> Linear(width -> p*p*3) -> unpatchify -> image
+
+The text tokens are per-token states of a frozen text encoder (T5 in the paper, all-MiniLM-L6-v2 by
+default here), projected to each ViT's width; padded text positions are masked out of attention. Text can
+be switched off on either side (``text_in_encoder`` / ``text_in_decoder``); with both off this is the
+paper's no-text baseline, a TiTok-style continuous 1D tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+from ..errors import ConfigError, TextokError
+from ..hub import PretrainedMixin
+from ..text.embeddings import TextEmbeddings
+from ..text.encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
+from .vit import PatchEmbed, Transformer, ViTConfig, init_vit_weights, transformer_flops, unpatchify, vit_size
+
+TextInput = list[str] | tuple[str, ...] | TextEmbeddings | None
+
+
+@dataclasses.dataclass
+class TexTokConfig(Config):
+    """Everything that shapes a TexTok model (and nothing about training)."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    num_tokens: int = 32  # N, the number of 1D image tokens
+    token_channels: int = 8  # d, channels per token
+    encoder: ViTConfig = field(default_factory=lambda: vit_size("base"))
+    decoder: ViTConfig = field(default_factory=lambda: vit_size("base"))
+    text_in_encoder: bool = True
+    text_in_decoder: bool = True
+    text_encoder: str = DEFAULT_TEXT_ENCODER  # "minilm" | "t5:/local/dir" | "hf:/local/dir"
+    text_dim: int = 384  # width of the text encoder's states (384 MiniLM, 2048 T5-XL, 4096 T5-XXL)
+    text_max_length: int = 64  # captions are truncated to this many text tokens (with a warning)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.num_tokens < 1 or self.token_channels < 1:
+            raise ConfigError("num_tokens and token_channels must be positive")
+
+    @property
+    def uses_text(self) -> bool:
+        return self.text_in_encoder or self.text_in_decoder
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+def _register_presets() -> None:
+    # The paper's tokenizers: ViT-B encoder + ViT-B decoder (~176M parameters), N in {32, 64, 128, 256}.
+    # Patch size 16 at both resolutions (our choice; the paper leaves it to its supplementary material).
+    for res in (256, 512):
+        for n in (32, 64, 128, 256):
+            TexTokConfig.register_preset(f"textok-b-{res}-{n}")(
+                lambda res=res, n=n: TexTokConfig(image_size=res, patch_size=16, num_tokens=n)
+            )
+    # Small CPU sizes: the study / demo family at 32-64 px, and the one the tests use.
+    for res, patch in ((32, 4), (64, 8)):
+        for n in (8, 16, 32, 64, 128):
+            TexTokConfig.register_preset(f"textok-s-{res}-{n}")(
+                lambda res=res, patch=patch, n=n: TexTokConfig(
+                    image_size=res, patch_size=patch, num_tokens=n,
+                    encoder=ViTConfig(width=128, depth=4, heads=4), decoder=ViTConfig(width=128, depth=4, heads=4),
+                )
+            )
+    TexTokConfig.register_preset("textok-tiny")(
+        lambda: TexTokConfig(image_size=16, patch_size=4, num_tokens=4, token_channels=4,
+                             encoder=ViTConfig(width=32, depth=2, heads=2), decoder=ViTConfig(width=32, depth=2, heads=2))
+    )
+    TexTokConfig.register_preset("textok-demo")(
+        lambda: TexTokConfig(image_size=32, patch_size=4, num_tokens=16,
+                             encoder=ViTConfig(width=128, depth=4, heads=4), decoder=ViTConfig(width=128, depth=4, heads=4))
+    )
+
+
+_register_presets()
+
+
+class TexTokEncoder(nn.Module):
+    """Image (+ text) -> Z (B, N, d)."""
+
+    def __init__(self, cfg: TexTokConfig) -> None:
+        super().__init__()
+        D = cfg.encoder.width
+        self.num_patches, self.num_tokens = cfg.num_patches, cfg.num_tokens
+        self.patch_embed = PatchEmbed(cfg.patch_size, 3, D)
+        self.patch_pos = nn.Parameter(torch.randn(1, cfg.num_patches, D) * D**-0.5)
+        self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
+        self.latent_pos = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
+        self.text_proj = nn.Linear(cfg.text_dim, D) if cfg.text_in_encoder else None
+        self.transformer = Transformer(cfg.encoder)
+        self.to_tokens = nn.Linear(D, cfg.token_channels)
+
+    def forward(self, images: Tensor, text: TextEmbeddings | None) -> Tensor:
+        B = images.shape[0]
+        parts = [self.patch_embed(images) + self.patch_pos, (self.latent_tokens + self.latent_pos).expand(B, -1, -1)]
+        key_padding = None
+        if self.text_proj is not None:
+            assert text is not None
+            parts.append(self.text_proj(text.states))
+            key_padding = torch.cat([text.mask.new_ones(B, self.num_patches + self.num_tokens), text.mask], dim=1)
+        h = self.transformer(torch.cat(parts, dim=1), key_padding)
+        return self.to_tokens(h[:, self.num_patches : self.num_patches + self.num_tokens])
+
+
+class TexTokDecoder(nn.Module):
+    """Z (B, N, d) (+ text) -> image (B, 3, H, W)."""
+
+    def __init__(self, cfg: TexTokConfig) -> None:
+        super().__init__()
+        D = cfg.decoder.width
+        self.cfg = cfg
+        self.mask_token = nn.Parameter(torch.randn(1, 1, D) * D**-0.5)
+        self.patch_pos = nn.Parameter(torch.randn(1, cfg.num_patches, D) * D**-0.5)
+        self.token_proj = nn.Linear(cfg.token_channels, D)
+        self.latent_pos = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
+        self.text_proj = nn.Linear(cfg.text_dim, D) if cfg.text_in_decoder else None
+        self.transformer = Transformer(cfg.decoder)
+        self.to_pixels = nn.Linear(D, cfg.patch_size**2 * 3)
+
+    def forward(self, z: Tensor, text: TextEmbeddings | None) -> Tensor:
+        B, P = z.shape[0], self.cfg.num_patches
+        parts = [(self.mask_token + self.patch_pos).expand(B, -1, -1), self.token_proj(z) + self.latent_pos]
+        key_padding = None
+        if self.text_proj is not None:
+            assert text is not None
+            parts.append(self.text_proj(text.states))
+            key_padding = torch.cat([text.mask.new_ones(B, P + self.cfg.num_tokens), text.mask], dim=1)
+        h = self.transformer(torch.cat(parts, dim=1), key_padding)
+        g = self.cfg.grid
+        return unpatchify(self.to_pixels(h[:, :P]), self.cfg.patch_size, g, g)
+
+
+class TexTok(PretrainedMixin, nn.Module):
+    """The tokenizer: ``encode(images, text) -> Z`` and ``decode(Z, text) -> images``.
+
+    ``text`` is a list of captions (the configured frozen encoder is loaded lazily, once) or precomputed
+    :class:`TextEmbeddings`; it may be omitted when text is switched off on the side being called.
+    """
+
+    config_class = TexTokConfig
+    model_type = "textok"
+
+    def __init__(self, config: TexTokConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = TexTokEncoder(config)
+        self.decoder = TexTokDecoder(config)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        init_vit_weights(self)
+
+    # ---- text ----------------------------------------------------------------------------------
+    def text_embeddings(self, text: TextInput, batch: int, needed: bool) -> TextEmbeddings | None:
+        """Captions or embeddings -> embeddings on the model's device (``None`` when not needed)."""
+        if not needed:
+            return None
+        if text is None:
+            raise TextokError("this model is conditioned on text: pass one caption per image "
+                              "(or a model with text_in_encoder=false text_in_decoder=false)")
+        if not isinstance(text, TextEmbeddings):
+            if isinstance(text, str):
+                raise TextokError("text must be a list of captions, one per image, not a single string")
+            text = load_text_encoder(self.config.text_encoder, self.config.text_max_length).encode(list(text))
+        if len(text) != batch:
+            raise TextokError(f"got {len(text)} captions for {batch} images: give exactly one caption per image")
+        if text.dim != self.config.text_dim:
+            raise TextokError(f"text embeddings are {text.dim}-d but the model expects text_dim={self.config.text_dim} "
+                              f"(its text encoder is {self.config.text_encoder!r})")
+        param = next(self.parameters())
+        return text.to(param.device)
+
+    def _check_images(self, images: Tensor) -> None:
+        c = self.config
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != c.image_size or images.shape[3] != c.image_size:
+            raise TextokError(
+                f"images have shape {tuple(images.shape)} but this model takes (batch, 3, {c.image_size}, "
+                f"{c.image_size}) in [-1, 1]; resize/convert them (textok's loaders do) or use a {images.shape[-1]}-px config"
+            )
+
+    # ---- the API -------------------------------------------------------------------------------
+    def encode(self, images: Tensor, text: TextInput = None) -> Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> Z (B, N, d)."""
+        self._check_images(images)
+        emb = self.text_embeddings(text, images.shape[0], self.config.text_in_encoder)
+        return self.encoder(images, emb)
+
+    def decode(self, z: Tensor, text: TextInput = None) -> Tensor:
+        """Z (B, N, d) -> images (B, 3, H, W), roughly in [-1, 1] (not clamped)."""
+        c = self.config
+        if z.dim() != 3 or z.shape[1:] != (c.num_tokens, c.token_channels):
+            raise TextokError(f"tokens have shape {tuple(z.shape)} but this model decodes (batch, {c.num_tokens}, "
+                              f"{c.token_channels})")
+        emb = self.text_embeddings(text, z.shape[0], self.config.text_in_decoder)
+        return self.decoder(z, emb)
+
+    def forward(self, images: Tensor, text: TextInput = None) -> tuple[Tensor, Tensor]:
+        """Reconstruct: returns (reconstruction, Z). Text is encoded once and shared by both sides."""
+        self._check_images(images)
+        emb = self.text_embeddings(text, images.shape[0], self.config.uses_text)
+        z = self.encoder(images, emb if self.config.text_in_encoder else None)
+        return self.decoder(z, emb if self.config.text_in_decoder else None), z
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def num_parameters(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"encoder": count(self.encoder), "decoder": count(self.decoder), "total": count(self)}
+
+    def flops_per_image(self, text_tokens: int = 0) -> float:
+        """Forward FLOPs (2 x multiply-adds) of encoder + decoder for one image (matmuls only)."""
+        c = self.config
+        P, N = c.num_patches, c.num_tokens
+        enc_len = P + N + (text_tokens if c.text_in_encoder else 0)
+        dec_len = P + N + (text_tokens if c.text_in_decoder else 0)
+        patch = 2 * P * (3 * c.patch_size**2) * c.encoder.width
+        out = 2 * P * c.decoder.width * 3 * c.patch_size**2
+        text = 2 * text_tokens * c.text_dim * ((c.encoder.width if c.text_in_encoder else 0)
+                                              + (c.decoder.width if c.text_in_decoder else 0))
+        return transformer_flops(c.encoder, enc_len) + transformer_flops(c.decoder, dec_len) + patch + out + text

@@ -1,0 +1,241 @@
+"""Transformer building blocks shared by every model in textok.
+
+Everything works on sequences in (B, L, D) layout. Attention goes through
+``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU) with an optional key-padding
+mask, so padded text tokens are never attended to. Blocks are pre-norm: ``x + attn(norm(x))`` then
+``x + mlp(norm(x))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+
+
+@dataclasses.dataclass
+class ViTConfig(Config):
+    """Size of one transformer stack."""
+
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False  # RMS-normalise queries and keys per head (stabilises large-lr training)
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
+
+
+# Sizes of the ViT family (ViT paper / TiTok): name -> (width, depth, heads).
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (512, 8, 8),  # TiTok-S
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+def vit_size(name: str, **kw: float | int | bool) -> ViTConfig:
+    width, depth, heads = VIT_SIZES[name]
+    return ViTConfig(width=width, depth=depth, heads=heads, **kw)  # type: ignore[arg-type]
+
+
+def attention_mask(key_padding: Tensor | None) -> Tensor | None:
+    """(B, L) bool, True = real token  ->  (B, 1, 1, L) bool mask for SDPA (True = may attend)."""
+    if key_padding is None:
+        return None
+    return key_padding[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA."""
+
+    def __init__(self, width: int, heads: int, qk_norm: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        head_dim = width // heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries ``x`` to a context sequence (e.g. text tokens)."""
+
+    def __init__(self, width: int, context_dim: int, heads: int, qk_norm: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(context_dim, 2 * width)
+        self.proj = nn.Linear(width, width)
+        head_dim = width // heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, L, D = x.shape
+        S = context.shape[1]
+        h = self.heads
+        q = self.q_norm(self.q(x).view(B, L, h, D // h).transpose(1, 2))
+        k, v = self.kv(context).view(B, S, 2, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
+        k = self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads, qk_norm)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks and a final LayerNorm."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+
+    def forward(self, x: Tensor, key_padding: Tensor | None = None) -> Tensor:
+        """``key_padding``: (B, L) bool, True for real tokens; ``None`` when every token is real."""
+        mask = attention_mask(key_padding)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C, H, W) -> patch tokens (B, (H/p)(W/p), D) with a strided convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), p*p*C), row-major patches, channels last within a patch."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x: Tensor, p: int, h: int, w: int, channels: int = 3) -> Tensor:
+    """Inverse of :func:`patchify`: (B, h*w, p*p*C) -> (B, C, h*p, w*p)."""
+    B = x.shape[0]
+    x = x.view(B, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, channels, h * p, w * p)
+
+
+def sincos_1d(length: int, dim: int, base: float = 10000.0) -> Tensor:
+    """Fixed 1D sin-cos position embedding, (length, dim)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dim, got {dim}")
+    pos = torch.arange(length, dtype=torch.float64)
+    omega = 1.0 / base ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(h: int, w: int, dim: int) -> Tensor:
+    """Fixed 2D sin-cos position embedding (MAE/DiT style), (h*w, dim): half the channels per axis."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos embedding needs dim divisible by 4, got {dim}")
+    emb_h = sincos_1d(h, dim // 2)[:, None, :].expand(h, w, dim // 2)
+    emb_w = sincos_1d(w, dim // 2)[None, :, :].expand(h, w, dim // 2)
+    return torch.cat([emb_w, emb_h], dim=-1).reshape(h * w, dim)
+
+
+class LearnedPosEmbed(nn.Module):
+    """A learned position embedding added to a (B, L, D) sequence, initialised like ViT (std 0.02)."""
+
+    def __init__(self, length: int, width: int, std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, length, width) * std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.weight
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """Truncated-normal(0.02) linear weights, zero biases, unit LayerNorms (the ViT/TiTok recipe)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.trunc_normal_(m.weight.view(m.weight.shape[0], -1), std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def transformer_flops(cfg: ViTConfig, length: int) -> float:
+    """Forward FLOPs (2 x multiply-adds) of one :class:`Transformer` over a sequence of ``length``."""
+    d = cfg.width
+    per_layer = 2 * length * (4 * d * d + 2 * d * int(d * cfg.mlp_ratio)) + 2 * 2 * length * length * d
+    return cfg.depth * per_layer
+
+
+__all__ = [
+    "ViTConfig",
+    "VIT_SIZES",
+    "vit_size",
+    "Attention",
+    "CrossAttention",
+    "MLP",
+    "Block",
+    "Transformer",
+    "PatchEmbed",
+    "patchify",
+    "unpatchify",
+    "sincos_1d",
+    "sincos_2d",
+    "LearnedPosEmbed",
+    "init_vit_weights",
+    "transformer_flops",
+    "attention_mask",
+]

@@ -1,0 +1,42 @@
+"""Per-class caption banks.
+
+For class-conditional generation TexTok decodes a generated token sequence with a caption drawn from the
+class's bank; the paper excludes the captions of the training images when they are known. A bank is a plain
+``{class_id: [captions]}`` mapping, saved as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ..errors import TextokError
+
+
+class CaptionBank:
+    def __init__(self, captions: dict[int, list[str]], class_names: list[str] | None = None) -> None:
+        self.captions = {int(k): list(v) for k, v in captions.items()}
+        self.class_names = class_names or [str(k) for k in sorted(self.captions)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def sample(self, label: int, rng: random.Random, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+        if label not in self.captions:
+            raise TextokError(f"class {label} has no captions in the bank (classes: 0..{self.num_classes - 1})")
+        pool = [c for c in self.captions[label] if c not in exclude] or self.captions[label]
+        return rng.choice(pool)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"class_names": self.class_names,
+                                          "captions": {str(k): v for k, v in self.captions.items()}}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CaptionBank":
+        path = Path(path)
+        if not path.is_file():
+            raise TextokError(f"caption bank {path} does not exist")
+        data = json.loads(path.read_text())
+        return cls({int(k): v for k, v in data["captions"].items()}, data.get("class_names"))

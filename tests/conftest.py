@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny configs, random text embeddings, a tiny random T5 on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def random_text(batch: int, length: int = 6, dim: int = 384, lengths: list[int] | None = None, seed: int = 0):
+    from textok.text.embeddings import TextEmbeddings
+
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(batch, length, dim, generator=g)
+    lengths = lengths or [length] * batch
+    mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    return TextEmbeddings(states, mask)
+
+
+@pytest.fixture
+def tiny_cfg():
+    from textok import TexTokConfig
+
+    return TexTokConfig.preset("textok-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 1-layer T5 encoder with a word-level tokenizer, saved like a real one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    d = tmp_path_factory.mktemp("tiny_t5")
+    words = "<pad> </s> <unk> a an the red blue green circle square on background of with and in at top left".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=16)
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    T5EncoderModel(cfg).save_pretrained(d)
+    return d

@@ -1,0 +1,107 @@
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATA
+from textok.data import CaptionedScenes, ImageCaptionFolder, collate, load_image
+from textok.data.scenes import SHAPES, captions_for, make_scene
+from textok.errors import TextokError
+
+
+def test_scenes_are_deterministic_per_seed():
+    a, b = CaptionedScenes(32, size=8, seed=3), CaptionedScenes(32, size=8, seed=3, cache=False)
+    c = CaptionedScenes(32, size=8, seed=4)
+    for i in range(8):
+        assert torch.equal(a[i]["image"], b[i]["image"]) and a[i]["captions"] == b[i]["captions"]
+    assert any(not torch.equal(a[i]["image"], c[i]["image"]) for i in range(8))
+    assert not torch.equal(a[0]["image"], CaptionedScenes(32, split="val", size=1, seed=3)[0]["image"])
+
+
+def test_scene_items_and_captions_state_what_is_there():
+    d = CaptionedScenes(48, size=20)
+    for i in range(20):
+        item = d[i]
+        assert item["image"].shape == (3, 48, 48)
+        assert item["image"].min() >= -1 and item["image"].max() <= 1
+        scene = d.scene(i)
+        assert item["label"] == SHAPES.index(scene.objects[0].shape)
+        assert len(item["captions"]) == 5 and len(set(item["captions"])) == 5
+        for caption in item["captions"]:
+            for obj in scene.objects:
+                assert obj.shape in caption and obj.color in caption
+            assert scene.bg_colors[0] in caption
+
+
+def test_scene_caption_bank_covers_classes():
+    bank = CaptionedScenes(16, size=200).caption_bank()
+    assert set(bank) == set(range(len(SHAPES))) and all(bank[k] for k in bank)
+
+
+def _write_tar(path, files: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png(color, size=(40, 30), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tar_with_jsonl_captions_modes_and_corrupt_file(tmp_path):
+    rows = [{"file": "train/a.png", "captions": ["a red one", "red"]}, {"file": "train/b.png", "caption": "gray"},
+            {"file": "train/c.png", "caption": "a transparent one"}, {"file": "train/bad.png", "caption": "broken"},
+            {"file": "dev/d.png", "caption": "held out"}]
+    files = {"train/a.png": _png((255, 0, 0)), "train/b.png": _png(128, mode="L"),
+             "train/c.png": _png((0, 0, 255, 0), mode="RGBA"), "train/bad.png": b"not an image",
+             "dev/d.png": _png((0, 255, 0)), "captions.jsonl": "\n".join(map(json.dumps, rows)).encode()}
+    _write_tar(tmp_path / "d.tar", files)
+    train = ImageCaptionFolder(tmp_path / "d.tar", split="train", image_size=16)
+    assert len(train) == 4 and len(ImageCaptionFolder(tmp_path / "d.tar", split="val", image_size=16)) == 1
+    batch = collate([train[i] for i in range(4)])
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["skipped"] == 1
+    assert batch["captions"][0] == ["a red one", "red"]
+    torch.testing.assert_close(batch["image"][0][:, 8, 8], torch.tensor([1.0, -1.0, -1.0]))
+    torch.testing.assert_close(batch["image"][1][:, 8, 8], torch.full((3,), 128 / 127.5 - 1))  # gray -> RGB
+    torch.testing.assert_close(batch["image"][2][:, 8, 8], torch.ones(3))  # transparent -> white
+
+
+def test_class_folders_with_caption_bank(tmp_path):
+    for split in ("train", "val"):
+        for cls, color in (("cats", (200, 100, 0)), ("dogs", (0, 100, 200))):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (20, 20), color).save(tmp_path / split / cls / "x.jpg")
+    bank = {"cats": ["a cat sleeping"], "dogs": ["a dog running", "a happy dog"]}
+    ds = ImageCaptionFolder(tmp_path, split="val", image_size=8, caption_bank=bank)
+    assert ds.class_names == ["cats", "dogs"] and len(ds) == 2
+    assert ds[1]["captions"] == bank["dogs"] and ds[1]["label"] == 1
+    with pytest.raises(TextokError, match="no captions for class 'dogs'"):
+        ImageCaptionFolder(tmp_path, split="val", image_size=8, caption_bank={"cats": ["x"]})
+    templated = ImageCaptionFolder(tmp_path, split="train", image_size=8)
+    assert templated[0]["captions"][0] == "a photo of a cats."
+
+
+def test_missing_caption_and_missing_data_are_clear(tmp_path):
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": ""}) + "\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(TextokError, match="has no caption"):
+        ImageCaptionFolder(tmp_path, image_size=8)
+    with pytest.raises(TextokError, match="does not exist"):
+        ImageCaptionFolder(tmp_path / "nope", image_size=8)
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(TextokError, match="cannot be decoded"):
+        load_image(str(tmp_path / "junk.png"), 8)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "flickr8k-128.tar").is_file(), reason="../shared/data/flickr8k-128.tar absent")
+def test_real_flickr8k_has_five_captions():
+    ds = ImageCaptionFolder(SHARED_DATA / "flickr8k-128.tar", split="dev", image_size=32, limit=10)
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 32) and len(item["captions"]) == 5
