@@ -1,0 +1,213 @@
+"""MaskGIT generator: schedule, guidance, masked loss, memorisation, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from textok.errors import ConfigError, TextokError
+from textok.models.maskgit import MaskGIT, MaskGITConfig, masked_counts
+from textok.models.vit import ViTConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared (two threads under load are ~10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(n: int = 16, k: int = 32, c: int = 2, **kw) -> MaskGIT:
+    torch.manual_seed(0)
+    cfg = MaskGITConfig(num_tokens=n, codebook_size=k, num_classes=c,
+                        transformer=ViTConfig(width=64, depth=2, heads=4), **kw)
+    return MaskGIT(cfg)
+
+
+# ---- schedule ---------------------------------------------------------------------------------------
+def test_masked_counts_follow_cosine_formula():
+    n, steps = 32, 8
+    expected = [math.floor(n * math.cos(math.pi / 2 * (s + 1) / steps)) for s in range(steps)]
+    assert masked_counts(n, steps) == expected
+    assert expected[-1] == 0 and all(a > b for a, b in zip([n] + expected, expected))
+    arccos = [math.floor(n * math.acos((s + 1) / steps) / (math.pi / 2)) for s in range(steps)]
+    assert masked_counts(n, steps, "arccos") == arccos
+
+
+def test_generate_follows_schedule_and_ends_unmasked():
+    m = tiny(n=32, k=64, c=3).eval()
+    seen: list[list[int]] = []
+    handle = m.register_forward_pre_hook(lambda mod, args: seen.append((args[0] == m.mask_id).sum(1).tolist()))
+    labels = torch.tensor([0, 1, 2, 1])
+    out = m.generate(labels, steps=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    counts = masked_counts(32, 8)
+    # Input of step s holds the masked count left by step s-1 (all N at step 0), for every sample.
+    assert seen == [[n] * 4 for n in [32] + counts[:-1]]
+    assert out.shape == (4, 32) and out.dtype == torch.int64
+    assert out.min() >= 0 and out.max() < 64
+    again = m.generate(labels, steps=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_generate_with_more_steps_than_tokens_and_guidance_runs_in_range():
+    m = tiny(n=4, k=8, c=2).eval()
+    out = m.generate(torch.tensor([0, 1]), steps=6, guidance_scale=2.5, guidance_schedule="cosine",
+                     temperature=2.0, temperature_schedule="cosine", generator=torch.Generator().manual_seed(3))
+    assert out.shape == (2, 4) and out.min() >= 0 and out.max() < 8
+
+
+# ---- guidance ---------------------------------------------------------------------------------------
+def test_guidance_scale_one_is_conditional_and_batched_cfg_matches_separate_passes():
+    m = tiny().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 33, (3, 16), generator=g)  # includes [MASK] = 32
+    labels = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        cond = m(ids, labels)
+        uncond = m(ids, torch.full_like(labels, m.null_class))
+        assert torch.equal(m.guided_logits(ids, labels, 1.0), cond)
+        guided = m.guided_logits(ids, labels, 3.0)
+        torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.guided_logits(ids, labels, 0.0), uncond, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cond, uncond)
+
+
+# ---- training loss ----------------------------------------------------------------------------------
+def test_loss_only_uses_masked_positions():
+    m = tiny(class_dropout=0.0)
+    codes = torch.randint(0, 32, (6, 16), generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    captured = {}
+
+    def keep(mod, args, out):
+        out.retain_grad()
+        captured["logits"] = out
+
+    h = m.head.register_forward_hook(keep)
+    out = m.training_loss(codes, labels, generator=torch.Generator().manual_seed(5))
+    h.remove()
+    out["loss"].backward()
+    mask, logits = out["mask"], captured["logits"]
+    grad_norm = logits.grad.abs().sum(-1)
+    assert (grad_norm[~mask] == 0).all() and (grad_norm[mask] > 0).all()
+    assert mask.any(1).all() and not mask.all()
+    manual = torch.nn.functional.cross_entropy(logits[mask].float(), codes[mask])
+    torch.testing.assert_close(out["loss"], manual)
+
+
+def test_mask_ratio_distribution_and_counts():
+    m = tiny(n=32, k=16)
+    codes = torch.zeros(20000, 32, dtype=torch.long)
+    inputs, mask, ratio = m.mask_tokens(codes, torch.Generator().manual_seed(0))
+    # r = cos(pi/2 u), u ~ U(0,1)  =>  P(r <= x) = 1 - (2/pi) arccos(x)
+    ks = stats.kstest(ratio.numpy(), lambda x: 1 - 2 / math.pi * torch.acos(torch.as_tensor(x)).numpy())
+    assert ks.pvalue > 1e-3
+    expected = (ratio * 32).ceil().clamp(min=1).long()
+    assert torch.equal(mask.sum(1), expected)
+    assert torch.equal(inputs == m.mask_id, mask)
+    # Positions are uniform: each is masked at about the mean rate.
+    per_pos = mask.float().mean(0)
+    assert (per_pos - per_pos.mean()).abs().max() < 0.03
+    # arccos schedule: r = arccos(u)/(pi/2)  =>  P(r <= x) = 1 - cos(pi x / 2)
+    m2 = tiny(n=32, k=16, mask_schedule="arccos")
+    _, _, r2 = m2.mask_tokens(codes, torch.Generator().manual_seed(1))
+    assert stats.kstest(r2.numpy(), lambda x: 1 - torch.cos(torch.as_tensor(x) * math.pi / 2).numpy()).pvalue > 1e-3
+
+
+def test_label_dropout_uses_null_class_in_training_only():
+    m = tiny(class_dropout=0.5)
+    seen = []
+    h = m.class_embed.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    codes = torch.zeros(1000, 16, dtype=torch.long)
+    labels = torch.zeros(1000, dtype=torch.long)
+    with torch.no_grad():
+        m.training_loss(codes, labels, generator=torch.Generator().manual_seed(0))
+        m.eval()
+        m.training_loss(codes, labels, generator=torch.Generator().manual_seed(0))
+    h.remove()
+    frac = (seen[0] == m.null_class).float().mean().item()
+    assert 0.43 < frac < 0.57
+    assert (seen[1] == 0).all()
+
+
+# ---- memorisation -----------------------------------------------------------------------------------
+def test_loss_falls_and_greedy_generation_reproduces_memorised_sequences():
+    K, N = 32, 16
+    m = tiny(n=N, k=K, c=2)
+    g = torch.Generator().manual_seed(0)
+    base = torch.stack([torch.randperm(K, generator=g)[:N] for _ in range(2)])
+    # Two sequences per class that differ at every position.
+    seqs = torch.stack([base[0], (base[0] + 1 + torch.randint(0, K - 1, (N,), generator=g)) % K,
+                        base[1], (base[1] + 1 + torch.randint(0, K - 1, (N,), generator=g)) % K])
+    cls = torch.tensor([0, 0, 1, 1])
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(250):
+        idx = torch.randint(0, 4, (48,), generator=g)
+        out = m.training_loss(seqs[idx], cls[idx], generator=g)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    last = sum(losses[-20:]) / 20
+    assert losses[0] > 3.0 and last < 0.6, (losses[0], last)  # starts near ln(32) = 3.47
+    m.eval()
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    for kw in (dict(), dict(guidance_scale=3.0, guidance_schedule="linear")):
+        gen = m.generate(labels, steps=8, temperature=0.0, choice_temperature=0.0, **kw)
+        for i in range(len(labels)):
+            assert (gen[i] == seqs[cls == labels[i]]).all(1).any(), (i, kw)
+
+
+# ---- errors, presets, cost --------------------------------------------------------------------------
+def test_bad_inputs_raise_one_line_errors():
+    m = tiny()
+    ok = torch.zeros(2, 16, dtype=torch.long)
+    labels = torch.tensor([0, 1])
+    for bad in (torch.full((2, 16), 32), torch.full((2, 16), -1)):
+        with pytest.raises(TextokError, match=r"outside \[0, 32\)"):
+            m.training_loss(bad, labels)
+    with pytest.raises(TextokError, match="shape"):
+        m.training_loss(torch.zeros(2, 8, dtype=torch.long), labels)
+    with pytest.raises(TextokError, match="integer"):
+        m.training_loss(ok.float(), labels)
+    with pytest.raises(TextokError, match=r"class ids must lie in \[0, 2\)"):
+        m.training_loss(ok, torch.tensor([0, 2]))
+    with pytest.raises(TextokError, match=r"class ids"):
+        m.generate(torch.tensor([-1]))
+    with pytest.raises(TextokError, match="steps"):
+        m.generate(labels, steps=0)
+    with pytest.raises(TextokError, match="guidance_schedule"):
+        m.generate(labels, guidance_schedule="exp")
+    with pytest.raises(TextokError) as err:
+        m.check_compatible(64, 4096)
+    msg = str(err.value)
+    assert "64 tokens over 4096 codes" in msg and "16 tokens over 32 codes" in msg and "\n" not in msg
+    m.check_compatible(16, 32)
+    with pytest.raises(ConfigError):
+        MaskGITConfig(mask_schedule="linear")
+
+
+def test_presets_parameter_count_and_flops():
+    assert {"maskgit-tiny", "maskgit-b"} <= set(MaskGITConfig.presets())
+    cfg = MaskGITConfig.preset("maskgit-b")
+    with torch.device("meta"):
+        m = MaskGIT(cfg)
+    D, L, K, C, N = 768, 24, 4096, 1000, 32
+    per_layer = 12 * D * D + 13 * D  # qkv + proj + MLP(4D) weights/biases + two LayerNorms
+    expected = L * per_layer + 2 * D + (K + 1) * D + (C + 1) * D + (N + 1) * D + D * K + K
+    assert sum(p.numel() for p in m.parameters()) == expected
+    assert 170e6 < expected < 185e6  # TiTok's generator is ~177M
+    mac = L * ((N + 1) * 12 * D * D + 2 * (N + 1) ** 2 * D) + N * D * K
+    assert m.flops_per_forward() == pytest.approx(2 * mac)
+    round_trip = MaskGITConfig.from_dict(cfg.override(["transformer.depth=2", "num_tokens=64"]).to_dict())
+    assert round_trip.transformer.depth == 2 and round_trip.num_tokens == 64
+    tiny_model = MaskGIT(MaskGITConfig.preset("maskgit-tiny"))
+    logits = tiny_model(torch.zeros(2, 32, dtype=torch.long), torch.tensor([0, 10]))
+    assert logits.shape == (2, 32, 256)
