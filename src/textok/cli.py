@@ -107,35 +107,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-# ---- demo (replaced by the training demo once the training loop lands) -------------------------
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output directory")
-
-
-@command("demo", "the main job on the embedded captioned scenes")
-@args_for(_demo_args)
-def cmd_demo(args: argparse.Namespace) -> None:
-    import torch
-
-    from .data import CaptionedScenes, collate, save_image
-    from .models.textok import TexTok, TexTokConfig
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = TexTokConfig.preset("textok-demo")
-    data = CaptionedScenes(cfg.image_size, split="val", size=8)
-    batch = collate([data[i] for i in range(len(data))])
-    captions = [c[0] for c in batch["captions"]]
-    torch.manual_seed(0)
-    model = TexTok(cfg).eval()
-    with torch.no_grad():
-        recon, z = model(batch["image"], captions)
-    save_image(torch.cat([batch["image"], recon]), str(out / "grid.png"), nrow=len(captions))
-    for i, c in enumerate(captions):
-        print(f"{i}: {c}")
-    print(f"tokens per image: {tuple(z.shape[1:])}; wrote {out / 'grid.png'} (top: data, bottom: untrained TexTok)")
-
-
 # ---- entry point --------------------------------------------------------------------------------
 def _load_verbs() -> None:
     """Import the modules that register the heavier verbs (training, evaluation, generation)."""

@@ -166,6 +166,10 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             return None
         return {"image": image, "captions": rec["captions"], "label": rec["label"], "index": index}
 
+    def captions_of(self, index: int) -> list[str]:
+        """The captions of item ``index`` without decoding its image."""
+        return self.records[index]["captions"]
+
     def caption_bank(self) -> dict[int, list[str]]:
         bank: dict[int, list[str]] = {}
         for rec in self.records:

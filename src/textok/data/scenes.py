@@ -247,6 +247,10 @@ class CaptionedScenes(torch.utils.data.Dataset):
                 self._cache[index] = image
         return {"image": image, "captions": captions_for(scene), "label": scene.label, "index": index}
 
+    def captions_of(self, index: int) -> list[str]:
+        """The captions of item ``index`` without rendering it."""
+        return captions_for(self.scene(index))
+
     def caption_bank(self) -> dict[int, list[str]]:
         """Per-class captions of this split (use the train split's bank for generation)."""
         bank: dict[int, list[str]] = {k: [] for k in range(len(SHAPES))}

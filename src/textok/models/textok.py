@@ -218,6 +218,12 @@ class TexTok(PretrainedMixin, nn.Module):
         emb = self.text_embeddings(text, z.shape[0], self.config.text_in_decoder)
         return self.decoder(z, emb)
 
+    def training_losses(self, images: Tensor, text: TextInput = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loop's entry point: (reconstruction, extra loss terms). TexTok has none;
+        quantized siblings (TiTok) return their quantizer losses here."""
+        recon, _ = self(images, text)
+        return recon, {}
+
     def forward(self, images: Tensor, text: TextInput = None) -> tuple[Tensor, Tensor]:
         """Reconstruct: returns (reconstruction, Z). Text is encoded once and shared by both sides."""
         self._check_images(images)
@@ -241,3 +247,12 @@ class TexTok(PretrainedMixin, nn.Module):
         text = 2 * text_tokens * c.text_dim * ((c.encoder.width if c.text_in_encoder else 0)
                                               + (c.decoder.width if c.text_in_decoder else 0))
         return transformer_flops(c.encoder, enc_len) + transformer_flops(c.decoder, dec_len) + patch + out + text
+
+
+def _register() -> None:
+    from .registry import register_tokenizer
+
+    register_tokenizer("textok", TexTokConfig, TexTok)
+
+
+_register()

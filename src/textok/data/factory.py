@@ -1,0 +1,97 @@
+"""One entry point from a data spec (``"scenes"`` or a path) to a dataset, shared by training and evaluation.
+
+Why: the training loop, ``textok eval`` and the generators all name their data the same way
+(``source``, ``split``, ``size``, captions options), so they must all resolve it the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TextokError
+from .folder import SPLIT_ALIASES, ImageCaptionFolder
+from .scenes import CaptionedScenes, captions_for
+
+SCENES = "scenes"
+
+
+class FirstCaptions(torch.utils.data.Dataset):
+    """A view of a captioned dataset that keeps only the first ``k`` captions of every item.
+
+    Everything else (``class_names``, ``image_size``, ``split``, ...) is read through to the wrapped dataset.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, k: int) -> None:
+        if k < 1:
+            raise TextokError(f"captions_per_image must be at least 1 (or 0 for all captions); got {k}")
+        self.dataset = dataset
+        self.k = k
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.dataset[index]
+        if item is None:  # an undecodable file: collate drops and counts it
+            return None
+        return {**item, "captions": list(item["captions"])[: self.k]}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "k"):  # not set yet (e.g. during unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def caption_bank(self) -> dict[int, list[str]]:
+        """Per-class captions, built from the kept captions only (for the two built-in dataset types)."""
+        inner = self.dataset
+        bank: dict[int, list[str]] = {}
+        if isinstance(inner, CaptionedScenes):
+            bank = {k: [] for k in range(len(inner.class_names))}
+            for i in range(len(inner)):
+                s = inner.scene(i)
+                bank[s.label].extend(captions_for(s)[: self.k])
+            return bank
+        if isinstance(inner, ImageCaptionFolder):
+            for rec in inner.records:
+                if rec["label"] >= 0:
+                    bank.setdefault(rec["label"], []).extend(rec["captions"][: self.k])
+            return bank
+        return inner.caption_bank()  # type: ignore[attr-defined]  # another dataset type: its own bank
+
+
+def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, captions_file: str = "",
+                  caption_bank: str = "", seed: int = 0, captions_per_image: int = 0) -> torch.utils.data.Dataset:
+    """``"scenes"`` -> :class:`CaptionedScenes` (``size`` images, 0 = its default per split); any other
+    ``source`` is a folder or tar read by :class:`ImageCaptionFolder` (``size`` = a limit, 0 = all).
+
+    ``captions_file``/``caption_bank`` (folders only; "" = none) and ``seed`` (scenes only) are passed on;
+    ``captions_per_image`` > 0 keeps only the first k captions of each item.
+    """
+    if size < 0:
+        raise TextokError(f"dataset size {size} is negative: use 0 for the default/all images")
+    if captions_per_image < 0:
+        raise TextokError(f"captions_per_image {captions_per_image} is negative: use 0 for all captions")
+    if source == SCENES:
+        scene_split = SPLIT_ALIASES.get(split, split)
+        if captions_file or caption_bank:
+            raise TextokError("captions_file / caption_bank apply to image folders, not to the embedded scenes "
+                              "(which carry their own captions): leave them empty")
+        dataset: torch.utils.data.Dataset = CaptionedScenes(image_size, split=scene_split, size=size or None,
+                                                            seed=seed)
+    else:
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise TextokError(f"data {source!r} is neither 'scenes' (the embedded captioned scenes) nor an "
+                              f"existing folder or tar archive")
+        dataset = ImageCaptionFolder(root, split=split, image_size=image_size,
+                                     captions_file=captions_file or None, caption_bank=caption_bank or None,
+                                     limit=size or None)
+    if captions_per_image > 0:
+        dataset = FirstCaptions(dataset, captions_per_image)
+    return dataset
+
+
+__all__ = ["build_dataset", "FirstCaptions", "SCENES"]

@@ -1,0 +1,353 @@
+"""The tokenizer training loop: one loop for every tokenizer in textok (TexTok, TiTok, ...).
+
+Read it top to bottom: set-up (model, EMA, discriminator, losses, optimizers), resume from the latest
+checkpoint when there is one, then per step: a generator update (ℓ2 + perceptual + GAN + the model's own
+extra terms, e.g. a quantizer's), an EMA update, a discriminator update with LeCAM, logging, grids and
+checkpoints. Everything a resumed run needs (weights, EMA, both optimizers, LeCAM state, RNG, step) is in
+the checkpoint; data order and caption choice are pure functions of the step, so a resumed run is
+bit-identical to an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.factory import build_dataset
+from ..data.folder import collate
+from ..data.images import save_image
+from ..errors import TextokError
+from ..losses.adversarial import LeCAM, d_loss, g_loss
+from ..losses.perceptual import build_perceptual
+from ..models.discriminator import Discriminator, DiscriminatorConfig
+from ..models.registry import build_tokenizer, resolve_tokenizer_config
+from ..text.cache import TextEmbeddingCache
+from ..text.encoders import load_text_encoder
+from .checkpoint import CheckpointManager
+from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, lr_at, param_groups, pick_captions,
+                     rng_state, set_lr, set_rng_state)
+from .config import TrainConfig
+from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .ema import EMA
+
+
+class NonFiniteLoss(TextokError):
+    pass
+
+
+def discriminator_config(name: str, image_size: int) -> DiscriminatorConfig:
+    """``auto``: the paper's StyleGAN discriminator at 256/512 px, a narrow one for small CPU images."""
+    if name == "auto":
+        if image_size >= 256:
+            return DiscriminatorConfig.preset("stylegan-512" if image_size >= 512 else "stylegan-256").override(
+                {"image_size": image_size})
+        return DiscriminatorConfig.preset("stylegan-tiny").override({"image_size": image_size})
+    return DiscriminatorConfig.resolve(name).override({"image_size": image_size})
+
+
+@dataclasses.dataclass
+class Components:
+    """Everything the loop trains, so it can be checkpointed and restored in one place."""
+
+    model: nn.Module
+    ema: EMA
+    opt_g: torch.optim.Optimizer
+    disc: nn.Module | None = None
+    lecam: LeCAM | None = None
+    opt_d: torch.optim.Optimizer | None = None
+
+    def state(self) -> dict[str, Any]:
+        out = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(),
+               "rng": rng_state()}
+        if self.disc is not None:
+            out.update(disc=self.disc.state_dict(), lecam=self.lecam.state_dict(), opt_d=self.opt_d.state_dict())
+        return out
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.disc is not None:
+            if "disc" not in state:
+                raise TextokError("the checkpoint has no discriminator but this run uses one; resume with the same loss config")
+            self.disc.load_state_dict(state["disc"])
+            self.lecam.load_state_dict(state["lecam"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        set_rng_state(state["rng"])
+
+
+def train_tokenizer(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Path:
+    """Train (or resume) a tokenizer into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
+    out = Path(out)
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, out, info, progress)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
+    device = info.device
+    model_type, model_cfg = resolve_tokenizer_config(cfg.model, cfg.model_overrides)
+    ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.keep_last)
+    latest = ckpts.latest()
+    if latest is not None:
+        _check_resume_compatible(latest, model_type, model_cfg, cfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    # ---- models --------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_tokenizer(model_type, model_cfg).to(device)
+    ema = EMA(model, cfg.ema_decay)
+    opt_g = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    adv = cfg.loss.adversarial
+    parts = Components(model, ema, opt_g)
+    if adv.weight > 0:
+        parts.disc = Discriminator(discriminator_config(cfg.loss.discriminator, model_cfg.image_size)).to(device)
+        parts.lecam = LeCAM(adv.lecam_decay).to(device)
+        parts.opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.betas,
+                                        weight_decay=cfg.optim.weight_decay)
+    perceptual = None
+    if cfg.loss.perceptual != "none" and cfg.loss.perceptual_weight > 0:
+        kwargs = ({"size": cfg.loss.perceptual_size} if cfg.loss.perceptual == "opennsfw"
+                  else {"vgg16_weights": cfg.loss.vgg16_weights or None})
+        perceptual = build_perceptual(cfg.loss.perceptual, **kwargs).to(device)
+
+    start_step = 0
+    if latest is not None:
+        state, meta = CheckpointManager.load(latest, device="cpu")
+        parts.restore(state)
+        start_step = meta["step"]
+        if info.is_main:
+            print(f"resuming from {latest} (step {start_step})")
+
+    train_model: nn.Module = LossForward(model)
+    disc_model = parts.disc
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        if parts.disc is not None:
+            disc_model = DDP(parts.disc, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    # ---- data and text -------------------------------------------------------------------------
+    d = cfg.data
+    train_set = build_dataset(d.source, "train", model_cfg.image_size, size=d.train_size,
+                              captions_file=d.captions_file, caption_bank=d.caption_bank, seed=d.seed,
+                              captions_per_image=d.captions_per_image)
+    val_set = build_dataset(d.source, d.val_split, model_cfg.image_size, size=d.val_size,
+                            captions_file=d.captions_file, caption_bank=d.caption_bank, seed=d.seed,
+                            captions_per_image=d.captions_per_image)
+    text_cache = _text_cache(cfg, model_cfg, out, train_set, val_set, info, progress)
+    global_batch = cfg.batch_size * info.world
+    micro = iter(_batches(train_set, cfg, global_batch, info, start_step * cfg.grad_accum))
+    val_batch = collate([val_set[i] for i in range(min(8, len(val_set)))])
+
+    log = JsonlLog(out / "log.jsonl", start_step) if info.is_main else None
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"train {model_type}", unit="step", dynamic_ncols=True)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    skipped_total = 0
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check (no sync)
+    step = start_step
+    t0, images_seen = time.time(), 0
+    with GracefulInterrupt() as interrupt:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio)
+            set_lr(opt_g, lr)
+            gan_on = parts.disc is not None and adv.active(step)
+            logs: dict[str, torch.Tensor] = {}
+
+            # generator (tokenizer) update, over grad_accum micro-batches
+            for k in range(cfg.grad_accum):
+                batch = next(micro)
+                skipped_total += batch["skipped"]
+                images = batch["image"].to(device, non_blocking=True)
+                text = _text_for(text_cache, batch, cfg.seed, step, device)
+                sync = contextlib_nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
+                with sync, autocast_for(device, cfg.precision):
+                    recon, extra = train_model(images, text)
+                    terms = {"l2": F.mse_loss(recon.float(), images) * cfg.loss.l2_weight}
+                    if perceptual is not None:
+                        terms["perceptual"] = perceptual(recon.float(), images).mean() * cfg.loss.perceptual_weight
+                    if gan_on:
+                        terms["gan_g"] = g_loss(disc_model(recon), adv.kind) * adv.weight
+                    terms.update({k2: v for k2, v in extra.items() if not k2.startswith("metric/")})
+                    loss = sum(terms.values())
+                bad |= ~torch.isfinite(loss.detach())
+                (loss / cfg.grad_accum).backward()
+                for name, value in {**terms, **{k2: v for k2, v in extra.items() if k2.startswith("metric/")}}.items():
+                    logs[name] = logs.get(name, 0.0) + value.detach().float() / cfg.grad_accum
+                images_seen += images.shape[0] * info.world
+            if cfg.optim.grad_clip > 0:
+                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            ema.update(model)
+
+            # discriminator update (on the last micro-batch), LeCAM-regularised
+            if gan_on and step % cfg.loss.d_every == 0:
+                set_lr(parts.opt_d, lr / cfg.optim.lr * cfg.optim.d_lr)
+                with autocast_for(device, cfg.precision):
+                    real, fake = disc_model(images), disc_model(recon.detach())
+                    d_terms = {"d": d_loss(real, fake, adv.kind)}
+                    if adv.lecam_weight > 0:
+                        d_terms["lecam"] = parts.lecam(real.float(), fake.float()) * adv.lecam_weight
+                    d_total = sum(d_terms.values())
+                bad |= ~torch.isfinite(d_total.detach())
+                d_total.backward()
+                parts.opt_d.step()
+                parts.opt_d.zero_grad(set_to_none=True)
+                logs.update({f"{k}_loss": v.detach() for k, v in d_terms.items()})
+                logs["d_updates"] = torch.ones(())
+            step += 1
+
+            # bookkeeping: host syncs only here, every log_every steps and before a checkpoint
+            save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or interrupt.requested
+            if step % cfg.log_every == 0 or save_now:
+                _check_finite(bad, logs, step, ckpts)
+                values = {k: float(v) for k, v in logs.items()}
+                elapsed = time.time() - t0
+                if log is not None:
+                    log.write(step, {**values, "lr": lr, "images_per_s": images_seen / max(elapsed, 1e-9),
+                                     "skipped_images": float(skipped_total)})
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in values.items() if k in ("l2", "perceptual", "gan_g", "d_loss")})
+                t0, images_seen = time.time(), 0
+            if bar is not None:
+                bar.update(1)
+            if info.is_main and cfg.sample_every and step % cfg.sample_every == 0:
+                _save_grid(ema.model, val_batch, text_cache, out / "samples" / f"step-{step:07d}.png", device)
+            if save_now:
+                _save_checkpoint(ckpts, parts, step, model_type, model_cfg, cfg, info)
+            if interrupt.requested:
+                if info.is_main:
+                    print(f"\ninterrupted: saved step {step}; run the same command again to resume")
+                break
+    if bar is not None:
+        bar.close()
+    if skipped_total and info.is_main:
+        print(f"skipped {skipped_total} images that could not be decoded")
+    final = out / "final"
+    if step >= cfg.max_steps and info.is_main:
+        ema.model.save_pretrained(final, extra={"train_step": step})
+    barrier(info)
+    return final
+
+
+# ---- helpers (kept out of the loop body so it reads top to bottom) ------------------------------
+class contextlib_nullcontext:  # noqa: N801 - tiny local alias, avoids an import in the hot loop
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class LossForward(nn.Module):
+    """``forward`` = the tokenizer's ``training_losses``, so DDP and torch.compile wrap the call the loop makes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, text) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model.training_losses(images, text)
+
+
+def _check_finite(bad: torch.Tensor, terms: dict[str, torch.Tensor], step: int, ckpts: CheckpointManager) -> None:
+    """Stop, without saving, if any loss since the last check was NaN/inf (the last checkpoint stays good)."""
+    if bool(bad):
+        names = [k for k, v in terms.items() if not math.isfinite(float(v))]
+        last = ckpts.latest()
+        where = f"the last good checkpoint ({last}) is intact" if last else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"a loss became NaN/inf by step {step} (term {', '.join(names) or '?'}); {where}. "
+                            "Lower optim.lr or the loss weights, or use precision=fp32")
+
+
+def _save_checkpoint(ckpts, parts: Components, step: int, model_type: str, model_cfg, cfg: TrainConfig,
+                     info: DistInfo) -> None:
+    if info.is_main:
+        ckpts.save(step, parts.state(), {"model_type": model_type, "model_config": model_cfg.to_dict(),
+                                          "train_config": cfg.to_dict()})
+    barrier(info)
+
+
+def _check_resume_compatible(latest: Path, model_type: str, model_cfg, cfg: TrainConfig) -> None:
+    from ..hub import config_diff
+
+    meta = json.loads((latest / "meta.json").read_text())
+    if meta.get("model_type") != model_type:
+        raise TextokError(f"{latest} is a checkpoint of a {meta.get('model_type')!r} model, not {model_type!r}; "
+                          "use another --out or the same model")
+    diff = config_diff(meta["model_config"], model_cfg.to_dict())
+    if diff:
+        raise TextokError(f"cannot resume {latest}: the model config differs ({'; '.join(diff)}); "
+                          "use another --out or the original config")
+
+
+def _batches(dataset, cfg: TrainConfig, global_batch: int, info: DistInfo, start_micro: int):
+    """Micro-batches in a deterministic order from ``start_micro`` (DataLoader workers optional)."""
+    order = batch_indices(len(dataset), global_batch, info.rank, cfg.batch_size, cfg.seed, start_micro)
+    if cfg.data.workers > 0:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate,
+                                             num_workers=cfg.data.workers, persistent_workers=True)
+        yield from loader
+    else:
+        for indices in order:
+            yield collate([dataset[i] for i in indices])
+
+
+def _text_cache(cfg: TrainConfig, model_cfg, out: Path, train_set, val_set, info: DistInfo, progress: bool):
+    if not getattr(model_cfg, "uses_text", False):
+        return None
+    encoder = load_text_encoder(model_cfg.text_encoder, model_cfg.text_max_length, str(info.device))
+    cache = TextEmbeddingCache(encoder)
+    path = Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors"
+    cache.load(path)
+    before = len(cache)
+    captions = {c for ds in (train_set, val_set) for i in range(len(ds)) for c in _captions_of(ds, i)}
+    cache.warm(captions, progress=progress and info.is_main)
+    if info.is_main and len(cache) > before:
+        cache.save(path)
+    return cache
+
+
+def _captions_of(dataset, index: int) -> list[str]:
+    getter = getattr(dataset, "captions_of", None)
+    if getter is not None:
+        return getter(index)
+    item = dataset[index]
+    return item["captions"] if item is not None else []
+
+
+def _text_for(cache, batch: dict, seed: int, step: int, device, train: bool = True):
+    if cache is None:
+        return None
+    captions = pick_captions(batch["captions"], batch["index"].tolist(), seed, step, train)
+    return cache.encode(captions).to(device)
+
+
+@torch.no_grad()
+def _save_grid(model: nn.Module, batch: dict, cache, path: Path, device) -> None:
+    images = batch["image"].to(device)
+    text = _text_for(cache, batch, 0, 0, device, train=False)
+    recon, _ = model(images, text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat([images, recon.clamp(-1, 1)]).cpu(), str(path), nrow=images.shape[0])

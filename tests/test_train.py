@@ -1,0 +1,157 @@
+"""The tokenizer training loop: exact resume, crash-safe checkpoints, NaN stop, DDP, the CLI."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from textok.cli import main
+from textok.errors import ConfigError, TextokError
+from textok.train.checkpoint import CheckpointManager
+from textok.train.config import load_train_config
+from textok.train.tokenizer import train_tokenizer
+
+BASE = ["batch_size=4", "data.train_size=24", "data.val_size=4", "data.captions_per_image=2", "log_every=1",
+        "sample_every=0", "optim.warmup_steps=2", "optim.lr=1e-3"]
+NO_TEXT = ["model.text_in_encoder=false", "model.text_in_decoder=false"]
+FULL_LOSSES = ["loss.perceptual_size=32", "loss.adversarial.start_step=2", "loss.adversarial.weight=0.1"]
+
+
+def cfg(*extra, preset="textok-tiny"):
+    return load_train_config(preset, BASE + list(extra))
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """2N steps in one run == N steps, stop, and a resumed run to 2N (all losses, text, EMA, GAN, LeCAM)."""
+    full = cfg("max_steps=6", "ckpt_every=3", *FULL_LOSSES, "text_cache=" + str(tmp_path / "cache.safetensors"))
+    train_tokenizer(full, tmp_path / "a", progress=False)
+    half = cfg("max_steps=3", "ckpt_every=3", *FULL_LOSSES, "text_cache=" + str(tmp_path / "cache.safetensors"))
+    train_tokenizer(half, tmp_path / "b", progress=False)
+    train_tokenizer(full, tmp_path / "b", progress=False)  # same --out: resumes from step 3
+    for part in ("model", "ema", "disc", "lecam", "opt_g", "opt_d"):
+        a = weights(tmp_path / "a/checkpoints/step-0000006" / f"{part}.safetensors")
+        b = weights(tmp_path / "b/checkpoints/step-0000006" / f"{part}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+    fa, fb = weights(tmp_path / "a/final/model.safetensors"), weights(tmp_path / "b/final/model.safetensors")
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    log = [json.loads(l) for l in (tmp_path / "b/log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]  # no duplicates after the resume
+    assert all(e["l2"] > 0 for e in log) and "gan_g" in log[-1] and "perceptual" in log[-1]
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import textok.train.checkpoint as ck
+
+    train_tokenizer(cfg("max_steps=2", "ckpt_every=2", *NO_TEXT), tmp_path, progress=False)
+    real_save = ck.save_state
+    calls = {"n": 0}
+
+    def failing(obj, stem):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        real_save(obj, stem)
+
+    monkeypatch.setattr(ck, "save_state", failing)
+    with pytest.raises(OSError, match="disk full"):
+        train_tokenizer(cfg("max_steps=4", "ckpt_every=2", *NO_TEXT), tmp_path, progress=False)
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    assert mgr.latest().name == "step-0000002"
+    state, meta = mgr.load(mgr.latest())
+    assert meta["step"] == 2 and "model" in state
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # temp dir cleaned
+
+
+def test_nan_loss_stops_clearly_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from textok.models.textok import TexTok
+
+    real = TexTok.training_losses
+    calls = {"n": 0}
+
+    def poisoned(self, images, text=None):
+        calls["n"] += 1
+        recon, extra = real(self, images, text)
+        return (recon * float("nan") if calls["n"] >= 4 else recon), extra
+
+    monkeypatch.setattr(TexTok, "training_losses", poisoned)
+    with pytest.raises(TextokError, match="NaN/inf by step 4.*step-0000002.*intact"):
+        train_tokenizer(cfg("max_steps=6", "ckpt_every=2", *NO_TEXT), tmp_path, progress=False)
+    assert CheckpointManager(tmp_path / "checkpoints").latest().name == "step-0000002"
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path):
+    train_tokenizer(cfg("max_steps=1", *NO_TEXT), tmp_path, progress=False)
+    with pytest.raises(TextokError, match="num_tokens: 4 != 8"):
+        train_tokenizer(cfg("max_steps=2", "model.num_tokens=8", *NO_TEXT), tmp_path, progress=False)
+
+
+def test_unknown_keys_name_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_train_config("textok-tiny", ["batchsize=3"])
+    with pytest.raises(ConfigError, match="did you mean 'perceptual_weight'"):
+        load_train_config("textok-tiny", ["loss.perceptual_weigth=3"])
+    with pytest.raises(ConfigError, match="unknown tokenizer preset"):
+        train_tokenizer(load_train_config("textok-tinyy", ["max_steps=1"]), "/tmp/never", progress=False)
+
+
+def test_generator_and_discriminator_alternate_as_configured(tmp_path):
+    train_tokenizer(cfg("max_steps=6", "loss.adversarial.start_step=2", "loss.d_every=2", "loss.perceptual=none",
+                        *NO_TEXT), tmp_path, progress=False)
+    log = {e["step"]: e for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())}
+    # steps are logged after increment: step s+1 holds the update made at step s
+    assert [s for s in log if "d_loss" in log[s]] == [3, 5]  # D at steps 2 and 4 (>= start, every 2nd)
+    assert all("gan_g" in log[s] for s in (3, 4, 5, 6)) and "gan_g" not in log[2]
+
+
+def _ddp_worker(rank, world, port, out, overrides):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train_tokenizer(load_train_config("textok-tiny", overrides), out, progress=False)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    common = BASE[1:] + NO_TEXT + ["max_steps=3", "loss.perceptual=none", "loss.adversarial.weight=0", "device=cpu"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), ["batch_size=2", *common]), nprocs=2,
+                       start_method="spawn")
+    train_tokenizer(load_train_config("textok-tiny", ["batch_size=4", *common]), tmp_path / "one", progress=False)
+    a, b = weights(tmp_path / "ddp/final/model.safetensors"), weights(tmp_path / "one/final/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_train_then_reconstruct(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train-tokenizer", "--config", "textok-tiny", "--out", str(out), "--max-steps", "2", "--no-progress",
+               *BASE, *NO_TEXT])
+    assert rc == 0 and (out / "final" / "model.safetensors").is_file()
+    from textok.data import CaptionedScenes
+    from textok.data.images import save_image
+
+    save_image(CaptionedScenes(16, size=1)[0]["image"], str(tmp_path / "in.png"))
+    rc = main(["reconstruct", "--model", str(out / "final"), "--image", str(tmp_path / "in.png"),
+               "--out", str(tmp_path / "out.png")])
+    assert rc == 0 and (tmp_path / "out.png").is_file()
+    assert "PSNR" in capsys.readouterr().out
+    # bad input: a clear one-line error, exit status 2
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    rc = main(["reconstruct", "--model", str(out / "final"), "--image", str(tmp_path / "bad.png"),
+               "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot be decoded" in err and "Traceback" not in err
