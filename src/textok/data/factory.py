@@ -39,6 +39,10 @@ class FirstCaptions(torch.utils.data.Dataset):
             return None
         return {**item, "captions": list(item["captions"])[: self.k]}
 
+    def captions_of(self, index: int) -> list[str]:
+        """The kept captions of item ``index`` without loading its image."""
+        return list(self.dataset.captions_of(index))[: self.k]
+
     def __getattr__(self, name: str) -> Any:
         if name in ("dataset", "k"):  # not set yet (e.g. during unpickling in a worker)
             raise AttributeError(name)
