@@ -90,9 +90,10 @@ def _register_presets() -> None:
         lambda: TexTokConfig(image_size=16, patch_size=4, num_tokens=4, token_channels=4,
                              encoder=ViTConfig(width=32, depth=2, heads=2), decoder=ViTConfig(width=32, depth=2, heads=2))
     )
+    # `make demo`: small enough to train twice in a few minutes on 2 CPU cores.
     TexTokConfig.register_preset("textok-demo")(
-        lambda: TexTokConfig(image_size=32, patch_size=4, num_tokens=16,
-                             encoder=ViTConfig(width=128, depth=4, heads=4), decoder=ViTConfig(width=128, depth=4, heads=4))
+        lambda: TexTokConfig(image_size=32, patch_size=4, num_tokens=8,
+                             encoder=ViTConfig(width=64, depth=4, heads=4), decoder=ViTConfig(width=64, depth=4, heads=4))
     )
 
 

@@ -84,6 +84,25 @@ class Components:
         set_rng_state(state["rng"])
 
 
+def build_components(cfg: TrainConfig, model_type: str, model_cfg, device: torch.device) -> tuple[Components, nn.Module | None]:
+    """The tokenizer, its EMA and optimizer, the discriminator + LeCAM + optimizer, and the perceptual net."""
+    model = build_tokenizer(model_type, model_cfg).to(device)
+    opt_g = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    parts = Components(model, EMA(model, cfg.ema_decay), opt_g)
+    adv = cfg.loss.adversarial
+    if adv.weight > 0:
+        parts.disc = Discriminator(discriminator_config(cfg.loss.discriminator, model_cfg.image_size)).to(device)
+        parts.lecam = LeCAM(adv.lecam_decay).to(device)
+        parts.opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.betas,
+                                        weight_decay=cfg.optim.weight_decay)
+    perceptual = None
+    if cfg.loss.perceptual != "none" and cfg.loss.perceptual_weight > 0:
+        kwargs = ({"size": cfg.loss.perceptual_size} if cfg.loss.perceptual == "opennsfw"
+                  else {"vgg16_weights": cfg.loss.vgg16_weights or None})
+        perceptual = build_perceptual(cfg.loss.perceptual, **kwargs).to(device)
+    return parts, perceptual
+
+
 def train_tokenizer(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     """Train (or resume) a tokenizer into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
     out = Path(out)
@@ -107,21 +126,9 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
 
     # ---- models --------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_tokenizer(model_type, model_cfg).to(device)
-    ema = EMA(model, cfg.ema_decay)
-    opt_g = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
+    parts, perceptual = build_components(cfg, model_type, model_cfg, device)
+    model, ema, opt_g = parts.model, parts.ema, parts.opt_g
     adv = cfg.loss.adversarial
-    parts = Components(model, ema, opt_g)
-    if adv.weight > 0:
-        parts.disc = Discriminator(discriminator_config(cfg.loss.discriminator, model_cfg.image_size)).to(device)
-        parts.lecam = LeCAM(adv.lecam_decay).to(device)
-        parts.opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.betas,
-                                        weight_decay=cfg.optim.weight_decay)
-    perceptual = None
-    if cfg.loss.perceptual != "none" and cfg.loss.perceptual_weight > 0:
-        kwargs = ({"size": cfg.loss.perceptual_size} if cfg.loss.perceptual == "opennsfw"
-                  else {"vgg16_weights": cfg.loss.vgg16_weights or None})
-        perceptual = build_perceptual(cfg.loss.perceptual, **kwargs).to(device)
 
     start_step = 0
     if latest is not None:
@@ -182,13 +189,8 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 text = _text_for(text_cache, batch, cfg.seed, step, device)
                 sync = contextlib_nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
                 with sync, autocast_for(device, cfg.precision):
-                    recon, extra = train_model(images, text)
-                    terms = {"l2": F.mse_loss(recon.float(), images) * cfg.loss.l2_weight}
-                    if perceptual is not None:
-                        terms["perceptual"] = perceptual(recon.float(), images).mean() * cfg.loss.perceptual_weight
-                    if gan_on:
-                        terms["gan_g"] = g_loss(disc_model(recon), adv.kind) * adv.weight
-                    terms.update({k2: v for k2, v in extra.items() if not k2.startswith("metric/")})
+                    recon, terms, extra = generator_losses(train_model, disc_model if gan_on else None, perceptual,
+                                                           images, text, cfg)
                     loss = sum(terms.values())
                 bad |= ~torch.isfinite(loss.detach())
                 (loss / cfg.grad_accum).backward()
@@ -199,16 +201,13 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
-            ema.update(model)
+            ema.update(model, step)
 
             # discriminator update (on the last micro-batch), LeCAM-regularised
             if gan_on and step % cfg.loss.d_every == 0:
                 set_lr(parts.opt_d, lr / cfg.optim.lr * cfg.optim.d_lr)
                 with autocast_for(device, cfg.precision):
-                    real, fake = disc_model(images), disc_model(recon.detach())
-                    d_terms = {"d": d_loss(real, fake, adv.kind)}
-                    if adv.lecam_weight > 0:
-                        d_terms["lecam"] = parts.lecam(real.float(), fake.float()) * adv.lecam_weight
+                    d_terms = discriminator_losses(disc_model, parts.lecam, images, recon, cfg)
                     d_total = sum(d_terms.values())
                 bad |= ~torch.isfinite(d_total.detach())
                 d_total.backward()
@@ -249,6 +248,31 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
         ema.model.save_pretrained(final, extra={"train_step": step})
     barrier(info)
     return final
+
+
+# ---- the two loss computations (shared with benchmarks/train_step.py) ---------------------------
+def generator_losses(train_model: nn.Module, disc: nn.Module | None, perceptual: nn.Module | None,
+                     images: torch.Tensor, text, cfg: TrainConfig):
+    """(reconstruction, weighted loss terms, the model's extra outputs) for one tokenizer update."""
+    recon, extra = train_model(images, text)
+    terms = {"l2": F.mse_loss(recon.float(), images) * cfg.loss.l2_weight}
+    if perceptual is not None:
+        terms["perceptual"] = perceptual(recon.float(), images).mean() * cfg.loss.perceptual_weight
+    if disc is not None:
+        terms["gan_g"] = g_loss(disc(recon), cfg.loss.adversarial.kind) * cfg.loss.adversarial.weight
+    terms.update({k: v for k, v in extra.items() if not k.startswith("metric/")})
+    return recon, terms, extra
+
+
+def discriminator_losses(disc: nn.Module, lecam: LeCAM | None, images: torch.Tensor, recon: torch.Tensor,
+                         cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Weighted discriminator terms: the GAN loss on real vs (detached) reconstructions, plus LeCAM."""
+    adv = cfg.loss.adversarial
+    real, fake = disc(images), disc(recon.detach())
+    terms = {"d": d_loss(real, fake, adv.kind)}
+    if lecam is not None and adv.lecam_weight > 0:
+        terms["lecam"] = lecam(real.float(), fake.float()) * adv.lecam_weight
+    return terms
 
 
 # ---- helpers (kept out of the loop body so it reads top to bottom) ------------------------------

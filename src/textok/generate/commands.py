@@ -1,0 +1,131 @@
+"""CLI verbs of the generation side: ``extract-latents``, ``train-generator``, ``sample``, ``demo-gen``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import args_for, command
+from ..errors import TextokError
+
+
+# ---- extract-latents ------------------------------------------------------------------------------
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", required=True, help="a trained tokenizer directory (e.g. runs/demo/textok/final)")
+    p.add_argument("--data", default="scenes", help="'scenes' (embedded) or an image folder / tar with captions")
+    p.add_argument("--split", default="train")
+    p.add_argument("--num", type=int, default=0, help="images to encode (0 = the whole split)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="the scenes' generator seed")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="latents directory (shards, captions, meta, caption bank)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("extract-latents", "encode a dataset once with a tokenizer, for generator training")
+@args_for(_extract_args)
+def cmd_extract_latents(args: argparse.Namespace) -> None:
+    from .latents import extract_latents, read_meta
+
+    out = extract_latents(args.tokenizer, args.data, args.out, split=args.split, num=args.num,
+                          batch_size=args.batch_size, seed=args.seed, device=args.device,
+                          progress=not args.no_progress)
+    meta = read_meta(out)
+    kind = f"codes over {meta['codebook_size']} entries" if meta["discrete"] else "continuous tokens"
+    print(f"wrote {meta['count']} x ({meta['num_tokens']}, {meta['channels']}) {kind}, "
+          f"{meta['num_classes']} classes, to {out}")
+
+
+# ---- train-generator -------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--latents", required=True, help="a directory written by `textok extract-latents`")
+    p.add_argument("--out", required=True, help="run directory; re-running with the same --out resumes")
+    p.add_argument("--kind", choices=("dit", "maskgit"), default=None,
+                   help="dit (continuous tokens, default) or maskgit (codes of a VQ tokenizer)")
+    p.add_argument("--config", default=None,
+                   help="a DiT/MaskGIT preset (dit-tiny, dit-s, dit-b, dit-xl, maskgit-tiny, maskgit-b, ...) "
+                        "or a YAML/JSON training config")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. batch_size=64 optim.lr=2e-4 diffusion=flow text=true model.depth=4")
+
+
+@command("train-generator", "train (or resume) a DiT or MaskGIT on extracted latents; EMA weights go to OUT/final")
+@args_for(_train_args)
+def cmd_train_generator(args: argparse.Namespace) -> None:
+    from .trainer import load_generator_config, train_generator
+
+    overrides = [f"latents={args.latents}", *args.overrides]
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.ckpt_every is not None:
+        overrides.append(f"ckpt_every={args.ckpt_every}")
+    cfg = load_generator_config(args.config, overrides, kind=args.kind)
+    final = train_generator(cfg, args.out, progress=not args.no_progress)
+    if final.is_dir():
+        print(f"final EMA generator: {final}")
+
+
+# ---- sample ---------------------------------------------------------------------------------------
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generator", required=True, help="a train-generator run's final/ directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="the tokenizer directory (default: the one the latents were extracted with)")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--class", dest="classes", type=int, nargs="+", default=None, metavar="K",
+                      help="class ids (one grid row each; default: every class)")
+    cond.add_argument("--caption", dest="captions", nargs="+", default=None, metavar="TEXT",
+                      help="prompts for a text-to-image generator (one grid row each)")
+    p.add_argument("--n", type=int, default=16, help="samples per class / prompt in the grid")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 250 DDPM, 50 flow, 8 MaskGIT)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale >= 1 (default 4.0 DiT, 2.0 MaskGIT)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), default=None,
+                   help="DiT sampler (default: ddpm for diffusion, euler for flow)")
+    p.add_argument("--out", default=None, help="grid PNG")
+    p.add_argument("--npz", default=None, help="also write --num samples as uint8 NHWC arr_0 (for `textok eval`)")
+    p.add_argument("--num", type=int, default=50000, help="samples in the .npz")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("sample", "draw samples from a trained generator and decode them with its tokenizer")
+@args_for(_sample_args)
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .sampling import DEFAULT_CFG, GenerationPipeline, sample_grid, write_npz
+
+    if not args.out and not args.npz:
+        raise TextokError("nothing to write: give --out grid.png and/or --npz samples.npz")
+    if args.n < 1:
+        raise TextokError(f"--n {args.n} must be positive")
+    pipe = GenerationPipeline(args.generator, args.tokenizer, device=args.device)
+    labels = args.classes if args.classes is not None else (None if args.captions else pipe.default_labels())
+    cfg_scale = args.cfg if args.cfg is not None else DEFAULT_CFG[pipe.kind]
+    kw = {"steps": args.steps, "cfg_scale": cfg_scale, "sampler": args.sampler, "seed": args.seed}
+    pipe.check_request(labels, args.captions, cfg_scale)  # refuse before any work
+    if args.out:
+        path = sample_grid(pipe, args.out, labels, args.captions, n=args.n, progress=not args.no_progress, **kw)
+        print(f"wrote {path}")
+    if args.npz:
+        batches = pipe.iter_samples(args.num, labels, args.captions, batch_size=args.batch_size,
+                                    progress=not args.no_progress, **kw)
+        path = write_npz(args.npz, batches, args.num)
+        print(f"wrote {args.num} samples to {path}")
+
+
+# ---- demo-gen -------------------------------------------------------------------------------------
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default="runs/demo/textok/final", help="a trained tokenizer (from `textok demo`)")
+    p.add_argument("--out", default="runs/demo-gen")
+    p.add_argument("--steps", type=int, default=None, help="generator training steps")
+    p.add_argument("--quick", action="store_true", help="a minimal run (for tests)")
+
+
+@command("demo-gen", "class-conditional generation demo: latents of the scenes -> a small DiT -> samples per class")
+@args_for(_demo_args)
+def cmd_demo_gen(args: argparse.Namespace) -> None:
+    from .demo import run_demo_gen
+
+    run_demo_gen(args.tokenizer, args.out, steps=args.steps, quick=args.quick)

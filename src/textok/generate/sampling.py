@@ -1,0 +1,277 @@
+"""Sampling: a trained generator + its tokenizer -> images (a grid PNG, or an ``.npz`` for evaluation).
+
+DiT: sample normalised tokens from noise, un-normalise them with the latents' statistics, decode them with
+the tokenizer. A tokenizer that reads text in its decoder gets, for a class-conditional sample, a caption
+drawn (seeded) from the class's caption bank (the paper's recipe); for text-to-image, the prompt itself.
+MaskGIT: generate codes, ``decode_codes``.
+
+Guidance: ``cfg`` must be >= 1 for both kinds (1 = no guidance; below 1 extrapolates towards the
+unconditional model, which is not what a user asking for a class or a prompt wants).
+
+Determinism: batch ``b`` of a run draws every random number from a generator seeded by (seed, b), and
+sample ``i`` picks its decoder caption with a generator seeded by (seed, i): the same seed and batch size
+give the same images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..diffusion import DiffusionConfig, create_diffusion
+from ..errors import TextokError
+from ..models.registry import load_tokenizer
+from ..text.banks import CaptionBank
+from ..train.common import autocast_for
+from .latents import BANK, _device, tokenizer_is_discrete
+from .trainer import load_generator
+
+DEFAULT_CFG = {"dit": 4.0, "maskgit": 2.0}
+DEFAULT_MASKGIT_STEPS = 8
+
+
+class GenerationPipeline:
+    """A generator and a tokenizer checked to fit each other, with everything needed to decode samples."""
+
+    def __init__(self, generator: str | Path, tokenizer: str | Path | None = None, device: str = "auto") -> None:
+        self.device = _device(device)
+        self.generator_dir = Path(generator)
+        model, record = load_generator(generator)
+        self.model = model.eval().to(self.device)
+        self.kind: str = record["model_type"]
+        self.meta: dict[str, Any] = record["latents_meta"]
+        self.tokenizer_dir = Path(tokenizer) if tokenizer else Path(self.meta["tokenizer_dir"])
+        self.tok = load_tokenizer(self.tokenizer_dir).eval().to(self.device)
+        self._check_pair()
+        self.diffusion = None
+        if self.kind == "dit":
+            self.diffusion = create_diffusion(DiffusionConfig.from_dict(record["diffusion"]))
+            self.mean = torch.tensor(self.meta["mean"], dtype=torch.float32, device=self.device)
+            self.std = torch.tensor(self.meta["std"], dtype=torch.float32, device=self.device)
+        self.bank = self._load_bank()
+        self._text_encoder = None
+
+    # ---- what this generator accepts ---------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.cfg.num_classes)
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.kind == "dit" and self.model.cfg.text_dim > 0
+
+    @property
+    def decoder_needs_text(self) -> bool:
+        return bool(getattr(self.tok.config, "text_in_decoder", False))
+
+    def _check_pair(self) -> None:
+        cfg = self.model.cfg
+        tc = self.tok.config
+        if self.kind == "maskgit":
+            if not tokenizer_is_discrete(self.tok):
+                raise TextokError(f"the generator {self.generator_dir} is a MaskGIT over codes, but the tokenizer "
+                                  f"{self.tokenizer_dir} has continuous tokens; use the TiTok it was trained with "
+                                  f"({self.meta['tokenizer_dir']})")
+            if (tc.num_tokens, self.tok.codebook_size) != (cfg.num_tokens, cfg.codebook_size):
+                raise TextokError(
+                    f"the generator {self.generator_dir} makes {cfg.num_tokens} tokens over {cfg.codebook_size} "
+                    f"codes but the tokenizer {self.tokenizer_dir} decodes {tc.num_tokens} tokens over "
+                    f"{self.tok.codebook_size} codes; use the tokenizer it was trained with ({self.meta['tokenizer_dir']})")
+            return
+        gen_shape, tok_shape = (cfg.num_tokens, cfg.in_channels), (tc.num_tokens, tc.token_channels)
+        if gen_shape != tok_shape:
+            raise TextokError(
+                f"the generator {self.generator_dir} makes tokens of shape {gen_shape} (tokens, channels) but the "
+                f"tokenizer {self.tokenizer_dir} decodes {tok_shape}; use the tokenizer it was trained with "
+                f"({self.meta['tokenizer_dir']})")
+        if len(self.meta["mean"]) != cfg.in_channels:
+            raise TextokError(f"{self.generator_dir}: normalisation statistics have {len(self.meta['mean'])} channels "
+                              f"for a generator of {cfg.in_channels}; retrain it from fresh latents")
+
+    def _load_bank(self) -> CaptionBank | None:
+        for path in (self.generator_dir / BANK, Path(self.meta.get("latents_dir", "")) / BANK):
+            if path.is_file():
+                return CaptionBank.load(path)
+        return None
+
+    def check_request(self, labels: list[int] | None, prompts: list[str] | None, cfg_scale: float) -> None:
+        """Refuse requests this generator cannot serve, with what to do instead."""
+        if not math.isfinite(cfg_scale) or cfg_scale < 1.0:
+            raise TextokError(f"--cfg {cfg_scale} must be >= 1 (1 = no guidance; larger = stronger guidance)")
+        if prompts is not None:
+            if not self.is_text_to_image:
+                raise TextokError(f"the generator {self.generator_dir} is not text-to-image "
+                                  f"({'class-conditional' if self.num_classes else 'unconditional'}); "
+                                  f"{'pass --class K' if self.num_classes else 'drop --caption'}")
+            for p in prompts:
+                if not isinstance(p, str) or not p.strip():
+                    raise TextokError("an empty prompt: give --caption a non-empty text")
+        elif self.is_text_to_image:
+            raise TextokError(f"the generator {self.generator_dir} is text-to-image: pass --caption \"...\"")
+        if labels is not None:
+            if self.num_classes == 0:
+                raise TextokError(f"the generator {self.generator_dir} has no classes; "
+                                  f"{'pass --caption' if self.is_text_to_image else 'drop --class'}")
+            bad = [k for k in labels if not 0 <= int(k) < self.num_classes]
+            if bad:
+                raise TextokError(f"class {bad[0]} is out of range: this generator knows classes 0..{self.num_classes - 1}")
+        if self.decoder_needs_text and prompts is None and self.bank is None:
+            raise TextokError(f"the tokenizer {self.tokenizer_dir} decodes with text but no caption bank was found "
+                              f"beside {self.generator_dir} or its latents")
+
+    # ---- one batch ----------------------------------------------------------------------------------
+    def _text_states(self, prompts: list[str]):
+        from ..text.encoders import load_text_encoder
+
+        if self._text_encoder is None:
+            self._text_encoder = load_text_encoder(self.meta["text_encoder"], self.meta.get("text_max_length", 64),
+                                                   str(self.device))
+        return self._text_encoder.encode(prompts).to(self.device)
+
+    def decoder_captions(self, labels: list[int] | None, prompts: list[str] | None, seed: int, first: int,
+                         batch: int) -> list[str] | None:
+        """Captions the tokenizer decodes with: the prompts, or (seeded) draws from each class's bank."""
+        if not self.decoder_needs_text:
+            return None
+        if prompts is not None:
+            return list(prompts)
+        out = []
+        for i, label in enumerate(labels if labels is not None else [None] * batch):
+            rng = random.Random((seed * 1_000_003 + first + i) & 0xFFFFFFFFFFFF)
+            if label is None:
+                pool = [c for caps in self.bank.captions.values() for c in caps]
+                out.append(rng.choice(pool))
+            else:
+                out.append(self.bank.sample(int(label), rng))
+        return out
+
+    @torch.no_grad()
+    def generate(self, labels: list[int] | None = None, prompts: list[str] | None = None, *, n: int | None = None,
+                 steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
+                 seed: int = 0, first: int = 0, progress: bool = False) -> Tensor:
+        """One batch of images (B, 3, H, W) in [-1, 1]: one per label / prompt (or ``n`` unconditional).
+
+        ``first`` is the global index of the batch's first sample (it seeds the decoder captions).
+        """
+        cfg_scale = DEFAULT_CFG[self.kind] if cfg_scale is None else float(cfg_scale)
+        self.check_request(labels, prompts, cfg_scale)
+        B = len(labels) if labels is not None else len(prompts) if prompts is not None else int(n or 0)
+        if B < 1:
+            raise TextokError("nothing to sample: give at least one class, prompt or sample")
+        g = torch.Generator(device=self.device).manual_seed((seed * 1_000_003 + first) % (2**63 - 1))
+        dec_text = self.decoder_captions(labels, prompts, seed, first, B)
+        if self.kind == "maskgit":
+            y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
+            codes = self.model.generate(y, steps or DEFAULT_MASKGIT_STEPS, guidance_scale=cfg_scale, generator=g)
+            images = self.tok.decode_codes(codes, dec_text)
+        else:
+            kwargs: dict[str, Any] = {}
+            if labels is not None:
+                kwargs["y"] = torch.tensor(labels, dtype=torch.long, device=self.device)
+            if prompts is not None:
+                emb = self._text_states(list(prompts))
+                kwargs.update(text=emb.states, text_mask=emb.mask)
+            cfg = self.model.cfg
+            guided = labels is not None or prompts is not None
+            with autocast_for(self.device, "auto"):
+                z = self.diffusion.sample(self.model, (B, cfg.num_tokens, cfg.in_channels), steps=steps,
+                                          sampler=sampler, cfg_scale=cfg_scale if guided else 1.0,
+                                          model_kwargs=kwargs, generator=g, device=self.device, progress=progress)
+            z = z.float() * self.std + self.mean
+            images = self.tok.decode(z, dec_text)
+        return images.float().clamp(-1, 1)
+
+    # ---- many batches ------------------------------------------------------------------------------
+    def iter_samples(self, total: int, labels: list[int] | None = None, prompts: list[str] | None = None,
+                     batch_size: int = 64, progress: bool = False, **kw: Any) -> Iterator[tuple[Tensor, list[int] | None]]:
+        """``total`` images in batches; sample i gets ``labels[i % len]`` / ``prompts[i % len]``."""
+        if total < 1 or batch_size < 1:
+            raise TextokError(f"--num ({total}) and --batch-size ({batch_size}) must be positive")
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"sampling ({self.kind})", unit="img", dynamic_ncols=True)
+        for first in range(0, total, batch_size):
+            ids = range(first, min(total, first + batch_size))
+            lab = [labels[i % len(labels)] for i in ids] if labels else None
+            pro = [prompts[i % len(prompts)] for i in ids] if prompts else None
+            images = self.generate(lab, pro, n=len(ids), first=first, **kw)
+            if bar is not None:
+                bar.update(len(ids))
+            yield images, lab
+        if bar is not None:
+            bar.close()
+
+    def default_labels(self) -> list[int] | None:
+        """Every class in turn for a class-conditional generator (balanced samples), else None."""
+        return list(range(self.num_classes)) if self.num_classes > 0 else None
+
+
+def to_uint8_nhwc(images: Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded like ``save_image``."""
+    return images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def write_npz(path: str | Path, batches: Iterator[tuple[Tensor, list[int] | None]], total: int) -> Path:
+    """Stream batches into ``path`` (``arr_0``: uint8 NHWC; ``arr_1``: int64 labels when known), atomically.
+
+    The array is written member-by-member into the zip, so memory holds one batch, not the whole set.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    labels: list[int] = []
+    written = 0
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            member = None
+            for images, lab in batches:
+                arr = to_uint8_nhwc(images)
+                if member is None:
+                    member = zf.open("arr_0.npy", "w", force_zip64=True)
+                    np.lib.format.write_array_header_2_0(
+                        member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                                 "shape": (total, *arr.shape[1:])})
+                member.write(np.ascontiguousarray(arr).tobytes())
+                written += arr.shape[0]
+                if lab is not None:
+                    labels.extend(int(k) for k in lab)
+            if member is not None:
+                member.close()
+            if written != total:
+                raise TextokError(f"wrote {written} samples, expected {total}")
+            if labels:
+                with zf.open("arr_1.npy", "w") as f:
+                    np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def sample_grid(pipe: GenerationPipeline, out: str | Path, labels: list[int] | None = None,
+                prompts: list[str] | None = None, n: int = 8, seed: int = 0, **kw: Any) -> Path:
+    """A PNG with one row of ``n`` samples per class / prompt (or one row of unconditional samples)."""
+    from ..data.images import save_image
+
+    rows = labels if labels is not None else prompts if prompts is not None else [None]
+    lab = [k for k in labels for _ in range(n)] if labels is not None else None
+    pro = [p for p in prompts for _ in range(n)] if prompts is not None else None
+    images = pipe.generate(lab, pro, n=n * len(rows), seed=seed, **kw)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.cpu(), str(out), nrow=n)
+    return out
+
+
+__all__ = ["GenerationPipeline", "sample_grid", "write_npz", "to_uint8_nhwc", "DEFAULT_CFG"]
