@@ -112,40 +112,12 @@ def _report(result: dict, cfg) -> str:
 
 
 @torch.no_grad()
-def _grid(models: dict, dataset, path: Path, count: int = 6, scale: int = 4) -> None:
+def _grid(models: dict, dataset, path: Path, count: int = 6) -> None:
     """Rows: original | baseline | TexTok, upscaled, with the caption beside them."""
-    from PIL import Image, ImageDraw, ImageFont
+    from ..report import captioned_grid
 
     batch = collate([dataset[i] for i in range(min(count, len(dataset)))])
     captions = [c[0] for c in batch["captions"]]
-    recons = {}
-    for name, model in models.items():
-        recons[name] = model(batch["image"], captions if model.config.uses_text else None)[0].clamp(-1, 1)
-    cols = [batch["image"], recons["baseline"], recons["textok"]]
-    size = batch["image"].shape[-1] * scale
-    text_w, header = 560, 24
-    try:
-        font = ImageFont.load_default(size=14)
-    except TypeError:  # older Pillow
-        font = ImageFont.load_default()
-    canvas = Image.new("RGB", (3 * (size + 4) + text_w, header + len(captions) * (size + 4)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(["original", "baseline", "TexTok"]):
-        draw.text((j * (size + 4) + 4, 4), title, fill="black", font=font)
-    for i, caption in enumerate(captions):
-        y = header + i * (size + 4)
-        for j, col in enumerate(cols):
-            arr = col[i].add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
-            canvas.paste(Image.fromarray(arr).resize((size, size), Image.Resampling.NEAREST), (j * (size + 4), y))
-        words, lines, line = caption.split(), [], ""
-        for w in words:
-            if len(line) + len(w) > 70:
-                lines.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        lines.append(line)
-        for k, l in enumerate(lines[: size // 18]):
-            draw.text((3 * (size + 4) + 8, y + 4 + 18 * k), l, fill="black", font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    recon = {name: model(batch["image"], captions if model.config.uses_text else None)[0].clamp(-1, 1)
+             for name, model in models.items()}
+    captioned_grid({"original": batch["image"], "baseline": recon["baseline"], "TexTok": recon["textok"]}, captions, path)

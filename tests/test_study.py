@@ -1,0 +1,176 @@
+"""``textok study``: the grid runs end to end through the CLI, resumes without retraining, and its verdicts
+follow the numbers; the report helpers (captioned grid, Markdown table, line plot)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from textok.cli import main
+from textok.errors import TextokError
+from textok.report import HEADER, captioned_grid, line_plot, markdown_table
+from textok.study import judge, relative_gain, resolve_data, verdict_lines, verdicts
+
+TINY_RECIPE = """
+model: textok-tiny
+data: {source: scenes, train_size: 16, val_size: 8, captions_per_image: 2}
+optim: {lr: 1.0e-3, warmup_steps: 1}
+loss: {perceptual: none, perceptual_size: 32, adversarial: {weight: 0.0}}
+batch_size: 4
+max_steps: 2
+log_every: 1
+sample_every: 0
+ckpt_every: 2
+"""
+
+
+def _argv(out, recipe, *extra):
+    return ["study", "--data", "scenes", "--out", str(out), "--recipe", str(recipe), "--tokens", "2", "4",
+            "--modes", "both", "none", "--steps", "2", "--val-num", "8", "--fd-size", "32", "--no-progress", *extra]
+
+
+def test_study_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    out = tmp_path / "study"
+    assert main(_argv(out, recipe)) == 0
+    cells = ["n2-both", "n2-none", "n4-both", "n4-none"]
+    for c in cells:
+        assert (out / "cells" / c / "final" / "model.safetensors").is_file()
+        assert (out / "cells" / c / "eval.json").is_file()
+    cfgs = {c: json.loads((out / "cells" / c / "train_config.json").read_text()) for c in cells}
+    assert {tuple(cfgs[c]["model_overrides"][-3:]) for c in cells} == {
+        ("num_tokens=2", "text_in_encoder=true", "text_in_decoder=true"),
+        ("num_tokens=2", "text_in_encoder=false", "text_in_decoder=false"),
+        ("num_tokens=4", "text_in_encoder=true", "text_in_decoder=true"),
+        ("num_tokens=4", "text_in_encoder=false", "text_in_decoder=false")}
+    # same budget, seed and data, one shared text cache
+    assert len({(d["max_steps"], d["seed"], json.dumps(d["data"]), d["text_cache"]) for d in cfgs.values()}) == 1
+    assert (out / "text_cache.safetensors").is_file()
+
+    res = json.loads((out / "results.json").read_text())
+    assert "PSNR" in res["metrics"] and "FD-opennsfw@32" in res["metrics"]
+    for m in res["metrics"]:
+        assert (out / f"plot_{m.replace('@', '_')}.png").stat().st_size > 1000
+    assert (out / "grid.png").is_file()
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").size[0] == 3 * (16 * 4 + 4) + 560  # original | no text | text: both
+    # the verdicts are recomputed here from the per-cell numbers, not copied from the run
+    by_mode = {m: {n: {k: v for k, v in res["cells"][f"n{n}-{m}"]["metrics"].items() if k in res["metrics"]}
+                   for n in (2, 4)} for m in ("both", "none")}
+    assert res["verdicts"] == verdict_lines(verdicts(by_mode, res["metrics"]), res["primary_metrics"])
+    report = (out / "report.md").read_text()
+    for line in res["verdicts"]:
+        assert line in report
+    assert "C4" in report and "not run" in report and '"seed": 0' in report
+    assert len(res["paper_table"]) == 2 * len(res["metrics"])
+    first_row = res["paper_table"][0]
+    psnr_none = res["cells"]["n2-none"]["metrics"][res["metrics"][0]]
+    assert first_row["no text"] == psnr_none
+
+    # re-run: every cell is finished and evaluated, so nothing trains or evaluates again
+    logs = {c: (out / "cells" / c / "log.jsonl").read_text() for c in cells}
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was retrained / re-evaluated")
+
+    monkeypatch.setattr("textok.study.train_tokenizer", boom)
+    (out / "cells" / "n4-none" / "eval.json").unlink()  # this one must be re-evaluated, not retrained
+    capsys.readouterr()
+    assert main(_argv(out, recipe)) == 0
+    assert "n2-both: done" in capsys.readouterr().out
+    assert {c: (out / "cells" / c / "log.jsonl").read_text() for c in cells} == logs
+    assert (out / "cells" / "n4-none" / "eval.json").is_file()
+    monkeypatch.setattr("textok.eval.reconstruction.evaluate_tokenizer", boom)
+    assert main(_argv(out, recipe)) == 0
+    # a cell without final/ goes back through train_tokenizer (which resumes from its checkpoint); only that one
+    import shutil
+
+    from textok.train.tokenizer import train_tokenizer
+
+    calls = []
+    monkeypatch.undo()  # the real evaluate_tokenizer again; train_tokenizer counted
+    monkeypatch.setattr("textok.study.train_tokenizer", lambda cfg, out, progress: calls.append(out.name)
+                        or train_tokenizer(cfg, out, progress))
+    shutil.rmtree(out / "cells" / "n2-none" / "final")
+    assert main(_argv(out, recipe)) == 0
+    assert calls == ["n2-none"] and (out / "cells" / "n2-none" / "final" / "model.safetensors").is_file()
+    # another budget into the same --out is refused clearly, never mixed in
+    assert main(_argv(out, recipe, "optim.lr=5e-4")) == 2
+    err = capsys.readouterr().err
+    assert "another config" in err and "optim.lr" in err and "Traceback" not in err
+
+
+def _values(both, enc, dec, none, ns=(16, 32, 64)):
+    return {"both": dict(zip(ns, both)), "encoder": dict(zip(ns, enc)), "decoder": dict(zip(ns, dec)),
+            "none": dict(zip(ns, none))}
+
+
+def test_verdicts_follow_the_numbers():
+    # an FD (lower is better): text helps everywhere, most at N=16, order both < encoder < decoder < none
+    good = _values([10, 8, 6], [11, 8.5, 6.2], [12, 9, 6.4], [20, 10, 7])
+    v = judge(good, higher=False)
+    assert v["C1"]["holds"] and v["C2"]["holds"] and v["C3"]["holds"]
+    assert v["gains"]["16"] == pytest.approx(0.5) and v["gains"]["64"] == pytest.approx(1 / 7)
+    # C1 fails: no text wins at N=64; C2 fails: the gain is largest at N=32; C3 holds at 16 and 32 only
+    bad = _values([10, 5, 8], [11, 8.5, 6.2], [12, 9, 6.4], [12.5, 10, 7])
+    v = judge(bad, higher=False)
+    assert v["C1"]["holds"] is False and "not at N=64" in v["C1"]["detail"]
+    assert v["C2"]["holds"] is False and "N=32" in v["C2"]["detail"]
+    assert v["C3"]["holds"] is False and v["C3"]["holds_at"] == [16, 32]
+    # the same numbers read as PSNR (higher is better) flip every verdict
+    v = judge(good, higher=True)
+    assert v["C1"]["holds"] is False and v["C3"]["holds_at"] == []
+    assert v["C2"]["holds"] is False and "does not help at N=16" in v["C2"]["detail"]  # least harm is no gain
+    # not testable without the needed modes / token counts
+    v = judge({"both": {16: 1.0}, "none": {16: 2.0}}, higher=False)
+    assert v["C1"]["holds"] is True and v["C2"]["holds"] is None and v["C3"]["holds"] is None
+    # the summary lines name the verdicts for the primary metrics; C4 is "not run"
+    lines = verdict_lines(verdicts({m: {n: {"FD-opennsfw@64": x, "PSNR": 30 - x} for n, x in per.items()}
+                                    for m, per in good.items()}, ["FD-opennsfw@64", "PSNR"]),
+                          ["FD-opennsfw@64", "PSNR"])
+    assert lines[0].startswith("C1") and "FD-opennsfw@64 holds" in lines[0] and "PSNR holds" in lines[0]
+    assert lines[3].startswith("C4") and "not run" in lines[3]
+    assert relative_gain(30.0, 25.0, True) == pytest.approx(0.2) and relative_gain(8.0, 10.0, False) == pytest.approx(0.2)
+
+
+def test_missing_data_and_study_owned_overrides_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(TextokError, match="not found"):
+        resolve_data(str(tmp_path / "nope.tar"))
+    assert resolve_data("scenes") == "scenes"
+    rc = main(["study", "--data", str(tmp_path / "flickr.tar"), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not found" in err and "--data" in err
+    rc = main(["study", "--data", "scenes", "--out", str(tmp_path / "o"), "model.num_tokens=8"])
+    assert rc == 2 and "--tokens" in capsys.readouterr().err
+    rc = main(["study", "--data", "scenes", "--out", str(tmp_path / "o"), "--recipe", "study-nope"])
+    assert rc == 2 and "study-scenes" in capsys.readouterr().err
+
+
+def test_report_helpers(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    orig = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    path = captioned_grid({"original": orig, "recon": -orig}, ["a red circle", "a blue square " * 20],
+                          tmp_path / "g.png", scale=4)
+    from PIL import Image
+
+    im = Image.open(path)
+    assert im.size == (2 * (32 + 4) + 560, HEADER + 2 * (32 + 4))
+    px = im.getpixel((3, HEADER + 3))  # inside the first (nearest-upscaled) pixel of the first original
+    expected = tuple(int(round((float(orig[0, c, 0, 0]) + 1) * 127.5)) for c in range(3))
+    assert all(abs(a - b) <= 1 for a, b in zip(px, expected))
+    with pytest.raises(TextokError, match="captions"):
+        captioned_grid({"original": orig}, ["one"], tmp_path / "x.png")
+
+    table = markdown_table([{"a": 1, "b": 0.123456}, {"a": 2, "c": "x|y"}])
+    lines = table.splitlines()
+    assert lines[0] == "| a | b | c |" and lines[1] == "|---|---|---|"
+    assert lines[2] == "| 1 | 0.1235 |  |" and lines[3] == "| 2 |  | x\\|y |"
+
+    p = line_plot({"text": [(16, 1.0), (32, 2.0)], "none": [(16, 1.5), (32, float("nan"))]}, "N", "FD",
+                  tmp_path / "p.png")
+    assert Image.open(p).format == "PNG"
