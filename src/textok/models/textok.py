@@ -92,8 +92,8 @@ def _register_presets() -> None:
     )
     # `make demo`: small enough to train twice in a few minutes on 2 CPU cores.
     TexTokConfig.register_preset("textok-demo")(
-        lambda: TexTokConfig(image_size=32, patch_size=4, num_tokens=8,
-                             encoder=ViTConfig(width=64, depth=4, heads=4), decoder=ViTConfig(width=64, depth=4, heads=4))
+        lambda: TexTokConfig(image_size=32, patch_size=8, num_tokens=4,
+                             encoder=ViTConfig(width=64, depth=2, heads=4), decoder=ViTConfig(width=64, depth=2, heads=4))
     )
 
 

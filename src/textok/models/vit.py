@@ -198,14 +198,19 @@ class LearnedPosEmbed(nn.Module):
 
 
 def init_vit_weights(module: nn.Module) -> None:
-    """Truncated-normal(0.02) linear weights, zero biases, unit LayerNorms (the ViT/TiTok recipe)."""
+    """Xavier-uniform linear and patch-embedding weights, zero biases, unit LayerNorms (MAE / DiT).
+
+    The ViT/TiTok recipe (truncated normal, std 0.02) is tuned for width 768; at the small widths used on
+    the CPU it starves the residual branches and a width-64 autoencoder learns several times slower
+    (measured: 21.1 vs 25.9 dB PSNR after 600 steps of overfitting 32 scenes).
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Conv2d):
-            nn.init.trunc_normal_(m.weight.view(m.weight.shape[0], -1), std=0.02)
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:

@@ -1,0 +1,35 @@
+"""`textok demo` at a minimal size: both runs train, the report is computed from the evaluation."""
+
+import json
+
+import torch
+
+from textok.cli import main
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    for name in ("grid.png", "metrics.json", "report.md", "baseline/final/model.safetensors",
+                 "textok/final/model.safetensors"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "metrics.json").read_text())
+    base, text = result["metrics"]["baseline"], result["metrics"]["textok"]
+    assert base["num_images"] == text["num_images"] == 16
+    # the table is derived from the two evaluations, not written by hand
+    psnr_row = next(r for r in result["table"] if r["metric"].startswith("PSNR"))
+    assert psnr_row["baseline"] == f"{base['PSNR']:.4f}" and psnr_row["TexTok"] == f"{text['PSNR']:.4f}"
+    assert psnr_row["text helps"] == ("yes" if text["PSNR"] > base["PSNR"] else "no")
+    # same budget for both runs; only the text switches differ
+    cfg_b = json.loads((out / "baseline/train_config.json").read_text())
+    cfg_t = json.loads((out / "textok/train_config.json").read_text())
+    assert cfg_b["max_steps"] == cfg_t["max_steps"] and cfg_b["batch_size"] == cfg_t["batch_size"]
+    assert set(cfg_b["model_overrides"]) - set(cfg_t["model_overrides"]) == {"text_in_encoder=false",
+                                                                              "text_in_decoder=false"}
+    report = (out / "report.md").read_text()
+    assert "| PSNR" in report and "grid.png" in report
+    printed = capsys.readouterr().out
+    assert "text helps" in printed
+    # a second run skips finished training (the runs are resumable) and re-evaluates
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
