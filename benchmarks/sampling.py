@@ -142,6 +142,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
 def bench_one(name: str, tokens: int, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model = build(name, tokens, args, device)
     row: dict[str, Any] = {"model": name, "tokens": tokens, "batch": batch}
+    flops = model.flops_per_forward(batch, args.text_len)
     try:
         fn = make_forward(model, batch, args, device)
         sec = time_fn(fn, device, args.warmup, args.iters)
@@ -150,7 +151,6 @@ def bench_one(name: str, tokens: int, batch: int, args: argparse.Namespace, devi
         del model
         torch.cuda.empty_cache()
         return row
-    flops = model.flops_per_forward(batch, args.text_len)
     ips = batch / sec
     per_image_calls = args.steps * (2 if args.cfg else 1)
     row.update(

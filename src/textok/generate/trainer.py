@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from dataclasses import field
@@ -31,12 +30,13 @@ from torch import nn
 from ..config import Config
 from ..diffusion import DiffusionConfig, create_diffusion
 from ..errors import ConfigError, TextokError
-from ..hub import PretrainedMixin, config_diff, read_config_json
+from ..hub import PretrainedMixin, read_config_json
 from ..models.dit import DiT, DiTConfig
 from ..models.maskgit import MaskGIT, MaskGITConfig
 from ..train.checkpoint import CheckpointManager
-from ..train.common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, lr_at, param_groups,
-                            pick_captions, rng_state, set_lr, set_rng_state)
+from ..train.common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices,
+                            check_finite, check_resume_compatible, lr_at, param_groups, pick_captions, rng_state,
+                            set_lr, set_rng_state)
 from ..train.config import OptimConfig
 from ..train.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..train.ema import EMA
@@ -199,10 +199,6 @@ def build_model_config(cfg: GeneratorTrainConfig, meta: dict[str, Any], text_dim
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-class NonFiniteLoss(TextokError):
-    pass
-
-
 def train_generator(cfg: GeneratorTrainConfig, out: str | Path, progress: bool = True) -> Path:
     """Train (or resume) a generator into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
     if not cfg.latents:
@@ -224,7 +220,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool)
     ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.keep_last)
     latest = ckpts.latest()
     if latest is not None:
-        _check_resume_compatible(latest, model_type, model_cfg)
+        check_resume_compatible(latest, model_type, model_cfg.to_dict(), "generator")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -304,7 +300,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool)
 
             save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or interrupt.requested
             if step % cfg.log_every == 0 or save_now:
-                _check_finite(bad, logs, step, ckpts)
+                check_finite(bad, logs, step, ckpts.latest(), "the generator loss")
                 values = {k: float(v) for k, v in logs.items()}
                 elapsed = time.time() - t0
                 if log is not None:
@@ -359,27 +355,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     g = torch.Generator(device=device)
     g.manual_seed(((seed * 1_000_003 + step) * 4099 + rank) % (2**63 - 1))
     return g
-
-
-def _check_finite(bad: torch.Tensor, terms: dict[str, torch.Tensor], step: int, ckpts: CheckpointManager) -> None:
-    """Stop, without saving, if the loss became NaN/inf since the last check (the last checkpoint stays good)."""
-    if bool(bad):
-        names = [k for k, v in terms.items() if not math.isfinite(float(v))]
-        last = ckpts.latest()
-        where = f"the last good checkpoint ({last}) is intact" if last else "no checkpoint was written yet"
-        raise NonFiniteLoss(f"the generator loss became NaN/inf by step {step} (term {', '.join(names) or '?'}); "
-                            f"{where}. Lower optim.lr, or use precision=fp32")
-
-
-def _check_resume_compatible(latest: Path, model_type: str, model_cfg: Config) -> None:
-    meta = json.loads((latest / "meta.json").read_text())
-    if meta.get("model_type") != model_type:
-        raise TextokError(f"{latest} is a checkpoint of a {meta.get('model_type')!r} generator, not {model_type!r}; "
-                          "use another --out or the same kind")
-    diff = config_diff(meta["model_config"], model_cfg.to_dict())
-    if diff:
-        raise TextokError(f"cannot resume {latest}: the generator config differs ({'; '.join(diff)}); "
-                          "use another --out, or the original config and latents")
 
 
 def _text_cache(cfg: GeneratorTrainConfig, meta: dict[str, Any], data: LatentDataset, out: Path, info: DistInfo,

@@ -9,7 +9,6 @@ mask, so padded text tokens are never attended to. Blocks are pre-norm: ``x + at
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F

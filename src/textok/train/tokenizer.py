@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,11 @@ from ..models.registry import build_tokenizer, resolve_tokenizer_config
 from ..text.cache import TextEmbeddingCache
 from ..text.encoders import load_text_encoder
 from .checkpoint import CheckpointManager
-from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, lr_at, param_groups, pick_captions,
-                     rng_state, set_lr, set_rng_state)
+from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, check_finite,
+                     check_resume_compatible, lr_at, param_groups, pick_captions, rng_state, set_lr, set_rng_state)
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .ema import EMA
-
-
-class NonFiniteLoss(TextokError):
-    pass
 
 
 def discriminator_config(name: str, image_size: int) -> DiscriminatorConfig:
@@ -119,7 +114,7 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.keep_last)
     latest = ckpts.latest()
     if latest is not None:
-        _check_resume_compatible(latest, model_type, model_cfg, cfg)
+        check_resume_compatible(latest, model_type, model_cfg.to_dict(), "tokenizer")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -220,7 +215,7 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
             # bookkeeping: host syncs only here, every log_every steps and before a checkpoint
             save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or interrupt.requested
             if step % cfg.log_every == 0 or save_now:
-                _check_finite(bad, logs, step, ckpts)
+                check_finite(bad, logs, step, ckpts.latest())
                 values = {k: float(v) for k, v in logs.items()}
                 elapsed = time.time() - t0
                 if log is not None:
@@ -295,35 +290,12 @@ class LossForward(nn.Module):
         return self.model.training_losses(images, text)
 
 
-def _check_finite(bad: torch.Tensor, terms: dict[str, torch.Tensor], step: int, ckpts: CheckpointManager) -> None:
-    """Stop, without saving, if any loss since the last check was NaN/inf (the last checkpoint stays good)."""
-    if bool(bad):
-        names = [k for k, v in terms.items() if not math.isfinite(float(v))]
-        last = ckpts.latest()
-        where = f"the last good checkpoint ({last}) is intact" if last else "no checkpoint was written yet"
-        raise NonFiniteLoss(f"a loss became NaN/inf by step {step} (term {', '.join(names) or '?'}); {where}. "
-                            "Lower optim.lr or the loss weights, or use precision=fp32")
-
-
 def _save_checkpoint(ckpts, parts: Components, step: int, model_type: str, model_cfg, cfg: TrainConfig,
                      info: DistInfo) -> None:
     if info.is_main:
         ckpts.save(step, parts.state(), {"model_type": model_type, "model_config": model_cfg.to_dict(),
                                           "train_config": cfg.to_dict()})
     barrier(info)
-
-
-def _check_resume_compatible(latest: Path, model_type: str, model_cfg, cfg: TrainConfig) -> None:
-    from ..hub import config_diff
-
-    meta = json.loads((latest / "meta.json").read_text())
-    if meta.get("model_type") != model_type:
-        raise TextokError(f"{latest} is a checkpoint of a {meta.get('model_type')!r} model, not {model_type!r}; "
-                          "use another --out or the same model")
-    diff = config_diff(meta["model_config"], model_cfg.to_dict())
-    if diff:
-        raise TextokError(f"cannot resume {latest}: the model config differs ({'; '.join(diff)}); "
-                          "use another --out or the original config")
 
 
 def _batches(dataset, cfg: TrainConfig, global_batch: int, info: DistInfo, start_micro: int):
