@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo demo-gen demo-titok test setup bench clean
 
 setup: $(STAMP)
 
@@ -21,11 +21,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/textok demo --out runs/demo
 
+# Class-conditional DiT samples from the demo's TexTok tokens (runs `make demo` first if needed).
+runs/demo/textok/final/model.safetensors: | $(STAMP)
+	$(BIN)/textok demo --out runs/demo
+
+demo-gen: runs/demo/textok/final/model.safetensors
+	$(BIN)/textok demo-gen --tokenizer runs/demo/textok/final --out runs/demo-gen
+
+# TiTok (VQ) + MaskGIT on the same scenes.
+demo-titok: $(STAMP)
+	$(BIN)/textok demo-titok --out runs/demo-titok
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py --preset textok-tiny
+	$(BIN)/python benchmarks/sampling.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
