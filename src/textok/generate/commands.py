@@ -129,3 +129,4 @@ def cmd_demo_gen(args: argparse.Namespace) -> None:
     from .demo import run_demo_gen
 
     run_demo_gen(args.tokenizer, args.out, steps=args.steps, quick=args.quick)
+from . import titok_demo  # noqa: E402,F401  (registers the demo-titok verb)
