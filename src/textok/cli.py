@@ -106,6 +106,24 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+# ---- bench --------------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("which", choices=["train-step", "sampling"], help="benchmarks/train_step.py or benchmarks/sampling.py")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (see its --help)")
+
+
+@command("bench", "run a benchmark of the source checkout (prints a table, writes JSON to benchmarks/results/)")
+@args_for(_bench_args)
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{args.which.replace('-', '_')}.py"
+    if not script.is_file():
+        raise TextokError(f"{script} not found: the benchmarks ship with the source checkout, not the installed package")
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def _load_verbs() -> None:
     """Import the modules that register the heavier verbs (training, evaluation, generation)."""
