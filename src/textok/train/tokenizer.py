@@ -162,7 +162,7 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     if progress and info.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"train {model_type}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"train {out.name} ({model_type})", unit="step", dynamic_ncols=True)
 
     # ---- the loop ------------------------------------------------------------------------------
     skipped_total = 0
