@@ -25,7 +25,6 @@ Re-running skips finished training (both runs resume from their last checkpoint)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..io import sha256_file
 from ..cli import args_for, command
 from ..errors import TextokError
 from ..io import atomic_write_text
@@ -181,14 +181,6 @@ def _require_finished(final: Path, steps: int, what: str) -> None:
                           "to resume")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _codes(tok_dir: Path, lat_dir: Path, split: str, num: int, seed: int, quiet: bool,
            stale: list[Path] = ()) -> Path:
     """Extract ``split``'s codes into ``lat_dir`` unless they were made by these exact tokenizer weights.
@@ -198,7 +190,7 @@ def _codes(tok_dir: Path, lat_dir: Path, split: str, num: int, seed: int, quiet:
     """
     from .latents import extract_latents, read_meta
 
-    weights = _sha256(tok_dir / "model.safetensors")
+    weights = sha256_file(tok_dir / "model.safetensors")
     stamp = lat_dir / "tokenizer.sha256"
     if (lat_dir / "meta.json").is_file() and stamp.is_file() and stamp.read_text().strip() == weights:
         meta = read_meta(lat_dir)

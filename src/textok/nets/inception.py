@@ -15,7 +15,6 @@ Input convention: float images (B, 3, H, W) in **[-1, 1]** (the textok conventio
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io import sha256_file
 from ..errors import TextokError
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -232,14 +232,6 @@ class FIDInceptionV3(nn.Module):
         return InceptionOutput(pool, unbiased + self.fc.bias, unbiased)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_weights_path(path: str | os.PathLike | None = None) -> Path:
     """The weight file from the argument, else ``$TEXTOK_INCEPTION_WEIGHTS``; a clear error if absent."""
     where = (f"download {WEIGHTS_URL} on a machine with internet and pass its path "
@@ -272,7 +264,7 @@ def load_fid_inception(path: str | os.PathLike | None = None, *, check_hash: boo
         state = load_file(str(p))
     else:
         if check_hash:
-            digest = _sha256(p)
+            digest = sha256_file(p)
             if not digest.startswith(WEIGHTS_SHA256_PREFIX):
                 raise TextokError(f"{p} has sha256 {digest[:8]}..., not the FID Inception weights "
                                   f"{WEIGHTS_FILENAME} (sha256 {WEIGHTS_SHA256_PREFIX}...); get that file "
