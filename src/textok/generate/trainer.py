@@ -35,10 +35,10 @@ from ..models.dit import DiT, DiTConfig
 from ..models.maskgit import MaskGIT, MaskGITConfig
 from ..train.checkpoint import CheckpointManager
 from ..train.common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices,
-                            check_finite, check_resume_compatible, lr_at, param_groups, pick_captions, rng_state,
+                            check_finite, check_resume_compatible, lr_at, param_groups, pick_captions, progress_bar, rng_state,
                             set_lr, set_rng_state)
 from ..train.config import OptimConfig
-from ..train.distributed import DistInfo, barrier, cleanup, init_distributed
+from ..train.distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from ..train.ema import EMA
 from .latents import BANK, LatentDataset, read_meta
 
@@ -203,12 +203,8 @@ def train_generator(cfg: GeneratorTrainConfig, out: str | Path, progress: bool =
     """Train (or resume) a generator into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
     if not cfg.latents:
         raise ConfigError("no latents: pass --latents DIR (written by `textok extract-latents`)")
-    out = Path(out)
-    info = init_distributed(cfg.device)
-    try:
-        return _train(cfg, out, info, progress)
-    finally:
-        cleanup(info)
+    with distributed_session(cfg.device) as info:
+        return _train(cfg, Path(out), info, progress)
 
 
 def _train(cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
@@ -241,22 +237,14 @@ def _train(cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool)
         start_step = ck_meta["step"]
         if info.is_main:
             print(f"resuming from {latest} (step {start_step})")
-    train_model: nn.Module = LossForward(model, diffusion)
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = wrap_ddp(LossForward(model, diffusion), info)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
     global_batch = cfg.batch_size * info.world
     order = batch_indices(len(data), global_batch, info.rank, cfg.batch_size, cfg.seed, start_step)
     log = JsonlLog(out / "log.jsonl", start_step) if info.is_main else None
-    bar = None
-    if progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"train {model_type}", unit="step", dynamic_ncols=True)
+    bar = progress_bar(progress and info.is_main, cfg.max_steps, start_step, f"train {model_type}")
     drop_p = (model_cfg.class_dropout if (model_type == "maskgit" or model_cfg.num_classes > 0)
               else model_cfg.text_dropout)
 

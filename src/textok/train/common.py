@@ -79,6 +79,15 @@ def pick_captions(captions: list[list[str]], indices: list[int], seed: int, step
     return out
 
 
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    """A tqdm bar over training steps (``None`` when disabled, e.g. on non-main ranks)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
 class GracefulInterrupt:
     """The first Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
 

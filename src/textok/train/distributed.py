@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -47,3 +49,22 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(device: str = "auto") -> Iterator[DistInfo]:
+    """Join the process group for the duration of a training run and leave it afterwards, error or not."""
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup(info)
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``DistributedDataParallel(module)`` when running under torchrun, the module itself otherwise."""
+    if not info.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)

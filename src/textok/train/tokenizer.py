@@ -32,9 +32,10 @@ from ..text.cache import TextEmbeddingCache
 from ..text.encoders import load_text_encoder
 from .checkpoint import CheckpointManager
 from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, check_finite,
-                     check_resume_compatible, lr_at, param_groups, pick_captions, rng_state, set_lr, set_rng_state)
+                     check_resume_compatible, lr_at, param_groups, pick_captions, progress_bar, rng_state, set_lr,
+                     set_rng_state)
 from .config import TrainConfig
-from .distributed import DistInfo, barrier, cleanup, init_distributed
+from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from .ema import EMA
 
 
@@ -100,12 +101,8 @@ def build_components(cfg: TrainConfig, model_type: str, model_cfg, device: torch
 
 def train_tokenizer(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     """Train (or resume) a tokenizer into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
-    out = Path(out)
-    info = init_distributed(cfg.device)
-    try:
-        return _train(cfg, out, info, progress)
-    finally:
-        cleanup(info)
+    with distributed_session(cfg.device) as info:
+        return _train(cfg, Path(out), info, progress)
 
 
 def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
@@ -133,14 +130,8 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
         if info.is_main:
             print(f"resuming from {latest} (step {start_step})")
 
-    train_model: nn.Module = LossForward(model)
-    disc_model = parts.disc
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-        if parts.disc is not None:
-            disc_model = DDP(parts.disc, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = wrap_ddp(LossForward(model), info)
+    disc_model = wrap_ddp(parts.disc, info) if parts.disc is not None else None
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -158,11 +149,7 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     val_batch = collate([val_set[i] for i in range(min(8, len(val_set)))])
 
     log = JsonlLog(out / "log.jsonl", start_step) if info.is_main else None
-    bar = None
-    if progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"train {out.name} ({model_type})", unit="step", dynamic_ncols=True)
+    bar = progress_bar(progress and info.is_main, cfg.max_steps, start_step, f"train {out.name} ({model_type})")
 
     # ---- the loop ------------------------------------------------------------------------------
     skipped_total = 0
