@@ -174,3 +174,127 @@ def test_report_helpers(tmp_path):
     p = line_plot({"text": [(16, 1.0), (32, 2.0)], "none": [(16, 1.5), (32, float("nan"))]}, "N", "FD",
                   tmp_path / "p.png")
     assert Image.open(p).format == "PNG"
+
+
+TINY_GEN_RECIPE = """
+model: dit-tiny
+model_overrides: [width=32, depth=1, heads=2]
+diffusion: flow
+batch_size: 4
+max_steps: 2
+ema_decay: 0.9
+optim: {lr: 1.0e-3, warmup_steps: 1}
+log_every: 1
+ckpt_every: 2
+"""
+
+
+def _gen_argv(out, recipe, gen_recipe, data="scenes", *extra):
+    return ["study", "--data", str(data), "--out", str(out), "--recipe", str(recipe), "--tokens", "2",
+            "--modes", "decoder", "none", "--steps", "2", "--val-num", "8", "--fd-size", "32", "--no-progress",
+            "--generation", "--gen-recipe", str(gen_recipe), "--gen-samples", "6", "--gen-seeds", "0", "1",
+            "--gen-sampling-steps", "2", *extra]
+
+
+def test_study_generation_c4_class_conditional_then_cached(tmp_path, monkeypatch, capsys):
+    """--generation: a DiT per tokenizer (best text mode and none), samples scored per seed, a C4 verdict
+    computed from those numbers, the report section and sample grid; a re-run reuses everything."""
+    torch.set_num_threads(1)
+    from textok.study_generation import judge_generation
+
+    recipe, gen_recipe = tmp_path / "tiny.yaml", tmp_path / "gen.yaml"
+    recipe.write_text(TINY_RECIPE)
+    gen_recipe.write_text(TINY_GEN_RECIPE)
+    out = tmp_path / "study"
+    assert main(_gen_argv(out, recipe, gen_recipe)) == 0
+    res = json.loads((out / "results.json").read_text())
+    gen = res["generation"]
+    assert gen["tokens"] == 2 and gen["text_mode"] == "decoder" and gen["baseline_mode"] == "none"
+    assert not gen["text_to_image"]  # the scenes have classes
+    runs = gen["runs"]
+    assert set(runs) == {"n2-decoder", "n2-none"}
+    for name, run in runs.items():
+        assert (out / "generation" / name / "dit" / "final" / "model.safetensors").is_file()
+        assert (out / "generation" / name / "latents" / "meta.json").is_file()
+        assert len(run["sample_fd"]) == 2 and all(v > 0 for v in run["sample_fd"])
+        assert run["samples"][0]["num_samples"] == 6 and run["recon_fd"] > 0
+    # the two tokenizers' generators differ, so do their samples' scores
+    assert runs["n2-decoder"]["sample_fd"] != runs["n2-none"]["sample_fd"]
+    again = judge_generation(runs["n2-decoder"], runs["n2-none"], "decoder", 2)
+    assert (gen["holds"], gen["verdict"], gen["detail"]) == (again["holds"], again["verdict"], again["detail"])
+    assert res["verdicts"][-1].startswith("C4") and gen["verdict"] in res["verdicts"][-1]
+    report = (out / "report.md").read_text()
+    assert "## Generation (C4)" in report and gen["detail"] in report
+    from PIL import Image
+
+    assert Image.open(out / "generation.png").size[1] == 3 * 16  # 16-px reference row + one row per tokenizer
+
+    # a re-run trains and samples nothing again
+    def boom(*a, **k):
+        raise AssertionError("a finished generator was retrained or re-sampled")
+
+    monkeypatch.setattr("textok.generate.trainer.train_generator", boom)
+    monkeypatch.setattr("textok.eval.generation.evaluate_samples", boom)
+    capsys.readouterr()
+    assert main(_gen_argv(out, recipe, gen_recipe)) == 0
+    assert "n2-none: done" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["generation"]["runs"] == runs
+    # another generator budget into the same --out is refused, never mixed in
+    gen_recipe.write_text(TINY_GEN_RECIPE.replace("max_steps: 2", "max_steps: 3"))
+    assert main(_gen_argv(out, recipe, gen_recipe)) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another config" in err and "Traceback" not in err
+
+
+def test_study_generation_text_to_image_on_a_captioned_folder(tmp_path):
+    """Data without classes (like Flickr8k): the generators are text-to-image, conditioned on held-out captions."""
+    torch.set_num_threads(1)
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    rows = []
+    for split, count in (("train", 12), ("val", 6)):
+        (data / split).mkdir(parents=True)
+        for i in range(count):
+            color = (40 * (i % 6), 255 - 30 * (i % 8), 100 if split == "train" else 180)
+            Image.new("RGB", (24, 24), color).save(data / split / f"{i}.png")
+            rows.append({"file": f"{split}/{i}.png", "captions": [f"a flat colour number {i}", f"colour {i}"]})
+    (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe, gen_recipe = tmp_path / "tiny.yaml", tmp_path / "gen.yaml"
+    recipe.write_text(TINY_RECIPE.replace("source: scenes, train_size: 16, val_size: 8, ", "val_split: val, "))
+    gen_recipe.write_text(TINY_GEN_RECIPE)
+    out = tmp_path / "study"
+    assert main(_gen_argv(out, recipe, gen_recipe, data, "--gen-seeds", "3")) == 0
+    gen = json.loads((out / "results.json").read_text())["generation"]
+    assert gen["text_to_image"] and gen["settings"]["condition"].startswith("first caption")
+    assert all(len(r["sample_fd"]) == 1 for r in gen["runs"].values())
+    assert gen["verdict"] in ("holds", "does not hold")  # one seed: never "inconclusive"
+
+
+def test_generation_options_need_generation_and_a_comparable_grid(tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    assert main(_argv(tmp_path / "s", recipe, "--gen-steps", "3")) == 2
+    assert "--gen-steps is given without --generation" in capsys.readouterr().err
+    argv = _argv(tmp_path / "s", recipe, "--generation")
+    argv[argv.index("--modes") + 1: argv.index("--modes") + 3] = ["both", "encoder"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--modes must include none" in err and "Traceback" not in err
+    assert main(_argv(tmp_path / "s2", recipe, "--generation", "--gen-tokens", "3")) == 2
+    assert "--gen-tokens 3 is not one of the study's token counts" in capsys.readouterr().err
+    assert main(_argv(tmp_path / "s3", recipe, "--generation", "--gen-cfg", "0.5")) == 2
+    assert "--gen-cfg 0.5 must be >= 1" in capsys.readouterr().err
+
+
+def test_c4_verdict_follows_the_numbers():
+    from textok.study_generation import judge_generation
+
+    def run(fd, recon=10.0):
+        return {"metric": "FD-x", "sample_fd": fd, "recon_fd": recon}
+
+    assert judge_generation(run([10.0, 11.0]), run([20.0, 21.0]), "both", 4)["verdict"] == "holds"
+    assert judge_generation(run([20.0, 21.0]), run([10.0, 11.0]), "both", 4)["verdict"] == "does not hold"
+    v = judge_generation(run([10.0, 14.0]), run([12.0, 13.0]), "both", 4)
+    assert v["verdict"] == "inconclusive" and v["holds"] is None and "within the spread" in v["detail"]
+    assert judge_generation(run([10.0]), run([10.5]), "both", 4)["holds"] is True

@@ -18,7 +18,9 @@ claim computed from the numbers:
 * C1 with text, reconstruction is better at every token count (``both`` beats ``none`` at every N);
 * C2 the gain from text is largest with the fewest tokens (relative gain largest at the smallest N);
 * C3 ``both > encoder > decoder > none`` (strictly, at each N);
-* C4 generation (not part of this command yet: reported as "not run").
+* C4 with ``--generation``: a small DiT trained on the tokens of the best text tokenizer and of the no-text one
+  at one N gives better samples with text (FD of samples vs the held-out images; see
+  :mod:`textok.study_generation`). Without ``--generation`` it is reported as "not run".
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,7 +58,7 @@ CLAIMS = {
     "C1": "with text, reconstruction is better at every token count",
     "C2": "the gain from text is largest with the fewest tokens",
     "C3": "both > encoder > decoder > none",
-    "C4": "text-conditioned generation beats the no-text tokenizer's",
+    "C4": "a generator over the text tokenizer's tokens beats one over the no-text tokenizer's",
 }
 DEFAULT_TOKENS = (16, 32, 64, 128)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +67,9 @@ SET_BY_STUDY = ("model.num_tokens", "model.text_in_encoder", "model.text_in_deco
 NOT_IDENTITY = ("text_cache", "device", "log_every", "sample_every", "ckpt_every", "keep_last", "data.val_size",
                 "data.workers")
 GRID_IMAGES = 6
+
+if TYPE_CHECKING:
+    from .study_generation import GenerationSettings
 
 
 # ---- metrics and claims ----------------------------------------------------------------------------
@@ -174,8 +179,7 @@ def verdict_lines(claims: dict[str, dict[str, Any]], primary: Sequence[str], gen
     for cid in ("C1", "C2", "C3"):
         parts = [f"{m} {_word(claims[m][cid]['holds'])} ({claims[m][cid]['detail']})" for m in primary if m in claims]
         lines.append(f"{cid} — {CLAIMS[cid]}: " + ("; ".join(parts) if parts else "no metric to judge"))
-    lines.append(f"C4 — {CLAIMS['C4']}: " + (generation or "not run (generation is not part of `textok study` yet; "
-                                                          "see `textok train-generator` / `textok sample`)"))
+    lines.append(f"C4 — {CLAIMS['C4']}: " + (generation or "not run (pass --generation)"))
     return lines
 
 
@@ -275,8 +279,11 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
               modes: Sequence[str] = tuple(MODES), recipe: str | None = None, steps: int | None = None,
               image_size: int | None = None, val_num: int | None = None, seed: int | None = None,
               fd_size: int | None = None, inception_weights: str | None = None, vgg16_weights: str | None = None,
-              overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+              overrides: Sequence[str] = (), progress: bool = True,
+              generation: GenerationSettings | None = None) -> dict[str, Any]:
     """Train and evaluate every (N, mode) cell (skipping finished ones), then write the report.
+
+    ``generation``: also test C4 (see :mod:`textok.study_generation`).
 
     Returns the ``results.json`` content.
     """
@@ -311,6 +318,8 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
         cells[name] = _run_cell(out / "cells" / name, cfg, name, n, mode, val, num, eval_settings, progress,
                                 f"[{i}/{total}]")
     result = _assemble(out, recipe, base, tokens, modes, cells, eval_settings)
+    if generation is not None:
+        result = _with_generation(out, result, generation, base, size, eval_settings, progress)
     finals = {m: out / "cells" / cell_name(tokens[0], m) / "final" for m in GRID_ORDER if m in modes}
     _grid(finals, val, out / "grid.png", _device(base))
     _plots(out, result)
@@ -405,6 +414,22 @@ def _assemble(out: Path, recipe: str, base, tokens: list[int], modes: list[str],
     }
 
 
+def _with_generation(out: Path, result: dict[str, Any], settings, base, size: int, eval_settings: dict,
+                     progress: bool) -> dict[str, Any]:
+    """Run C4 and fold its verdict into the result."""
+    from .study_generation import pick_modes, run_generation, sample_grid_png
+
+    n = settings.tokens if settings.tokens is not None else result["tokens"][0]
+    pick_modes(result, n)  # a study that cannot compare fails before any generator work
+    reference = build_dataset(base.data.source, base.data.val_split, size, size=settings.samples,
+                              captions_file=base.data.captions_file, caption_bank=base.data.caption_bank,
+                              seed=base.data.seed, captions_per_image=base.data.captions_per_image)
+    gen = run_generation(out, result, settings, base, reference, eval_settings, _device(base), progress)
+    gen["grid"] = sample_grid_png(gen, reference, out / "generation.png", _device(base)).name
+    line = f"{gen['verdict']} ({gen['detail']})"
+    return {**result, "generation": gen, "verdicts": verdict_lines(result["claims"], result["primary_metrics"], line)}
+
+
 def _slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", metric)
 
@@ -471,6 +496,9 @@ def render_report(result: dict) -> str:
     lines += [f"![{m} vs tokens](plot_{_slug(m)}.png)" for m in result["metrics"]]
     lines += ["", f"## Reconstructions at N={n0}", "",
               f"![original | {' | '.join(MODE_LABELS[m] for m in GRID_ORDER if m in result['modes'])}](grid.png)", ""]
+    gen = result.get("generation")
+    if isinstance(gen, dict):
+        lines += _generation_section(gen)
     secs = {name: c.get("train_seconds") for name, c in result["cells"].items()}
     lines += ["Training time per cell (s; blank = trained in an earlier run): "
               + ", ".join(f"{k} {v if v is not None else ''}" for k, v in secs.items()), ""]
@@ -486,6 +514,28 @@ def render_report(result: dict) -> str:
               markdown_table([{"cell": k, **v} for k, v in result["cell_overrides"].items()]), "",
               f"Evaluation: `{json.dumps(ev, default=str)}`", ""]
     return "\n".join(lines)
+
+
+def _generation_section(gen: dict[str, Any]) -> list[str]:
+    s = gen["settings"]
+    kind = "text-to-image" if gen["text_to_image"] else "class-conditional"
+    rows = []
+    for name, run in gen["runs"].items():
+        row = {"tokenizer": f"{name} ({MODE_LABELS[run['mode']]})"}
+        row.update({f"{run['metric']} samples, seed {sd}": _fmt(v) for sd, v in zip(s["seeds"], run["sample_fd"])})
+        row[f"{run['metric']} mean"] = _fmt(sum(run["sample_fd"]) / len(run["sample_fd"]))
+        row[f"{run['metric']} reconstructions"] = _fmt(run["recon_fd"])
+        row["generator train s"] = run.get("train_seconds") or ""
+        rows.append(row)
+    return ["## Generation (C4)", "",
+            f"The same {kind} DiT (recipe `{Path(gen['recipe']).name}`) trained on the tokens of the best text "
+            f"tokenizer at N={gen['tokens']} (`{gen['text_mode']}`, by the first headline metric) and of the no-text "
+            f"one; {s['samples']} samples per sampling seed, each conditioned on the {s['condition']} "
+            f"({s['sampling_steps']} steps, guidance {s['cfg_scale']}), scored against the {s['reference']}. "
+            "'reconstructions' = the tokenizer's own reconstructions of the same images, the floor for a generator "
+            "over its tokens. Each generator is trained once: the seed spread measures sampling noise only.", "",
+            markdown_table(rows), "", f"Verdict: **{gen['verdict']}** — {gen['detail']}", "",
+            f"![reference row, then samples per tokenizer]({gen.get('grid', 'generation.png')})", ""]
 
 
 # ---- the verb -----------------------------------------------------------------------------------------
@@ -507,6 +557,17 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights, for rFID")
     p.add_argument("--vgg16-weights", default=None, help="torchvision VGG16 weights, for LPIPS")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("generation (claim C4)")
+    g.add_argument("--generation", action="store_true",
+                   help="also train a small DiT on the tokens of the best text and the no-text tokenizer and compare samples")
+    g.add_argument("--gen-tokens", type=int, default=None, help="the token count N to compare at (default: the smallest)")
+    g.add_argument("--gen-recipe", default=None, help="generator recipe: study-dit (default) or a YAML GeneratorTrainConfig")
+    g.add_argument("--gen-steps", type=int, default=None, help="generator training steps (default: the recipe's)")
+    g.add_argument("--gen-samples", type=int, default=None,
+                   help="samples per seed = held-out reference images (default: 1000, capped by the split)")
+    g.add_argument("--gen-seeds", type=int, nargs="+", default=None, help="sampling seeds (default: 0 1)")
+    g.add_argument("--gen-cfg", type=float, default=None, help="classifier-free guidance scale (default: 1.5)")
+    g.add_argument("--gen-sampling-steps", type=int, default=None, help="sampler steps (default: 50)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="training overrides for every cell, e.g. batch_size=64 model.token_channels=16")
 
@@ -517,7 +578,24 @@ def cmd_study(args: argparse.Namespace) -> None:
     run_study(args.out, data=args.data, tokens=args.tokens, modes=args.modes, recipe=args.recipe, steps=args.steps,
               image_size=args.image_size, val_num=args.val_num, seed=args.seed, fd_size=args.fd_size,
               inception_weights=args.inception_weights, vgg16_weights=args.vgg16_weights,
-              overrides=args.overrides, progress=not args.no_progress)
+              overrides=args.overrides, progress=not args.no_progress, generation=_generation_settings(args))
+
+
+def _generation_settings(args: argparse.Namespace):
+    from .study_generation import GenerationSettings
+
+    flags = {"tokens": "--gen-tokens", "recipe": "--gen-recipe", "steps": "--gen-steps", "samples": "--gen-samples",
+             "seeds": "--gen-seeds", "cfg_scale": "--gen-cfg", "sampling_steps": "--gen-sampling-steps"}
+    given = {"tokens": args.gen_tokens, "recipe": args.gen_recipe, "steps": args.gen_steps,
+             "samples": args.gen_samples, "seeds": tuple(args.gen_seeds) if args.gen_seeds else None,
+             "cfg_scale": args.gen_cfg, "sampling_steps": args.gen_sampling_steps}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if not args.generation:
+        if chosen:
+            raise ConfigError(f"{flags[next(iter(chosen))]} is given without --generation: add --generation "
+                              "(or drop the --gen-* options)")
+        return None
+    return GenerationSettings(**chosen)
 
 
 __all__ = ["MODES", "cell_config", "higher_is_better", "judge", "relative_gain", "render_report", "resolve_data",
