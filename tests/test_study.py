@@ -298,3 +298,27 @@ def test_c4_verdict_follows_the_numbers():
     v = judge_generation(run([10.0, 14.0]), run([12.0, 13.0]), "both", 4)
     assert v["verdict"] == "inconclusive" and v["holds"] is None and "within the spread" in v["detail"]
     assert judge_generation(run([10.0]), run([10.5]), "both", 4)["holds"] is True
+
+
+def test_study_second_stage_starts_each_cell_from_the_same_cell_of_a_finished_study(tmp_path, capsys):
+    torch.set_num_threads(1)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    first = tmp_path / "stage1"
+    argv = ["study", "--data", "scenes", "--recipe", str(recipe), "--tokens", "2", "--modes", "both", "none",
+            "--steps", "2", "--val-num", "8", "--fd-size", "32", "--no-progress"]
+    assert main(argv + ["--out", str(first)]) == 0
+    second = tmp_path / "stage2"
+    assert main(argv + ["--out", str(second), "--init-from-study", str(first)]) == 0
+    assert "starting from the weights in" in capsys.readouterr().out
+    res = json.loads((second / "results.json").read_text())
+    for cell in ("n2-both", "n2-none"):
+        start = res["cells"][cell]["train_config"]["init_from"]
+        assert start == str((first / "cells" / cell / "final").resolve())
+        assert res["cell_overrides"][cell]["init_from"] == start
+    assert f"every cell starts from the same cell of `{first.resolve()}`" in (second / "report.md").read_text()
+    # a study without that cell, or init_from given as a shared override, is a clear error
+    assert main(argv[:6] + ["4"] + argv[7:] + ["--out", str(tmp_path / "s3"), "--init-from-study", str(first)]) == 2
+    assert "has no finished cell n4-both" in capsys.readouterr().err
+    assert main(argv + ["--out", str(tmp_path / "s4"), f"init_from={first}"]) == 2
+    assert "init_from is set per cell by the study" in capsys.readouterr().err

@@ -94,6 +94,34 @@ def test_resume_with_another_model_config_is_refused(tmp_path):
         train_tokenizer(cfg("max_steps=2", "model.num_tokens=8", *NO_TEXT), tmp_path, progress=False)
 
 
+def test_init_from_starts_a_second_stage_from_saved_weights(tmp_path):
+    """init_from: a new run starts from a finished tokenizer's weights (model and EMA), with fresh optimizers;
+    another shape or kind is refused naming the difference; a resumed run ignores it."""
+    from textok.models.registry import load_tokenizer
+    from textok.train.tokenizer import build_components, init_weights
+
+    first = train_tokenizer(cfg("max_steps=2", *NO_TEXT), tmp_path / "l2", progress=False)
+    saved = load_tokenizer(first).state_dict()
+    stage2 = cfg("max_steps=3", *NO_TEXT, f"init_from={first}", *FULL_LOSSES)  # the GAN starts at step 2
+    from textok.models.registry import resolve_tokenizer_config
+
+    model_type, model_cfg = resolve_tokenizer_config(stage2.model, stage2.model_overrides)
+    parts, _ = build_components(stage2, model_type, model_cfg, torch.device("cpu"))
+    init_weights(parts, first, model_type)
+    for k, v in saved.items():
+        assert torch.equal(parts.model.state_dict()[k], v) and torch.equal(parts.ema.model.state_dict()[k], v), k
+    final = train_tokenizer(stage2, tmp_path / "gan", progress=False)
+    # three more steps moved the weights away from where they started, and the GAN stage ran
+    after = load_tokenizer(final).state_dict()
+    assert any(not torch.equal(after[k], saved[k]) for k in saved)
+    assert "gan_g" in (tmp_path / "gan/log.jsonl").read_text().splitlines()[-1]
+    with pytest.raises(TextokError, match="num_tokens: 4 != 8"):
+        train_tokenizer(cfg("max_steps=1", *NO_TEXT, "model.num_tokens=8", f"init_from={first}"), tmp_path / "x",
+                        progress=False)
+    with pytest.raises(TextokError, match="no saved tokenizer there"):
+        train_tokenizer(cfg("max_steps=1", *NO_TEXT, f"init_from={tmp_path}"), tmp_path / "y", progress=False)
+
+
 def test_unknown_keys_name_the_closest():
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
         load_train_config("textok-tiny", ["batchsize=3"])

@@ -62,7 +62,7 @@ CLAIMS = {
 }
 DEFAULT_TOKENS = (16, 32, 64, 128)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SET_BY_STUDY = ("model.num_tokens", "model.text_in_encoder", "model.text_in_decoder", "text_cache")
+SET_BY_STUDY = ("model.num_tokens", "model.text_in_encoder", "model.text_in_decoder", "text_cache", "init_from")
 # keys that do not change what a cell learns: a change in them does not invalidate a finished cell
 NOT_IDENTITY = ("text_cache", "device", "log_every", "sample_every", "ckpt_every", "keep_last", "data.val_size",
                 "data.workers")
@@ -221,7 +221,8 @@ def base_overrides(out: Path, data: str | None, recipe: str, steps: int | None, 
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         if key in SET_BY_STUDY:
-            raise ConfigError(f"{key} is set per cell by the study: use --tokens / --modes instead of {o!r}")
+            raise ConfigError(f"{key} is set per cell by the study: use --tokens / --modes / --init-from-study "
+                              f"instead of {o!r}")
     source = load_train_config(recipe, list(overrides)).data.source if data is None else data
     over = list(overrides) + [f"data.source={resolve_data(source)}",
                               f"text_cache={(out / 'text_cache.safetensors').resolve()}"]
@@ -234,12 +235,19 @@ def base_overrides(out: Path, data: str | None, recipe: str, steps: int | None, 
     return over
 
 
-def cell_config(recipe: str, tokens: int, mode: str, overrides: Sequence[str]):
-    """The training config of one cell: the shared recipe + overrides, with this N and text mode."""
+def cell_config(recipe: str, tokens: int, mode: str, overrides: Sequence[str], init_from_study: str | Path | None = None):
+    """The training config of one cell: the shared recipe + overrides, with this N and text mode (and, for a
+    fine-tuning study, the same cell of an earlier study as the starting weights)."""
     enc, dec = MODES[mode]
-    return load_train_config(recipe, list(overrides) + [f"model.num_tokens={tokens}",
-                                                         f"model.text_in_encoder={str(enc).lower()}",
-                                                         f"model.text_in_decoder={str(dec).lower()}"])
+    over = list(overrides) + [f"model.num_tokens={tokens}", f"model.text_in_encoder={str(enc).lower()}",
+                              f"model.text_in_decoder={str(dec).lower()}"]
+    if init_from_study:
+        start = Path(init_from_study).resolve() / "cells" / cell_name(tokens, mode) / "final"
+        if not (start / "model.safetensors").is_file():
+            raise TextokError(f"--init-from-study {init_from_study}: it has no finished cell {cell_name(tokens, mode)} "
+                              f"({start} is missing); run that study with the same --tokens and --modes first")
+        over.append(f"init_from={start}")
+    return load_train_config(recipe, over)
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -280,10 +288,11 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
               image_size: int | None = None, val_num: int | None = None, seed: int | None = None,
               fd_size: int | None = None, inception_weights: str | None = None, vgg16_weights: str | None = None,
               overrides: Sequence[str] = (), progress: bool = True,
-              generation: GenerationSettings | None = None) -> dict[str, Any]:
+              generation: GenerationSettings | None = None, init_from_study: str | None = None) -> dict[str, Any]:
     """Train and evaluate every (N, mode) cell (skipping finished ones), then write the report.
 
-    ``generation``: also test C4 (see :mod:`textok.study_generation`).
+    ``generation``: also test C4 (see :mod:`textok.study_generation`). ``init_from_study``: every cell starts
+    from the same cell of that finished study (a second training stage, e.g. perceptual + GAN after l2).
 
     Returns the ``results.json`` content.
     """
@@ -297,7 +306,7 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
         raise ConfigError(f"token counts must be positive integers; got {tokens}")
     recipe = _recipe_for(recipe, data)
     over = base_overrides(out, data, recipe, steps, image_size, seed, overrides)
-    configs = {(n, m): cell_config(recipe, n, m, over) for n in tokens for m in modes}
+    configs = {(n, m): cell_config(recipe, n, m, over, init_from_study) for n in tokens for m in modes}
     base = next(iter(configs.values()))
     _, model_cfg = resolve_tokenizer_config(base.model, base.model_overrides)  # fails early on a bad model/override
     size = model_cfg.image_size
@@ -400,7 +409,9 @@ def _assemble(out: Path, recipe: str, base, tokens: list[int], modes: list[str],
     first = next(iter(cells.values()))["metrics"]
     base_dict = base.to_dict()
     per_cell = {name: {"model.num_tokens": c["tokens"], "model.text_in_encoder": c["text_in_encoder"],
-                       "model.text_in_decoder": c["text_in_decoder"]} for name, c in cells.items()}
+                       "model.text_in_decoder": c["text_in_decoder"],
+                       **({"init_from": c["train_config"]["init_from"]} if c["train_config"].get("init_from") else {})}
+                for name, c in cells.items()}
     return {
         "recipe": recipe, "data": base.data.source, "tokens": tokens, "modes": modes, "seed": base.seed,
         "data_seed": base.data.seed, "max_steps": base.max_steps, "batch_size": base.batch_size,
@@ -475,7 +486,9 @@ def render_report(result: dict) -> str:
         f"{{{_ns(result['tokens'])}}} tokens and text modes {', '.join(result['modes'])}. Every cell: the same "
         f"{result['max_steps']} steps × {result['batch_size']} images, training seed {result['seed']} "
         f"(data seed {result['data_seed']}); one caption per image picked at random each step. Evaluated on "
-        f"{ev['val_num']} held-out images (split `{ev['val_split']}`), each with its first caption.", "",
+        f"{ev['val_num']} held-out images (split `{ev['val_split']}`), each with its first caption."
+        + (f" A second training stage: every cell starts from the same cell of "
+           f"`{Path(cfg['init_from']).parents[2]}`." if cfg.get("init_from") else ""), "",
         "## Claims (verdicts computed from the numbers below)", "",
     ]
     lines += [f"- {v}" for v in result["verdicts"]]
@@ -556,6 +569,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
                    help="open_nsfw input side for FD-opennsfw (default: the recipe's loss.perceptual_size)")
     p.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights, for rFID")
     p.add_argument("--vgg16-weights", default=None, help="torchvision VGG16 weights, for LPIPS")
+    p.add_argument("--init-from-study", default=None, metavar="DIR",
+                   help="start every cell from the same cell of that finished study (a second stage, e.g. "
+                        "loss.perceptual=opennsfw loss.adversarial.weight=0.05 after an l2 study)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("generation (claim C4)")
     g.add_argument("--generation", action="store_true",
@@ -578,7 +594,8 @@ def cmd_study(args: argparse.Namespace) -> None:
     run_study(args.out, data=args.data, tokens=args.tokens, modes=args.modes, recipe=args.recipe, steps=args.steps,
               image_size=args.image_size, val_num=args.val_num, seed=args.seed, fd_size=args.fd_size,
               inception_weights=args.inception_weights, vgg16_weights=args.vgg16_weights,
-              overrides=args.overrides, progress=not args.no_progress, generation=_generation_settings(args))
+              overrides=args.overrides, progress=not args.no_progress, generation=_generation_settings(args),
+              init_from_study=args.init_from_study)
 
 
 def _generation_settings(args: argparse.Namespace):

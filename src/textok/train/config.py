@@ -70,6 +70,9 @@ class TrainConfig(Config):
     keep_last: int = 2
     text_cache: str = ""  # where caption embeddings persist (default: OUT/text_cache.safetensors)
     device: str = "auto"
+    # A tokenizer directory (a run's final/) whose weights start this run: fine-tuning, e.g. a perceptual + GAN
+    # stage after an l2 stage. Optimizer, discriminator and step start fresh; ignored when the run resumes.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):

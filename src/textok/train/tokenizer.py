@@ -99,6 +99,21 @@ def build_components(cfg: TrainConfig, model_type: str, model_cfg, device: torch
     return parts, perceptual
 
 
+def init_weights(parts: Components, directory: str | Path, model_type: str) -> None:
+    """Start the model and its EMA from a saved tokenizer of the same type and shape (``init_from``)."""
+    from ..hub import read_config_json
+
+    if not (Path(directory) / "config.json").is_file():
+        raise TextokError(f"init_from={directory}: no saved tokenizer there (config.json is missing); point it at "
+                          "a run's final/ directory")
+    saved_type = read_config_json(directory).get("model_type")
+    if saved_type != model_type:
+        raise TextokError(f"init_from={directory} holds a {saved_type!r} model but this run trains a {model_type!r}; "
+                          "start from a tokenizer of the same kind")
+    parts.model.load_weights(directory)  # names the config fields that differ when shapes do not match
+    parts.ema.model.load_state_dict(parts.model.state_dict())
+
+
 def train_tokenizer(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     """Train (or resume) a tokenizer into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
     with distributed_session(cfg.device) as info:
@@ -129,6 +144,10 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
         start_step = meta["step"]
         if info.is_main:
             print(f"resuming from {latest} (step {start_step})")
+    elif cfg.init_from:
+        init_weights(parts, cfg.init_from, model_type)
+        if info.is_main:
+            print(f"starting from the weights in {cfg.init_from}")
 
     train_model = wrap_ddp(LossForward(model), info)
     disc_model = wrap_ddp(parts.disc, info) if parts.disc is not None else None
