@@ -322,3 +322,13 @@ def test_study_second_stage_starts_each_cell_from_the_same_cell_of_a_finished_st
     assert "has no finished cell n4-both" in capsys.readouterr().err
     assert main(argv + ["--out", str(tmp_path / "s4"), f"init_from={first}"]) == 2
     assert "init_from is set per cell by the study" in capsys.readouterr().err
+
+
+def test_a_field_added_later_with_its_default_does_not_invalidate_finished_cells():
+    from textok.study import _config_diff
+    from textok.train.config import TrainConfig
+
+    new = TrainConfig().to_dict()
+    old = {k: v for k, v in new.items() if k != "init_from"}  # a cell written before init_from existed
+    assert _config_diff(old, new) == []
+    assert _config_diff(old, {**new, "init_from": "/x/final"}) == ["init_from: '' -> '/x/final'"]

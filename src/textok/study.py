@@ -267,8 +267,15 @@ def _identity(cfg_dict: dict) -> dict[str, Any]:
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
-    a, b = _identity(old), _identity(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    """What differs between two cells' configs; a field one of them lacks (written before the field existed)
+    counts as its default value."""
+    from .train.config import TrainConfig
+
+    a, b, default = _identity(old), _identity(new), _identity(TrainConfig().to_dict())
+    keys = sorted(set(a) | set(b))
+    a = {k: a.get(k, default.get(k)) for k in keys}
+    b = {k: b.get(k, default.get(k)) for k in keys}
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in keys if a[k] != b[k]]
 
 
 # ---- the study --------------------------------------------------------------------------------------
