@@ -105,3 +105,16 @@ def test_real_flickr8k_has_five_captions():
     ds = ImageCaptionFolder(SHARED_DATA / "flickr8k-128.tar", split="dev", image_size=32, limit=10)
     item = ds[0]
     assert item["image"].shape == (3, 32, 32) and len(item["captions"]) == 5
+
+
+def test_mismatched_captions_give_each_image_the_next_ones_caption():
+    from textok.data.factory import MismatchedCaptions, build_dataset
+
+    scenes = build_dataset("scenes", "val", 16, size=5)
+    view = MismatchedCaptions(scenes, num=3)
+    assert len(view) == 3
+    for i in range(3):
+        assert torch.equal(view[i]["image"], scenes[i]["image"])
+        assert view[i]["captions"] == scenes[(i + 1) % 3]["captions"] != scenes[i]["captions"]
+    with pytest.raises(IndexError):
+        view[3]

@@ -67,6 +67,13 @@ def test_study_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch,
     for line in res["verdicts"]:
         assert line in report
     assert "C4" in report and "not run" in report and '"seed": 0' in report
+    # text cells are also scored with another image's caption; the no-text cells need not be
+    for n in (2, 4):
+        wrong = res["cells"][f"n{n}-both"]["metrics_wrong_caption"]
+        assert wrong["PSNR"] != res["cells"][f"n{n}-both"]["metrics"]["PSNR"]  # the text changes the output
+        assert "metrics_wrong_caption" not in res["cells"][f"n{n}-none"]
+    assert len(res["text_reliance_table"]) == 2 * len(res["primary_metrics"])
+    assert "## Does the tokenizer use the text?" in report
     assert len(res["paper_table"]) == 2 * len(res["metrics"])
     first_row = res["paper_table"][0]
     psnr_none = res["cells"]["n2-none"]["metrics"][res["metrics"][0]]

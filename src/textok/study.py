@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cli import args_for, command
-from .data.factory import build_dataset
+from .data.factory import MismatchedCaptions, build_dataset
 from .errors import ConfigError, TextokError
 from .io import atomic_write_text
 from .models.registry import load_tokenizer, resolve_tokenizer_config
@@ -324,7 +324,8 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
     num = len(val) if not val_num else min(val_num, len(val))
     eval_settings = {"val_split": base.data.val_split, "val_num": num, "fd_size": fd,
                      "inception_weights": inception_weights, "vgg16_weights": vgg16_weights,
-                     "caption": "first caption of each image"}
+                     "caption": "first caption of each image",
+                     "wrong_caption": "text cells are also scored with the next image's first caption"}
     out.mkdir(parents=True, exist_ok=True)
 
     cells: dict[str, dict[str, Any]] = {}
@@ -381,12 +382,15 @@ def _run_cell(run: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_
             raise TextokError(f"training of cell {name} stopped before max_steps; run the same command again to resume")
     print(f"{counter} {name}: evaluating on {num} held-out images")
     model = load_tokenizer(final).eval()
-    metrics = evaluate_tokenizer(model, val, num=num, batch_size=64, device=_device(cfg), fd_size=eval_settings["fd_size"],
-                                 inception_weights=eval_settings["inception_weights"],
-                                 vgg16_weights=eval_settings["vgg16_weights"], progress=False)
+    kw = {"num": num, "batch_size": 64, "device": _device(cfg), "fd_size": eval_settings["fd_size"],
+          "inception_weights": eval_settings["inception_weights"], "vgg16_weights": eval_settings["vgg16_weights"],
+          "progress": False}
+    metrics = evaluate_tokenizer(model, val, **kw)
     record = {"cell": name, "tokens": n, "mode": mode, "text_in_encoder": MODES[mode][0],
               "text_in_decoder": MODES[mode][1], "train_seconds": seconds, "eval": eval_settings,
               "metrics": metrics, "train_config": cfg_dict}
+    if mode != "none":  # how much does it rely on the text? the same images with another image's caption
+        record["metrics_wrong_caption"] = _numeric(evaluate_tokenizer(model, MismatchedCaptions(val, num), **kw))
     atomic_write_text(eval_path, json.dumps(record, indent=2, default=str))
     return record
 
@@ -413,6 +417,17 @@ def _assemble(out: Path, recipe: str, base, tokens: list[int], modes: list[str],
             row.update({MODE_LABELS[m]: by_mode[m][n][metric] for m in ORDER_C3 if m in modes})
             row["best"] = MODE_LABELS[(max if higher else min)((m for m in modes), key=lambda m: by_mode[m][n][metric])]
             ablation_rows.append(row)
+    reliance_rows = []
+    for name, c in cells.items():
+        wrong = c.get("metrics_wrong_caption")
+        if not wrong:
+            continue
+        for metric in primary:
+            right, bad = numeric[name][metric], wrong[metric]
+            higher = higher_is_better(metric)
+            reliance_rows.append({"cell": name, "metric": f"{metric} ({'↑' if higher else '↓'})", "right caption": right,
+                                  "another image's caption": bad,
+                                  "cost of the wrong caption": f"{relative_gain(right, bad, higher) * 100:+.1f}%"})
     first = next(iter(cells.values()))["metrics"]
     base_dict = base.to_dict()
     per_cell = {name: {"model.num_tokens": c["tokens"], "model.text_in_encoder": c["text_in_encoder"],
@@ -425,6 +440,7 @@ def _assemble(out: Path, recipe: str, base, tokens: list[int], modes: list[str],
         "model": base.model, "eval": eval_settings, "metrics": metrics, "primary_metrics": primary,
         "higher_is_better": {m: higher_is_better(m) for m in metrics},
         "paper_table": paper_rows, "ablation_table": ablation_rows, "claims": claims,
+        "text_reliance_table": reliance_rows,
         "verdicts": verdict_lines(claims, primary), "generation": "not run",
         "metric_notes": first.get("metric_notes", {}), "skipped": first.get("skipped", {}),
         "train_config": base_dict, "cell_overrides": per_cell,
@@ -512,6 +528,12 @@ def render_report(result: dict) -> str:
                   "better).", "", markdown_table([{k: _fmt(v) for k, v in r.items()} for r in result["paper_table"]]), ""]
     lines += ["## Ablation: where the text goes", "",
               markdown_table([{k: _fmt(v) for k, v in r.items()} for r in result["ablation_table"]]), ""]
+    if result.get("text_reliance_table"):
+        lines += ["## Does the tokenizer use the text?", "",
+                  "Each text cell scored on the same images with the next image's caption instead of its own; the "
+                  "cost is how much worse that is, as a fraction of the score with the wrong caption (0% = the text "
+                  "is ignored).", "",
+                  markdown_table([{k: _fmt(v) for k, v in r.items()} for r in result["text_reliance_table"]]), ""]
     lines += ["## Plots", ""]
     lines += [f"![{m} vs tokens](plot_{_slug(m)}.png)" for m in result["metrics"]]
     lines += ["", f"## Reconstructions at N={n0}", "",

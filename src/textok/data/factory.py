@@ -18,6 +18,31 @@ from .scenes import CaptionedScenes, captions_for
 SCENES = "scenes"
 
 
+class MismatchedCaptions(torch.utils.data.Dataset):
+    """The first ``num`` items of a captioned dataset, each with the captions of the next one (cyclically).
+
+    Why: evaluating a text tokenizer with another image's caption measures how much it relies on the text
+    (the drop from the right caption); a tokenizer that ignores its text loses nothing.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, num: int | None = None) -> None:
+        self.dataset = dataset
+        self.num = min(len(dataset), num or len(dataset))  # type: ignore[arg-type]
+        if self.num < 2:
+            raise TextokError("mismatched captions need at least 2 images")
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if not 0 <= index < self.num:
+            raise IndexError(index)
+        item = self.dataset[index]
+        if item is None:
+            return None
+        return {**item, "captions": list(self.dataset.captions_of((index + 1) % self.num))}  # type: ignore[attr-defined]
+
+
 class FirstCaptions(torch.utils.data.Dataset):
     """A view of a captioned dataset that keeps only the first ``k`` captions of every item.
 
@@ -98,4 +123,4 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
     return dataset
 
 
-__all__ = ["build_dataset", "FirstCaptions", "SCENES"]
+__all__ = ["build_dataset", "FirstCaptions", "MismatchedCaptions", "SCENES"]
