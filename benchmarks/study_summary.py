@@ -103,9 +103,12 @@ def _recipe_changes(result: dict[str, Any]) -> str:
     """The data/loss settings that usually differ between factor studies, in one line."""
     cfg = result["train_config"]
     d, loss = cfg["data"], cfg["loss"]
+    perceptual = loss["perceptual"] + (f"@{loss['perceptual_size']}" if loss["perceptual"] == "opennsfw" else "")
+    stage = (f", a second stage from `{Path(cfg['init_from']).parents[2].name}` (lr {cfg['optim']['lr']})"
+             if cfg.get("init_from") else "")
     return (f"train_size={d['train_size'] or 'all'}, captions/image={d['captions_per_image'] or 'all'}, "
-            f"perceptual={loss['perceptual']}, gan weight={loss['adversarial']['weight']}, "
-            f"steps={cfg['max_steps']}")
+            f"perceptual={perceptual}, gan weight={loss['adversarial']['weight']}, steps={cfg['max_steps']}, "
+            f"seed={cfg['seed']}{stage}")
 
 
 if __name__ == "__main__":
