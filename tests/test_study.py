@@ -292,6 +292,10 @@ def test_generation_options_need_generation_and_a_comparable_grid(tmp_path, caps
     assert "--gen-tokens 3 is not one of the study's token counts" in capsys.readouterr().err
     assert main(_argv(tmp_path / "s3", recipe, "--generation", "--gen-cfg", "0.5")) == 2
     assert "--gen-cfg 0.5 must be >= 1" in capsys.readouterr().err
+    assert main(_argv(tmp_path / "s4", recipe, "--generation", "--gen-recipe", "nope")) == 2
+    assert "--gen-recipe 'nope' is neither" in capsys.readouterr().err
+    # all of these are refused before any cell trains
+    assert not any((tmp_path / d / "cells").exists() for d in ("s", "s2", "s3", "s4"))
 
 
 def test_c4_verdict_follows_the_numbers():

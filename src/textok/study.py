@@ -312,6 +312,10 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
     if not tokens or min(tokens) < 1:
         raise ConfigError(f"token counts must be positive integers; got {tokens}")
     recipe = _recipe_for(recipe, data)
+    if generation is not None:  # a C4 request the grid cannot serve fails before any training
+        from .study_generation import check_settings
+
+        check_settings(generation, tokens, modes)
     over = base_overrides(out, data, recipe, steps, image_size, seed, overrides)
     configs = {(n, m): cell_config(recipe, n, m, over, init_from_study) for n in tokens for m in modes}
     base = next(iter(configs.values()))
@@ -451,10 +455,8 @@ def _assemble(out: Path, recipe: str, base, tokens: list[int], modes: list[str],
 def _with_generation(out: Path, result: dict[str, Any], settings, base, size: int, eval_settings: dict,
                      progress: bool) -> dict[str, Any]:
     """Run C4 and fold its verdict into the result."""
-    from .study_generation import pick_modes, run_generation, sample_grid_png
+    from .study_generation import run_generation, sample_grid_png
 
-    n = settings.tokens if settings.tokens is not None else result["tokens"][0]
-    pick_modes(result, n)  # a study that cannot compare fails before any generator work
     reference = build_dataset(base.data.source, base.data.val_split, size, size=settings.samples,
                               captions_file=base.data.captions_file, caption_bank=base.data.caption_bank,
                               seed=base.data.seed, captions_per_image=base.data.captions_per_image)

@@ -77,16 +77,20 @@ def recipe_path(recipe: str) -> str:
                       f"(default: {DEFAULT_RECIPE})")
 
 
-def pick_modes(result: dict[str, Any], tokens: int) -> tuple[str, str]:
-    """(best text mode at ``tokens`` by the first headline metric, "none")."""
-    modes = result["modes"]
-    text_modes = [m for m in modes if m != "none"]
-    if "none" not in modes or not text_modes:
+def check_settings(settings: GenerationSettings, tokens: list[int], modes: list[str]) -> None:
+    """Refuse a C4 request the study cannot serve before any training starts."""
+    recipe_path(settings.recipe)
+    if "none" not in modes or not [m for m in modes if m != "none"]:
         raise ConfigError("--generation compares a text tokenizer with the no-text one: --modes must include none "
                           "and at least one of both/encoder/decoder")
-    if tokens not in result["tokens"]:
-        raise ConfigError(f"--gen-tokens {tokens} is not one of the study's token counts "
-                          f"({', '.join(map(str, result['tokens']))})")
+    if settings.tokens is not None and settings.tokens not in tokens:
+        raise ConfigError(f"--gen-tokens {settings.tokens} is not one of the study's token counts "
+                          f"({', '.join(map(str, tokens))})")
+
+
+def pick_modes(result: dict[str, Any], tokens: int) -> tuple[str, str]:
+    """(best text mode at ``tokens`` by the first headline metric, "none"); see :func:`check_settings`."""
+    text_modes = [m for m in result["modes"] if m != "none"]
     metric = result["primary_metrics"][0] if result["primary_metrics"] else result["metrics"][0]
     higher = result["higher_is_better"][metric]
     value = {m: result["cells"][f"n{tokens}-{m}"]["metrics"][metric] for m in text_modes}
@@ -273,4 +277,5 @@ def sample_grid_png(generation: dict[str, Any], reference, path: Path, device: t
     return path
 
 
-__all__ = ["GenerationSettings", "judge_generation", "pick_modes", "run_generation", "sample_grid_png"]
+__all__ = ["GenerationSettings", "check_settings", "judge_generation", "pick_modes", "run_generation",
+           "sample_grid_png"]
