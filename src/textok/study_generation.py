@@ -116,7 +116,8 @@ def run_generation(out: Path, result: dict[str, Any], settings: GenerationSettin
     classes = len(getattr(reference, "class_names", []) or [])
     text_to_image = classes == 0
     sample_settings = {"samples": num, "seeds": list(settings.seeds), "sampling_steps": settings.sampling_steps,
-                       "sampler": "euler (flow) / ddim (ddpm)", "cfg_scale": settings.cfg_scale,
+                       "sampler": "the generator recipe's (default: euler for flow, ddpm for ddpm)",
+                       "cfg_scale": settings.cfg_scale,
                        "condition": "first caption of each reference image" if text_to_image
                        else "class of each reference image", "reference": f"{eval_settings['val_split']} split, "
                        f"first {num} images", "fd_size": eval_settings["fd_size"],
