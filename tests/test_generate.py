@@ -255,3 +255,34 @@ def test_demo_gen_quick(pipeline, tmp_path, capsys):
     assert summary["rows"]["0"] == "circle" and str(tmp_path / "samples.png") in capsys.readouterr().out
     assert main(["demo-gen", "--tokenizer", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "run `textok demo`" in _err(capsys)
+
+
+def _sample_worker(rank, world, port, argv):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert main(argv) == 0
+
+
+@pytest.mark.slow
+def test_sample_npz_under_two_processes_equals_one_process(pipeline):
+    """`textok sample --npz` under torchrun: each process draws every other batch, rank 0 joins them in order;
+    the file equals a single process's, bit for bit (batches are seeded by their global first index)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    args = ["sample", "--generator", str(pipeline / "run/final"), "--tokenizer", str(pipeline / "tok"), "--steps", "2",
+            "--batch-size", "2", "--num", "7", "--seed", "3", "--no-progress", "--device", "cpu"]
+    assert main(args + ["--npz", str(pipeline / "one.npz")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_sample_worker, args=(2, port, args + ["--npz", str(pipeline / "two.npz")]), nprocs=2,
+                       start_method="spawn")
+    one, two = np.load(pipeline / "one.npz"), np.load(pipeline / "two.npz")
+    assert two["arr_0"].shape == (7, 16, 16, 3)
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and one["arr_1"].tolist() == two["arr_1"].tolist()
+    assert not list(pipeline.glob(".two.npz.parts*"))  # the part files are cleaned up

@@ -91,28 +91,31 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-@command("sample", "draw samples from a trained generator and decode them with its tokenizer")
+@command("sample", "draw samples from a trained generator and decode them with its tokenizer "
+                   "(--npz under torchrun: the processes share the work)")
 @args_for(_sample_args)
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .sampling import DEFAULT_CFG, GenerationPipeline, sample_grid, write_npz
+    from ..train.distributed import distributed_session
+    from .sampling import DEFAULT_CFG, GenerationPipeline, sample_grid, write_npz_distributed
 
     if not args.out and not args.npz:
         raise TextokError("nothing to write: give --out grid.png and/or --npz samples.npz")
     if args.n < 1:
         raise TextokError(f"--n {args.n} must be positive")
-    pipe = GenerationPipeline(args.generator, args.tokenizer, device=args.device)
-    labels = args.classes if args.classes is not None else (None if args.captions else pipe.default_labels())
-    cfg_scale = args.cfg if args.cfg is not None else DEFAULT_CFG[pipe.kind]
-    kw = {"steps": args.steps, "cfg_scale": cfg_scale, "sampler": args.sampler, "seed": args.seed}
-    pipe.check_request(labels, args.captions, cfg_scale)  # refuse before any work
-    if args.out:
-        path = sample_grid(pipe, args.out, labels, args.captions, n=args.n, progress=not args.no_progress, **kw)
-        print(f"wrote {path}")
-    if args.npz:
-        batches = pipe.iter_samples(args.num, labels, args.captions, batch_size=args.batch_size,
-                                    progress=not args.no_progress, **kw)
-        path = write_npz(args.npz, batches, args.num)
-        print(f"wrote {args.num} samples to {path}")
+    with distributed_session(args.device) as info:
+        pipe = GenerationPipeline(args.generator, args.tokenizer, device=str(info.device) if info.enabled else args.device)
+        labels = args.classes if args.classes is not None else (None if args.captions else pipe.default_labels())
+        cfg_scale = args.cfg if args.cfg is not None else DEFAULT_CFG[pipe.kind]
+        kw = {"steps": args.steps, "cfg_scale": cfg_scale, "sampler": args.sampler, "seed": args.seed}
+        pipe.check_request(labels, args.captions, cfg_scale)  # refuse before any work
+        if args.out and info.is_main:
+            path = sample_grid(pipe, args.out, labels, args.captions, n=args.n, progress=not args.no_progress, **kw)
+            print(f"wrote {path}")
+        if args.npz:
+            path = write_npz_distributed(pipe, args.npz, args.num, labels, args.captions, args.batch_size, info,
+                                         progress=not args.no_progress, **kw)
+            if info.is_main:
+                print(f"wrote {args.num} samples to {path}" + (f" ({info.world} processes)" if info.enabled else ""))
 
 
 # ---- demo-gen -------------------------------------------------------------------------------------

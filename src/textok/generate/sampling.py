@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -191,16 +192,23 @@ class GenerationPipeline:
 
     # ---- many batches ------------------------------------------------------------------------------
     def iter_samples(self, total: int, labels: list[int] | None = None, prompts: list[str] | None = None,
-                     batch_size: int = 64, progress: bool = False, **kw: Any) -> Iterator[tuple[Tensor, list[int] | None]]:
-        """``total`` images in batches; sample i gets ``labels[i % len]`` / ``prompts[i % len]``."""
+                     batch_size: int = 64, progress: bool = False, rank: int = 0, world: int = 1,
+                     **kw: Any) -> Iterator[tuple[Tensor, list[int] | None]]:
+        """``total`` images in batches; sample i gets ``labels[i % len]`` / ``prompts[i % len]``.
+
+        With ``world`` > 1 only batches ``rank``, ``rank + world``, ... are drawn. A batch is seeded by its first
+        global index, so the union over the ranks is exactly the single-process output.
+        """
         if total < 1 or batch_size < 1:
             raise TextokError(f"--num ({total}) and --batch-size ({batch_size}) must be positive")
+        firsts = list(range(0, total, batch_size))[rank::world]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc=f"sampling ({self.kind})", unit="img", dynamic_ncols=True)
-        for first in range(0, total, batch_size):
+            mine = sum(min(batch_size, total - f) for f in firsts)
+            bar = tqdm(total=mine, desc=f"sampling ({self.kind})", unit="img", dynamic_ncols=True)
+        for first in firsts:
             ids = range(first, min(total, first + batch_size))
             lab = [labels[i % len(labels)] for i in ids] if labels else None
             pro = [prompts[i % len(prompts)] for i in ids] if prompts else None
@@ -226,6 +234,45 @@ def write_npz(path: str | Path, batches: Iterator[tuple[Tensor, list[int] | None
 
     The array is written member-by-member into the zip, so memory holds one batch, not the whole set.
     """
+    return _write_uint8_npz(path, ((to_uint8_nhwc(images), lab) for images, lab in batches), total)
+
+
+def write_npz_distributed(pipe: GenerationPipeline, path: str | Path, total: int, labels: list[int] | None,
+                          prompts: list[str] | None, batch_size: int, info: Any, progress: bool = False,
+                          **kw: Any) -> Path:
+    """:func:`write_npz` shared by the processes of a torchrun job: each draws every ``world``-th batch into a
+    part file beside ``path``; rank 0 then joins the parts in order (the result equals a single process's)."""
+    from ..train.distributed import barrier
+
+    if not info.enabled:
+        return write_npz(path, pipe.iter_samples(total, labels, prompts, batch_size=batch_size, progress=progress,
+                                                 **kw), total)
+    path = Path(path)
+    parts = path.with_name(f".{path.name}.parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    mine = pipe.iter_samples(total, labels, prompts, batch_size=batch_size, progress=progress and info.is_main,
+                             rank=info.rank, world=info.world, **kw)
+    for k, (images, lab) in enumerate(mine):
+        batch = info.rank + k * info.world
+        np.save(parts / f"{batch:08d}.npy", to_uint8_nhwc(images))
+        if lab is not None:
+            np.save(parts / f"{batch:08d}.labels.npy", np.asarray(lab, dtype=np.int64))
+    barrier(info)
+    if info.is_main:
+        def joined() -> Iterator[tuple[np.ndarray, list[int] | None]]:
+            for batch in range(math.ceil(total / batch_size)):
+                lab_file = parts / f"{batch:08d}.labels.npy"
+                yield np.load(parts / f"{batch:08d}.npy"), (np.load(lab_file).tolist() if lab_file.is_file() else None)
+
+        try:
+            _write_uint8_npz(path, joined(), total)
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)
+    barrier(info)
+    return path
+
+
+def _write_uint8_npz(path: str | Path, arrays: Iterator[tuple[np.ndarray, list[int] | None]], total: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -234,8 +281,7 @@ def write_npz(path: str | Path, batches: Iterator[tuple[Tensor, list[int] | None
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             member = None
-            for images, lab in batches:
-                arr = to_uint8_nhwc(images)
+            for arr, lab in arrays:
                 if member is None:
                     member = zf.open("arr_0.npy", "w", force_zip64=True)
                     np.lib.format.write_array_header_2_0(
@@ -274,4 +320,4 @@ def sample_grid(pipe: GenerationPipeline, out: str | Path, labels: list[int] | N
     return out
 
 
-__all__ = ["GenerationPipeline", "sample_grid", "write_npz", "to_uint8_nhwc", "DEFAULT_CFG"]
+__all__ = ["GenerationPipeline", "sample_grid", "write_npz", "write_npz_distributed", "to_uint8_nhwc", "DEFAULT_CFG"]
