@@ -106,9 +106,11 @@ def _recipe_changes(result: dict[str, Any]) -> str:
     perceptual = loss["perceptual"] + (f"@{loss['perceptual_size']}" if loss["perceptual"] == "opennsfw" else "")
     stage = (f", a second stage from `{Path(cfg['init_from']).parents[2].name}` (lr {cfg['optim']['lr']})"
              if cfg.get("init_from") else "")
+    per_cell = ("num_tokens=", "text_in_encoder=", "text_in_decoder=")
+    model = [o for o in cfg.get("model_overrides", []) if not o.startswith(per_cell)]
     return (f"train_size={d['train_size'] or 'all'}, captions/image={d['captions_per_image'] or 'all'}, "
             f"perceptual={perceptual}, gan weight={loss['adversarial']['weight']}, steps={cfg['max_steps']}, "
-            f"seed={cfg['seed']}{stage}")
+            f"seed={cfg['seed']}{stage}" + (f", model {' '.join(model)}" if model else ""))
 
 
 if __name__ == "__main__":
