@@ -17,7 +17,6 @@ the caption bank.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import field
@@ -35,7 +34,7 @@ from ..models.dit import DiT, DiTConfig
 from ..models.maskgit import MaskGIT, MaskGITConfig
 from ..train.checkpoint import CheckpointManager
 from ..train.common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices,
-                            check_finite, check_resume_compatible, lr_at, param_groups, pick_captions, progress_bar, rng_state,
+                            check_finite, lr_at, open_run, param_groups, pick_captions, progress_bar, rng_state,
                             set_lr, set_rng_state)
 from ..train.config import OptimConfig
 from ..train.distributed import DistInfo, barrier, distributed_session, wrap_ddp
@@ -213,13 +212,8 @@ def _train(cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool)
     data = LatentDataset(cfg.latents, normalize=True)
     text_cache = _text_cache(cfg, meta, data, out, info, progress) if cfg.text else None
     model_type, model_cfg, diff_cfg = build_model_config(cfg, meta, text_cache.dim if text_cache else 0)
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.keep_last)
-    latest = ckpts.latest()
-    if latest is not None:
-        check_resume_compatible(latest, model_type, model_cfg.to_dict(), "generator")
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    ckpts, latest = open_run(out, cfg.to_dict(), model_type, model_cfg.to_dict(), "generator", cfg.keep_last,
+                             info.is_main)
 
     # ---- model, EMA, optimizer -------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank

@@ -167,6 +167,22 @@ def check_resume_compatible(latest: Path, model_type: str, model_config: dict[st
                           "use another --out or the original config")
 
 
+def open_run(out: Path, train_config: dict[str, Any], model_type: str, model_config: dict[str, Any], kind: str,
+             keep_last: int, is_main: bool):
+    """A run directory's checkpoint manager and latest checkpoint (refused when it was written for another
+    model), with ``train_config.json`` written by the main process."""
+    from .checkpoint import CheckpointManager
+
+    ckpts = CheckpointManager(out / "checkpoints", keep_last=keep_last)
+    latest = ckpts.latest()
+    if latest is not None:
+        check_resume_compatible(latest, model_type, model_config, kind)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(train_config, indent=2))
+    return ckpts, latest
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

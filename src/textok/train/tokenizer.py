@@ -11,7 +11,6 @@ bit-identical to an uninterrupted one on the CPU.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from ..text.cache import TextEmbeddingCache
 from ..text.encoders import load_text_encoder
 from .checkpoint import CheckpointManager
 from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, check_finite,
-                     check_resume_compatible, lr_at, param_groups, pick_captions, progress_bar, rng_state, set_lr,
+                     lr_at, open_run, param_groups, pick_captions, progress_bar, rng_state, set_lr,
                      set_rng_state)
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
@@ -123,13 +122,8 @@ def train_tokenizer(cfg: TrainConfig, out: str | Path, progress: bool = True) ->
 def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     device = info.device
     model_type, model_cfg = resolve_tokenizer_config(cfg.model, cfg.model_overrides)
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.keep_last)
-    latest = ckpts.latest()
-    if latest is not None:
-        check_resume_compatible(latest, model_type, model_cfg.to_dict(), "tokenizer")
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    ckpts, latest = open_run(out, cfg.to_dict(), model_type, model_cfg.to_dict(), "tokenizer", cfg.keep_last,
+                             info.is_main)
 
     # ---- models --------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
