@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import SHARED_DATA
 from textok.data import CaptionedScenes, ImageCaptionFolder, collate, load_image
-from textok.data.scenes import SHAPES, captions_for, make_scene
+from textok.data.scenes import SHAPES
 from textok.errors import TextokError
 
 
