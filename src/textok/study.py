@@ -285,6 +285,13 @@ def _device(cfg) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def held_out(base, image_size: int, count: int):
+    """The first ``count`` images (0 = all / the default) of the recipe's held-out split."""
+    d = base.data
+    return build_dataset(d.source, d.val_split, image_size, size=count, captions_file=d.captions_file,
+                         caption_bank=d.caption_bank, seed=d.seed, captions_per_image=d.captions_per_image)
+
+
 def _numeric(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("num_images", "skipped_images")}
@@ -322,9 +329,7 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
     _, model_cfg = resolve_tokenizer_config(base.model, base.model_overrides)  # fails early on a bad model/override
     size = model_cfg.image_size
     fd = int(fd_size if fd_size is not None else base.loss.perceptual_size)
-    val = build_dataset(base.data.source, base.data.val_split, size, size=val_num or base.data.val_size,
-                        captions_file=base.data.captions_file, caption_bank=base.data.caption_bank,
-                        seed=base.data.seed, captions_per_image=base.data.captions_per_image)
+    val = held_out(base, size, val_num or base.data.val_size)
     num = len(val) if not val_num else min(val_num, len(val))
     eval_settings = {"val_split": base.data.val_split, "val_num": num, "fd_size": fd,
                      "inception_weights": inception_weights, "vgg16_weights": vgg16_weights,
@@ -457,9 +462,7 @@ def _with_generation(out: Path, result: dict[str, Any], settings, base, size: in
     """Run C4 and fold its verdict into the result."""
     from .study_generation import run_generation, sample_grid_png
 
-    reference = build_dataset(base.data.source, base.data.val_split, size, size=settings.samples,
-                              captions_file=base.data.captions_file, caption_bank=base.data.caption_bank,
-                              seed=base.data.seed, captions_per_image=base.data.captions_per_image)
+    reference = held_out(base, size, settings.samples)
     gen = run_generation(out, result, settings, base, reference, eval_settings, _device(base), progress)
     gen["grid"] = sample_grid_png(gen, reference, out / "generation.png", _device(base)).name
     line = f"{gen['verdict']} ({gen['detail']})"

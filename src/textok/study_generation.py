@@ -162,6 +162,12 @@ def judge_generation(text: dict[str, Any], base: dict[str, Any], text_mode: str,
     return {"metric": metric, "holds": holds, "verdict": word, "detail": detail, "relative_gain": gain}
 
 
+def _identity(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """A generator config as JSON, without the paths that do not change what it learns."""
+    out = json.loads(json.dumps(cfg_dict, default=str))
+    return {k: v for k, v in out.items() if k not in ("latents", "text_cache")}
+
+
 def _join(values: list[float]) -> str:
     return "/".join(f"{v:.2f}" for v in values)
 
@@ -205,9 +211,7 @@ def _train_and_score(run: Path, cfg, tok_final: Path, reference, num: int, setti
     from .models.registry import load_tokenizer
 
     eval_path = run / "eval.json"
-    cfg_dict = json.loads(json.dumps(cfg.to_dict(), default=str))
-    cfg_dict.pop("latents", None)
-    cfg_dict.pop("text_cache", None)
+    cfg_dict = _identity(cfg.to_dict())
     cached = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     gen_final = run / "dit" / "final"
     if (cached and cached.get("generator_config") == cfg_dict and cached.get("settings") == sample_settings
@@ -216,10 +220,7 @@ def _train_and_score(run: Path, cfg, tok_final: Path, reference, num: int, setti
         return cached
     old_cfg = run / "dit" / "train_config.json"
     if old_cfg.is_file():
-        old = json.loads(old_cfg.read_text())
-        old.pop("latents", None)
-        old.pop("text_cache", None)
-        if old != cfg_dict:
+        if _identity(json.loads(old_cfg.read_text())) != cfg_dict:
             raise TextokError(f"the generator in {run / 'dit'} was trained with another config: use the original "
                               "--gen-* options, another --out, or delete that directory")
     t0 = time.time()
