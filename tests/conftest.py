@@ -48,3 +48,9 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
     cfg = T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
     T5EncoderModel(cfg).save_pretrained(d)
     return d
+
+
+def pytest_configure(config) -> None:
+    # Registered here rather than in pyproject.toml, whose changes rebuild the venv.
+    config.addinivalue_line("markers", "numerics: tests whose numbers depend on the CPU's kernels; `make test` runs "
+                                       "them a second time with ATEN_CPU_CAPABILITY=default")

@@ -21,6 +21,8 @@ from textok.diffusion import (
 from textok.errors import ConfigError
 from textok.models.dit import DiT, DiTConfig
 
+pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
+
 MU, S = 0.5, 0.3  # toy data distribution N(MU, S^2) per coordinate
 
 

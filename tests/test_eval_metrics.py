@@ -31,6 +31,8 @@ skimage = pytest.importorskip("skimage")
 from skimage import data as skdata  # noqa: E402
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
+
 
 # ----------------------------------------------------------------------------- Fréchet distance
 

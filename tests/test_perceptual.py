@@ -10,10 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from numerics import assert_same_maths
+
 from textok.errors import ConfigError, TextokError
 from textok.losses.perceptual import LPIPS, OpenNSFWPerceptual, build_perceptual
 from textok.nets.opennsfw import OpenNSFW, default_onnx_path
 from textok.nets.vgg import VGG16Features
+
+pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 # torchvision vgg16 (cfg "D") features: (index, out channels, in channels) of each 3x3 conv.
 VGG16_CONVS = [(0, 64, 3), (2, 64, 64), (5, 128, 64), (7, 128, 128), (10, 256, 128), (12, 256, 256),
@@ -140,8 +144,8 @@ def test_lpips_matches_reference_recomputation(lpips_random):
         ours = model(x, y)
         ref = _reference_lpips(sd, _wheel_heads(), x, y)
     assert ours.shape == (2,)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
-    assert torch.allclose(torch.stack(model.per_layer(x, y)).sum(0), ours)
+    assert_same_maths(ours, ref, what="LPIPS vs the reference recomputation")
+    assert_same_maths(torch.stack(model.per_layer(x, y)).sum(0), ours, what="sum of the layers")
 
 
 def test_lpips_distance_properties(lpips_random):
@@ -151,7 +155,7 @@ def test_lpips_distance_properties(lpips_random):
     y = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():
         assert torch.equal(model(x, x), torch.zeros(2))
-        torch.testing.assert_close(model(x, y), model(y, x))
+        assert_same_maths(model(x, y), model(y, x), what="symmetry")
         assert (model(x, y) > 0).all()
 
 
@@ -199,8 +203,8 @@ def test_opennsfw_matches_onnxruntime(nsfw):
     with torch.no_grad():
         feats, pooled = nsfw.run(nsfw.from_package_layout(torch.from_numpy(x)))
         probs = nsfw.logits_from_pooled(pooled).softmax(-1).numpy()
-    np.testing.assert_allclose(probs, probs_ref, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(pooled.numpy(), pooled_ref, rtol=1e-4, atol=1e-4 * np.abs(pooled_ref).max())
+    assert_same_maths(probs, probs_ref, what="probabilities vs onnxruntime")
+    assert_same_maths(pooled, pooled_ref, what="pooled features vs onnxruntime")
     assert [tuple(f.shape[1:]) for f in feats] == [(64, 112, 112), (128, 56, 56), (256, 28, 28),
                                                     (512, 14, 14), (1024, 7, 7)]
 
@@ -236,7 +240,7 @@ def test_opennsfw_perceptual_properties_and_gradients():
     with torch.no_grad():
         assert torch.equal(loss(x, x), torch.zeros(1))
         d_xy, d_yx = loss(x, y), loss(y, x)
-    torch.testing.assert_close(d_xy, d_yx)
+    assert_same_maths(d_xy, d_yx, what="symmetry")
     assert (d_xy > 0).all() and (d_xy <= 4).all()
     xg = x.clone().requires_grad_(True)
     loss(xg, y).sum().backward()

@@ -16,6 +16,8 @@ from textok.models.quantizers import (
     build_quantizer,
 )
 
+pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
+
 
 def _two_code_vq(l2: bool = False) -> VectorQuantizer:
     vq = VectorQuantizer(num_codes=2, code_dim=2, l2_normalized=l2, beta=0.25)

@@ -2,8 +2,11 @@ import pytest
 import torch
 
 from conftest import random_text
+from numerics import assert_same_maths, rounding_tolerance
 from textok import TexTok, TexTokConfig
 from textok.errors import CheckpointMismatchError, TextokError
+
+pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 
 @pytest.mark.parametrize("name", TexTokConfig.presets())
@@ -52,18 +55,22 @@ def test_text_off_ignores_caption_and_text_on_uses_it(tiny_cfg):
 
 
 def test_text_padding_does_not_change_output(tiny_cfg):
+    # float64: the padded text makes a longer key sequence than the unpadded one
     torch.manual_seed(0)
-    model = TexTok(tiny_cfg).eval()
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    text = random_text(2, length=5, lengths=[3, 5])
+    model = TexTok(tiny_cfg).eval().double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    text = random_text(2, length=5, lengths=[3, 5]).to(dtype=torch.float64)
     padded = text.pad_to(11)
     padded.states[:, 5:] = torch.randn_like(padded.states[:, 5:]) * 100  # garbage in padded slots
     a, b = model(x, text)[0], model(x, padded)[0]
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_maths(b, a, what="padded text")
     # garbage inside the masked tail of the shorter caption is ignored too
-    text2 = random_text(2, length=5, lengths=[3, 5])
+    text2 = random_text(2, length=5, lengths=[3, 5]).to(dtype=torch.float64)
     text2.states[0, 3:] = 1e3
-    torch.testing.assert_close(model(x, text)[0], model(x, text2)[0], atol=1e-5, rtol=1e-5)
+    assert_same_maths(model(x, text2)[0], model(x, text)[0], what="garbage in the masked tail")
+    # ...while a real token does matter
+    text2.states[0, 0] += 1.0
+    assert (model(x, text2)[0] - a).abs().max() > rounding_tolerance(x.dtype) * a.abs().max()
 
 
 def test_save_load_round_trip_is_bit_exact(tiny_cfg, tmp_path):

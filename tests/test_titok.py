@@ -14,6 +14,8 @@ from textok.models.registry import load_tokenizer, resolve_tokenizer_config
 from textok.models.titok import TiTok, TiTokConfig
 from textok.models.vit import ViTConfig
 
+pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
