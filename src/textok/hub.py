@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import Config
 from .errors import CheckpointMismatchError, TextokError
-from .io import atomic_directory
+from .io import atomic_directory, check_safetensors, read_json
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -53,10 +53,10 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise TextokError(f"{directory} is not a textok model directory: {CONFIG_NAME} is missing "
                           "(write one with save_pretrained, or point to a training run's final/ directory)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise TextokError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("config", {}), dict):
+        raise TextokError(f"{path} is corrupt (not a textok model config); write it again with save_pretrained")
+    return data
 
 
 class PretrainedMixin:
@@ -67,12 +67,15 @@ class PretrainedMixin:
     config: Config
 
     def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically; ``extra`` adds files' metadata keys."""
+        """Write ``config.json`` + ``model.safetensors`` atomically; ``extra`` adds files' metadata keys.
+
+        An existing ``directory`` is replaced only when it is a saved model (or empty); anything else is refused.
+        """
         from . import __version__
 
         assert isinstance(self, nn.Module)
         meta = {"model_type": self.model_type, "textok_version": __version__, **(extra or {})}
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, markers=(CONFIG_NAME,)) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps({**meta, "config": self.config.to_dict()}, indent=2) + "\n")
             save_file(state_dict_for_saving(self), str(tmp / WEIGHTS_NAME), metadata={"model_type": self.model_type})
         return Path(directory)
@@ -85,6 +88,9 @@ class PretrainedMixin:
             raise CheckpointMismatchError(
                 f"{directory} holds a {found!r} model, not a {cls.model_type!r} one; load it with the matching class"
             )
+        if "config" not in data:
+            raise TextokError(f"{directory}/{CONFIG_NAME} is corrupt (it has no \"config\" entry); write it again "
+                              "with save_pretrained")
         return cls.config_class.from_dict(data["config"])
 
     @classmethod
@@ -105,6 +111,7 @@ class PretrainedMixin:
         path = directory / WEIGHTS_NAME
         if not path.is_file():
             raise TextokError(f"{path} is missing: the directory has a config but no weights")
+        check_safetensors(path)
         weights = load_file(str(path), device=str(map_location))
         own = self.state_dict()
         missing = sorted(set(own) - set(weights))

@@ -1,17 +1,82 @@
-"""Crash-safe file output: a directory is written beside its target, fsynced, then renamed into place.
+"""Crash-safe file output, and never touching what textok did not write.
 
-A reader never sees a half-written checkpoint: either the old directory or the complete new one.
+* A directory is written beside its target, fsynced, then renamed into place; a file is written to a
+  temporary name and renamed. A reader never sees a half-written checkpoint, model or image: either the old
+  one or the complete new one.
+* An existing target is replaced only when it is a textok artefact (it holds one of the marker files textok
+  writes, or nothing at all); anything else is refused in one line naming the path.
+* Temporary (``.NAME.tmp-XXXXXXXX``) and trash (``.NAME.old-XXXXXXXX``) entries left by a killed save are
+  cleaned up by :func:`remove_stale` when a run opens its directory again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+from .errors import TextokError
+
+# Files whose presence makes a directory textok's own output: a saved model (config.json), a latents directory
+# or a checkpoint (meta.json). A training run directory is marked by RUN_MARKER.
+MARKERS = ("config.json", "meta.json")
+RUN_MARKER = "train_config.json"
+STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+
+
+def _suffix() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def check_replaceable(target: str | Path, markers: tuple[str, ...] = MARKERS, what: str = "output") -> None:
+    """Refuse to replace ``target`` unless textok wrote it: a file, or a non-empty directory holding none of
+    ``markers``, is the user's and is left alone."""
+    target = Path(target)
+    if not os.path.lexists(target):
+        return
+    if not target.is_dir():
+        raise TextokError(f"{target} exists and is a file, not a {what} directory; choose another path "
+                          "(textok does not replace files it did not write)")
+    if target.is_symlink():
+        raise TextokError(f"{target} is a symbolic link; give the real directory or another path")
+    if any(target.iterdir()) and not any((target / m).is_file() for m in markers):
+        raise TextokError(f"{target} already holds files that textok did not write (no {' / '.join(markers)}); "
+                          "choose another path, or move those files away yourself")
+
+
+def remove_stale(directory: str | Path) -> list[Path]:
+    """Clean up what an interrupted save left in ``directory``; returns what was removed.
+
+    A ``.NAME.tmp-*`` entry is an unfinished write and is deleted. A ``.NAME.old-*`` entry is the previous
+    version of NAME moved aside just before the new one was renamed in: when NAME exists it is deleted,
+    when NAME is missing (the process died between the two renames) it is put back.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    entries = sorted(directory.iterdir(), key=lambda p: p.name)
+    for kind in ("old", "tmp"):  # restore trash before deleting temporaries, so NAME's presence is final
+        for path in entries:
+            m = STALE.match(path.name)
+            if m is None or m.group("kind") != kind or not os.path.lexists(path):
+                continue
+            target = directory / m.group("name")
+            if kind == "old" and not os.path.lexists(target):
+                path.rename(target)
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,22 +102,25 @@ def fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, markers: tuple[str, ...] = MARKERS) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``target`` atomically, on error it is removed.
 
-    Replacing an existing directory is two renames (old -> trash, new -> target); a crash between them
-    leaves the new directory complete under its temporary name and the old one in the trash, never a
-    partial ``target``.
+    An existing ``target`` is replaced only when textok wrote it (see :func:`check_replaceable`); that is
+    checked before anything is written. Replacing is two renames (old -> trash, new -> target); a crash
+    between them leaves the new directory complete under its temporary name and the old one in the trash
+    (which :func:`remove_stale` puts back), never a partial ``target``.
     """
     target = Path(target)
+    check_replaceable(target, markers)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{_suffix()}"
     tmp.mkdir()
     try:
         yield tmp
         fsync_tree(tmp)
+        check_replaceable(target, markers)  # nothing of the user's appeared there in the meantime
         if target.exists():
-            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            trash = target.parent / f".{target.name}.old-{_suffix()}"
             target.rename(trash)
             tmp.rename(target)
             shutil.rmtree(trash, ignore_errors=True)
@@ -64,15 +132,50 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``, on error
+    it is removed and ``path`` keeps its previous content (a full disk never leaves a truncated file)."""
     path = Path(path)
+    if path.is_dir():
+        raise TextokError(f"{path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_suffix()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output file path before any work is done for it: a directory, or a place that cannot be
+    written (a parent that is a file, a read-only folder). Missing parent folders are created when writing."""
+    path = Path(path)
+    if path.is_dir():
+        raise TextokError(f"{flag} {path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TextokError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TextokError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -82,3 +185,26 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, what: str = "") -> object:
+    """Parse a JSON file textok wrote; a truncated or garbled one is reported as corrupt in one line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        why = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise TextokError(f"{what or path} is corrupt ({why}); write it again or point to another copy") from None
+
+
+def check_safetensors(path: str | Path, what: str = "") -> None:
+    """Refuse a truncated or garbled safetensors file in one line (only its header is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except SafetensorError as err:
+        why = str(err).split(": ", 1)[-1]
+        raise TextokError(f"{what or path} is corrupt ({why}); write it again or point to another copy") from None

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .data.images import save_pil
 from .errors import TextokError
 
 GAP = 4  # pixels between grid cells
@@ -102,8 +103,7 @@ def captioned_grid(columns: dict[str, Tensor], captions: Sequence[str], path: st
         for k, line in enumerate(wrap_text(captions[i])[:max_lines]):
             draw.text((ncol * (w + GAP) + 8, y + 4 + LINE_HEIGHT * k), line, fill="black", font=font)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    save_pil(canvas, path)
     return path
 
 

@@ -71,7 +71,13 @@ class GaussianStats:
             extra["num_samples"] = np.asarray(self.num_samples, dtype=np.int64)
         if self.feature is not None:
             extra["feature"] = np.asarray(self.feature)
-        np.savez(path, mu=np.asarray(self.mu, np.float64), sigma=np.asarray(self.sigma, np.float64), **extra)
+        from ..io import atomic_file
+
+        path = Path(path)
+        if path.suffix != ".npz":  # what np.savez(path) does
+            path = path.with_name(path.name + ".npz")
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, mu=np.asarray(self.mu, np.float64), sigma=np.asarray(self.sigma, np.float64), **extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GaussianStats":

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TextokError
+from ..io import atomic_write_text
 from .latents import LatentDataset, extract_latents, read_meta
 from .sampling import GenerationPipeline, sample_grid
 from .trainer import load_generator_config, train_generator
@@ -75,7 +76,7 @@ def run_demo_gen(tokenizer: str | Path = "runs/demo/textok/final", out: str | Pa
     names = meta.get("class_names") or [str(k) for k in classes]
     summary = {"samples": str(samples), "reference": str(reference), "generator": str(final),
                "rows": {k: names[k] for k in classes}, "seconds": round(time.time() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"\nsamples (one row per class, {n} each): {samples}")
     print(f"reference reconstructions of real scenes: {reference}")
     print("rows: " + ", ".join(f"{k}={names[k]}" for k in classes))

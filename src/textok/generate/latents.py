@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..data.factory import build_dataset
 from ..data.folder import collate
 from ..errors import TextokError
-from ..io import atomic_directory
+from ..io import atomic_directory, atomic_write_text, check_replaceable, check_safetensors, read_json
 from ..models.registry import load_tokenizer
 from ..text.banks import CaptionBank
 
@@ -54,10 +54,12 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
                     device: str = "auto", progress: bool = True) -> Path:
     """Encode ``num`` images (0 = all) of ``data``/``split`` with the tokenizer in ``tokenizer``; returns ``out``.
 
-    The directory is written atomically: an interrupted extraction leaves no half-written ``out``.
+    The directory is written atomically: an interrupted extraction leaves no half-written ``out``. An existing
+    ``out`` is replaced only when it is a latents directory (or empty); anything else is refused before any work.
     """
     if batch_size < 1 or shard_size < 1:
         raise TextokError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be positive")
+    check_replaceable(out, (META,), what="latents")
     tok_dir = Path(tokenizer).resolve()
     dev = _device(device)
     tok = load_tokenizer(tok_dir).eval().to(dev)
@@ -81,7 +83,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_total, desc=f"encoding {data}/{split}", unit="img", dynamic_ncols=True)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, markers=(META,)) as tmp:
         buf: dict[str, list[torch.Tensor]] = {"latents": [], "codes": [], "labels": [], "index": []}
         buffered, shard_id, shard_sizes = 0, 0, []
         cap_file = open(tmp / CAPTIONS, "w")
@@ -186,7 +188,12 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise TextokError(f"{directory} is not a latents directory ({META} is missing); "
                           "write one with `textok extract-latents`")
-    return json.loads(path.read_text())
+    meta = read_json(path, f"{path} (latents metadata)")
+    needed = ("shards", "num_tokens", "channels", "mean", "std")
+    missing = [k for k in needed if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise TextokError(f"{path} (latents metadata) is corrupt (no {missing[0]!r}); extract the latents again")
+    return meta
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -202,6 +209,8 @@ class LatentDataset(torch.utils.data.Dataset):
         if len(shards) != len(self.meta["shards"]):
             raise TextokError(f"{self.directory} lists {len(self.meta['shards'])} shards but holds {len(shards)}; "
                               "extract the latents again")
+        for p in shards:
+            check_safetensors(p, f"{p} (latents shard)")
         parts = [load_file(str(p)) for p in shards]
         self.latents = torch.cat([p["latents"] for p in parts]).float()
         self.labels = torch.cat([p["labels"] for p in parts]).long()
@@ -212,8 +221,12 @@ class LatentDataset(torch.utils.data.Dataset):
         if normalize:
             self.latents = (self.latents - self.mean) / self.std
         self.normalized = normalize
-        with open(self.directory / CAPTIONS) as f:
-            self.captions = [json.loads(line)["captions"] for line in f if line.strip()]
+        try:
+            with open(self.directory / CAPTIONS, encoding="utf-8") as f:
+                self.captions = [json.loads(line)["captions"] for line in f if line.strip()]
+        except (ValueError, KeyError, TypeError):
+            raise TextokError(f"{self.directory / CAPTIONS} is corrupt (a line is not a caption record); "
+                              "extract the latents again") from None
         if len(self.captions) != len(self.latents):
             raise TextokError(f"{self.directory}: {len(self.captions)} caption rows for {len(self.latents)} latents; "
                               "extract the latents again")
@@ -259,7 +272,7 @@ def copy_latents_meta(latents_dir: str | Path, target: str | Path) -> None:
     src, dst = Path(latents_dir), Path(target)
     meta = read_meta(src)
     meta["latents_dir"] = str(src.resolve())
-    (dst / "latents_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(dst / "latents_meta.json", json.dumps(meta, indent=2) + "\n")
     if (src / BANK).is_file():
         shutil.copyfile(src / BANK, dst / BANK)
 

@@ -37,7 +37,7 @@ import torch
 from ..io import sha256_file
 from ..cli import args_for, command
 from ..errors import TextokError
-from ..io import atomic_write_text
+from ..io import RUN_MARKER, atomic_write_text, check_replaceable
 
 RECIPE = "demo-titok"
 # MaskGIT: maskgit-tiny's shape (width 64, depth 2, 4 heads) on the codes of the whole train split (4,000 scenes,
@@ -198,12 +198,13 @@ def _codes(tok_dir: Path, lat_dir: Path, split: str, num: int, seed: int, quiet:
             return lat_dir
     for path in stale:
         if path.exists():
+            check_replaceable(path, (RUN_MARKER,), what="generator run")  # only a run textok made is removed
             print(f"the tokenizer changed: removing {path}, which was trained on the old codes")
             shutil.rmtree(path)
     print(f"== extracting the codes of the scenes ({split}) ==")
     extract_latents(tok_dir, "scenes", lat_dir, split=split, num=num, batch_size=64, seed=seed, device="cpu",
                     progress=not quiet)
-    stamp.write_text(weights + "\n")
+    atomic_write_text(stamp, weights + "\n")
     return lat_dir
 
 

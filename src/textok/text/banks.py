@@ -30,13 +30,21 @@ class CaptionBank:
         return rng.choice(pool)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"class_names": self.class_names,
-                                          "captions": {str(k): v for k, v in self.captions.items()}}, indent=1))
+        from ..io import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"class_names": self.class_names,
+                                            "captions": {str(k): v for k, v in self.captions.items()}}, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "CaptionBank":
         path = Path(path)
         if not path.is_file():
             raise TextokError(f"caption bank {path} does not exist")
-        data = json.loads(path.read_text())
-        return cls({int(k): v for k, v in data["captions"].items()}, data.get("class_names"))
+        from ..io import read_json
+
+        data = read_json(path, f"caption bank {path}")
+        try:
+            return cls({int(k): list(v) for k, v in data["captions"].items()}, data.get("class_names"))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise TextokError(f"caption bank {path} is corrupt (not a {{\"captions\": {{class: [...]}}}} "
+                              "record)") from None

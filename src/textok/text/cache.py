@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -49,8 +51,13 @@ class TextEmbeddingCache:
     def __contains__(self, caption: str) -> bool:
         return caption_key(self.name, caption) in self._store
 
-    def warm(self, captions: Iterable[str], progress: bool = False) -> None:
-        """Encode every caption not yet cached, in batches."""
+    def warm(self, captions: Iterable[str], progress: bool = False, save_to: str | Path | None = None,
+             save_every_s: float = 60.0) -> None:
+        """Encode every caption not yet cached, in batches.
+
+        With ``save_to``, what is encoded is saved there every ``save_every_s`` seconds, when done, and when the
+        encoding is interrupted (Ctrl-C / SIGTERM), so a long encode killed part-way keeps what it did.
+        """
         todo = sorted({c for c in check_captions(list(captions)) if caption_key(self.name, c) not in self._store})
         if not todo:
             return
@@ -59,13 +66,24 @@ class TextEmbeddingCache:
             from tqdm.auto import tqdm
 
             it = tqdm(it, desc=f"encoding captions ({self.name})", unit="batch")
-        for start in it:
-            chunk = todo[start : start + self.batch_size]
-            emb = self.encoder.encode(chunk)
-            lengths = emb.mask.sum(1).tolist()
-            for caption, states, n in zip(chunk, emb.states, lengths):
-                self._store[caption_key(self.name, caption)] = states[: int(n)].to("cpu", self.dtype).clone()
-            self.misses += len(chunk)
+        last_save = time.monotonic()
+        try:
+            for start in it:
+                chunk = todo[start : start + self.batch_size]
+                emb = self.encoder.encode(chunk)
+                lengths = emb.mask.sum(1).tolist()
+                for caption, states, n in zip(chunk, emb.states, lengths):
+                    self._store[caption_key(self.name, caption)] = states[: int(n)].to("cpu", self.dtype).clone()
+                self.misses += len(chunk)
+                if save_to is not None and time.monotonic() - last_save > save_every_s:
+                    self.save(save_to)
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            if save_to is not None:
+                self.save(save_to)
+            raise
+        if save_to is not None:
+            self.save(save_to)
 
     def encode(self, captions: list[str]) -> TextEmbeddings:
         captions = check_captions(captions)
@@ -81,25 +99,35 @@ class TextEmbeddingCache:
     __call__ = encode
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(dict(self._store), str(tmp), metadata={"encoder": self.name, "dim": str(self.dim)})
-        tmp.replace(path)
+        """Write every entry to ``path`` atomically (a temporary file renamed into place)."""
+        from ..io import atomic_file
+
+        with atomic_file(path) as tmp:
+            save_file(dict(self._store), str(tmp), metadata={"encoder": self.name, "dim": str(self.dim)})
 
     def load(self, path: str | Path) -> int:
-        """Merge entries from a file written by :meth:`save` for the same encoder; returns how many."""
+        """Merge entries from a file written by :meth:`save` for the same encoder; returns how many.
+
+        A damaged file (truncated by a kill or a full disk) is reported and ignored: its captions are encoded
+        again and the file is rewritten.
+        """
         path = Path(path)
         if not path.is_file():
             return 0
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("encoder") == self.name:
+                entries = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            warnings.warn(f"text cache {path} is corrupt ({str(err).split(': ', 1)[-1]}); its captions are encoded "
+                          "again and the file is rewritten", stacklevel=2)
+            return 0
         if meta.get("encoder") != self.name:
             raise TextokError(f"text cache {path} was written for encoder {meta.get('encoder')!r}, not {self.name!r}; "
                               "delete it or point to another cache file")
-        entries = load_file(str(path))
         self._store.update(entries)
         return len(entries)
 

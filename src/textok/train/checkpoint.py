@@ -3,7 +3,8 @@
 Layout: ``OUT/checkpoints/step-0000100/`` with one ``<name>.json`` + ``<name>.safetensors`` pair per
 component (model, EMA, optimizers, discriminator, RNG states, ...) and ``meta.json`` (step, configs). A
 directory is written under a temporary name and renamed into place, so a crash mid-save leaves the previous
-checkpoint as the latest complete one.
+checkpoint as the latest complete one. A checkpoint damaged afterwards (a truncated copy, a bad disk) is
+skipped on resume in favour of the newest one that is intact (:meth:`CheckpointManager.latest_intact`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_directory
+from ..errors import TextokError
+from ..io import atomic_directory, check_safetensors, read_json
 from .state import load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -35,9 +37,37 @@ class CheckpointManager:
         found = self.all()
         return found[-1] if found else None
 
+    def latest_intact(self) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint whose files are intact, and a line per newer one that is not (and why)."""
+        skipped = []
+        for path in reversed(self.all()):
+            try:
+                self.verify(path)
+            except TextokError as err:
+                skipped.append(str(err))
+                continue
+            return path, skipped
+        return None, skipped
+
+    @staticmethod
+    def verify(path: Path) -> dict[str, Any]:
+        """``meta.json`` of checkpoint ``path`` after checking that every component's files parse (headers
+        only, no tensor is read); raises :class:`TextokError` "... is corrupt (...)" otherwise."""
+        meta = read_json(path / "meta.json", f"checkpoint {path} (meta.json)")
+        if not isinstance(meta, dict) or not isinstance(meta.get("components"), list) or "step" not in meta:
+            raise TextokError(f"checkpoint {path} (meta.json) is corrupt (not a checkpoint record)")
+        for name in meta["components"]:
+            stem = path / str(name)
+            for suffix in (".json", ".safetensors"):
+                if not stem.with_suffix(suffix).is_file():
+                    raise TextokError(f"checkpoint {path} is corrupt ({stem.name}{suffix} is missing)")
+            read_json(stem.with_suffix(".json"), f"checkpoint {path} ({stem.name}.json)")
+            check_safetensors(stem.with_suffix(".safetensors"), f"checkpoint {path} ({stem.name}.safetensors)")
+        return meta
+
     def save(self, step: int, components: dict[str, Any], meta: dict[str, Any]) -> Path:
         target = self.root / f"step-{step:07d}"
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, markers=("meta.json",)) as tmp:
             for name, obj in components.items():
                 save_state(obj, tmp / name)
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "components": sorted(components)}, indent=2))
