@@ -1,17 +1,20 @@
 """The ``textok`` command.
 
 Each verb is a thin layer over the library: parse arguments, call one function, print a table. Errors the
-user can fix (``TextokError``) are printed as one line and exit with status 2.
+user can fix (``TextokError``, and what the file system refuses) are printed as one line and exit with status
+2; Ctrl-C and SIGTERM exit with 130 and 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import warnings
 from typing import Callable
 
-from .errors import TextokError
+from .errors import Interrupted, TextokError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
 
@@ -86,9 +89,13 @@ def _reconstruct_args(p: argparse.ArgumentParser) -> None:
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
-    from .data.images import load_image, save_image
+    from .data.images import check_output_image, load_image, save_image
     from .models.textok import TexTok
+    from .text.encoders import check_captions
 
+    check_output_image(args.out)  # before any work
+    if args.caption is not None:
+        check_captions(args.caption)
     model = TexTok.from_pretrained(args.model).eval()
     images = torch.stack([load_image(p, model.config.image_size) for p in args.image])
     captions = args.caption
@@ -147,23 +154,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupted(signum, frame) -> None:  # noqa: ANN001
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb. Exit status: 0 done, 2 an error stated in one line, 130 / 143 interrupted by Ctrl-C /
+    SIGTERM (a training run saves a checkpoint first)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse only takes the first run of positionals)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.verb:
         parser.print_help()
         return 0
+    # Warnings are one line each, like errors.
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_, **__: f"textok {args.verb}: warning: {message}\n"
+    # SIGTERM raises like Ctrl-C, so the same clean-up runs (temporary files removed, training saves).
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread
+        previous = None
     try:
         result = COMMANDS[args.verb][2](args)
         return int(result or 0)
     except TextokError as err:
         print(f"textok {args.verb}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as err:  # the file system said no: a read-only or missing directory, a full disk, ...
+        where = f": {err.filename}" if err.filename else ""
+        print(f"textok {args.verb}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        if isinstance(err, Interrupted):
+            print(f"textok {args.verb}: {err}", file=sys.stderr)
+            return err.exit_code
         print(f"textok {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m textok.cli` (and `torchrun -m textok.cli`) runs this file as __main__, but the verb modules
+    # register themselves in `textok.cli`: run that module's main, not this copy's.
+    from textok.cli import main as textok_main
+
+    sys.exit(textok_main())

@@ -18,3 +18,23 @@ class ConfigError(TextokError, ValueError):
 
 class CheckpointMismatchError(TextokError):
     """A checkpoint written by a model of another type or configuration."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT) or by SIGTERM (``kill``, ``timeout``, SLURM preemption, ``docker stop``).
+
+    It derives from ``KeyboardInterrupt`` so that ``except Exception`` blocks let it through and the clean-up
+    written for Ctrl-C (removing temporary files) runs for SIGTERM too. The CLI exits with ``128 + signum``
+    (130 for SIGINT, 143 for SIGTERM), so ``train && extract-latents`` stops after an interrupted run.
+    """
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        import signal
+
+        self.signum = int(signum)
+        name = signal.Signals(self.signum).name if self.signum in signal.Signals._value2member_map_ else str(signum)
+        super().__init__(message or f"interrupted by {name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -32,10 +32,11 @@ from ..text.encoders import load_text_encoder
 from .checkpoint import CheckpointManager
 from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, check_finite,
                      lr_at, open_run, param_groups, pick_captions, progress_bar, rng_state, set_lr,
-                     set_rng_state)
+                     set_rng_state, stand_in_batch)
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from .ema import EMA
+from .rundir import run_lock
 
 
 def discriminator_config(name: str, image_size: int) -> DiscriminatorConfig:
@@ -115,7 +116,7 @@ def init_weights(parts: Components, directory: str | Path, model_type: str) -> N
 
 def train_tokenizer(cfg: TrainConfig, out: str | Path, progress: bool = True) -> Path:
     """Train (or resume) a tokenizer into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
-    with distributed_session(cfg.device) as info:
+    with distributed_session(cfg.device) as info, run_lock(out, enabled=info.is_main):
         return _train(cfg, Path(out), info, progress)
 
 
@@ -299,15 +300,19 @@ def _save_checkpoint(ckpts, parts: Components, step: int, model_type: str, model
 
 
 def _batches(dataset, cfg: TrainConfig, global_batch: int, info: DistInfo, start_micro: int):
-    """Micro-batches in a deterministic order from ``start_micro`` (DataLoader workers optional)."""
-    order = batch_indices(len(dataset), global_batch, info.rank, cfg.batch_size, cfg.seed, start_micro)
+    """Micro-batches in a deterministic order from ``start_micro`` (DataLoader workers optional); one whose
+    images all fail to decode is replaced by a stand-in (:func:`stand_in_batch`)."""
+    def order(start: int):
+        return batch_indices(len(dataset), global_batch, info.rank, cfg.batch_size, cfg.seed, start)
+
     if cfg.data.workers > 0:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate,
-                                             num_workers=cfg.data.workers, persistent_workers=True)
-        yield from loader
+        stream = iter(torch.utils.data.DataLoader(dataset, batch_sampler=order(start_micro), collate_fn=collate,
+                                                  num_workers=cfg.data.workers, persistent_workers=True))
     else:
-        for indices in order:
-            yield collate([dataset[i] for i in indices])
+        stream = (collate([dataset[i] for i in indices]) for indices in order(start_micro))
+    load = lambda k: collate([dataset[i] for i in next(order(k))])  # noqa: E731
+    for k, batch in enumerate(stream, start_micro):
+        yield batch if batch["captions"] else stand_in_batch(batch, k, load, len(dataset) // global_batch)
 
 
 def _text_cache(cfg: TrainConfig, model_cfg, out: Path, train_set, val_set, info: DistInfo, progress: bool):
@@ -317,11 +322,8 @@ def _text_cache(cfg: TrainConfig, model_cfg, out: Path, train_set, val_set, info
     cache = TextEmbeddingCache(encoder)
     path = Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors"
     cache.load(path)
-    before = len(cache)
     captions = {c for ds in (train_set, val_set) for i in range(len(ds)) for c in _captions_of(ds, i)}
-    cache.warm(captions, progress=progress and info.is_main)
-    if info.is_main and len(cache) > before:
-        cache.save(path)
+    cache.warm(captions, progress=progress and info.is_main, save_to=path if info.is_main else None)
     return cache
 
 
@@ -342,6 +344,8 @@ def _text_for(cache, batch: dict, seed: int, step: int, device, train: bool = Tr
 
 @torch.no_grad()
 def _save_grid(model: nn.Module, batch: dict, cache, path: Path, device) -> None:
+    if not batch["captions"]:  # none of the first validation images could be decoded
+        return
     images = batch["image"].to(device)
     text = _text_for(cache, batch, 0, 0, device, train=False)
     recon, _ = model(images, text)
