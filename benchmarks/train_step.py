@@ -25,7 +25,7 @@ from common import device_name, peak_flops, print_table, time_it, write_json  # 
 from textok.models.registry import resolve_tokenizer_config  # noqa: E402
 from textok.text.embeddings import TextEmbeddings  # noqa: E402
 from textok.train.common import autocast_for  # noqa: E402
-from textok.train.config import load_train_config  # noqa: E402
+from textok.train.config import TrainConfig, load_train_config  # noqa: E402
 from textok.train.tokenizer import LossForward, build_components, discriminator_losses, generator_losses  # noqa: E402
 
 
@@ -36,6 +36,10 @@ def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precis
         overrides += ["model.text_in_encoder=false", "model.text_in_decoder=false"]
     if losses == "l2":
         overrides += ["loss.perceptual=none", "loss.adversarial.weight=0"]
+    else:  # the paper's losses at their defaults, also for a small preset (which trains with the l2-only CPU recipe)
+        loss = TrainConfig().loss
+        overrides += [f"loss.perceptual={loss.perceptual}", f"loss.perceptual_size={loss.perceptual_size}",
+                      f"loss.adversarial.weight={loss.adversarial.weight}"]
     cfg = load_train_config(preset, overrides)
     model_type, model_cfg = resolve_tokenizer_config(cfg.model, cfg.model_overrides)
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ BASE = ["batch_size=4", "data.train_size=24", "data.val_size=4", "data.captions_
         "sample_every=0", "optim.warmup_steps=2", "optim.lr=1e-3"]
 NO_TEXT = ["model.text_in_encoder=false", "model.text_in_decoder=false"]
 NO_TEXT_MODEL = [o.split(".", 1)[1] for o in NO_TEXT]
-FULL_LOSSES = ["loss.perceptual_size=32", "loss.adversarial.start_step=2", "loss.adversarial.weight=0.1"]
+FULL_LOSSES = ["loss.perceptual=opennsfw", "loss.perceptual_size=32", "loss.adversarial.start_step=2",
+               "loss.adversarial.weight=0.1"]
 
 
 def cfg(*extra, preset="textok-tiny"):
@@ -132,8 +133,8 @@ def test_unknown_keys_name_the_closest():
 
 
 def test_generator_and_discriminator_alternate_as_configured(tmp_path):
-    train_tokenizer(cfg("max_steps=6", "loss.adversarial.start_step=2", "loss.d_every=2", "loss.perceptual=none",
-                        *NO_TEXT), tmp_path, progress=False)
+    train_tokenizer(cfg("max_steps=6", "loss.adversarial.weight=0.1", "loss.adversarial.start_step=2", "loss.d_every=2",
+                        "loss.perceptual=none", *NO_TEXT), tmp_path, progress=False)
     log = {e["step"]: e for e in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines())}
     # steps are logged after increment: step s+1 holds the update made at step s
     assert [s for s in log if "d_loss" in log[s]] == [3, 5]  # D at steps 2 and 4 (>= start, every 2nd)

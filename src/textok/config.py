@@ -41,10 +41,15 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
 def parse_value(text: str, tp: Any, key: str) -> Any:
     """Parse a command-line string into the field's type."""
+    optional = _unwrap_optional(tp) is not tp
     tp = _unwrap_optional(tp)
-    if text.lower() in ("none", "null") and tp is not str:
+    if text.lower() in ("none", "null") and optional:
         return None
     try:
         if tp is bool:
@@ -68,8 +73,78 @@ def parse_value(text: str, tp: Any, key: str) -> Any:
             (inner, *_) = typing.get_args(tp) or (str,)
             return type(value)(parse_value(str(v), inner, key) for v in value) if inner is not Ellipsis else value
         return yaml.safe_load(text)
-    except ValueError:
-        raise ConfigError(f"{key}={text!r}: expected a value of type {getattr(tp, '__name__', tp)}") from None
+    except (ValueError, OverflowError, yaml.YAMLError):
+        raise ConfigError(f"{key}={text!r}: expected a value of type {_type_name(tp)}") from None
+
+
+def check_value(value: Any, tp: Any, key: str) -> Any:
+    """A value read from a file (YAML/JSON) -> the field's type, or the same one-line error an override gets.
+
+    Strings are parsed like command-line values (PyYAML reads ``1e-4`` as a string); ints are accepted for
+    floats; anything else of the wrong kind (a list for an int, a mapping for a string, ...) is refused.
+    """
+    if value is None:
+        if _unwrap_optional(tp) is not tp:
+            return None
+        raise ConfigError(f"{key}=None: expected a value of type {_type_name(_unwrap_optional(tp))}")
+    tp = _unwrap_optional(tp)
+    if isinstance(value, str) and tp is not str and not _is_config_type(tp):
+        return parse_value(value, tp, key)
+    wrong = ConfigError(f"{key}={value!r}: expected a value of type {_type_name(tp)}")
+    if _is_config_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping of {tp.__name__} keys to values")
+        return tp.from_dict(value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral:
+            raise wrong
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise wrong
+        return str(value)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        args = typing.get_args(tp)
+        inner = args[0] if args and (origin is list or len(args) == 2 and args[1] is Ellipsis) else None
+        if inner is not None:
+            items = [check_value(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        elif args and len(args) == len(value):
+            items = [check_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        elif args:
+            raise ConfigError(f"{key}={value!r}: expected {len(args)} values")
+        else:
+            items = list(value)
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML/JSON file's content; a file that does not parse (or asks for Python objects) is one line."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML ({what}{where}); only plain values, lists and "
+                          "mappings are read (no !!python tags)") from None
 
 
 @dataclasses.dataclass
@@ -87,26 +162,32 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any], *, strict: bool = True) -> C:
-        """Build from a (possibly nested) dict; unknown keys are an error naming the closest key."""
+    def from_dict(cls: type[C], data: dict[str, Any], *, strict: bool = True, prefix: str = "") -> C:
+        """Build from a (possibly nested) dict; unknown keys are an error naming the closest key, and a value
+        of the wrong type is refused like the same mistake in a ``key=value`` override."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping of keys to values, "
+                              f"got {type(data).__name__}")
         types = _field_types(cls)
         names = [f.name for f in dataclasses.fields(cls) if f.init]
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key not in names:
                 if strict:
-                    raise ConfigError(_unknown_key_message(cls, key, names))
+                    raise ConfigError(_unknown_key_message(cls, str(key), names, f"{prefix}{key}"))
                 continue
             tp = _unwrap_optional(types[key])
             if _is_config_type(tp) and isinstance(value, dict):
-                value = tp.from_dict(value, strict=strict)
-            elif typing.get_origin(tp) is tuple and isinstance(value, list):
-                value = tuple(value)
+                value = tp.from_dict(value, strict=strict, prefix=f"{prefix}{key}.")
+            else:
+                value = check_value(value, types[key], f"{prefix}{key}")
             kwargs[key] = value
         return cls(**kwargs)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_file(cls: type[C], path: str | Path) -> C:
@@ -114,10 +195,13 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        return cls.from_dict(data)
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values, not a {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
 
     # ---- overrides ---------------------------------------------------------------------------
     def override(self: C, assignments: list[str] | dict[str, Any]) -> C:

@@ -17,6 +17,8 @@ cannot be decoded is skipped: the item comes back as ``None``, :func:`collate` d
 from __future__ import annotations
 
 import json
+import posixpath
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -98,13 +100,18 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             path = Path(captions_file)
             if not path.is_file():
                 raise TextokError(f"captions file {path} does not exist")
-            lines = path.read_text().splitlines()
+            where, raw = str(path), path.read_bytes()
         elif self.source.exists("captions.jsonl"):
-            lines = self.source.read("captions.jsonl").decode().splitlines()
+            where, raw = f"{self.root}/captions.jsonl", self.source.read("captions.jsonl")
         else:
             return None
         records, labels = [], {}
-        for lineno, line in enumerate(lines, 1):
+        for lineno, line_bytes in enumerate(raw.splitlines(), 1):
+            try:
+                line = line_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TextokError(f"{where} line {lineno} is not UTF-8 text (byte {line_bytes[err.start]:#04x} at "
+                                  f"column {err.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -112,20 +119,41 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 name = row["file"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise TextokError(f"captions line {lineno} is not a JSON object with a 'file' key: {line[:80]!r}") from None
+            if not isinstance(name, str) or not name.strip():
+                raise TextokError(f"captions line {lineno}: 'file' must be a path (a string), not {name!r}")
+            name = self._inside_root(name, lineno)
             row_split = SPLIT_ALIASES.get(str(row.get("split", "")), None) or _split_of(name)
             if row_split is not None and row_split != self.split:
                 continue
             caps = row.get("captions", row.get("caption"))
             caps = [caps] if isinstance(caps, str) else (caps or [])
-            caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+            if not isinstance(caps, list) or any(not isinstance(c, str) for c in caps):
+                raise TextokError(f"captions line {lineno} ({name}): 'captions' must be a list of strings (or "
+                                  f"'caption' one string), not {caps!r:.80}")
+            caps = [c.strip() for c in caps if c.strip()]
             if not caps:
                 raise TextokError(f"captions line {lineno} ({name}) has no caption: every image needs at least one")
             label = row.get("label", -1)
             if isinstance(label, str):
                 label = labels.setdefault(label, len(labels))
-            records.append({"file": name, "captions": caps, "label": int(label)})
+            elif isinstance(label, float) and label.is_integer():
+                label = int(label)
+            elif isinstance(label, bool) or not isinstance(label, int):
+                raise TextokError(f"captions line {lineno} ({name}): 'label' must be a class name or an integer "
+                                  f"id, not {label!r:.80}")
+            records.append({"file": name, "captions": caps, "label": label})
         self.class_names = sorted(labels, key=labels.get) if labels else []
         return records
+
+    def _inside_root(self, name: str, lineno: int) -> str:
+        """``name`` relative to the dataset root, refused when it points outside it (absolute, or ``..``)."""
+        norm = posixpath.normpath(name.replace("\\", "/"))
+        if norm.startswith("./"):
+            norm = norm[2:]
+        if posixpath.isabs(norm) or norm == ".." or norm.startswith("../") or re.match(r"^[A-Za-z]:", norm):
+            raise TextokError(f"captions line {lineno}: file {name!r} is outside the dataset {self.root}; "
+                              "paths in captions.jsonl are relative to the dataset's root and stay inside it")
+        return norm
 
     def _records_from_folders(self, caption_bank: str | Path | dict | None) -> list[dict]:
         images = [n for n in self.source.names if n.lower().endswith(IMAGE_SUFFIXES)]

@@ -146,6 +146,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise TextokError(f"--batch-size must be at least 1; got {args.batch_size}")
     if args.num < 0:
         raise TextokError(f"--num must be 0 (all) or positive; got {args.num}")
+    from ..io import check_output_file
+
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.mode == "generation" and args.save_ref_stats:
+        check_output_file(args.save_ref_stats, "--save-ref-stats")
     if args.mode == "reconstruction":
         run_reconstruction(args)
     else:

@@ -95,11 +95,17 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
                    "(--npz under torchrun: the processes share the work)")
 @args_for(_sample_args)
 def cmd_sample(args: argparse.Namespace) -> None:
+    from ..data.images import check_output_image
+    from ..io import check_output_file
     from ..train.distributed import distributed_session
     from .sampling import DEFAULT_CFG, GenerationPipeline, sample_grid, write_npz_distributed
 
     if not args.out and not args.npz:
         raise TextokError("nothing to write: give --out grid.png and/or --npz samples.npz")
+    if args.out:
+        check_output_image(args.out)
+    if args.npz:
+        check_output_file(args.npz, "--npz")
     if args.n < 1:
         raise TextokError(f"--n {args.n} must be positive")
     with distributed_session(args.device) as info:

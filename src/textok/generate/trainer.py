@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, read_yaml
 from ..diffusion import DiffusionConfig, create_diffusion
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin, read_config_json
@@ -36,9 +36,10 @@ from ..train.checkpoint import CheckpointManager
 from ..train.common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices,
                             check_finite, lr_at, open_run, param_groups, pick_captions, progress_bar, rng_state,
                             set_lr, set_rng_state)
-from ..train.config import OptimConfig
+from ..train.config import OptimConfig, check_schedule
 from ..train.distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from ..train.ema import EMA
+from ..train.rundir import run_lock
 from .latents import BANK, LatentDataset, read_meta
 
 KINDS = ("dit", "maskgit")
@@ -121,8 +122,7 @@ class GeneratorTrainConfig(Config):
             raise ConfigError(f"kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision {self.precision!r} must be auto, bf16 or fp32")
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise ConfigError("batch_size and max_steps must be positive")
+        check_schedule(self, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "keep_last"))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
         if self.kind == "maskgit" and self.text:
@@ -169,9 +169,7 @@ def load_generator_config(config: str | None = None, overrides: list[str] = (), 
 
 
 def _looks_like_recipe(path: Path) -> bool:
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     return isinstance(data, dict) and any(k in data for k in ("kind", "latents", "optim", "max_steps", "model"))
 
 
@@ -202,7 +200,7 @@ def train_generator(cfg: GeneratorTrainConfig, out: str | Path, progress: bool =
     """Train (or resume) a generator into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
     if not cfg.latents:
         raise ConfigError("no latents: pass --latents DIR (written by `textok extract-latents`)")
-    with distributed_session(cfg.device) as info:
+    with distributed_session(cfg.device) as info, run_lock(out, enabled=info.is_main):
         return _train(cfg, Path(out), info, progress)
 
 
@@ -352,10 +350,8 @@ def _text_cache(cfg: GeneratorTrainConfig, meta: dict[str, Any], data: LatentDat
     cache = TextEmbeddingCache(encoder)
     path = Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors"
     cache.load(path)
-    before = len(cache)
-    cache.warm({c for caps in data.captions for c in caps}, progress=progress and info.is_main)
-    if info.is_main and len(cache) > before:
-        cache.save(path)
+    cache.warm({c for caps in data.captions for c in caps}, progress=progress and info.is_main,
+               save_to=path if info.is_main else None)
     return cache
 
 

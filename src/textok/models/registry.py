@@ -6,10 +6,9 @@ resolve ``textok-b-256-32``, ``titok-b-64`` or a saved ``config.json`` without k
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, read_yaml
 from ..errors import ConfigError
 
 TOKENIZERS: dict[str, tuple[type[Config], type]] = {}
@@ -36,12 +35,18 @@ def resolve_tokenizer_config(spec: str, overrides: list[str] | tuple[str, ...] =
             return model_type, config_cls.preset(spec).override(list(overrides))
     path = Path(spec)
     if path.is_file():
-        data = json.loads(path.read_text()) if path.suffix == ".json" else __import__("yaml").safe_load(path.read_text())
+        data = read_yaml(path)  # JSON is YAML
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values (a training recipe or a "
+                              f"tokenizer config), not a {type(data).__name__}")
         model_type = data.pop("model_type", "textok")
         data = data.get("config", data)
         if model_type not in TOKENIZERS:
             raise ConfigError(f"{path}: unknown model_type {model_type!r} (known: {', '.join(TOKENIZERS)})")
-        return model_type, TOKENIZERS[model_type][0].from_dict(data).override(list(overrides))
+        try:
+            return model_type, TOKENIZERS[model_type][0].from_dict(data).override(list(overrides))
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
     names = sorted(n for c, _ in TOKENIZERS.values() for n in c.presets())
     import difflib
 

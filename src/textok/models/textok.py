@@ -19,6 +19,7 @@ paper's no-text baseline, a TiTok-style continuous 1D tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import field
 
 import torch
@@ -155,6 +156,27 @@ class TexTokDecoder(nn.Module):
         return unpatchify(self.to_pixels(h[:, :P]), self.cfg.patch_size, g, g)
 
 
+# Pixels further than this outside [-1, 1] are not a rounding overshoot: the images were scaled another way.
+PIXEL_RANGE_SLACK = 1.0
+
+
+def check_values(x: Tensor, what: str, expect_unit_range: bool = False) -> None:
+    """Refuse NaN/inf values; warn when images look like 0-255 (or otherwise far outside [-1, 1]).
+
+    The models call it outside training only: it reads the values back to the host, which would cost the
+    training loop a device sync every step (the loop checks its loss for NaN/inf instead).
+    """
+    if x.numel() == 0:
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise TextokError(f"{what} contain NaN or inf values; check the data or the step that produced them")
+    if expect_unit_range:
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        if hi > 1 + PIXEL_RANGE_SLACK or lo < -1 - PIXEL_RANGE_SLACK:
+            hint = " (they look like 0-255 pixels: x / 127.5 - 1)" if lo >= 0 and hi > 2 else ""
+            warnings.warn(f"{what} range over [{lo:.4g}, {hi:.4g}] but textok expects [-1, 1]{hint}", stacklevel=3)
+
+
 class TexTok(PretrainedMixin, nn.Module):
     """The tokenizer: ``encode(images, text) -> Z`` and ``decode(Z, text) -> images``.
 
@@ -197,11 +219,19 @@ class TexTok(PretrainedMixin, nn.Module):
 
     def _check_images(self, images: Tensor) -> None:
         c = self.config
+        if not isinstance(images, Tensor):
+            raise TextokError(f"images must be a float tensor (batch, 3, {c.image_size}, {c.image_size}) in [-1, 1], "
+                              f"not a {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != c.image_size or images.shape[3] != c.image_size:
             raise TextokError(
                 f"images have shape {tuple(images.shape)} but this model takes (batch, 3, {c.image_size}, "
                 f"{c.image_size}) in [-1, 1]; resize/convert them (textok's loaders do) or use a {images.shape[-1]}-px config"
             )
+        if not images.is_floating_point():
+            raise TextokError(f"images are {images.dtype}, not float: convert them to [-1, 1] "
+                              "(for 0-255 pixels: x.float() / 127.5 - 1)")
+        if not self.training:
+            check_values(images, "images", expect_unit_range=True)
 
     # ---- the API -------------------------------------------------------------------------------
     def encode(self, images: Tensor, text: TextInput = None) -> Tensor:
@@ -213,9 +243,13 @@ class TexTok(PretrainedMixin, nn.Module):
     def decode(self, z: Tensor, text: TextInput = None) -> Tensor:
         """Z (B, N, d) -> images (B, 3, H, W), roughly in [-1, 1] (not clamped)."""
         c = self.config
-        if z.dim() != 3 or z.shape[1:] != (c.num_tokens, c.token_channels):
-            raise TextokError(f"tokens have shape {tuple(z.shape)} but this model decodes (batch, {c.num_tokens}, "
-                              f"{c.token_channels})")
+        if not isinstance(z, Tensor) or z.dim() != 3 or z.shape[1:] != (c.num_tokens, c.token_channels):
+            raise TextokError(f"tokens have shape {tuple(getattr(z, 'shape', ()))} but this model decodes (batch, "
+                              f"{c.num_tokens}, {c.token_channels}) float tokens")
+        if not z.is_floating_point():
+            raise TextokError(f"tokens are {z.dtype}, not float: decode what encode() returned")
+        if not self.training:
+            check_values(z, "tokens")
         emb = self.text_embeddings(text, z.shape[0], self.config.text_in_decoder)
         return self.decoder(z, emb)
 

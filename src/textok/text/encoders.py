@@ -37,6 +37,11 @@ def check_captions(captions: list[str] | tuple[str, ...]) -> list[str]:
     for i, caption in enumerate(captions):
         if not isinstance(caption, str):
             raise TextokError(f"caption {i} is a {type(caption).__name__}, not a string")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as err:  # undecodable bytes from the command line arrive as lone surrogates
+            raise TextokError(f"caption {i} is not valid UTF-8 text (a byte that is not UTF-8 at character "
+                              f"{err.start + 1}); pass captions as UTF-8") from None
         if not caption.strip():
             raise TextokError(
                 f"caption {i} is empty: give every image a caption, or switch text off "
