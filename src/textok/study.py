@@ -280,9 +280,9 @@ def _config_diff(old: dict, new: dict) -> list[str]:
 
 # ---- the study --------------------------------------------------------------------------------------
 def _device(cfg) -> torch.device:
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .devices import resolve_device
+
+    return resolve_device(cfg.device)
 
 
 def held_out(base, image_size: int, count: int):

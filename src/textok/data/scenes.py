@@ -226,6 +226,8 @@ class CaptionedScenes(torch.utils.data.Dataset):
         if image_size < 8:
             raise TextokError(f"image_size {image_size} is too small for the captioned scenes (use at least 8)")
         self.image_size, self.split, self.seed = image_size, split, seed
+        if size is not None and size < 0:
+            raise TextokError(f"size {size} is negative: give a number of scenes (or None for the split's default)")
         self.size = size if size is not None else (4000 if split == "train" else 500)
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
 

@@ -123,12 +123,14 @@ class GaussianDiffusion:
             "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
             "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1.0).sqrt(),
             "posterior_variance": post_var,
-            # β̃_0 = 0: clip the log at t = 0 by using β̃_1 there (as improved DDPM).
-            "posterior_log_variance_clipped": torch.log(torch.cat([post_var[1:2], post_var[1:]])),
+            # β̃_0 = 0: clip the log at t = 0 by using β̃_1 there (as improved DDPM). A one-step chain has no
+            # β̃_1; its single step adds no noise, so β_0 stands in (the value only has to be finite).
+            "posterior_log_variance_clipped": torch.log(torch.cat([post_var[1:2], post_var[1:]])
+                                                        if len(post_var) > 1 else betas[:1]),
             "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
             "posterior_mean_coef2": (1.0 - ac_prev) * (1.0 - betas).sqrt() / (1.0 - ac),
             # DiT's fixed "large" variance: β_t, with β̃_1 at t = 0.
-            "large_variance": torch.cat([post_var[1:2], betas[1:]]),
+            "large_variance": torch.cat([post_var[1:2], betas[1:]]) if len(post_var) > 1 else betas[:1],
         }
         self._device_cache: dict[tuple[str, str], Tensor] = {}
         self._respaced: dict[str, GaussianDiffusion] = {}

@@ -38,9 +38,9 @@ SHARD = "shard-{:05d}.safetensors"
 
 
 def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    from ..devices import resolve_device
+
+    return resolve_device(spec)
 
 
 def tokenizer_is_discrete(tok: Any) -> bool:

@@ -118,11 +118,12 @@ class TexTokEncoder(nn.Module):
 
     def forward(self, images: Tensor, text: TextEmbeddings | None) -> Tensor:
         B = images.shape[0]
+        images = images.to(self.patch_pos.dtype)  # float64 / float16 input to a float32 model (autocast still applies)
         parts = [self.patch_embed(images) + self.patch_pos, (self.latent_tokens + self.latent_pos).expand(B, -1, -1)]
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
-            parts.append(self.text_proj(text.states))
+            parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
             key_padding = torch.cat([text.mask.new_ones(B, self.num_patches + self.num_tokens), text.mask], dim=1)
         h = self.transformer(torch.cat(parts, dim=1), key_padding)
         return self.to_tokens(h[:, self.num_patches : self.num_patches + self.num_tokens])
@@ -145,11 +146,12 @@ class TexTokDecoder(nn.Module):
 
     def forward(self, z: Tensor, text: TextEmbeddings | None) -> Tensor:
         B, P = z.shape[0], self.cfg.num_patches
+        z = z.to(self.patch_pos.dtype)
         parts = [(self.mask_token + self.patch_pos).expand(B, -1, -1), self.token_proj(z) + self.latent_pos]
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
-            parts.append(self.text_proj(text.states))
+            parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
             key_padding = torch.cat([text.mask.new_ones(B, P + self.cfg.num_tokens), text.mask], dim=1)
         h = self.transformer(torch.cat(parts, dim=1), key_padding)
         g = self.cfg.grid

@@ -93,6 +93,9 @@ class HFTextEncoder:
     @torch.no_grad()
     def encode(self, captions: list[str]) -> TextEmbeddings:
         captions = check_captions(captions)
+        if not captions:  # an empty batch
+            return TextEmbeddings(torch.zeros(0, 0, self.dim, device=self.device),
+                                  torch.zeros(0, 0, dtype=torch.bool, device=self.device))
         full = self.tokenizer(captions, padding=True, truncation=False, return_tensors="pt")
         if full["input_ids"].shape[1] > self.max_length and not self._warned_truncation:
             warnings.warn(

@@ -37,6 +37,16 @@ class OptimConfig(Config):
     grad_clip: float = 1.0  # 0 disables clipping
     d_lr: float = 1e-4  # discriminator learning rate
 
+    def __post_init__(self) -> None:
+        if not (self.lr >= 0 and self.d_lr >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise ConfigError(f"optim: lr ({self.lr}), d_lr ({self.d_lr}), weight_decay ({self.weight_decay}) and "
+                              f"grad_clip ({self.grad_clip}) must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ConfigError(f"optim: min_lr_ratio ({self.min_lr_ratio}) must lie in [0, 1] and warmup_steps "
+                              f"({self.warmup_steps}) be >= 0")
+
 
 @dataclasses.dataclass
 class LossConfig(Config):

@@ -64,6 +64,7 @@ def run_lock(out: str | Path, enabled: bool = True) -> Iterator[None]:
     if not enabled or fcntl is None:
         yield
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -88,5 +89,8 @@ def run_lock(out: str | Path, enabled: bool = True) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)  # released: nobody holds it
+            if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:  # a run refused before writing anything
+                path.unlink()
+                out.rmdir()
     finally:
         os.close(fd)  # closing the descriptor releases the flock
