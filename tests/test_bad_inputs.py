@@ -328,6 +328,11 @@ CASES = [
     Case("sample --npz a directory", lambda w, d: sample("--npz", d, "--num", "2")(w, d), 2,
          r"--npz .* is a directory"),
     # -- images -----------------------------------------------------------------------------------------
+    Case("reconstruct --out one of its input images", lambda w, d: reconstruct()(w, d)[:-1] + [w / "img.png"], 2,
+         "is one of the input images"),
+    Case("text_cache= naming a file that is not a cache",
+         lambda w, d: ["train-tokenizer", "--out", d / "t", *TINY_RUN[:-2], "--max-steps", "1",
+                       f"text_cache={w / 'user/notes.txt'}"], 2, r"notes.txt is not a textok text cache"),
     Case("reconstruct an image that is not one", reconstruct(image="garbage.png"), 2, "cannot be decoded"),
     Case("reconstruct an image that does not exist", reconstruct(image="nope.png"), 2, "does not exist"),
     Case("reconstruct a directory as an image", reconstruct(image="user"), 2, "is a directory"),

@@ -89,11 +89,15 @@ def _reconstruct_args(p: argparse.ArgumentParser) -> None:
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
+    from pathlib import Path
+
     from .data.images import check_output_image, load_image, save_image
     from .models.textok import TexTok
     from .text.encoders import check_captions
 
     check_output_image(args.out)  # before any work
+    if Path(args.out).resolve() in {Path(p).resolve() for p in args.image}:
+        raise TextokError(f"--out {args.out} is one of the input images; write the grid to another file")
     if args.caption is not None:
         check_captions(args.caption)
     model = TexTok.from_pretrained(args.model).eval()

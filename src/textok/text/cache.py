@@ -122,6 +122,9 @@ class TextEmbeddingCache:
             if meta.get("encoder") == self.name:
                 entries = load_file(str(path))
         except (SafetensorError, OSError) as err:
+            if path.suffix != ".safetensors":  # maybe not a cache at all: never overwrite what textok did not write
+                raise TextokError(f"text cache {path} is not a textok text cache; point text_cache= to a "
+                                  ".safetensors file (a new one is created)") from None
             warnings.warn(f"text cache {path} is corrupt ({str(err).split(': ', 1)[-1]}); its captions are encoded "
                           "again and the file is rewritten", stacklevel=2)
             return 0
