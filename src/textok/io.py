@@ -50,8 +50,9 @@ def check_replaceable(target: str | Path, markers: tuple[str, ...] = MARKERS, wh
                           "choose another path, or move those files away yourself")
 
 
-def remove_stale(directory: str | Path) -> list[Path]:
-    """Clean up what an interrupted save left in ``directory``; returns what was removed.
+def remove_stale(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Clean up what an interrupted save left in ``directory`` (only for target ``name`` when given, e.g. in a
+    folder that is not textok's own); returns what was removed.
 
     A ``.NAME.tmp-*`` entry is an unfinished write and is deleted. A ``.NAME.old-*`` entry is the previous
     version of NAME moved aside just before the new one was renamed in: when NAME exists it is deleted,
@@ -66,6 +67,8 @@ def remove_stale(directory: str | Path) -> list[Path]:
         for path in entries:
             m = STALE.match(path.name)
             if m is None or m.group("kind") != kind or not os.path.lexists(path):
+                continue
+            if name is not None and m.group("name") != name:
                 continue
             target = directory / m.group("name")
             if kind == "old" and not os.path.lexists(target):

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from ..data.factory import build_dataset
 from ..data.folder import collate
 from ..errors import TextokError
-from ..io import atomic_directory, atomic_write_text, check_replaceable, check_safetensors, read_json
+from ..io import (atomic_directory, atomic_write_text, check_replaceable, check_safetensors, read_json,
+                  remove_stale)
 from ..models.registry import load_tokenizer
 from ..text.banks import CaptionBank
 
@@ -60,6 +61,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
     if batch_size < 1 or shard_size < 1:
         raise TextokError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be positive")
     check_replaceable(out, (META,), what="latents")
+    remove_stale(Path(out).parent, Path(out).name)  # what a killed extraction into the same --out left
     tok_dir = Path(tokenizer).resolve()
     dev = _device(device)
     tok = load_tokenizer(tok_dir).eval().to(dev)
