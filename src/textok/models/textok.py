@@ -232,6 +232,10 @@ class TexTok(PretrainedMixin, nn.Module):
         z = self.encoder(images, emb if self.config.text_in_encoder else None)
         return self.decoder(z, emb if self.config.text_in_decoder else None), z
 
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's output projection, where VQGAN's adaptive GAN weight compares gradient norms."""
+        return self.decoder.to_pixels.weight
+
     # ---- accounting ----------------------------------------------------------------------------
     def num_parameters(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

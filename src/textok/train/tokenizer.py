@@ -10,6 +10,7 @@ bit-identical to an uninterrupted one on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..data.factory import build_dataset
 from ..data.folder import collate
 from ..data.images import save_image
 from ..errors import TextokError
-from ..losses.adversarial import LeCAM, d_loss, g_loss
+from ..losses.adversarial import LeCAM, adaptive_weight, d_loss, g_loss, r1_penalty
 from ..losses.perceptual import build_perceptual
 from ..models.discriminator import Discriminator, DiscriminatorConfig
 from ..models.registry import build_tokenizer, resolve_tokenizer_config
@@ -144,6 +145,7 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
             print(f"starting from the weights in {cfg.init_from}")
 
     train_model = wrap_ddp(LossForward(model), info)
+    last_layer = model.last_layer() if adv.adaptive else None
     disc_model = wrap_ddp(parts.disc, info) if parts.disc is not None else None
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -182,10 +184,10 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 skipped_total += batch["skipped"]
                 images = batch["image"].to(device, non_blocking=True)
                 text = _text_for(text_cache, batch, cfg.seed, step, device)
-                sync = contextlib_nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
+                sync = contextlib.nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
                 with sync, autocast_for(device, cfg.precision):
-                    recon, terms, extra = generator_losses(train_model, disc_model if gan_on else None, perceptual,
-                                                           images, text, cfg)
+                    recon, terms, extra = generator_losses(train_model, parts.disc if gan_on else None, perceptual,
+                                                           images, text, cfg, last_layer)
                     loss = sum(terms.values())
                 bad |= ~torch.isfinite(loss.detach())
                 (loss / cfg.grad_accum).backward()
@@ -201,8 +203,10 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
             # discriminator update (on the last micro-batch), LeCAM-regularised
             if gan_on and step % cfg.loss.d_every == 0:
                 set_lr(parts.opt_d, lr / cfg.optim.lr * cfg.optim.d_lr)
+                parts.opt_d.zero_grad(set_to_none=True)
                 with autocast_for(device, cfg.precision):
-                    d_terms = discriminator_losses(disc_model, parts.lecam, images, recon, cfg)
+                    d_terms = discriminator_losses(disc_model, parts.lecam, images, recon, cfg,
+                                                   r1=adv.r1_at(step // cfg.loss.d_every))
                     d_total = sum(d_terms.values())
                 bad |= ~torch.isfinite(d_total.detach())
                 d_total.backward()
@@ -247,36 +251,61 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
 
 # ---- the two loss computations (shared with benchmarks/train_step.py) ---------------------------
 def generator_losses(train_model: nn.Module, disc: nn.Module | None, perceptual: nn.Module | None,
-                     images: torch.Tensor, text, cfg: TrainConfig):
-    """(reconstruction, weighted loss terms, the model's extra outputs) for one tokenizer update."""
+                     images: torch.Tensor, text, cfg: TrainConfig, last_layer: torch.Tensor | None = None):
+    """(reconstruction, weighted loss terms, the model's extra outputs) for one tokenizer update.
+
+    ``disc`` is the plain discriminator module (not its DDP wrapper): its parameters are frozen for this
+    pass, so the generator's backward reaches the reconstruction through it but never writes into its
+    ``.grad``. ``last_layer`` (the decoder's output weight) is needed for ``loss.adversarial.adaptive``.
+    """
     recon, extra = train_model(images, text)
+    extra = dict(extra)
     terms = {"l2": F.mse_loss(recon.float(), images) * cfg.loss.l2_weight}
     if perceptual is not None:
         terms["perceptual"] = perceptual(recon.float(), images).mean() * cfg.loss.perceptual_weight
     if disc is not None:
-        terms["gan_g"] = g_loss(disc(recon), cfg.loss.adversarial.kind) * cfg.loss.adversarial.weight
+        adv = cfg.loss.adversarial
+        with frozen(disc):
+            gan = g_loss(disc(recon), adv.kind)
+        weight: float | torch.Tensor = adv.weight
+        if adv.adaptive:
+            if last_layer is None:
+                raise TextokError("loss.adversarial.adaptive needs the decoder's last layer; this model has none "
+                                  "(set loss.adversarial.adaptive=false)")
+            ratio = adaptive_weight(sum(terms.values()), gan, last_layer, adv.adaptive_max)
+            extra["metric/adaptive_weight"] = ratio
+            weight = weight * ratio
+        terms["gan_g"] = gan * weight
     terms.update({k: v for k, v in extra.items() if not k.startswith("metric/")})
     return recon, terms, extra
 
 
 def discriminator_losses(disc: nn.Module, lecam: LeCAM | None, images: torch.Tensor, recon: torch.Tensor,
-                         cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Weighted discriminator terms: the GAN loss on real vs (detached) reconstructions, plus LeCAM."""
+                         cfg: TrainConfig, r1: bool = False) -> dict[str, torch.Tensor]:
+    """Weighted discriminator terms: the GAN loss on real vs (detached) reconstructions, LeCAM, and (when
+    ``r1``) the lazy R1 penalty on the real images, scaled by its interval as in StyleGAN2."""
     adv = cfg.loss.adversarial
-    real, fake = disc(images), disc(recon.detach())
+    real_in = images.detach().requires_grad_(True) if r1 else images
+    real, fake = disc(real_in), disc(recon.detach())
     terms = {"d": d_loss(real, fake, adv.kind)}
     if lecam is not None and adv.lecam_weight > 0:
         terms["lecam"] = lecam(real.float(), fake.float()) * adv.lecam_weight
+    if r1:
+        terms["r1"] = r1_penalty(real, real_in) * (adv.r1_weight * adv.r1_every)
     return terms
 
 
 # ---- helpers (kept out of the loop body so it reads top to bottom) ------------------------------
-class contextlib_nullcontext:  # noqa: N801 - tiny local alias, avoids an import in the hot loop
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters of ``module`` do not require grad inside the block (graphs recorded there stay frozen)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 class LossForward(nn.Module):
