@@ -88,6 +88,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each DiT sampling step from a CUDA graph (GPU)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -106,7 +107,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         pipe = GenerationPipeline(args.generator, args.tokenizer, device=str(info.device) if info.enabled else args.device)
         labels = args.classes if args.classes is not None else (None if args.captions else pipe.default_labels())
         cfg_scale = args.cfg if args.cfg is not None else DEFAULT_CFG[pipe.kind]
-        kw = {"steps": args.steps, "cfg_scale": cfg_scale, "sampler": args.sampler, "seed": args.seed}
+        kw = {"steps": args.steps, "cfg_scale": cfg_scale, "sampler": args.sampler, "seed": args.seed,
+              "cuda_graph": args.cuda_graphs}
         pipe.check_request(labels, args.captions, cfg_scale)  # refuse before any work
         if args.out and info.is_main:
             path = sample_grid(pipe, args.out, labels, args.captions, n=args.n, progress=not args.no_progress, **kw)

@@ -157,10 +157,11 @@ class GenerationPipeline:
     @torch.no_grad()
     def generate(self, labels: list[int] | None = None, prompts: list[str] | None = None, *, n: int | None = None,
                  steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
-                 seed: int = 0, first: int = 0, progress: bool = False) -> Tensor:
+                 seed: int = 0, first: int = 0, progress: bool = False, cuda_graph: bool = False) -> Tensor:
         """One batch of images (B, 3, H, W) in [-1, 1]: one per label / prompt (or ``n`` unconditional).
 
         ``first`` is the global index of the batch's first sample (it seeds the decoder captions).
+        ``cuda_graph``: replay the DiT's step from a CUDA graph (GPU only).
         """
         cfg_scale = DEFAULT_CFG[self.kind] if cfg_scale is None else float(cfg_scale)
         self.check_request(labels, prompts, cfg_scale)
@@ -169,7 +170,11 @@ class GenerationPipeline:
             raise TextokError("nothing to sample: give at least one class, prompt or sample")
         g = torch.Generator(device=self.device).manual_seed((seed * 1_000_003 + first) % (2**63 - 1))
         dec_text = self.decoder_captions(labels, prompts, seed, first, B)
+        if cuda_graph and self.device.type != "cuda":
+            raise TextokError("--cuda-graphs needs a CUDA device; drop it on a CPU")
         if self.kind == "maskgit":
+            if cuda_graph:
+                raise TextokError("--cuda-graphs applies to DiT sampling, not MaskGIT; drop it")
             y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
             codes = self.model.generate(y, steps or DEFAULT_MASKGIT_STEPS, guidance_scale=cfg_scale, generator=g)
             images = self.tok.decode_codes(codes, dec_text)
@@ -185,7 +190,8 @@ class GenerationPipeline:
             with autocast_for(self.device, "auto"):
                 z = self.diffusion.sample(self.model, (B, cfg.num_tokens, cfg.in_channels), steps=steps,
                                           sampler=sampler, cfg_scale=cfg_scale if guided else 1.0,
-                                          model_kwargs=kwargs, generator=g, device=self.device, progress=progress)
+                                          model_kwargs=kwargs, generator=g, device=self.device, progress=progress,
+                                          cuda_graph=cuda_graph)
             z = z.float() * self.std + self.mean
             images = self.tok.decode(z, dec_text)
         return images.float().clamp(-1, 1)

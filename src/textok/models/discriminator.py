@@ -83,6 +83,12 @@ def _stylegan_512() -> DiscriminatorConfig:
     return DiscriminatorConfig(image_size=512, channel_base=32768, channel_max=512)
 
 
+@DiscriminatorConfig.register_preset("stylegan-small")
+def _stylegan_small() -> DiscriminatorConfig:
+    # 64 px GPU recipes, channels 64,128,256,256,256: 4.7M parameters.
+    return DiscriminatorConfig(image_size=64, channel_base=4096, channel_max=256)
+
+
 @DiscriminatorConfig.register_preset("stylegan-tiny")
 def _stylegan_tiny() -> DiscriminatorConfig:
     # 32 px, channels 16,32,32,32: ~70k parameters, for CPU tests.
