@@ -65,7 +65,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SET_BY_STUDY = ("model.num_tokens", "model.text_in_encoder", "model.text_in_decoder", "text_cache", "init_from")
 # keys that do not change what a cell learns: a change in them does not invalidate a finished cell
 NOT_IDENTITY = ("text_cache", "device", "log_every", "sample_every", "ckpt_every", "keep_last", "data.val_size",
-                "data.workers")
+                "data.workers", "data.decode_once")
 GRID_IMAGES = 6
 
 if TYPE_CHECKING:

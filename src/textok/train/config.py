@@ -25,6 +25,7 @@ class DataConfig(Config):
     captions_per_image: int = 0  # use only the first k captions of each image (0 = all)
     seed: int = 0  # the scenes' generator seed
     workers: int = 0  # DataLoader worker processes
+    decode_once: bool = False  # decode every image once and keep the pixels in memory (small data sets, fast GPUs)
 
 
 @dataclasses.dataclass

@@ -154,7 +154,7 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     d = cfg.data
     train_set = build_dataset(d.source, "train", model_cfg.image_size, size=d.train_size,
                               captions_file=d.captions_file, caption_bank=d.caption_bank, seed=d.seed,
-                              captions_per_image=d.captions_per_image)
+                              captions_per_image=d.captions_per_image, decode_once=d.decode_once)
     val_set = build_dataset(d.source, d.val_split, model_cfg.image_size, size=d.val_size,
                             captions_file=d.captions_file, caption_bank=d.caption_bank, seed=d.seed,
                             captions_per_image=d.captions_per_image)
