@@ -204,3 +204,39 @@ def test_quantizer_config_and_builder() -> None:
         QuantizerConfig(kind="fsq")
     cfg = QuantizerConfig().override(["num_codes=1024", "dead_code_steps=100"])
     assert QuantizerConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def _restart_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # identical initial codebooks, as after a seeded model build
+        vq = VectorQuantizer(num_codes=32, code_dim=4, dead_code_steps=1).train()
+        g = torch.Generator().manual_seed(100 + rank)  # each rank sees its own batch
+        restarted = 0
+        for _ in range(4):
+            z = torch.randn(6, 3, 4, generator=g)
+            restarted += int((vq.unused_steps >= 1).sum())
+            vq(z)
+        torch.save({"codebook": vq.embedding.weight.detach().clone(), "unused": vq.unused_steps.clone(),
+                    "restarted": restarted}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_dead_code_restarts_keep_codebooks_identical_across_ranks(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_restart_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["restarted"] > 0  # restarts happened, from different local batches
+    assert torch.equal(a["unused"], b["unused"])
+    assert torch.equal(a["codebook"], b["codebook"])
