@@ -87,6 +87,20 @@ def test_cli_sample_grid_and_npz(pipeline, capsys):
     assert a["arr_0"].shape == (5, 16, 16, 3) and a["arr_0"].dtype == np.uint8
     assert a["arr_1"].tolist() == [0, 1, 2, 3, 4]  # every class in turn
     assert np.array_equal(a["arr_0"], b["arr_0"]) and not np.array_equal(a["arr_0"], c["arr_0"])
+    # FID protocol: the .npz is drawn at DiT's evaluation guidance unless --cfg says otherwise, and says so;
+    # the grid keeps the visualisation scale; fp32 sampling is available
+    capsys.readouterr()
+    assert main(args + ["--class", "1", "--n", "1", "--out", str(pipeline / "g.png"), "--npz", str(pipeline / "d.npz"),
+                        "--num", "5", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "guidance 4)" in out and "guidance 1.5 (DiT's FID setting)" in out
+    for name, cfg in (("e", "1.5"), ("f", "4")):
+        assert main(args + ["--npz", str(pipeline / f"{name}.npz"), "--num", "5", "--seed", "1", "--cfg", cfg,
+                            "--precision", "fp32"]) == 0
+    e, f = (np.load(pipeline / f"{n}.npz")["arr_0"] for n in "ef")
+    assert np.array_equal(e, a["arr_0"]) and not np.array_equal(f, a["arr_0"])  # a (no --cfg) was drawn at 1.5
+    assert main(args + ["--npz", str(pipeline / "g.npz"), "--num", "2", "--temperature", "2"]) == 2
+    assert "MaskGIT sampling options" in capsys.readouterr().err
 
 
 def test_sample_refuses_bad_requests(pipeline, tmp_path, capsys):
