@@ -300,3 +300,22 @@ def test_sample_npz_under_two_processes_equals_one_process(pipeline):
     assert two["arr_0"].shape == (7, 16, 16, 3)
     assert np.array_equal(one["arr_0"], two["arr_0"]) and one["arr_1"].tolist() == two["arr_1"].tolist()
     assert not list(pipeline.glob(".two.npz.parts*"))  # the part files are cleaned up
+
+
+def test_class_conditional_decoder_captions_exclude_the_reference_images_own():
+    """The paper's protocol: a sample standing for a reference image is decoded with a caption of its class that
+    is not one of that image's own captions (whatever the seed)."""
+    import types
+
+    from textok.generate.sampling import GenerationPipeline
+    from textok.text.banks import CaptionBank
+
+    fake = types.SimpleNamespace(decoder_needs_text=True,
+                                 bank=CaptionBank({0: ["red petals", "yellow centre", "long stem"], 1: ["blue"]}))
+    own = [{"red petals", "yellow centre"}, {"blue"}]
+    for seed in range(20):
+        caps = GenerationPipeline.decoder_captions(fake, [0, 1], None, seed, 0, 2, exclude=own)
+        assert caps[0] == "long stem"  # the only caption of class 0 that is not the image's own
+        assert caps[1] == "blue"  # nothing else in the class: the bank's own caption rather than none
+    drawn = {GenerationPipeline.decoder_captions(fake, [0], None, s, 0, 1)[0] for s in range(40)}
+    assert drawn == {"red petals", "yellow centre", "long stem"}  # without exclusions, any caption of the class
