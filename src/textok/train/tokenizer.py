@@ -29,6 +29,7 @@ from ..losses.perceptual import build_perceptual
 from ..models.discriminator import Discriminator, DiscriminatorConfig
 from ..models.registry import build_tokenizer, resolve_tokenizer_config
 from ..text.cache import TextEmbeddingCache
+from ..text.embeddings import TextEmbeddings
 from ..text.encoders import load_text_encoder
 from .checkpoint import CheckpointManager
 from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, check_finite,
@@ -144,7 +145,12 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
         if info.is_main:
             print(f"starting from the weights in {cfg.init_from}")
 
-    train_model = wrap_ddp(LossForward(model), info)
+    contrast = cfg.loss.text_contrast_weight > 0
+    if contrast and not (model_type == "textok" and model_cfg.text_in_decoder):
+        raise TextokError("loss.text_contrast_weight trains a TexTok decoder to read its caption: it needs "
+                          f"model_type textok with text_in_decoder=true (this run: {model_type}, text_in_decoder="
+                          f"{getattr(model_cfg, 'text_in_decoder', False)}); set loss.text_contrast_weight=0")
+    train_model = wrap_ddp(LossForward(model, (cfg.loss.text_contrast_weight, cfg.loss.text_contrast_margin)), info)
     last_layer = model.last_layer() if adv.adaptive else None
     disc_model = wrap_ddp(parts.disc, info) if parts.disc is not None else None
     if cfg.compile:
@@ -184,10 +190,13 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 skipped_total += batch["skipped"]
                 images = batch["image"].to(device, non_blocking=True)
                 text = _text_for(text_cache, batch, cfg.seed, step, device)
+                if text is not None and cfg.text_dropout > 0:
+                    text = text.without(_dropped_rows(len(text), cfg.text_dropout, cfg.seed, step, k, info.rank))
+                wrong = TextEmbeddings(text.states.roll(1, 0), text.mask.roll(1, 0)) if contrast else None
                 sync = contextlib.nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
                 with sync, autocast_for(device, cfg.precision):
                     recon, terms, extra = generator_losses(train_model, parts.disc if gan_on else None, perceptual,
-                                                           images, text, cfg, last_layer)
+                                                           images, text, cfg, last_layer, wrong)
                     loss = sum(terms.values())
                 bad |= ~torch.isfinite(loss.detach())
                 (loss / cfg.grad_accum).backward()
@@ -251,14 +260,16 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
 
 # ---- the two loss computations (shared with benchmarks/train_step.py) ---------------------------
 def generator_losses(train_model: nn.Module, disc: nn.Module | None, perceptual: nn.Module | None,
-                     images: torch.Tensor, text, cfg: TrainConfig, last_layer: torch.Tensor | None = None):
+                     images: torch.Tensor, text, cfg: TrainConfig, last_layer: torch.Tensor | None = None,
+                     wrong_text=None):
     """(reconstruction, weighted loss terms, the model's extra outputs) for one tokenizer update.
 
     ``disc`` is the plain discriminator module (not its DDP wrapper): its parameters are frozen for this
     pass, so the generator's backward reaches the reconstruction through it but never writes into its
-    ``.grad``. ``last_layer`` (the decoder's output weight) is needed for ``loss.adversarial.adaptive``.
+    ``.grad``. ``last_layer`` (the decoder's output weight) is needed for ``loss.adversarial.adaptive``;
+    ``wrong_text`` (another image's caption per image) for the text-grounding term.
     """
-    recon, extra = train_model(images, text)
+    recon, extra = train_model(images, text) if wrong_text is None else train_model(images, text, wrong_text)
     extra = dict(extra)
     terms = {"l2": F.mse_loss(recon.float(), images) * cfg.loss.l2_weight}
     if perceptual is not None:
@@ -309,14 +320,23 @@ def frozen(module: nn.Module):
 
 
 class LossForward(nn.Module):
-    """``forward`` = the tokenizer's ``training_losses``, so DDP and torch.compile wrap the call the loop makes."""
+    """``forward`` = the tokenizer's ``training_losses``, so DDP and torch.compile wrap the call the loop makes.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``wrong_text`` (another image's caption per image) it also decodes the same tokens with it and adds the
+    text-grounding term ``weight * relu(margin - (l2_wrong - l2_right))`` (``text_contrast``)."""
+
+    def __init__(self, model: nn.Module, text_contrast: tuple[float, float] = (0.0, 0.0)) -> None:
         super().__init__()
         self.model = model
+        self.text_contrast = text_contrast
 
-    def forward(self, images: torch.Tensor, text) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.model.training_losses(images, text)
+    def forward(self, images: torch.Tensor, text, wrong_text=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if wrong_text is None:
+            return self.model.training_losses(images, text)
+        recon, recon_wrong = self.model.decode_right_and_wrong(images, text, wrong_text)
+        gap = F.mse_loss(recon_wrong.float(), images) - F.mse_loss(recon.float(), images)
+        weight, margin = self.text_contrast
+        return recon, {"text_contrast": weight * F.relu(margin - gap), "metric/wrong_caption_gap": gap.detach()}
 
 
 def _save_checkpoint(ckpts, parts: Components, step: int, model_type: str, model_cfg, cfg: TrainConfig,
@@ -360,6 +380,12 @@ def _captions_of(dataset, index: int) -> list[str]:
         return getter(index)
     item = dataset[index]
     return item["captions"] if item is not None else []
+
+
+def _dropped_rows(batch: int, p: float, seed: int, step: int, micro: int, rank: int) -> torch.Tensor:
+    """Which images of a micro-batch train without their caption: a pure function of the position (exact resume)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1))
+    return torch.rand(batch, generator=g) < p
 
 
 def _text_for(cache, batch: dict, seed: int, step: int, device, train: bool = True):
