@@ -151,6 +151,7 @@ def test_scale_schedule_must_end_at_k():
         ImageFolderConfig().override(["num_tokens=5"])  # derived from latent_grid
     cfg = ImageFolderConfig.preset("imagefolder-s-32")
     assert ImageFolderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()  # what a checkpoint stores compares equal
     with pytest.raises(ConfigError, match="does not follow"):
         ImageFolderConfig.from_dict({**cfg.to_dict(), "num_tokens": 7})
 
@@ -265,6 +266,18 @@ def test_semantic_loss_leaves_out_the_dropped_rows(tiny_dinov2):
     assert math.isclose(float(terms["metric/dropped_rows"]), float((keep < 3).float().mean()), rel_tol=1e-6)
 
 
+def test_opennsfw_teacher_and_loading_it_leaves_the_rng_alone():
+    model = tiny("semantic_teacher=opennsfw", "teacher_size=32")
+    assert model.config.teacher_dim == 1024 and model.semantic_proj.in_features == 1024
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    teacher = model.teacher()
+    assert torch.equal(torch.get_rng_state(), before)  # a resumed run loads it at another step
+    assert teacher(images()).shape == (4, 1024) and not any(p.requires_grad for p in teacher.parameters())
+    _, terms = model.training_losses(images())
+    assert terms["semantic"].requires_grad and math.isfinite(float(terms["metric/semantic_loss"]))
+
+
 def test_wrong_teacher_width_is_a_clear_error(tiny_dinov2):
     path, _ = tiny_dinov2
     model = tiny(f"semantic_teacher=dinov2:{path}", "teacher_size=32")  # semantic_dim defaults to 768
@@ -320,3 +333,24 @@ def test_tokenizer_training_loop_trains_imagefolder(tmp_path):
     model = load_tokenizer(final)
     assert isinstance(model, ImageFolder) and model.encode_codes(images()).shape == (4, 2, 14)
     assert (tmp_path / "run" / "samples" / "step-0000003.png").is_file()
+
+
+def test_resume_is_exact_with_dropout_and_a_lazily_loaded_teacher(tmp_path, tiny_dinov2):
+    """4 steps in one run == 2 steps, stop, resume to 4: quantizer dropout draws from the checkpointed RNG, and
+    loading the teacher at a different step does not shift it."""
+    from safetensors.torch import load_file
+
+    from textok.train.config import load_train_config
+    from textok.train.tokenizer import train_tokenizer
+
+    path, _ = tiny_dinov2
+    base = ["batch_size=4", "data.train_size=16", "data.val_size=4", "log_every=1", "sample_every=0",
+            "ckpt_every=2", "optim.warmup_steps=1", "loss.perceptual=none", f"model.semantic_teacher=dinov2:{path}",
+            "model.semantic_dim=64", "model.teacher_size=32", "model.quantizer.dropout=0.5"]
+    train_tokenizer(load_train_config("imagefolder-tiny", base + ["max_steps=4"]), tmp_path / "a", progress=False)
+    train_tokenizer(load_train_config("imagefolder-tiny", base + ["max_steps=2"]), tmp_path / "b", progress=False)
+    train_tokenizer(load_train_config("imagefolder-tiny", base + ["max_steps=4"]), tmp_path / "b", progress=False)
+    a, b = load_file(str(tmp_path / "a/final/model.safetensors")), load_file(str(tmp_path / "b/final/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert all("semantic" in e for e in log) and any(e["metric/dropped_rows"] > 0 for e in log)

@@ -3,6 +3,7 @@ against a full forward, guidance, the loss, compatibility with the tokenizer, to
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -79,6 +80,8 @@ def test_mismatched_generator_is_refused_naming_both():
     assert VARConfig.for_tokenizer(tok, num_classes=3, width=32, depth=1, heads=2).scales == (1, 2, 3)
     with pytest.raises(ConfigError, match="divisible"):
         VARConfig(width=30, heads=4)
+    cfg = VARConfig.preset("var-s-32").override(["fold=false", "scales=[1,2,3,4,6]"])
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict() and VARConfig.from_dict(cfg.to_dict()) == cfg
 
 
 # ---- sequence layout and causality ----------------------------------------------------------------------------

@@ -126,6 +126,7 @@ class ImageFolderConfig(TexTokConfig):
         data = super().to_dict()
         for derived in ("num_tokens", "token_channels"):
             data.pop(derived, None)
+        data["quantizer"] = self.quantizer.to_dict()
         return data
 
     @classmethod
@@ -313,7 +314,9 @@ class ImageFolder(TexTok):
         if not self.config.uses_teacher:
             return None
         if self._teacher is None:
-            object.__setattr__(self, "_teacher", build_teacher(self.config.semantic_teacher, self.config.teacher_size))
+            with torch.random.fork_rng(devices=[]):  # building it must not move the RNG: resumed runs stay exact
+                teacher = build_teacher(self.config.semantic_teacher, self.config.teacher_size)
+            object.__setattr__(self, "_teacher", teacher)
             got = getattr(self._teacher, "feature_dim", None)
             if got != self.config.teacher_dim:
                 raise TextokError(f"semantic teacher {self.config.semantic_teacher!r} gives {got}-d features but "

@@ -66,6 +66,12 @@ class VARConfig(Config):
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """Scales as a list, as JSON stores them (so a saved and a live config compare equal)."""
+        data = super().to_dict()
+        data["scales"] = list(self.scales)
+        return data
+
     @property
     def num_scales(self) -> int:
         return len(self.scales)
