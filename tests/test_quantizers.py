@@ -432,3 +432,31 @@ def test_multiscale_config_refuses_bad_schedules() -> None:
     assert cfg.scales == (1, 2, 4) and cfg.codes_per_branch == 21 and cfg.codes_per_image == 42
     assert MultiScaleQuantizerConfig.from_dict(cfg.to_dict()) == cfg
     assert MultiScaleQuantizerConfig().codes_per_branch == 286 and MultiScaleQuantizerConfig().codes_per_image == 572
+
+
+def _usage_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        pq = _pq().train()
+        z = _latents(6, 4, 3, seed=0, branches=2)[3 * rank:3 * (rank + 1)]  # each rank: half of one batch
+        torch.save(pq(z).metrics["usage_per_scale"], f"{out}/usage{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_usage_per_scale_is_of_the_global_batch_under_data_parallelism(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_usage_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    a, b = (torch.load(tmp_path / f"usage{r}.pt", weights_only=True) for r in (0, 1))
+    whole = _pq()(_latents(6, 4, 3, seed=0, branches=2)).metrics["usage_per_scale"]
+    assert torch.equal(a, b) and torch.equal(a, whole)

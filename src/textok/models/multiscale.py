@@ -32,12 +32,13 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
 from ..errors import ConfigError, TextokError
-from .quantizers import VQOutput
+from .quantizers import VQOutput, _data_parallel
 
 PAPER_SCALES: tuple[int, ...] = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
 
@@ -254,6 +255,8 @@ class MultiScaleResidualQuantizer(nn.Module):
             commitment, codebook_loss = self.beta * commitment / S, codebook_loss / S
             quantized = f + (fhat - f).detach()  # straight-through: value f_hat, gradient identity to f
             counts_t = torch.stack(counts)  # (S, V)
+            if self.training and _data_parallel():
+                dist.all_reduce(counts_t)  # usage of the global batch, as VectorQuantizer reports it
             total = counts_t.sum(0).float()
             probs = total / total.sum().clamp_min(1.0)
             metrics = {"usage": (total > 0).float().mean(),
