@@ -116,9 +116,13 @@ class TexTokEncoder(nn.Module):
         self.transformer = Transformer(cfg.encoder)
         self.to_tokens = nn.Linear(D, cfg.token_channels)
 
+    def latent_inputs(self) -> Tensor:
+        """The (1, N, D) latent tokens as they enter the transformer (ImageFolder overrides the positions)."""
+        return self.latent_tokens + self.latent_pos
+
     def forward(self, images: Tensor, text: TextEmbeddings | None) -> Tensor:
         B = images.shape[0]
-        parts = [self.patch_embed(images) + self.patch_pos, (self.latent_tokens + self.latent_pos).expand(B, -1, -1)]
+        parts = [self.patch_embed(images) + self.patch_pos, self.latent_inputs().expand(B, -1, -1)]
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
