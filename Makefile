@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-gen demo-titok test setup bench clean
+.PHONY: demo demo-gen demo-titok test setup bench gpu-pack gpu-suite gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,18 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py --preset textok-tiny
 	$(BIN)/python benchmarks/sampling.py
+
+# The GPU suite (benchmarks/gpu_suite.py): build the pack that travels to a GPU machine, then run the suite
+# there (PYTHONPATH=src python3 benchmarks/gpu_suite.py --pack .gpu-pack --out $$OUT); gpu-smoke: every phase,
+# tiny, on a CPU.
+gpu-pack: $(STAMP)
+	$(BIN)/python benchmarks/gpu_pack.py
+
+gpu-suite: $(STAMP)
+	$(BIN)/python benchmarks/gpu_suite.py --pack .gpu-pack --out runs/gpu-suite
+
+gpu-smoke: $(STAMP)
+	$(BIN)/python benchmarks/gpu_suite.py --cpu-smoke --out runs/gpu-smoke
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

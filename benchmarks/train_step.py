@@ -30,8 +30,8 @@ from textok.train.tokenizer import LossForward, build_components, discriminator_
 
 
 def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precision: str, compile_: bool,
-          losses: str, device: torch.device) -> dict:
-    overrides = [f"precision={precision}", "loss.adversarial.start_step=0"]
+          losses: str, device: torch.device, extra_overrides: tuple[str, ...] = ()) -> dict:
+    overrides = [f"precision={precision}", "loss.adversarial.start_step=0", *extra_overrides]
     if not text:
         overrides += ["model.text_in_encoder=false", "model.text_in_decoder=false"]
     if losses == "l2":

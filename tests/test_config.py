@@ -47,3 +47,36 @@ def test_presets_and_unknown_preset():
 def test_invalid_geometry():
     with pytest.raises(ConfigError, match="not a multiple of patch_size"):
         TexTokConfig(image_size=30, patch_size=4)
+
+
+def test_every_config_field_is_read_somewhere() -> None:
+    """A config field no code reads is an option that silently does nothing: each field of every Config
+    dataclass must be read (``.name`` or ``"name"``) somewhere in the package. A field whose name another
+    attribute shares can slip through; the check catches the plain case of an option never wired in."""
+    import dataclasses
+    import importlib
+    import pkgutil
+    import re
+    from pathlib import Path
+
+    import textok
+    from textok.config import Config
+
+    for module in pkgutil.walk_packages(textok.__path__, "textok."):
+        importlib.import_module(module.name)
+    sources = [p.read_text() for p in Path(textok.__file__).parent.rglob("*.py")]
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    unread = []
+    for cls in set(subclasses(Config)):
+        if not cls.__module__.startswith("textok."):
+            continue
+        for f in dataclasses.fields(cls):
+            pattern = re.compile(rf"\.{f.name}\b|[\"']{f.name}[\"']")
+            if not any(pattern.search(text) for text in sources):
+                unread.append(f"{cls.__name__}.{f.name}")
+    assert not unread, f"config fields that no code reads: {unread}"

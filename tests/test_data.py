@@ -118,3 +118,29 @@ def test_mismatched_captions_give_each_image_the_next_ones_caption():
         assert view[i]["captions"] == scenes[(i + 1) % 3]["captions"] != scenes[i]["captions"]
     with pytest.raises(IndexError):
         view[3]
+
+
+def test_decode_once_gives_the_same_items_and_keeps_bad_ones_out(tmp_path):
+    from textok.data.factory import DecodedOnce, build_dataset
+
+    root = tmp_path / "set"
+    (root / "train").mkdir(parents=True)
+    rows = []
+    for i in range(5):
+        name = f"train/{i}.jpg"
+        if i == 2:
+            (root / name).write_bytes(b"not an image")
+        else:
+            Image.fromarray((torch.rand(20, 24, 3) * 255).byte().numpy()).save(root / name, quality=90)
+        rows.append({"file": name, "captions": [f"caption {i}", f"other {i}"], "label": i % 2})
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = build_dataset(str(root), "train", 16, captions_per_image=1)
+    once = build_dataset(str(root), "train", 16, captions_per_image=1, decode_once=True)
+    assert isinstance(once, DecodedOnce) and once.pixels.dtype == torch.uint8  # 8-bit JPEG pixels: lossless
+    assert len(once) == len(plain) == 5 and once[2] is None and plain[2] is None
+    for i in (0, 1, 3, 4):
+        a, b = plain[i], once[i]
+        assert torch.equal(a["image"], b["image"]) and a["captions"] == b["captions"] == [f"caption {i}"]
+        assert a["label"] == b["label"] and a["index"] == b["index"]
+    assert once.caption_bank() == plain.caption_bank() and once.captions_of(3) == plain.captions_of(3)
+    assert collate([once[i] for i in range(5)])["skipped"] == 1

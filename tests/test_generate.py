@@ -94,6 +94,20 @@ def test_cli_sample_grid_and_npz(pipeline, capsys):
     assert a["arr_0"].shape == (5, 16, 16, 3) and a["arr_0"].dtype == np.uint8
     assert a["arr_1"].tolist() == [0, 1, 2, 3, 4]  # every class in turn
     assert np.array_equal(a["arr_0"], b["arr_0"]) and not np.array_equal(a["arr_0"], c["arr_0"])
+    # FID protocol: the .npz is drawn at DiT's evaluation guidance unless --cfg says otherwise, and says so;
+    # the grid keeps the visualisation scale; fp32 sampling is available
+    capsys.readouterr()
+    assert main(args + ["--class", "1", "--n", "1", "--out", str(pipeline / "g.png"), "--npz", str(pipeline / "d.npz"),
+                        "--num", "5", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "guidance 4)" in out and "guidance 1.5 (DiT's FID setting)" in out
+    for name, cfg in (("e", "1.5"), ("f", "4")):
+        assert main(args + ["--npz", str(pipeline / f"{name}.npz"), "--num", "5", "--seed", "1", "--cfg", cfg,
+                            "--precision", "fp32"]) == 0
+    e, f = (np.load(pipeline / f"{n}.npz")["arr_0"] for n in "ef")
+    assert np.array_equal(e, a["arr_0"]) and not np.array_equal(f, a["arr_0"])  # a (no --cfg) was drawn at 1.5
+    assert main(args + ["--npz", str(pipeline / "g.npz"), "--num", "2", "--temperature", "2"]) == 2
+    assert "MaskGIT sampling options" in capsys.readouterr().err
 
 
 def test_sample_refuses_bad_requests(pipeline, tmp_path, capsys):
@@ -293,3 +307,22 @@ def test_sample_npz_under_two_processes_equals_one_process(pipeline):
     assert two["arr_0"].shape == (7, 16, 16, 3)
     assert np.array_equal(one["arr_0"], two["arr_0"]) and one["arr_1"].tolist() == two["arr_1"].tolist()
     assert not list(pipeline.glob(".two.npz.parts*"))  # the part files are cleaned up
+
+
+def test_class_conditional_decoder_captions_exclude_the_reference_images_own():
+    """The paper's protocol: a sample standing for a reference image is decoded with a caption of its class that
+    is not one of that image's own captions (whatever the seed)."""
+    import types
+
+    from textok.generate.sampling import GenerationPipeline
+    from textok.text.banks import CaptionBank
+
+    fake = types.SimpleNamespace(decoder_needs_text=True,
+                                 bank=CaptionBank({0: ["red petals", "yellow centre", "long stem"], 1: ["blue"]}))
+    own = [{"red petals", "yellow centre"}, {"blue"}]
+    for seed in range(20):
+        caps = GenerationPipeline.decoder_captions(fake, [0, 1], None, seed, 0, 2, exclude=own)
+        assert caps[0] == "long stem"  # the only caption of class 0 that is not the image's own
+        assert caps[1] == "blue"  # nothing else in the class: the bank's own caption rather than none
+    drawn = {GenerationPipeline.decoder_captions(fake, [0], None, s, 0, 1)[0] for s in range(40)}
+    assert drawn == {"red petals", "yellow centre", "long stem"}  # without exclusions, any caption of the class

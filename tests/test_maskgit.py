@@ -50,7 +50,7 @@ def test_generate_follows_schedule_and_ends_unmasked():
     labels = torch.tensor([0, 1, 2, 1])
     out = m.generate(labels, steps=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
     handle.remove()
-    counts = masked_counts(32, 8)
+    counts = masked_counts(32, 8, m.cfg.mask_schedule)
     # Input of step s holds the masked count left by step s-1 (all N at step 0), for every sample.
     assert seen == [[n] * 4 for n in [32] + counts[:-1]]
     assert out.shape == (4, 32) and out.dtype == torch.int64
@@ -83,8 +83,8 @@ def test_guidance_scale_one_is_conditional_and_batched_cfg_matches_separate_pass
 
 
 # ---- training loss ----------------------------------------------------------------------------------
-def test_loss_only_uses_masked_positions():
-    m = tiny(class_dropout=0.0)
+def test_loss_only_uses_masked_positions_when_unmasked_weight_is_zero():
+    m = tiny(class_dropout=0.0, unmasked_loss_weight=0.0, label_smoothing=0.0)
     codes = torch.randint(0, 32, (6, 16), generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 1, 0, 1, 0, 1])
     captured = {}
@@ -105,14 +105,57 @@ def test_loss_only_uses_masked_positions():
     torch.testing.assert_close(out["loss"], manual)
 
 
+def test_default_loss_is_titoks_weighted_smoothed_cross_entropy():
+    """Masked positions weight 1, unmasked 0.1, label smoothing 0.1, normalised by the weights (TiTok's MLMLoss)."""
+    m = tiny(class_dropout=0.0)
+    assert (m.cfg.unmasked_loss_weight, m.cfg.label_smoothing, m.cfg.mask_schedule) == (0.1, 0.1, "arccos")
+    codes = torch.randint(0, 32, (6, 16), generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    out = m.training_loss(codes, labels, generator=torch.Generator().manual_seed(5))
+    inputs, mask, _ = m.mask_tokens(codes, torch.Generator().manual_seed(5))
+    logits = m(inputs, labels).double()
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(-1, codes[..., None]).squeeze(-1)
+    ce = 0.9 * nll + 0.1 * (-logp.mean(-1))  # smoothing 0.1 spreads 0.1 of the target uniformly over the K codes
+    w = mask.double() + 0.1 * (~mask).double()
+    expected = (ce * w).sum() / w.sum()
+    assert abs(float(out["loss"].detach()) - float(expected)) / float(expected) < 1e-5
+    assert (~mask).any()  # the unmasked positions entered with weight 0.1
+
+
+def test_confidence_ranks_raw_logits_not_log_probabilities():
+    """Position 0: raw top logit 5 among many close rivals (low log-probability); position 1: raw top logit 3
+    with no rival (log-probability ~0). TiTok keeps the higher raw logit, so position 1 is re-masked."""
+    m = tiny(n=2, k=8, c=1).eval()
+    logits = torch.full((1, 2, 8), -10.0)
+    logits[0, 0] = 4.9
+    logits[0, 0, 3] = 5.0
+    logits[0, 1, 6] = 3.0
+    m.guided_logits = lambda ids, labels, scale: logits.clone()  # the network is not the point here
+    seen = []
+    real = m.guided_logits
+
+    def spy(ids, labels, scale):
+        seen.append(ids.clone())
+        return real(ids, labels, scale)
+
+    m.guided_logits = spy
+    assert masked_counts(2, 2, m.cfg.mask_schedule)[0] == 1
+    out = m.generate(torch.tensor([0]), steps=2, temperature=0.0, choice_temperature=0.0)
+    assert seen[1].tolist() == [[3, m.mask_id]]  # after step 0: position 0 kept (code 3), position 1 re-masked
+    assert out.tolist() == [[3, 6]]
+    lp = logits.log_softmax(-1)
+    assert lp[0, 0, 3] < lp[0, 1, 6]  # a log-probability ranking would have re-masked position 0 instead
+
+
 def test_mask_ratio_distribution_and_counts():
-    m = tiny(n=32, k=16)
+    m = tiny(n=32, k=16, mask_schedule="cosine")
     codes = torch.zeros(20000, 32, dtype=torch.long)
     inputs, mask, ratio = m.mask_tokens(codes, torch.Generator().manual_seed(0))
     # r = cos(pi/2 u), u ~ U(0,1)  =>  P(r <= x) = 1 - (2/pi) arccos(x)
     ks = stats.kstest(ratio.numpy(), lambda x: 1 - 2 / math.pi * torch.acos(torch.as_tensor(x)).numpy())
     assert ks.pvalue > 1e-3
-    expected = (ratio * 32).ceil().clamp(min=1).long()
+    expected = (ratio * 32).round().clamp(min=1).long()  # TiTok's count
     assert torch.equal(mask.sum(1), expected)
     assert torch.equal(inputs == m.mask_id, mask)
     # Positions are uniform: each is masked at about the mean rate.
@@ -143,7 +186,9 @@ def test_label_dropout_uses_null_class_in_training_only():
 # ---- memorisation -----------------------------------------------------------------------------------
 def test_loss_falls_and_greedy_generation_reproduces_memorised_sequences():
     K, N = 32, 16
-    m = tiny(n=N, k=K, c=2)
+    # plain CE (the smoothed one cannot reach ~0); cosine unmasks one token at the first step, so greedy decoding
+    # cannot start from two different memorised sequences at once (arccos unmasks two)
+    m = tiny(n=N, k=K, c=2, label_smoothing=0.0, mask_schedule="cosine")
     g = torch.Generator().manual_seed(0)
     base = torch.stack([torch.randperm(K, generator=g)[:N] for _ in range(2)])
     # Two sequences per class that differ at every position.
@@ -215,3 +260,16 @@ def test_presets_parameter_count_and_flops():
     tiny_model = MaskGIT(MaskGITConfig.preset("maskgit-tiny"))
     logits = tiny_model(torch.zeros(2, 32, dtype=torch.long), torch.tensor([0, 10]))
     assert logits.shape == (2, 32, 256)
+
+
+def test_maskgit_runs_start_from_titoks_optimiser() -> None:
+    from textok.generate.trainer import load_generator_config, maskgit_optim
+
+    titok = maskgit_optim()
+    assert (titok.lr, titok.betas, titok.weight_decay, titok.warmup_steps) == (2e-4, (0.9, 0.96), 0.03, 10_000)
+    assert titok.lr * titok.min_lr_ratio == pytest.approx(1e-5)
+    assert load_generator_config("maskgit-tiny").optim == titok
+    assert load_generator_config(None, kind="maskgit").optim == titok
+    tuned = load_generator_config("maskgit-tiny", ["optim.lr=1e-3"]).optim
+    assert tuned.lr == 1e-3 and tuned.betas == titok.betas  # an override changes only what it names
+    assert load_generator_config("dit-tiny").optim.betas == (0.9, 0.999)  # DiT keeps DiT's

@@ -343,3 +343,40 @@ def test_a_field_added_later_with_its_default_does_not_invalidate_finished_cells
     old = {k: v for k, v in new.items() if k != "init_from"}  # a cell written before init_from existed
     assert _config_diff(old, new) == []
     assert _config_diff(old, {**new, "init_from": "/x/final"}) == ["init_from: '' -> '/x/final'"]
+
+
+def test_eval_data_scores_finished_cells_on_another_set_without_training(tmp_path, capsys):
+    torch.set_num_threads(1)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from make_tiny_data import write_tiny_captioned_tar
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    out = tmp_path / "study"
+    argv = ["study", "--data", "scenes", "--recipe", str(recipe), "--tokens", "2", "--modes", "both", "none",
+            "--steps", "2", "--val-num", "8", "--fd-size", "32", "--no-progress", "--out", str(out)]
+    other = write_tiny_captioned_tar(tmp_path / "photos.tar", images=4, size=32, held_out=6)
+    # before training: refused, naming what is missing
+    assert main(argv + ["--eval-data", str(other)]) == 2
+    assert "has no trained n2-both, n2-none" in capsys.readouterr().err
+    assert main(argv) == 0
+    own = {c: json.loads((out / "cells" / c / "eval.json").read_text()) for c in ("n2-both", "n2-none")}
+    weights = {c: (out / "cells" / c / "final" / "model.safetensors").stat().st_mtime_ns for c in own}
+    capsys.readouterr()
+    assert main(argv + ["--eval-data", str(other)]) == 0
+    assert "training" not in capsys.readouterr().out
+    dest = out / "eval-photos"
+    res = json.loads((dest / "results.json").read_text())
+    assert res["evaluated_on"] == str(other.resolve()) and res["eval"]["val_num"] == 6
+    assert {r["cell"] for r in res["text_reliance_table"]} == {"n2-both"}
+    assert (dest / "report.md").is_file() and (dest / "grid.png").is_file()
+    assert "a set the cells were not trained or tuned on" in (dest / "report.md").read_text()
+    for c in own:  # the cells themselves are untouched
+        assert json.loads((out / "cells" / c / "eval.json").read_text()) == own[c]
+        assert (out / "cells" / c / "final" / "model.safetensors").stat().st_mtime_ns == weights[c]
+        assert res["cells"][c]["metrics"]["num_images"] == 6
+    # the same model on other images gives other numbers
+    assert res["cells"]["n2-none"]["metrics"]["PSNR"] != own["n2-none"]["metrics"]["PSNR"]

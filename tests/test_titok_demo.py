@@ -64,12 +64,17 @@ def test_metrics_come_from_the_evaluation(quick_run):
     assert math.isfinite(gen["heldout"]["loss"]) and 0.0 <= gen["heldout"]["accuracy"] <= 1.0
     last = json.loads((quick_run / "maskgit" / "log.jsonl").read_text().splitlines()[-1])
     assert gen["train_last_logs"]["loss"] == pytest.approx(last["loss"])
-    # the held-out loss is the model's own masked-token loss on the held-out codes (eval mode: no label drop)
+    # the held-out loss is the model's masked-token cross-entropy on the held-out codes (eval mode: no label
+    # drop; plain CE on the masked tokens, the quantity comparable with chance ln K, not the smoothed and weighted
+    # training loss)
+    import dataclasses
+
     from textok.generate.latents import LatentDataset
     from textok.generate.trainer import load_generator
 
     model, _ = load_generator(quick_run / "maskgit" / "final")
     model.eval()
+    model.cfg = dataclasses.replace(model.cfg, label_smoothing=0.0, unmasked_loss_weight=0.0)
     data = LatentDataset(quick_run / "val-latents", normalize=False)
     draws = gen["heldout"]["mask_draws"]
     with torch.no_grad():

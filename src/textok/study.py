@@ -65,7 +65,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SET_BY_STUDY = ("model.num_tokens", "model.text_in_encoder", "model.text_in_decoder", "text_cache", "init_from")
 # keys that do not change what a cell learns: a change in them does not invalidate a finished cell
 NOT_IDENTITY = ("text_cache", "device", "log_every", "sample_every", "ckpt_every", "keep_last", "data.val_size",
-                "data.workers")
+                "data.workers", "data.decode_once")
 GRID_IMAGES = 6
 
 if TYPE_CHECKING:
@@ -302,11 +302,14 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
               image_size: int | None = None, val_num: int | None = None, seed: int | None = None,
               fd_size: int | None = None, inception_weights: str | None = None, vgg16_weights: str | None = None,
               overrides: Sequence[str] = (), progress: bool = True,
-              generation: GenerationSettings | None = None, init_from_study: str | None = None) -> dict[str, Any]:
+              generation: GenerationSettings | None = None, init_from_study: str | None = None,
+              eval_data: str | None = None, eval_split: str = "val") -> dict[str, Any]:
     """Train and evaluate every (N, mode) cell (skipping finished ones), then write the report.
 
     ``generation``: also test C4 (see :mod:`textok.study_generation`). ``init_from_study``: every cell starts
     from the same cell of that finished study (a second training stage, e.g. perceptual + GAN after l2).
+    ``eval_data``: train nothing; score the finished cells on the ``eval_split`` of another captioned set and
+    write that report to ``OUT/eval-<name>/`` (the cells' own evaluations are left as they are).
 
     Returns the ``results.json`` content.
     """
@@ -335,6 +338,12 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
                      "inception_weights": inception_weights, "vgg16_weights": vgg16_weights,
                      "caption": "first caption of each image",
                      "wrong_caption": "text cells are also scored with the next image's first caption"}
+    if eval_data is not None:
+        if generation is not None:
+            raise ConfigError("--eval-data scores the trained cells on other images; it does not run C4: drop "
+                              "--generation")
+        return _evaluate_elsewhere(out, recipe, base, configs, tokens, modes, size, eval_data, eval_split, val_num,
+                                   eval_settings)
     out.mkdir(parents=True, exist_ok=True)
 
     cells: dict[str, dict[str, Any]] = {}
@@ -366,8 +375,6 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
 def _run_cell(run: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_settings: dict, progress: bool,
               counter: str) -> dict[str, Any]:
     """Train (or resume, or skip) one cell and evaluate it (or reuse its cached evaluation)."""
-    from .eval.reconstruction import evaluate_tokenizer
-
     cfg_dict = cfg.to_dict()
     final, eval_path, cfg_path = run / "final", run / "eval.json", run / "train_config.json"
     if cfg_path.is_file():  # a started or finished cell: it must be the same experiment
@@ -390,18 +397,63 @@ def _run_cell(run: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_
         if not (final / "model.safetensors").is_file():
             raise TextokError(f"training of cell {name} stopped before max_steps; run the same command again to resume")
     print(f"{counter} {name}: evaluating on {num} held-out images")
+    record = _evaluate_cell(final, cfg, name, n, mode, val, num, eval_settings)
+    record["train_seconds"] = seconds
+    atomic_write_text(eval_path, json.dumps(record, indent=2, default=str))
+    return record
+
+
+def _evaluate_cell(final: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_settings: dict) -> dict[str, Any]:
+    """One cell's metrics on ``val`` with each image's caption and, for text cells, with the next image's."""
+    from .eval.reconstruction import evaluate_tokenizer
+
     model = load_tokenizer(final).eval()
     kw = {"num": num, "batch_size": 64, "device": _device(cfg), "fd_size": eval_settings["fd_size"],
           "inception_weights": eval_settings["inception_weights"], "vgg16_weights": eval_settings["vgg16_weights"],
           "progress": False}
-    metrics = evaluate_tokenizer(model, val, **kw)
     record = {"cell": name, "tokens": n, "mode": mode, "text_in_encoder": MODES[mode][0],
-              "text_in_decoder": MODES[mode][1], "train_seconds": seconds, "eval": eval_settings,
-              "metrics": metrics, "train_config": cfg_dict}
+              "text_in_decoder": MODES[mode][1], "eval": eval_settings,
+              "metrics": evaluate_tokenizer(model, val, **kw), "train_config": cfg.to_dict()}
     if mode != "none":  # how much does it rely on the text? the same images with another image's caption
         record["metrics_wrong_caption"] = _numeric(evaluate_tokenizer(model, MismatchedCaptions(val, num), **kw))
-    atomic_write_text(eval_path, json.dumps(record, indent=2, default=str))
     return record
+
+
+def _evaluate_elsewhere(out: Path, recipe: str, base, configs: dict, tokens: list[int], modes: list[str], size: int,
+                        eval_data: str, split: str, val_num: int | None, eval_settings: dict) -> dict[str, Any]:
+    """``--eval-data``: the finished cells of ``out`` scored on another captioned set, nothing trained."""
+    missing = [cell_name(n, m) for (n, m) in configs
+               if not (out / "cells" / cell_name(n, m) / "final" / "model.safetensors").is_file()]
+    if missing:
+        raise TextokError(f"--eval-data scores finished cells, and {out} has no trained {', '.join(missing)}: run the "
+                          "study without --eval-data first (with the same --tokens, --modes and options)")
+    d = base.data
+    source = resolve_data(eval_data)
+    other = build_dataset(source, split, size, size=val_num or 0, captions_file="", caption_bank="", seed=d.seed,
+                          captions_per_image=d.captions_per_image)
+    num = len(other)
+    if num < 2:
+        raise TextokError(f"{eval_data} has {num} image(s) in split {split!r}: scoring needs at least 2 "
+                          "(pass --eval-split to choose another split)")
+    settings = {**eval_settings, "data": source, "val_split": split, "val_num": num}
+    dest = out / f"eval-{_slug(Path(source).name.split('.')[0])}"
+    cells = {}
+    for i, ((n, mode), cfg) in enumerate(configs.items(), 1):
+        name = cell_name(n, mode)
+        print(f"[{i}/{len(configs)}] {name}: scoring on {num} images of {eval_data} ({split})")
+        cells[name] = _evaluate_cell(out / "cells" / name / "final", cfg, name, n, mode, other, num, settings)
+    result = _assemble(dest, recipe, base, tokens, modes, cells, settings)
+    result["evaluated_on"] = source
+    dest.mkdir(parents=True, exist_ok=True)
+    finals = {m: out / "cells" / cell_name(tokens[0], m) / "final" for m in GRID_ORDER if m in modes}
+    _grid(finals, other, dest / "grid.png", _device(base))
+    _plots(dest, result)
+    atomic_write_text(dest / "results.json", json.dumps(result, indent=2, default=str))
+    atomic_write_text(dest / "report.md", render_report(result))
+    for line in result["verdicts"]:
+        print(line)
+    print(f"\nwrote {dest / 'report.md'}")
+    return result
 
 
 def _assemble(out: Path, recipe: str, base, tokens: list[int], modes: list[str], cells: dict[str, dict],
@@ -514,7 +566,9 @@ def render_report(result: dict) -> str:
         f"{{{_ns(result['tokens'])}}} tokens and text modes {', '.join(result['modes'])}. Every cell: the same "
         f"{result['max_steps']} steps × {result['batch_size']} images, training seed {result['seed']} "
         f"(data seed {result['data_seed']}); one caption per image picked at random each step. Evaluated on "
-        f"{ev['val_num']} held-out images (split `{ev['val_split']}`), each with its first caption."
+        f"{ev['val_num']} held-out images (split `{ev['val_split']}`"
+        + (f" of `{result['evaluated_on']}`, a set the cells were not trained or tuned on" if result.get("evaluated_on")
+           else "") + "), each with its first caption."
         + (f" A second training stage: every cell starts from the same cell of "
            f"`{Path(cfg['init_from']).parents[2]}`." if cfg.get("init_from") else ""), "",
         "## Claims (verdicts computed from the numbers below)", "",
@@ -606,6 +660,10 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from-study", default=None, metavar="DIR",
                    help="start every cell from the same cell of that finished study (a second stage, e.g. "
                         "loss.perceptual=opennsfw loss.adversarial.weight=0.05 after an l2 study)")
+    p.add_argument("--eval-data", default=None, metavar="PATH",
+                   help="train nothing: score the finished cells on another captioned folder/tar (resized to the "
+                        "cells' image size) and write OUT/eval-<name>/report.md")
+    p.add_argument("--eval-split", default="val", help="the split of --eval-data to score (default: val)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("generation (claim C4)")
     g.add_argument("--generation", action="store_true",
@@ -629,7 +687,7 @@ def cmd_study(args: argparse.Namespace) -> None:
               image_size=args.image_size, val_num=args.val_num, seed=args.seed, fd_size=args.fd_size,
               inception_weights=args.inception_weights, vgg16_weights=args.vgg16_weights,
               overrides=args.overrides, progress=not args.no_progress, generation=_generation_settings(args),
-              init_from_study=args.init_from_study)
+              init_from_study=args.init_from_study, eval_data=args.eval_data, eval_split=args.eval_split)
 
 
 def _generation_settings(args: argparse.Namespace):

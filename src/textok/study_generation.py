@@ -188,17 +188,22 @@ def _latents(lat_dir: Path, tok_final: Path, base, progress: bool) -> Path:
     return lat_dir
 
 
-def _conditions(reference, num: int, text_to_image: bool) -> tuple[list[int] | None, list[str] | None]:
-    """The class / first caption of each of the first ``num`` reference images (unreadable ones skipped)."""
+def _conditions(reference, num: int, text_to_image: bool
+                ) -> tuple[list[int] | None, list[str] | None, list[set[str]] | None]:
+    """The class / first caption of each of the first ``num`` reference images (unreadable ones skipped), and
+    for class-conditional samples each image's own captions, which its sample is not decoded with (the
+    paper's protocol: a caption from the class bank that is not one of the image's)."""
     labels: list[int] = []
     prompts: list[str] = []
+    own: list[set[str]] = []
     for i in range(num):
         item = reference[i]
         if item is None:
             continue
         labels.append(int(item["label"]))
         prompts.append(item["captions"][0])
-    return (None, prompts) if text_to_image else (labels, None)
+        own.append(set(item["captions"]))
+    return (None, prompts, None) if text_to_image else (labels, None, own)
 
 
 def _train_and_score(run: Path, cfg, tok_final: Path, reference, num: int, settings: GenerationSettings,
@@ -242,11 +247,12 @@ def _train_and_score(run: Path, cfg, tok_final: Path, reference, num: int, setti
     del tok
 
     pipe = GenerationPipeline(gen_final, tok_final, device=str(device))
-    labels, prompts = _conditions(reference, num, pipe.is_text_to_image)
+    labels, prompts, own = _conditions(reference, num, pipe.is_text_to_image)
     sample_fd, sample_evals, t1 = [], [], time.time()
     for seed in settings.seeds:
         batches = pipe.iter_samples(num, labels, prompts, batch_size=settings.batch_size,
-                                    steps=settings.sampling_steps, cfg_scale=settings.cfg_scale, seed=seed)
+                                    steps=settings.sampling_steps, cfg_scale=settings.cfg_scale, seed=seed,
+                                    exclude_captions=own)
         ev = evaluate_samples(batches, str(ref_stats), num=num, **eval_kw)
         sample_fd.append(float(ev[metric]))
         sample_evals.append({k: v for k, v in ev.items() if k not in ("skipped", "metric_notes")})
@@ -272,9 +278,9 @@ def sample_grid_png(generation: dict[str, Any], reference, path: Path, device: t
     k = rows[0].shape[0]
     for name, run in generation["runs"].items():
         pipe = GenerationPipeline(run["generator"], run["tokenizer"], device=str(device))
-        labels, prompts = _conditions(reference, k, pipe.is_text_to_image)
+        labels, prompts, own = _conditions(reference, k, pipe.is_text_to_image)
         rows.append(pipe.generate(labels, prompts, steps=generation["settings"]["sampling_steps"],
-                                  cfg_scale=generation["settings"]["cfg_scale"], seed=0).cpu())
+                                  cfg_scale=generation["settings"]["cfg_scale"], seed=0, exclude_captions=own).cpu())
     save_image(torch.cat(rows), str(path), nrow=k)
     return path
 

@@ -91,13 +91,61 @@ class FirstCaptions(torch.utils.data.Dataset):
         return inner.caption_bank()  # type: ignore[attr-defined]  # another dataset type: its own bank
 
 
+class DecodedOnce(torch.utils.data.Dataset):
+    """Every image of a dataset decoded once and kept in memory (as uint8 when that is lossless, which it is for
+    8-bit sources), so a training step only indexes a tensor.
+
+    Why: decoding JPEGs every step costs more CPU time than a small model's GPU step; Flowers-102 at 64 px is
+    90 MB decoded. Undecodable items stay ``None`` (collate skips and counts them).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        self.items: list[dict[str, Any] | None] = []
+        pixels: torch.Tensor | None = None
+        for i in range(n):
+            item = dataset[i]
+            if item is None:
+                self.items.append(None)
+                continue
+            image = item["image"]
+            if pixels is None:
+                lossless = torch.equal(image.add(1).mul(127.5).round().div(127.5).sub(1), image)
+                pixels = torch.zeros((n, *image.shape), dtype=torch.uint8 if lossless else torch.float32)
+            if pixels.dtype == torch.uint8:
+                pixels[i] = image.add(1).mul(127.5).round().to(torch.uint8)
+            else:
+                pixels[i] = image
+            self.items.append({k: v for k, v in item.items() if k != "image"})
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        meta = self.items[index]
+        if meta is None:
+            return None
+        x = self.pixels[index]
+        image = x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.clone()
+        return {**meta, "image": image}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "items", "pixels"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, captions_file: str = "",
-                  caption_bank: str = "", seed: int = 0, captions_per_image: int = 0) -> torch.utils.data.Dataset:
+                  caption_bank: str = "", seed: int = 0, captions_per_image: int = 0,
+                  decode_once: bool = False) -> torch.utils.data.Dataset:
     """``"scenes"`` -> :class:`CaptionedScenes` (``size`` images, 0 = its default per split); any other
     ``source`` is a folder or tar read by :class:`ImageCaptionFolder` (``size`` = a limit, 0 = all).
 
     ``captions_file``/``caption_bank`` (folders only; "" = none) and ``seed`` (scenes only) are passed on;
-    ``captions_per_image`` > 0 keeps only the first k captions of each item.
+    ``captions_per_image`` > 0 keeps only the first k captions of each item; ``decode_once`` decodes every image
+    up front and keeps the pixels in memory (:class:`DecodedOnce`).
     """
     if size < 0:
         raise TextokError(f"dataset size {size} is negative: use 0 for the default/all images")
@@ -120,7 +168,9 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
                                      limit=size or None)
     if captions_per_image > 0:
         dataset = FirstCaptions(dataset, captions_per_image)
+    if decode_once:
+        dataset = DecodedOnce(dataset)
     return dataset
 
 
-__all__ = ["build_dataset", "FirstCaptions", "MismatchedCaptions", "SCENES"]
+__all__ = ["build_dataset", "DecodedOnce", "FirstCaptions", "MismatchedCaptions", "SCENES"]

@@ -326,14 +326,16 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
+        cuda_graph: bool = False,
     ) -> Tensor:
         """Generate latents of ``shape`` from pure noise.
 
         ``model``: a DiT (guided through ``forward_with_cfg`` when ``cfg_scale != 1``) or any callable
         ``fn(x, t, **model_kwargs)`` (called with ``cfg_scale=`` when ``cfg_scale != 1``). ``steps``: a respacing
         spec (default: the config's, 250 for DiT). ``sampler``: "ddpm" or "ddim" (with ``eta``).
+        ``cuda_graph``: replay each step's model call from a CUDA graph (GPU only; same numbers, fewer launches).
         """
-        from .samplers import ddim_loop, ddpm_loop, guided_model_fn
+        from .samplers import ddim_loop, ddpm_loop, step_fn
 
         sampler = sampler or self.config.default_sampler
         steps = steps if steps is not None else self.config.default_steps
@@ -342,7 +344,7 @@ class GaussianDiffusion:
         if device is None:
             device = noise.device if noise is not None else _model_device(model)
         x = noise.to(device).float() if noise is not None else _randn(tuple(shape), generator, device)
-        fn = guided_model_fn(model, cfg_scale, model_kwargs)
+        fn = step_fn(model, cfg_scale, model_kwargs, cuda_graph)
         if sampler == "ddpm":
             return ddpm_loop(chain, fn, x, generator=generator, progress=progress)
         if sampler == "ddim":

@@ -79,7 +79,9 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
                       help="prompts for a text-to-image generator (one grid row each)")
     p.add_argument("--n", type=int, default=16, help="samples per class / prompt in the grid")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 250 DDPM, 50 flow, 8 MaskGIT)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale >= 1 (default 4.0 DiT, 2.0 MaskGIT)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance w in uncond + w (cond - uncond), >= 1. Default: DiT 4.0 for the grid and 1.5 for "
+                        "--npz (DiT's FID setting); MaskGIT 5.5 (TiTok's sampler: its 4.5 is w = 5.5 here)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), default=None,
                    help="DiT sampler (default: ddpm for diffusion, euler for flow)")
     p.add_argument("--out", default=None, help="grid PNG")
@@ -88,6 +90,14 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each DiT sampling step from a CUDA graph (GPU)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto = bf16 autocast on a GPU; fp32 for evaluation runs")
+    p.add_argument("--temperature", type=float, default=None, help="MaskGIT: sampling temperature (default 9.5)")
+    p.add_argument("--temperature-schedule", choices=("linear", "constant", "cosine"), default=None,
+                   help="MaskGIT: how the temperature changes over the steps (default linear to 0)")
+    p.add_argument("--guidance-schedule", choices=("linear", "constant", "cosine"), default=None,
+                   help="MaskGIT: how guidance ramps over the steps (default linear from 1 to --cfg)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -98,7 +108,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from ..data.images import check_output_image
     from ..io import check_output_file
     from ..train.distributed import distributed_session
-    from .sampling import DEFAULT_CFG, GenerationPipeline, sample_grid, write_npz_distributed
+    from .sampling import DEFAULT_CFG, EVAL_CFG, GenerationPipeline, sample_grid, write_npz_distributed
 
     if not args.out and not args.npz:
         raise TextokError("nothing to write: give --out grid.png and/or --npz samples.npz")
@@ -111,17 +121,24 @@ def cmd_sample(args: argparse.Namespace) -> None:
     with distributed_session(args.device) as info:
         pipe = GenerationPipeline(args.generator, args.tokenizer, device=str(info.device) if info.enabled else args.device)
         labels = args.classes if args.classes is not None else (None if args.captions else pipe.default_labels())
-        cfg_scale = args.cfg if args.cfg is not None else DEFAULT_CFG[pipe.kind]
-        kw = {"steps": args.steps, "cfg_scale": cfg_scale, "sampler": args.sampler, "seed": args.seed}
-        pipe.check_request(labels, args.captions, cfg_scale)  # refuse before any work
+        grid_cfg = args.cfg if args.cfg is not None else DEFAULT_CFG[pipe.kind]
+        npz_cfg = args.cfg if args.cfg is not None else EVAL_CFG[pipe.kind]
+        kw = {"steps": args.steps, "sampler": args.sampler, "seed": args.seed, "cuda_graph": args.cuda_graphs,
+              "precision": args.precision, "temperature": args.temperature,
+              "temperature_schedule": args.temperature_schedule, "guidance_schedule": args.guidance_schedule}
+        for scale in (grid_cfg, npz_cfg):
+            pipe.check_request(labels, args.captions, scale)  # refuse before any work
         if args.out and info.is_main:
-            path = sample_grid(pipe, args.out, labels, args.captions, n=args.n, progress=not args.no_progress, **kw)
-            print(f"wrote {path}")
+            path = sample_grid(pipe, args.out, labels, args.captions, n=args.n, progress=not args.no_progress,
+                               cfg_scale=grid_cfg, **kw)
+            print(f"wrote {path} (guidance {grid_cfg:g})")
         if args.npz:
             path = write_npz_distributed(pipe, args.npz, args.num, labels, args.captions, args.batch_size, info,
-                                         progress=not args.no_progress, **kw)
+                                         progress=not args.no_progress, cfg_scale=npz_cfg, **kw)
             if info.is_main:
-                print(f"wrote {args.num} samples to {path}" + (f" ({info.world} processes)" if info.enabled else ""))
+                why = "" if args.cfg is not None else (" (DiT's FID setting)" if pipe.kind == "dit" else " (TiTok's sampler)")
+                print(f"wrote {args.num} samples to {path} with guidance {npz_cfg:g}{why}"
+                      + (f" ({info.world} processes)" if info.enabled else ""))
 
 
 # ---- demo-gen -------------------------------------------------------------------------------------

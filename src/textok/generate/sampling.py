@@ -35,8 +35,12 @@ from ..train.common import autocast_for
 from .latents import BANK, _device, tokenizer_is_discrete
 from .trainer import load_generator
 
-DEFAULT_CFG = {"dit": 4.0, "maskgit": 2.0}
+# Guidance w in uncond + w (cond - uncond). For pictures: DiT's visualisation scale, TiTok's sampler (its 4.5 in
+# cond + 4.5 (cond - uncond) is w = 5.5). For FID (`sample --npz`): DiT's evaluation scale 1.5, TiTok's sampler.
+DEFAULT_CFG = {"dit": 4.0, "maskgit": 5.5}
+EVAL_CFG = {"dit": 1.5, "maskgit": 5.5}
 DEFAULT_MASKGIT_STEPS = 8
+MASKGIT_OPTIONS = ("temperature", "temperature_schedule", "guidance_schedule")
 
 
 class GenerationPipeline:
@@ -138,8 +142,11 @@ class GenerationPipeline:
         return self._text_encoder.encode(prompts).to(self.device)
 
     def decoder_captions(self, labels: list[int] | None, prompts: list[str] | None, seed: int, first: int,
-                         batch: int) -> list[str] | None:
-        """Captions the tokenizer decodes with: the prompts, or (seeded) draws from each class's bank."""
+                         batch: int, exclude: list[set[str]] | None = None) -> list[str] | None:
+        """Captions the tokenizer decodes with: the prompts, or (seeded) draws from each class's bank.
+
+        ``exclude[i]``: captions sample i must not be decoded with (the paper's protocol: a sample that stands
+        for a reference image is decoded with a caption of its class that is not one of that image's own)."""
         if not self.decoder_needs_text:
             return None
         if prompts is not None:
@@ -147,20 +154,26 @@ class GenerationPipeline:
         out = []
         for i, label in enumerate(labels if labels is not None else [None] * batch):
             rng = random.Random((seed * 1_000_003 + first + i) & 0xFFFFFFFFFFFF)
+            banned = exclude[i] if exclude is not None else frozenset()
             if label is None:
-                pool = [c for caps in self.bank.captions.values() for c in caps]
-                out.append(rng.choice(pool))
+                pool = [c for caps in self.bank.captions.values() for c in caps if c not in banned]
+                out.append(rng.choice(pool or [c for caps in self.bank.captions.values() for c in caps]))
             else:
-                out.append(self.bank.sample(int(label), rng))
+                out.append(self.bank.sample(int(label), rng, exclude=banned))
         return out
 
     @torch.no_grad()
     def generate(self, labels: list[int] | None = None, prompts: list[str] | None = None, *, n: int | None = None,
                  steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
-                 seed: int = 0, first: int = 0, progress: bool = False) -> Tensor:
+                 seed: int = 0, first: int = 0, progress: bool = False, cuda_graph: bool = False,
+                 precision: str = "auto", exclude_captions: list[set[str]] | None = None, **maskgit: Any) -> Tensor:
         """One batch of images (B, 3, H, W) in [-1, 1]: one per label / prompt (or ``n`` unconditional).
 
         ``first`` is the global index of the batch's first sample (it seeds the decoder captions).
+        ``cuda_graph``: replay the DiT's step from a CUDA graph (GPU only). ``precision``: "auto" (bf16 autocast
+        on a GPU), "bf16" or "fp32" (for evaluation runs). ``exclude_captions[i]``: captions sample i is not
+        decoded with (see :meth:`decoder_captions`). ``maskgit``: MaskGIT sampler options
+        (``temperature``, ``temperature_schedule``, ``guidance_schedule``; see :meth:`MaskGIT.generate`).
         """
         cfg_scale = DEFAULT_CFG[self.kind] if cfg_scale is None else float(cfg_scale)
         self.check_request(labels, prompts, cfg_scale)
@@ -168,12 +181,27 @@ class GenerationPipeline:
         if B < 1:
             raise TextokError("nothing to sample: give at least one class, prompt or sample")
         g = torch.Generator(device=self.device).manual_seed((seed * 1_000_003 + first) % (2**63 - 1))
-        dec_text = self.decoder_captions(labels, prompts, seed, first, B)
+        dec_text = self.decoder_captions(labels, prompts, seed, first, B, exclude_captions)
+        if cuda_graph and self.device.type != "cuda":
+            raise TextokError("--cuda-graphs needs a CUDA device; drop it on a CPU")
+        if precision not in ("auto", "bf16", "fp32"):
+            raise TextokError(f"precision {precision!r} must be auto, bf16 or fp32")
+        unknown = sorted(set(maskgit) - set(MASKGIT_OPTIONS))
+        if unknown:
+            raise TextokError(f"unknown sampling option(s) {', '.join(unknown)}")
+        maskgit = {k: v for k, v in maskgit.items() if v is not None}
         if self.kind == "maskgit":
+            if cuda_graph:
+                raise TextokError("--cuda-graphs applies to DiT sampling, not MaskGIT; drop it")
             y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
-            codes = self.model.generate(y, steps or DEFAULT_MASKGIT_STEPS, guidance_scale=cfg_scale, generator=g)
+            with autocast_for(self.device, precision):
+                codes = self.model.generate(y, steps or DEFAULT_MASKGIT_STEPS, guidance_scale=cfg_scale, generator=g,
+                                            **maskgit)
             images = self.tok.decode_codes(codes, dec_text)
         else:
+            if maskgit:
+                raise TextokError(f"{', '.join(sorted(maskgit))} are MaskGIT sampling options; a DiT samples with "
+                                  "--steps, --cfg and --sampler")
             kwargs: dict[str, Any] = {}
             if labels is not None:
                 kwargs["y"] = torch.tensor(labels, dtype=torch.long, device=self.device)
@@ -182,10 +210,11 @@ class GenerationPipeline:
                 kwargs.update(text=emb.states, text_mask=emb.mask)
             cfg = self.model.cfg
             guided = labels is not None or prompts is not None
-            with autocast_for(self.device, "auto"):
+            with autocast_for(self.device, precision):
                 z = self.diffusion.sample(self.model, (B, cfg.num_tokens, cfg.in_channels), steps=steps,
                                           sampler=sampler, cfg_scale=cfg_scale if guided else 1.0,
-                                          model_kwargs=kwargs, generator=g, device=self.device, progress=progress)
+                                          model_kwargs=kwargs, generator=g, device=self.device, progress=progress,
+                                          cuda_graph=cuda_graph)
             z = z.float() * self.std + self.mean
             images = self.tok.decode(z, dec_text)
         return images.float().clamp(-1, 1)
@@ -193,8 +222,10 @@ class GenerationPipeline:
     # ---- many batches ------------------------------------------------------------------------------
     def iter_samples(self, total: int, labels: list[int] | None = None, prompts: list[str] | None = None,
                      batch_size: int = 64, progress: bool = False, rank: int = 0, world: int = 1,
+                     exclude_captions: list[set[str]] | None = None,
                      **kw: Any) -> Iterator[tuple[Tensor, list[int] | None]]:
-        """``total`` images in batches; sample i gets ``labels[i % len]`` / ``prompts[i % len]``.
+        """``total`` images in batches; sample i gets ``labels[i % len]`` / ``prompts[i % len]`` (and is not
+        decoded with a caption in ``exclude_captions[i % len]``).
 
         With ``world`` > 1 only batches ``rank``, ``rank + world``, ... are drawn. A batch is seeded by its first
         global index, so the union over the ranks is exactly the single-process output.
@@ -212,7 +243,8 @@ class GenerationPipeline:
             ids = range(first, min(total, first + batch_size))
             lab = [labels[i % len(labels)] for i in ids] if labels else None
             pro = [prompts[i % len(prompts)] for i in ids] if prompts else None
-            images = self.generate(lab, pro, n=len(ids), first=first, **kw)
+            exc = [exclude_captions[i % len(exclude_captions)] for i in ids] if exclude_captions else None
+            images = self.generate(lab, pro, n=len(ids), first=first, exclude_captions=exc, **kw)
             if bar is not None:
                 bar.update(len(ids))
             yield images, lab
@@ -320,4 +352,5 @@ def sample_grid(pipe: GenerationPipeline, out: str | Path, labels: list[int] | N
     return out
 
 
-__all__ = ["GenerationPipeline", "sample_grid", "write_npz", "write_npz_distributed", "to_uint8_nhwc", "DEFAULT_CFG"]
+__all__ = ["GenerationPipeline", "sample_grid", "write_npz", "write_npz_distributed", "to_uint8_nhwc", "DEFAULT_CFG",
+           "EVAL_CFG"]

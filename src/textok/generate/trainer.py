@@ -94,6 +94,13 @@ def _generator_optim() -> OptimConfig:
                        grad_clip=1.0)
 
 
+def maskgit_optim() -> OptimConfig:
+    """TiTok's MaskGIT recipe: AdamW 2e-4, betas (0.9, 0.96), weight decay 0.03, 10k warm-up steps, cosine to
+    1e-5, gradient clipping at 1. A MaskGIT run starts from these unless its recipe or overrides say otherwise."""
+    return OptimConfig(lr=2e-4, betas=(0.9, 0.96), weight_decay=0.03, warmup_steps=10_000, min_lr_ratio=0.05,
+                       grad_clip=1.0)
+
+
 @dataclasses.dataclass
 class GeneratorTrainConfig(Config):
     """What generator to train on which latents, and how long."""
@@ -161,6 +168,8 @@ def load_generator_config(config: str | None = None, overrides: list[str] = (), 
         if config and kind != cfg.kind and (config in DiTConfig.presets() or config in MaskGITConfig.presets()):
             raise ConfigError(f"--config {config} is a {cfg.kind} preset but --kind is {kind}; drop one of them")
         cfg = dataclasses.replace(cfg, kind=kind)
+    if cfg.kind == "maskgit" and cfg.optim == _generator_optim():  # the DiT default was not chosen for it
+        cfg = dataclasses.replace(cfg, optim=maskgit_optim())
     model_over = [o.split(".", 1)[1] for o in overrides if o.startswith("model.")]
     cfg = cfg.override([o for o in overrides if not o.startswith("model.")])
     if model_over:

@@ -36,9 +36,10 @@ class AdversarialConfig(Config):
     start_step: int = 0  # the GAN terms are off before this step (reconstruction warm-up)
     lecam_weight: float = 0.001  # 0 disables LeCAM
     lecam_decay: float = 0.999
-    adaptive: bool = False  # VQGAN adaptive generator weight
-    adaptive_max: float = 1e4
+    adaptive: bool = False  # VQGAN: scale the GAN term by ||grad rec|| / ||grad gan|| at the decoder's last layer
+    adaptive_max: float = 1e4  # clamp of that ratio
     r1_weight: float = 0.0  # gamma/2 of the R1 penalty on real images; 0 disables it
+    r1_every: int = 16  # lazy R1 (StyleGAN2): every k discriminator steps, scaled by k
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -47,10 +48,18 @@ class AdversarialConfig(Config):
             raise ConfigError(f"lecam_decay must be in [0, 1), got {self.lecam_decay}")
         if self.start_step < 0:
             raise ConfigError(f"start_step must be >= 0, got {self.start_step}")
+        if self.r1_weight < 0 or self.r1_every < 1:
+            raise ConfigError(f"r1_weight must be >= 0 and r1_every >= 1, got {self.r1_weight} and {self.r1_every}")
+        if self.adaptive_max <= 0:
+            raise ConfigError(f"adaptive_max must be > 0, got {self.adaptive_max}")
 
     def active(self, step: int) -> bool:
         """Whether the adversarial terms are switched on at ``step``."""
         return self.weight > 0 and step >= self.start_step
+
+    def r1_at(self, d_step: int) -> bool:
+        """Whether discriminator update number ``d_step`` adds the (lazy) R1 penalty."""
+        return self.r1_weight > 0 and d_step % self.r1_every == 0
 
 
 def _check_kind(kind: str) -> None:

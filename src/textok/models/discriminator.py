@@ -15,10 +15,12 @@ builds the StyleGAN2 residual discriminator (Karras et al. 2020, "resnet" archit
 * The 4x4 epilogue: minibatch standard deviation (group size 4, batches of any size), conv3x3, fc, fc
   -> one logit per image.
 
-Equalised learning rate (weights stored ~N(0, 1) and scaled by 1/sqrt(fan_in) at run time, so Adam's
-per-parameter steps are the same size in every layer) is **on by default**, as in StyleGAN2; with
-``equalized_lr=False`` the same scale is folded into the initial weights instead (plain layers, same
-function at init).
+Plain layers by default: the 1/sqrt(fan_in) scale is folded into the initial weights, and the
+discriminator trains with AdamW at the tokenizer recipes' lr (1e-4, as MAGVIT's and 1d-tokenizer's
+discriminators do). StyleGAN2's equalised learning rate (``equalized_lr=True``: weights stored ~N(0, 1) and
+scaled at run time) computes the same function at init, but under Adam each update is then ~lr *relative to
+the weight*, up to ~100x slower than a plain layer at the same lr; StyleGAN2 pairs it with lr ~2e-3. Use it
+only with that lr (``optim.d_lr``).
 
 Channels per resolution follow StyleGAN2: ``min(channel_base / res, channel_max) * channel_multiplier``.
 """
@@ -49,7 +51,7 @@ class DiscriminatorConfig(Config):
     channel_multiplier: float = 1.0
     mbstd_group: int = 4  # minibatch-stddev group size (0 disables the layer)
     mbstd_channels: int = 1  # number of stddev feature maps appended
-    equalized_lr: bool = True
+    equalized_lr: bool = False  # True: StyleGAN2's run-time weight scaling; needs d_lr ~2e-3 (module docstring)
     blur_kernel: tuple[int, ...] = (1, 3, 3, 1)
 
     def __post_init__(self) -> None:
@@ -79,6 +81,12 @@ def _stylegan_256() -> DiscriminatorConfig:
 def _stylegan_512() -> DiscriminatorConfig:
     # StyleGAN2-ADA's 512 px setting (channel_base 32768): 64,128,256,512x5 -> ~29M parameters.
     return DiscriminatorConfig(image_size=512, channel_base=32768, channel_max=512)
+
+
+@DiscriminatorConfig.register_preset("stylegan-small")
+def _stylegan_small() -> DiscriminatorConfig:
+    # 64 px GPU recipes, channels 64,128,256,256,256: 4.7M parameters.
+    return DiscriminatorConfig(image_size=64, channel_base=4096, channel_max=256)
 
 
 @DiscriminatorConfig.register_preset("stylegan-tiny")

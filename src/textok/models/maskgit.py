@@ -8,10 +8,16 @@ TiTok's released generator, whose ``lm_head`` is a separate linear layer).
 
 Mask schedule ``gamma(t)``: a decreasing map [0,1] -> [0,1] with gamma(0)=1, gamma(1)=0.
 
-* ``"cosine"`` (default): gamma(t) = cos(pi/2 * t), the MaskGIT paper's choice. Training masks a fraction
-  ``r = gamma(u)``, u ~ U(0,1); sampling keeps ``floor(N * gamma((s+1)/steps))`` tokens masked after step s.
-* ``"arccos"``: gamma(t) = arccos(t) / (pi/2), what TiTok's released code uses in both places. It masks more
-  tokens in training and unmasks fewer early in sampling than the cosine schedule.
+* ``"arccos"`` (default): gamma(t) = arccos(t) / (pi/2), what TiTok's released code uses in training and
+  sampling. Training masks ``round(N * gamma(u))`` (at least 1) tokens, u ~ U(0,1); sampling keeps
+  ``floor(N * gamma((s+1)/steps))`` tokens masked after step s.
+* ``"cosine"``: gamma(t) = cos(pi/2 * t), the MaskGIT paper's choice; it masks fewer tokens in training and
+  unmasks more early in sampling than arccos.
+
+Training and sampling follow TiTok's released generator: cross-entropy with label smoothing 0.1 on every
+position, masked positions weighted 1 and unmasked ones 0.1; sampling with Gumbel-noised raw logits for both
+the choice of each token and the confidence that decides which tokens stay masked, a temperature annealed
+linearly from 9.5 to 0 and guidance ramped linearly over the steps (:meth:`MaskGIT.generate`).
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ class MaskGITConfig(Config):
     num_classes: int = 1000
     transformer: ViTConfig = dataclasses.field(default_factory=lambda: ViTConfig(width=768, depth=24, heads=16))
     class_dropout: float = 0.1  # probability of replacing the label by the null class (enables CFG)
-    label_smoothing: float = 0.0
-    mask_schedule: str = "cosine"  # "cosine" (MaskGIT paper) or "arccos" (TiTok's released code)
+    label_smoothing: float = 0.1  # TiTok's generator
+    unmasked_loss_weight: float = 0.1  # weight of the unmasked positions' cross-entropy (masked ones: 1)
+    mask_schedule: str = "arccos"  # "arccos" (TiTok's released code) or "cosine" (MaskGIT paper)
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:
@@ -56,6 +63,8 @@ class MaskGITConfig(Config):
             raise ConfigError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.unmasked_loss_weight <= 1.0:
+            raise ConfigError(f"unmasked_loss_weight must lie in [0, 1], got {self.unmasked_loss_weight}")
         if self.mask_schedule not in MASK_SCHEDULES:
             known = ", ".join(MASK_SCHEDULES)
             raise ConfigError(f"mask_schedule {self.mask_schedule!r} is unknown; use one of {known}")
@@ -213,14 +222,14 @@ class MaskGIT(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------
     def mask_tokens(self, codes: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Mask ceil(gamma(u) * N) >= 1 random positions per sample, u ~ U(0,1).
+        """Mask round(gamma(u) * N) >= 1 random positions per sample, u ~ U(0,1) (TiTok's count).
 
         Returns (inputs with [MASK] ids, mask (B, N) bool, ratio (B,)).
         """
         B, N = codes.shape
         u = torch.rand(B, device=codes.device, generator=generator)
         ratio = mask_ratio(u, self.cfg.mask_schedule)
-        count = (ratio * N).ceil().clamp(1, N).long()
+        count = (ratio * N).round().clamp(1, N).long()
         scores = torch.rand(B, N, device=codes.device, generator=generator)
         ranks = scores.argsort(dim=1).argsort(dim=1)  # a random permutation per row
         mask = ranks < count[:, None]
@@ -229,10 +238,11 @@ class MaskGIT(nn.Module):
     def training_loss(
         self, codes: Tensor, labels: Tensor, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
-        """Masked-token cross-entropy on the masked positions only, with label dropout in training mode.
+        """Cross-entropy (with ``label_smoothing``) on every position, masked ones weighted 1 and unmasked ones
+        ``unmasked_loss_weight`` (TiTok's loss; 0 gives the masked-only loss), with label dropout in training.
 
-        Returns ``loss`` (mean over masked tokens of the batch), ``accuracy`` on them, ``mask_ratio`` (mean of
-        the sampled ratios) and the ``mask`` itself.
+        Returns ``loss`` (the weighted mean over the batch's positions), ``accuracy`` on the masked tokens,
+        ``mask_ratio`` (mean of the sampled ratios) and the ``mask`` itself.
         """
         self._check_codes(codes)
         labels = self._check_labels(labels, codes.shape[0]).to(codes.device)
@@ -242,13 +252,13 @@ class MaskGIT(nn.Module):
             drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.cfg.class_dropout
             labels = labels.masked_fill(drop, self.null_class)
         logits = self(inputs, labels).float()
-        # Weighted CE over all positions (no boolean indexing: no host sync on GPU); unmasked weight = 0.
+        # Weighted CE over all positions (no boolean indexing: no host sync on GPU).
         ce = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none", label_smoothing=self.cfg.label_smoothing)
-        weight = mask.float()
-        denom = weight.sum().clamp_min(1.0)
-        loss = (ce * weight).sum() / denom
+        masked = mask.float()
+        weight = masked + (1.0 - masked) * self.cfg.unmasked_loss_weight
+        loss = (ce * weight).sum() / weight.sum().clamp_min(1e-8)
         with torch.no_grad():
-            accuracy = ((logits.argmax(-1) == codes).float() * weight).sum() / denom
+            accuracy = ((logits.argmax(-1) == codes).float() * masked).sum() / masked.sum().clamp_min(1.0)
         return {"loss": loss, "accuracy": accuracy, "mask_ratio": ratio.float().mean(), "mask": mask}
 
     # ---- sampling ----------------------------------------------------------------------------
@@ -258,29 +268,34 @@ class MaskGIT(nn.Module):
         labels: Tensor,
         steps: int = 8,
         *,
-        temperature: float = 1.0,
-        temperature_schedule: Literal["constant", "linear", "cosine"] = "constant",
-        choice_temperature: float = 4.5,
+        temperature: float = 9.5,
+        temperature_schedule: Literal["constant", "linear", "cosine"] = "linear",
+        choice_temperature: float | None = None,
         guidance_scale: float = 1.0,
-        guidance_schedule: Literal["constant", "linear", "cosine"] = "constant",
+        guidance_schedule: Literal["constant", "linear", "cosine"] = "linear",
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Iterative parallel decoding from a fully masked sequence -> codes (B, N) int64 in [0, K).
 
-        Step s (progress t = (s+1)/steps) predicts every masked token, samples it from the guided logits at the
-        step's temperature (0 = argmax), scores it by its log-probability plus Gumbel noise scaled by
-        ``choice_temperature * (1 - t)`` (MaskGIT's annealed choice noise), and re-masks the least confident so
-        that :func:`masked_counts` tokens remain masked. Already-decoded tokens are never re-masked.
+        Step s (progress t = (s+1)/steps) predicts every masked token: it takes the argmax of the guided logits
+        plus Gumbel noise scaled by the step's temperature (sampling at that temperature; 0 = argmax), scores
+        the pick by its **raw logit** plus Gumbel noise scaled by ``choice_temperature * (1 - t)``, and re-masks
+        the least confident so that :func:`masked_counts` tokens remain masked. Already-decoded tokens are never
+        re-masked. (A raw logit is not a log-probability: log-softmax subtracts a logsumexp that differs from
+        position to position, so the two rank positions differently; TiTok's code ranks raw logits.)
 
-        * ``temperature_schedule``: ``constant`` (MaskGIT), ``linear`` = temperature * (1 - t) (TiTok's
-          annealing; the last step is greedy) or ``cosine`` = temperature * cos(pi/2 * t).
+        * ``temperature_schedule``: ``linear`` = temperature * (1 - t) (TiTok's annealing; the last step is
+          greedy), ``constant`` (MaskGIT) or ``cosine`` = temperature * cos(pi/2 * t).
+        * ``choice_temperature``: the confidence noise; ``None`` = the same as ``temperature`` (TiTok).
         * ``guidance_schedule`` (w = ``guidance_scale``, progress g = s/steps as in TiTok's code, so the
-          first step is unguided for the increasing schedules): ``constant`` w, ``linear`` 1 + (w-1) g,
+          first step is unguided for the increasing schedules): ``linear`` 1 + (w-1) g, ``constant`` w,
           ``cosine`` 1 + (w-1)(1 - cos(pi g))/2. Scale 1 is the plain conditional model.
 
-        TiTok's sampler corresponds to temperature=T, temperature_schedule="linear", choice_temperature=T and
-        guidance w_ours = 1 + w_titok (its formula is cond + w (cond - uncond)).
+        The defaults are TiTok's sampler (randomize_temperature 9.5, linear guidance); its guidance formula is
+        cond + w (cond - uncond), so TiTok's w = 4.5 is ``guidance_scale=5.5`` here.
         """
+        if choice_temperature is None:
+            choice_temperature = temperature
         if temperature < 0 or choice_temperature < 0:
             raise TextokError(f"temperatures must be >= 0, got temperature={temperature} "
                               f"choice_temperature={choice_temperature}")
@@ -316,7 +331,7 @@ class MaskGIT(nn.Module):
             if keep_masked == 0:
                 ids = sampled
                 continue
-            conf = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)
+            conf = logits.gather(-1, sampled[..., None]).squeeze(-1)  # raw logits, as TiTok ranks them
             noise_scale = choice_temperature * (1.0 - t)
             if noise_scale > 0:
                 conf = conf + noise_scale * _gumbel(conf.shape, device, generator)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -63,6 +64,11 @@ def _tiny_vq() -> QuantizerConfig:
     return QuantizerConfig(kind="vq", num_codes=64, code_dim=8, l2_normalized=True, dead_code_steps=50)
 
 
+def _data_parallel() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @dataclasses.dataclass
 class VQOutput:
     """What :meth:`VectorQuantizer.forward` returns."""
@@ -84,9 +90,10 @@ class VectorQuantizer(nn.Module):
     since the code was last chosen. At the start of each training forward, codes unused for at least
     ``dead_code_steps`` passes are overwritten by encoder outputs of the current batch drawn with
     ``torch.randint`` (deterministic given torch's RNG), and their counters reset. Call
-    :meth:`restart_dead_codes` yourself to do it at other times. Under data parallelism the latents
-    should be gathered from all ranks (or the codebook broadcast) so replicas stay identical; the
-    optimizer's moments for a restarted code are not reset.
+    :meth:`restart_dead_codes` yourself to do it at other times. Under data parallelism (an initialised
+    process group) the usage counts are summed over the ranks, so every rank sees the same dead codes, and
+    the replacement vectors are rank 0's, broadcast, so the codebooks stay identical. The optimizer's moments
+    for a restarted code are not reset.
     """
 
     unused_steps: Tensor
@@ -144,9 +151,11 @@ class VectorQuantizer(nn.Module):
             codebook_loss = F.mse_loss(q, z.detach())
             quantized = z + (q - z).detach()  # straight-through estimator
             counts = torch.bincount(codes, minlength=self.num_codes)
+            if self.training and _data_parallel():
+                dist.all_reduce(counts)  # usage over the global batch: the same dead codes on every rank
             if self.training:
                 self._track_usage(counts)
-            probs = counts.float() / max(codes.numel(), 1)
+            probs = counts.float() / counts.sum().clamp_min(1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-10))).sum()
             metrics = {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
         losses = {"commitment": commitment, "codebook": codebook_loss, "loss": commitment + codebook_loss}
@@ -180,17 +189,24 @@ class VectorQuantizer(nn.Module):
         if threshold <= 0:
             return 0
         flat = latents.detach().reshape(-1, self.code_dim).float()
-        if flat.shape[0] == 0:
+        parallel = _data_parallel()
+        if flat.shape[0] == 0 and not parallel:
             return 0
-        dead = (self.unused_steps >= threshold).nonzero().squeeze(1)
+        dead = (self.unused_steps >= threshold).nonzero().squeeze(1)  # the same on every rank (summed usage)
         n = int(dead.numel())
         if n == 0:
             return 0
-        idx = torch.randint(flat.shape[0], (n,), device=flat.device)
-        new = flat[idx]
-        if self.l2_normalized:
-            new = F.normalize(new, dim=-1)
-        self.embedding.weight[dead] = new.to(self.embedding.weight.dtype)
+        if flat.shape[0]:
+            idx = torch.randint(flat.shape[0], (n,), device=flat.device)  # every rank draws: RNG stays in step
+            new = flat[idx]
+            if self.l2_normalized:
+                new = F.normalize(new, dim=-1)
+        else:  # this rank's whole batch was undecodable: it takes rank 0's vectors below
+            new = self.embedding.weight[dead].float()
+        new = new.to(self.embedding.weight.dtype).contiguous()
+        if parallel:
+            dist.broadcast(new, src=0)  # rank 0's replacements everywhere: identical codebooks
+        self.embedding.weight[dead] = new
         self.unused_steps[dead] = 0
         return n
 

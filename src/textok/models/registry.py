@@ -1,6 +1,6 @@
 """Which config/model classes a tokenizer preset, file or checkpoint belongs to.
 
-Families register here (TexTok now; TiTok and ImageFolder add themselves), so the training loop and the CLI
+Families register here (TexTok, TiTok and ImageFolder add themselves), so the training loop and the CLI
 resolve ``textok-b-256-32``, ``titok-b-64`` or a saved ``config.json`` without knowing the families.
 """
 
@@ -25,6 +25,7 @@ def _ensure_loaded() -> None:
         from . import titok  # noqa: F401
     except ImportError:
         pass
+    from . import imagefolder  # noqa: F401
 
 
 def resolve_tokenizer_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[str, Config]:

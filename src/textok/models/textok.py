@@ -50,6 +50,7 @@ class TexTokConfig(Config):
     text_encoder: str = DEFAULT_TEXT_ENCODER  # "minilm" | "t5:/local/dir" | "hf:/local/dir"
     text_dim: int = 384  # width of the text encoder's states (384 MiniLM, 2048 T5-XL, 4096 T5-XXL)
     text_max_length: int = 64  # captions are truncated to this many text tokens (with a warning)
+    text_pooled: bool = False  # one text token per caption (the masked mean of its states) instead of one per word
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -116,10 +117,14 @@ class TexTokEncoder(nn.Module):
         self.transformer = Transformer(cfg.encoder)
         self.to_tokens = nn.Linear(D, cfg.token_channels)
 
+    def latent_inputs(self) -> Tensor:
+        """The (1, N, D) latent tokens as they enter the transformer (ImageFolder overrides the positions)."""
+        return self.latent_tokens + self.latent_pos
+
     def forward(self, images: Tensor, text: TextEmbeddings | None) -> Tensor:
         B = images.shape[0]
         images = images.to(self.patch_pos.dtype)  # float64 / float16 input to a float32 model (autocast still applies)
-        parts = [self.patch_embed(images) + self.patch_pos, (self.latent_tokens + self.latent_pos).expand(B, -1, -1)]
+        parts = [self.patch_embed(images) + self.patch_pos, self.latent_inputs().expand(B, -1, -1)]
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
@@ -217,7 +222,8 @@ class TexTok(PretrainedMixin, nn.Module):
             raise TextokError(f"text embeddings are {text.dim}-d but the model expects text_dim={self.config.text_dim} "
                               f"(its text encoder is {self.config.text_encoder!r})")
         param = next(self.parameters())
-        return text.to(param.device)
+        text = text.to(param.device)
+        return text.pooled() if self.config.text_pooled else text
 
     def _check_images(self, images: Tensor) -> None:
         c = self.config
@@ -261,12 +267,28 @@ class TexTok(PretrainedMixin, nn.Module):
         recon, _ = self(images, text)
         return recon, {}
 
+    def decode_right_and_wrong(self, images: Tensor, text: TextInput, wrong_text: TextInput) -> tuple[Tensor, Tensor]:
+        """Reconstructions of the same tokens decoded with each image's caption and with ``wrong_text``: the
+        pair a text-grounding loss compares (the decoder should do worse with another image's caption)."""
+        c = self.config
+        if not c.text_in_decoder:
+            raise TextokError("decoding with another caption needs text in the decoder (text_in_decoder=true)")
+        self._check_images(images)
+        emb = self.text_embeddings(text, images.shape[0], True)
+        wrong = self.text_embeddings(wrong_text, images.shape[0], True)
+        z = self.encoder(images, emb if c.text_in_encoder else None)
+        return self.decoder(z, emb), self.decoder(z, wrong)
+
     def forward(self, images: Tensor, text: TextInput = None) -> tuple[Tensor, Tensor]:
         """Reconstruct: returns (reconstruction, Z). Text is encoded once and shared by both sides."""
         self._check_images(images)
         emb = self.text_embeddings(text, images.shape[0], self.config.uses_text)
         z = self.encoder(images, emb if self.config.text_in_encoder else None)
         return self.decoder(z, emb if self.config.text_in_decoder else None), z
+
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's output projection, where VQGAN's adaptive GAN weight compares gradient norms."""
+        return self.decoder.to_pixels.weight
 
     # ---- accounting ----------------------------------------------------------------------------
     def num_parameters(self) -> dict[str, int]:
@@ -277,6 +299,7 @@ class TexTok(PretrainedMixin, nn.Module):
         """Forward FLOPs (2 x multiply-adds) of encoder + decoder for one image (matmuls only)."""
         c = self.config
         P, N = c.num_patches, c.num_tokens
+        text_tokens = min(text_tokens, 1) if c.text_pooled else text_tokens
         enc_len = P + N + (text_tokens if c.text_in_encoder else 0)
         dec_len = P + N + (text_tokens if c.text_in_decoder else 0)
         patch = 2 * P * (3 * c.patch_size**2) * c.encoder.width

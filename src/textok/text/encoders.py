@@ -74,6 +74,8 @@ class HFTextEncoder:
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise TextokError(f"could not load the text encoder from {path}: {first}") from None
+        if next(self.model.parameters()).dtype == torch.float16:
+            self.model.float()  # weights stored in float16 (to travel small) compute in float32: T5 overflows in fp16
         self.model.eval().requires_grad_(False).to(device)
         self.kind = kind
         self.name = name or f"{kind}:{path.name}"

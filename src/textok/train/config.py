@@ -25,6 +25,7 @@ class DataConfig(Config):
     captions_per_image: int = 0  # use only the first k captions of each image (0 = all)
     seed: int = 0  # the scenes' generator seed
     workers: int = 0  # DataLoader worker processes
+    decode_once: bool = False  # decode every image once and keep the pixels in memory (small data sets, fast GPUs)
 
 
 @dataclasses.dataclass
@@ -58,6 +59,10 @@ class LossConfig(Config):
     adversarial: AdversarialConfig = field(default_factory=lambda: AdversarialConfig(weight=0.1, start_step=20000))
     discriminator: str = "auto"  # a DiscriminatorConfig preset, or "auto" (StyleGAN sized to the images)
     d_every: int = 1  # discriminator update every k generator steps
+    # Text grounding: w * relu(margin - (l2 with another image's caption - l2 with its own)), the same tokens
+    # decoded twice; it pushes the decoder to read its caption (TexTok with text in the decoder only).
+    text_contrast_weight: float = 0.0
+    text_contrast_margin: float = 0.01
 
 
 @dataclasses.dataclass
@@ -83,10 +88,15 @@ class TrainConfig(Config):
     # A tokenizer directory (a run's final/) whose weights start this run: fine-tuning, e.g. a perceptual + GAN
     # stage after an l2 stage. Optimizer, discriminator and step start fresh; ignored when the run resumes.
     init_from: str = ""
+    text_dropout: float = 0.0  # probability that an image trains without its caption (all its text tokens masked)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision {self.precision!r} must be auto, bf16 or fp32")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ConfigError(f"text_dropout must lie in [0, 1), got {self.text_dropout}")
+        if self.loss.text_contrast_weight < 0 or self.loss.text_contrast_margin < 0:
+            raise ConfigError("loss.text_contrast_weight and loss.text_contrast_margin must be >= 0")
         check_schedule(self, positive=("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every",
                                        "keep_last"), non_negative=("sample_every",))
         if not 0.0 <= self.ema_decay < 1.0:

@@ -10,6 +10,7 @@ bit-identical to an uninterrupted one on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -23,11 +24,12 @@ from ..data.factory import build_dataset
 from ..data.folder import collate
 from ..data.images import save_image
 from ..errors import TextokError
-from ..losses.adversarial import LeCAM, d_loss, g_loss
+from ..losses.adversarial import LeCAM, adaptive_weight, d_loss, g_loss, r1_penalty
 from ..losses.perceptual import build_perceptual
 from ..models.discriminator import Discriminator, DiscriminatorConfig
 from ..models.registry import build_tokenizer, resolve_tokenizer_config
 from ..text.cache import TextEmbeddingCache
+from ..text.embeddings import TextEmbeddings
 from ..text.encoders import load_text_encoder
 from .checkpoint import CheckpointManager
 from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, check_finite,
@@ -144,7 +146,13 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
         if info.is_main:
             print(f"starting from the weights in {cfg.init_from}")
 
-    train_model = wrap_ddp(LossForward(model), info)
+    contrast = cfg.loss.text_contrast_weight > 0
+    if contrast and not (model_type == "textok" and model_cfg.text_in_decoder):
+        raise TextokError("loss.text_contrast_weight trains a TexTok decoder to read its caption: it needs "
+                          f"model_type textok with text_in_decoder=true (this run: {model_type}, text_in_decoder="
+                          f"{getattr(model_cfg, 'text_in_decoder', False)}); set loss.text_contrast_weight=0")
+    train_model = wrap_ddp(LossForward(model, (cfg.loss.text_contrast_weight, cfg.loss.text_contrast_margin)), info)
+    last_layer = model.last_layer() if adv.adaptive else None
     disc_model = wrap_ddp(parts.disc, info) if parts.disc is not None else None
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -153,7 +161,7 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     d = cfg.data
     train_set = build_dataset(d.source, "train", model_cfg.image_size, size=d.train_size,
                               captions_file=d.captions_file, caption_bank=d.caption_bank, seed=d.seed,
-                              captions_per_image=d.captions_per_image)
+                              captions_per_image=d.captions_per_image, decode_once=d.decode_once)
     val_set = build_dataset(d.source, d.val_split, model_cfg.image_size, size=d.val_size,
                             captions_file=d.captions_file, caption_bank=d.caption_bank, seed=d.seed,
                             captions_per_image=d.captions_per_image)
@@ -183,10 +191,13 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 skipped_total += batch["skipped"]
                 images = batch["image"].to(device, non_blocking=True)
                 text = _text_for(text_cache, batch, cfg.seed, step, device)
-                sync = contextlib_nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
+                if text is not None and cfg.text_dropout > 0:
+                    text = text.without(_dropped_rows(len(text), cfg.text_dropout, cfg.seed, step, k, info.rank))
+                wrong = TextEmbeddings(text.states.roll(1, 0), text.mask.roll(1, 0)) if contrast else None
+                sync = contextlib.nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
                 with sync, autocast_for(device, cfg.precision):
-                    recon, terms, extra = generator_losses(train_model, disc_model if gan_on else None, perceptual,
-                                                           images, text, cfg)
+                    recon, terms, extra = generator_losses(train_model, parts.disc if gan_on else None, perceptual,
+                                                           images, text, cfg, last_layer, wrong)
                     loss = sum(terms.values())
                 bad |= ~torch.isfinite(loss.detach())
                 (loss / cfg.grad_accum).backward()
@@ -202,8 +213,10 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
             # discriminator update (on the last micro-batch), LeCAM-regularised
             if gan_on and step % cfg.loss.d_every == 0:
                 set_lr(parts.opt_d, lr / cfg.optim.lr * cfg.optim.d_lr)
+                parts.opt_d.zero_grad(set_to_none=True)
                 with autocast_for(device, cfg.precision):
-                    d_terms = discriminator_losses(disc_model, parts.lecam, images, recon, cfg)
+                    d_terms = discriminator_losses(disc_model, parts.lecam, images, recon, cfg,
+                                                   r1=adv.r1_at(step // cfg.loss.d_every))
                     d_total = sum(d_terms.values())
                 bad |= ~torch.isfinite(d_total.detach())
                 d_total.backward()
@@ -248,47 +261,83 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
 
 # ---- the two loss computations (shared with benchmarks/train_step.py) ---------------------------
 def generator_losses(train_model: nn.Module, disc: nn.Module | None, perceptual: nn.Module | None,
-                     images: torch.Tensor, text, cfg: TrainConfig):
-    """(reconstruction, weighted loss terms, the model's extra outputs) for one tokenizer update."""
-    recon, extra = train_model(images, text)
+                     images: torch.Tensor, text, cfg: TrainConfig, last_layer: torch.Tensor | None = None,
+                     wrong_text=None):
+    """(reconstruction, weighted loss terms, the model's extra outputs) for one tokenizer update.
+
+    ``disc`` is the plain discriminator module (not its DDP wrapper): its parameters are frozen for this
+    pass, so the generator's backward reaches the reconstruction through it but never writes into its
+    ``.grad``. ``last_layer`` (the decoder's output weight) is needed for ``loss.adversarial.adaptive``;
+    ``wrong_text`` (another image's caption per image) for the text-grounding term.
+    """
+    recon, extra = train_model(images, text) if wrong_text is None else train_model(images, text, wrong_text)
+    extra = dict(extra)
     terms = {"l2": F.mse_loss(recon.float(), images) * cfg.loss.l2_weight}
     if perceptual is not None:
         terms["perceptual"] = perceptual(recon.float(), images).mean() * cfg.loss.perceptual_weight
     if disc is not None:
-        terms["gan_g"] = g_loss(disc(recon), cfg.loss.adversarial.kind) * cfg.loss.adversarial.weight
+        adv = cfg.loss.adversarial
+        with frozen(disc):
+            gan = g_loss(disc(recon), adv.kind)
+        weight: float | torch.Tensor = adv.weight
+        if adv.adaptive:
+            if last_layer is None:
+                raise TextokError("loss.adversarial.adaptive needs the decoder's last layer; this model has none "
+                                  "(set loss.adversarial.adaptive=false)")
+            ratio = adaptive_weight(sum(terms.values()), gan, last_layer, adv.adaptive_max)
+            extra["metric/adaptive_weight"] = ratio
+            weight = weight * ratio
+        terms["gan_g"] = gan * weight
     terms.update({k: v for k, v in extra.items() if not k.startswith("metric/")})
     return recon, terms, extra
 
 
 def discriminator_losses(disc: nn.Module, lecam: LeCAM | None, images: torch.Tensor, recon: torch.Tensor,
-                         cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Weighted discriminator terms: the GAN loss on real vs (detached) reconstructions, plus LeCAM."""
+                         cfg: TrainConfig, r1: bool = False) -> dict[str, torch.Tensor]:
+    """Weighted discriminator terms: the GAN loss on real vs (detached) reconstructions, LeCAM, and (when
+    ``r1``) the lazy R1 penalty on the real images, scaled by its interval as in StyleGAN2."""
     adv = cfg.loss.adversarial
-    real, fake = disc(images), disc(recon.detach())
+    real_in = images.detach().requires_grad_(True) if r1 else images
+    real, fake = disc(real_in), disc(recon.detach())
     terms = {"d": d_loss(real, fake, adv.kind)}
     if lecam is not None and adv.lecam_weight > 0:
         terms["lecam"] = lecam(real.float(), fake.float()) * adv.lecam_weight
+    if r1:
+        terms["r1"] = r1_penalty(real, real_in) * (adv.r1_weight * adv.r1_every)
     return terms
 
 
 # ---- helpers (kept out of the loop body so it reads top to bottom) ------------------------------
-class contextlib_nullcontext:  # noqa: N801 - tiny local alias, avoids an import in the hot loop
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters of ``module`` do not require grad inside the block (graphs recorded there stay frozen)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 class LossForward(nn.Module):
-    """``forward`` = the tokenizer's ``training_losses``, so DDP and torch.compile wrap the call the loop makes."""
+    """``forward`` = the tokenizer's ``training_losses``, so DDP and torch.compile wrap the call the loop makes.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``wrong_text`` (another image's caption per image) it also decodes the same tokens with it and adds the
+    text-grounding term ``weight * relu(margin - (l2_wrong - l2_right))`` (``text_contrast``)."""
+
+    def __init__(self, model: nn.Module, text_contrast: tuple[float, float] = (0.0, 0.0)) -> None:
         super().__init__()
         self.model = model
+        self.text_contrast = text_contrast
 
-    def forward(self, images: torch.Tensor, text) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.model.training_losses(images, text)
+    def forward(self, images: torch.Tensor, text, wrong_text=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if wrong_text is None:
+            return self.model.training_losses(images, text)
+        recon, recon_wrong = self.model.decode_right_and_wrong(images, text, wrong_text)
+        gap = F.mse_loss(recon_wrong.float(), images) - F.mse_loss(recon.float(), images)
+        weight, margin = self.text_contrast
+        return recon, {"text_contrast": weight * F.relu(margin - gap), "metric/wrong_caption_gap": gap.detach()}
 
 
 def _save_checkpoint(ckpts, parts: Components, step: int, model_type: str, model_cfg, cfg: TrainConfig,
@@ -333,6 +382,12 @@ def _captions_of(dataset, index: int) -> list[str]:
         return getter(index)
     item = dataset[index]
     return item["captions"] if item is not None else []
+
+
+def _dropped_rows(batch: int, p: float, seed: int, step: int, micro: int, rank: int) -> torch.Tensor:
+    """Which images of a micro-batch train without their caption: a pure function of the position (exact resume)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro * 101 + rank) % (2**63 - 1))
+    return torch.rand(batch, generator=g) < p
 
 
 def _text_for(cache, batch: dict, seed: int, step: int, device, train: bool = True):

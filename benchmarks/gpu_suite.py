@@ -1,0 +1,621 @@
+"""The GPU suite: everything worth measuring on a lent GPU, in one command that fits one device call.
+
+A lent H100 gives 15 minutes in all (start, transfers and idle included; one command at most 10 minutes).
+Three phases run in one command, each within its own time budget and a global deadline, each failing on its
+own (a broken phase is reported, the next one still runs):
+
+a. **correctness** (<= 90 s): the tests marked ``gpu`` (tests/test_gpu.py: bf16 autocast against float32
+   for TexTok, TiTok, DiT and MaskGIT; torch.compile against eager; CUDA-graph sampling against the eager
+   loop; exact resume of a checkpoint written on the GPU; an NCCL process group of one).
+b. **throughput and MFU** (<= 150 s): a bf16 matmul ceiling; TexTok ViT-B/16 encode and decode at 256 px
+   with 64 tokens (text and no text); a full TexTok training step with all losses at ``textok-b-256-64``
+   (text, no text) and an l2-only one; DiT-XL forward over 32, 64, 256 and 1024 tokens; a DiT-XL training
+   step over 32 tokens; each against its target (DESIGN.md §4). Rows run in priority order until the budget
+   is spent; the rest are reported as not run.
+c. **the Flowers-102 study at 64 px** (<= 240 s): recipe ``study-flowers-gpu`` (l2 + perceptual + GAN),
+   text in encoder and decoder vs none at 4 and 16 tokens, with the step count set from a measured step
+   time so the four cells fit the budget; report, grid and plot.
+
+It writes at most 8 files to ``--out`` (``$OUT`` on the device machine): ``gpu_suite.json``,
+``gpu_suite.md``, ``correctness.log``, ``study_report.md``, ``study_results.json``, ``study_grid.png``,
+``study_plot.png``; the summary table is printed last.
+
+What travels (the device tool carries the working tree, at most 64 MiB): the repository (~3.5 MiB) and
+``.gpu-pack/`` (~51 MiB), made here first by ``python benchmarks/gpu_pack.py``: Flowers-102 at 64 px
+(gzip), a float16 MiniLM with only the vocabulary the captions use, and open_nsfw as float16 safetensors.
+The GPU machine has PyTorch, transformers, onnx and the rest of textok's dependencies, but not textok's
+wheels or any weights. The command, with ``carry: [".gpu-pack"]`` and a 600 s limit:
+
+    PYTHONPATH=src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --pack .gpu-pack --out $OUT
+
+On a CPU, ``--cpu-smoke`` runs every phase at tiny sizes in about a minute (tests/test_gpu_suite.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet peaks (SXM)
+
+# Peer numbers on one H100 (DESIGN.md §4): images/s of the official code, and our targets.
+TARGETS = {
+    "textok_encode_text": ("≥ 2× TiTok-B/16 encoder (4,111 img/s)", 2 * 4111),
+    "textok_decode_text": ("≥ 2× TiTok-B/16 decoder (4,109 img/s)", 2 * 4109),
+    "textok_encode_notext": ("≥ 2× TiTok-B/16 encoder (4,111 img/s)", 2 * 4111),
+    "textok_decode_notext": ("≥ 2× TiTok-B/16 decoder (4,109 img/s)", 2 * 4109),
+    "textok_step_all_text": ("≥ 1.3× TiTok B-64 l2 step (627 img/s)", 1.3 * 627),
+    "textok_step_all_notext": ("≥ 1.3× TiTok B-64 l2 step (627 img/s)", 1.3 * 627),
+    "textok_step_l2_notext": ("TiTok B-64 l2 step: 627 img/s", 627),
+    "dit_xl_fwd_32": ("≥ 14,000 img/s", 14000),
+    "dit_xl_fwd_1024": ("official DiT-XL/2 at 512 px, bf16: 235 img/s", 235),
+    "dit_xl_fwd_256": ("official DiT-XL/2 at 256 px, bf16: 1,019 img/s", 1019),
+    "dit_xl_step_32": ("≥ 10× official DiT-XL/2 step (313 img/s)", 3130),
+}
+
+
+@dataclass
+class Sizes:
+    """What each phase runs: the real sizes on a GPU, tiny ones for ``--cpu-smoke``."""
+
+    matmul: int = 8192
+    tok_preset: str = "textok-b-256-64"
+    tok_batch: int = 256
+    step_batch: int = 64
+    text_len: int = 32
+    dit: str = "dit-xl"
+    dit_batches: dict[int, int] = field(default_factory=lambda: {32: 1024, 64: 512, 256: 128, 1024: 32})
+    dit_step_batch: int = 256
+    iters: int = 10
+    warmup: int = 3
+    study_tokens: tuple[int, ...] = (4, 16)
+    study_modes: tuple[str, ...] = ("both", "none")
+    study_overrides: tuple[str, ...] = ()
+    study_max_steps: int = 3000
+    calib_steps: int = 60
+    step_overrides: tuple[str, ...] = ()  # training config of the tokenizer-step rows (default: all losses at 224)
+
+    @classmethod
+    def smoke(cls) -> "Sizes":
+        return cls(matmul=128, tok_preset="textok-tiny", tok_batch=4, step_batch=4, text_len=6, dit="dit-tiny",
+                   dit_batches={16: 4}, dit_step_batch=4, iters=2, warmup=1, study_tokens=(2,),
+                   study_modes=("decoder", "none"), study_max_steps=4, calib_steps=4,
+                   step_overrides=("loss.perceptual_size=32",),
+                   study_overrides=("model.patch_size=16", "model.encoder.width=32", "model.encoder.depth=1",
+                                    "model.encoder.heads=2", "model.decoder.width=32", "model.decoder.depth=1",
+                                    "model.decoder.heads=2", "batch_size=4", "data.workers=0",
+                                    "loss.perceptual_size=32", "log_every=1"))
+
+
+class Clock:
+    """A global deadline and per-phase budgets (seconds from now)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.end = time.time() + deadline
+
+    def left(self) -> float:
+        return self.end - time.time()
+
+    def budget(self, wanted: float) -> float:
+        return max(0.0, min(wanted, self.left()))
+
+
+def gpu_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def nominal_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in NOMINAL_BF16.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds per call (CUDA events on a GPU), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def cuda_graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``fn`` (static inputs) captured in a CUDA graph after a warm-up on a side stream; ``fn`` itself on a CPU."""
+    if device.type != "cuda":
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def compile_blocks(module: torch.nn.Module, device: torch.device) -> None:
+    """Regional compilation: compile each transformer block in place (the blocks share one compiled graph)."""
+    from textok.models.dit import DiTBlock
+    from textok.models.vit import Block
+
+    for m in module.modules():
+        if isinstance(m, (Block, DiTBlock)):
+            m.compile(backend="inductor" if device.type == "cuda" else "eager")
+
+
+# ---- phase a -------------------------------------------------------------------------------------------------
+def phase_correctness(out: Path, budget: float, smoke: bool) -> dict[str, Any]:
+    """The ``gpu`` tests in a subprocess (a hung collective cannot stall the suite), with a JUnit summary."""
+    xml = Path(tempfile.mkdtemp()) / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider",
+           f"--junitxml={xml}", "-o", "addopts="]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(budget, 5))
+        log, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        log, rc = ((err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")) + \
+            f"\n[timed out after {budget:.0f} s]", "timeout"
+    (out / "correctness.log").write_text(log)
+    tests = []
+    if xml.is_file():
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            outcome = "passed"
+            for child in case:
+                if child.tag in ("failure", "error"):
+                    outcome = "failed"
+                elif child.tag == "skipped":
+                    outcome = "skipped"
+            tests.append({"test": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0))})
+    counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "skipped")}
+    return {"returncode": rc, "seconds": round(time.time() - t0, 1), "counts": counts, "tests": tests}
+
+
+# ---- phase b -------------------------------------------------------------------------------------------------
+def _row(name: str, images_per_s: float, flops_per_image: float, peak: float | None, ceiling: float | None,
+         **extra: Any) -> dict[str, Any]:
+    row = {"row": name, "images_per_s": round(images_per_s, 1), "gflop_per_image": round(flops_per_image / 1e9, 3),
+           "tflop_per_s": round(images_per_s * flops_per_image / 1e12, 2)}
+    if peak:
+        row["mfu"] = round(images_per_s * flops_per_image / peak, 4)
+    if ceiling:
+        row["mfu_of_measured_ceiling"] = round(images_per_s * flops_per_image / ceiling, 4)
+    if name in TARGETS and peak:  # targets are for the GPU they were measured on
+        what, value = TARGETS[name]
+        row["target"] = what
+        row["meets_target"] = images_per_s >= value
+    row.update(extra)
+    return row
+
+
+def bench_matmul(sizes: Sizes, device: torch.device) -> float:
+    n = sizes.matmul
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    s = seconds_per_call(lambda: a @ b, device, sizes.warmup, sizes.iters)
+    return 2 * n**3 / s
+
+
+def bench_tokenizer(sizes: Sizes, device: torch.device, side: str, text: bool, compiled: bool) -> tuple[float, float, dict]:
+    """images/s and FLOPs/image of TexTok encode or decode, bf16 weights, inference mode (+ compile, graphs)."""
+    from textok.models.textok import TexTok, TexTokConfig
+    from textok.text.embeddings import TextEmbeddings
+
+    over = [] if text else ["text_in_encoder=false", "text_in_decoder=false"]
+    cfg = TexTokConfig.preset(sizes.tok_preset).override(over)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = TexTok(cfg).to(device, dtype).eval()
+    B, L = sizes.tok_batch, sizes.text_len
+    emb = TextEmbeddings(torch.randn(B, L, cfg.text_dim, device=device, dtype=dtype),
+                         torch.ones(B, L, dtype=torch.bool, device=device)) if text else None
+    images = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype) * 2 - 1
+    z = torch.randn(B, cfg.num_tokens, cfg.token_channels, device=device, dtype=dtype)
+    if compiled:
+        compile_blocks(model, device)
+    if side == "encode":
+        def call() -> Any:
+            with torch.inference_mode():
+                return model.encoder(images, emb if cfg.text_in_encoder else None)
+        enc_len = cfg.num_patches + cfg.num_tokens + (L if text else 0)
+        from textok.models.vit import transformer_flops
+        flops = transformer_flops(cfg.encoder, enc_len) + 2 * cfg.num_patches * 3 * cfg.patch_size**2 * cfg.encoder.width \
+            + (2 * L * cfg.text_dim * cfg.encoder.width if text else 0)
+    else:
+        def call() -> Any:
+            with torch.inference_mode():
+                return model.decoder(z, emb if cfg.text_in_decoder else None)
+        from textok.models.vit import transformer_flops
+        dec_len = cfg.num_patches + cfg.num_tokens + (L if text else 0)
+        flops = transformer_flops(cfg.decoder, dec_len) + 2 * cfg.num_patches * cfg.decoder.width * 3 * cfg.patch_size**2 \
+            + (2 * L * cfg.text_dim * cfg.decoder.width if text else 0)
+    fn = cuda_graphed(call, device) if compiled else call
+    s = seconds_per_call(fn, device, sizes.warmup, sizes.iters)
+    return B / s, flops, {"batch": B, "precision": str(dtype).replace("torch.", ""), "compile": compiled,
+                          "cuda_graph": compiled and device.type == "cuda"}
+
+
+def bench_tokenizer_step(sizes: Sizes, device: torch.device, text: bool, losses: str) -> tuple[float, float, dict]:
+    """A full tokenizer training step as the loop takes it (benchmarks/train_step.py), FLOPs counted over it."""
+    from train_step import bench
+
+    row = bench(sizes.tok_preset, sizes.step_batch, text, sizes.text_len, sizes.iters, "bf16" if device.type == "cuda"
+                else "fp32", False, losses, device, sizes.step_overrides)
+    flops = row["GFLOP/img (step)"] * 1e9
+    return row["images/s"], flops, {"batch": sizes.step_batch, "precision": row["precision"], "compile": False,
+                                    "params_M": row["params_M"]}
+
+
+def bench_dit_forward(sizes: Sizes, device: torch.device, tokens: int, batch: int) -> tuple[float, float, dict]:
+    from textok.models.dit import DiT, DiTConfig
+
+    cfg = DiTConfig.preset(sizes.dit).override({"num_tokens": tokens})
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = DiT(cfg).to(device, dtype).eval()
+    compile_blocks(model, device)
+    x = torch.randn(batch, tokens, cfg.in_channels, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=device)
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return model(x, t, y)
+
+    s = seconds_per_call(cuda_graphed(call, device), device, sizes.warmup, sizes.iters)
+    return batch / s, model.flops_per_forward(1, 0), {"batch": batch, "precision": str(dtype).replace("torch.", ""),
+                                                      "compile": True, "cuda_graph": device.type == "cuda"}
+
+
+def bench_dit_step(sizes: Sizes, device: torch.device, tokens: int) -> tuple[float, float, dict]:
+    """DiT training step: flow-matching loss, bf16 autocast, fused AdamW, blocks compiled."""
+    from textok.diffusion import create_diffusion
+    from textok.models.dit import DiT, DiTConfig
+
+    cfg = DiTConfig.preset(sizes.dit).override({"num_tokens": tokens})
+    torch.manual_seed(0)
+    model = DiT(cfg).to(device).train()
+    compile_blocks(model, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    diffusion = create_diffusion("flow")
+    B = sizes.dit_step_batch
+    x0 = torch.randn(B, tokens, cfg.in_channels, device=device)
+    y = torch.randint(0, max(cfg.num_classes, 1), (B,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = diffusion.training_loss(model, x0, {"y": y})["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    s = seconds_per_call(step, device, sizes.warmup, sizes.iters)
+    return B / s, 3 * model.flops_per_forward(1, 0), {"batch": B, "precision": "bf16 autocast" if device.type == "cuda"
+                                                      else "fp32", "compile": True}
+
+
+def phase_throughput(sizes: Sizes, device: torch.device, budget: float) -> dict[str, Any]:
+    t_end = time.time() + budget
+    peak = nominal_peak(device)
+    result: dict[str, Any] = {"rows": [], "not_run": [], "errors": {}}
+    ceiling = None
+    try:
+        ceiling = bench_matmul(sizes, device)
+        result["matmul_ceiling_tflops"] = round(ceiling / 1e12, 1)
+    except Exception as err:  # noqa: BLE001 - a row's failure is reported, the phase goes on
+        result["errors"]["matmul"] = f"{type(err).__name__}: {err}"
+    n32 = min(sizes.dit_batches)
+    plan: list[tuple[str, Callable[[], tuple[float, float, dict]]]] = [
+        ("dit_xl_fwd_32", lambda: bench_dit_forward(sizes, device, n32, sizes.dit_batches[n32])),
+        ("textok_encode_text", lambda: bench_tokenizer(sizes, device, "encode", True, True)),
+        ("textok_decode_text", lambda: bench_tokenizer(sizes, device, "decode", True, True)),
+        ("textok_step_all_text", lambda: bench_tokenizer_step(sizes, device, True, "all")),
+        ("dit_xl_step_32", lambda: bench_dit_step(sizes, device, n32)),
+        ("textok_step_all_notext", lambda: bench_tokenizer_step(sizes, device, False, "all")),
+        ("textok_step_l2_notext", lambda: bench_tokenizer_step(sizes, device, False, "l2")),
+        ("textok_encode_notext", lambda: bench_tokenizer(sizes, device, "encode", False, True)),
+        ("textok_decode_notext", lambda: bench_tokenizer(sizes, device, "decode", False, True)),
+        ("textok_encode_text_eager", lambda: bench_tokenizer(sizes, device, "encode", True, False)),
+        ("textok_decode_text_eager", lambda: bench_tokenizer(sizes, device, "decode", True, False)),
+    ] + [(f"dit_xl_fwd_{n}", (lambda n=n, b=b: bench_dit_forward(sizes, device, n, b)))
+         for n, b in sizes.dit_batches.items() if n != n32]
+    for name, run in plan:
+        if time.time() > t_end:
+            result["not_run"].append(name)
+            continue
+        t0 = time.time()
+        try:
+            ips, flops, extra = run()
+            result["rows"].append(_row(name, ips, flops, peak, ceiling, seconds=round(time.time() - t0, 1), **extra))
+        except Exception as err:  # noqa: BLE001
+            result["errors"][name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            traceback.print_exc()
+        finally:
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return result
+
+
+# ---- phase c -------------------------------------------------------------------------------------------------
+def _pack_paths(pack: Path) -> dict[str, Path]:
+    data = next((p for p in sorted(pack.glob("*.tar*")) if p.is_file()), None)
+    if data is None:
+        raise FileNotFoundError(f"{pack} has no data tar: run benchmarks/gpu_pack.py first")
+    return {"data": data, "minilm": pack / "minilm-flowers", "opennsfw": pack / "open_nsfw.safetensors"}
+
+
+def _calibrate(recipe: str, common: list[str], sizes: Sizes, work: Path, tokens: int, mode: str) -> float:
+    """Seconds per training step of the most expensive cell, measured over a short run (text cache warmed)."""
+    from textok.study import cell_config
+    from textok.train.tokenizer import train_tokenizer
+
+    steps = sizes.calib_steps
+    cfg = cell_config(recipe, tokens, mode, common + [f"max_steps={steps}", "loss.adversarial.start_step=0",
+                                                      "log_every=1", f"ckpt_every={steps}"])
+    train_tokenizer(cfg, work / "calibration", progress=False)
+    log = [json.loads(line) for line in (work / "calibration" / "log.jsonl").read_text().splitlines()]
+    tail = log[len(log) // 2:] or log
+    rate = sum(e["images_per_s"] for e in tail) / len(tail)
+    return cfg.batch_size / rate
+
+
+def phase_study(sizes: Sizes, pack: Path, out: Path, budget: float, smoke: bool) -> dict[str, Any]:
+    from textok.study import run_study
+
+    t0 = time.time()
+    paths = _pack_paths(pack)
+    work = Path(tempfile.mkdtemp(prefix="textok-study-"))
+    recipe = "study-flowers-gpu"
+    common = [f"data.source={paths['data']}", f"model.text_encoder=hf:{paths['minilm']}", *sizes.study_overrides]
+    # the calibration run warms the study's own text cache (the study sets text_cache to OUT/text_cache...)
+    calib = common + [f"text_cache={work / 'study' / 'text_cache.safetensors'}"]
+    seconds_per_step = _calibrate(recipe, calib, sizes, work, max(sizes.study_tokens), sizes.study_modes[0])
+    cells = len(sizes.study_tokens) * len(sizes.study_modes)
+    left = budget - (time.time() - t0)
+    eval_seconds = 8.0 if not smoke else 1.0  # per cell: 819 dev photos, right and wrong captions, FD features
+    per_cell = (0.85 * left - 10.0) / cells - eval_seconds  # 15% margin, 10 s for the report
+    steps = max(sizes.calib_steps, min(sizes.study_max_steps, int(per_cell / seconds_per_step) // 50 * 50))
+    if smoke:
+        steps = sizes.study_max_steps
+    overrides = common + [f"max_steps={steps}", f"loss.adversarial.start_step={int(0.3 * steps)}"]
+    print(f"study: {seconds_per_step * 1e3:.1f} ms/step measured -> {steps} steps per cell, {cells} cells")
+    result = run_study(work / "study", tokens=sizes.study_tokens, modes=sizes.study_modes, recipe=recipe,
+                       overrides=overrides, progress=False)
+    for src, dst in (("report.md", "study_report.md"), ("results.json", "study_results.json"),
+                     ("grid.png", "study_grid.png")):
+        if (work / "study" / src).is_file():
+            shutil.copy(work / "study" / src, out / dst)
+    primary = result["primary_metrics"][0] if result.get("primary_metrics") else None
+    plot = work / "study" / f"plot_{primary}.png" if primary else None
+    plots = sorted((work / "study").glob("plot_*.png"))
+    if plots:
+        shutil.copy(plot if plot and plot.is_file() else plots[0], out / "study_plot.png")
+    return {"seconds": round(time.time() - t0, 1), "ms_per_step_measured": round(seconds_per_step * 1e3, 2),
+            "steps_per_cell": steps, "cells": cells, "paper_table": result.get("paper_table"),
+            "ablation_table": result.get("ablation_table"), "text_reliance_table": result.get("text_reliance_table"),
+            "verdicts": result.get("verdicts"), "train_seconds": {k: c.get("train_seconds")
+                                                                  for k, c in result.get("cells", {}).items()}}
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, ""), c) for c in cols) + " |")
+    return lines
+
+
+def _fmt(v: Any, col: str = "") -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        if col.startswith("mfu"):
+            return f"{v:.1%}"
+        return f"{v:,.3g}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+
+
+def render(summary: dict[str, Any]) -> str:
+    lines = [f"# GPU suite on {summary['device']}", "",
+             f"torch {summary['torch']}, CUDA {summary['cuda']}, {summary['started']}; "
+             f"wall time {summary['seconds']:.0f} s.", ""]
+    a = summary["phases"].get("a")
+    if a:
+        lines += ["## a. correctness", ""]
+        if "error" in a:
+            lines += [f"failed to run: {a['error']}", ""]
+        else:
+            lines += [f"{a['counts']['passed']} passed, {a['counts']['failed']} failed, {a['counts']['skipped']} "
+                      f"skipped in {a['seconds']} s (tests/test_gpu.py; log in correctness.log).", ""]
+            lines += _table(a["tests"], ["test", "outcome", "seconds"]) + [""]
+    b = summary["phases"].get("b")
+    if b:
+        lines += ["## b. throughput and MFU", ""]
+        if "error" in b:
+            lines += [f"failed to run: {b['error']}", ""]
+        else:
+            lines += [f"bf16 matmul ceiling measured here: {b.get('matmul_ceiling_tflops', 'n/a')} TFLOP/s. MFU is "
+                      "against the nominal dense bf16 peak (989 TFLOP/s for an H100 SXM); FLOPs are 2 × "
+                      "multiply-adds of the matmuls (a training step's counted over the whole step).", ""]
+            lines += _table(b["rows"], ["row", "batch", "precision", "compile", "images_per_s", "gflop_per_image",
+                                        "tflop_per_s", "mfu", "target", "meets_target"]) + [""]
+            if b["not_run"]:
+                lines += [f"Not run (budget spent): {', '.join(b['not_run'])}.", ""]
+            for k, v in b["errors"].items():
+                lines += [f"- error in {k}: {v}"]
+            lines += [""]
+    c = summary["phases"].get("c")
+    if c:
+        lines += ["## c. Flowers-102 study at 64 px", ""]
+        if "error" in c:
+            lines += [f"failed to run: {c['error']}", ""]
+        else:
+            lines += [f"{c['cells']} cells of {c['steps_per_cell']} steps (measured {c['ms_per_step_measured']} ms per "
+                      f"step); {c['seconds']} s in all. Full report: study_report.md.", ""]
+            if c.get("paper_table"):
+                cols = list(c["paper_table"][0])
+                lines += _table(c["paper_table"], cols) + [""]
+            if c.get("text_reliance_table"):
+                cols = list(c["text_reliance_table"][0])
+                lines += _table(c["text_reliance_table"], cols) + [""]
+            lines += [f"- {v}" for v in c.get("verdicts") or []] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print("\n==== GPU suite summary ====")
+    print(f"device: {summary['device']}  torch {summary['torch']}  wall {summary['seconds']:.0f} s")
+    for key, phase in summary["phases"].items():
+        status = "error: " + phase["error"] if "error" in phase else "ok"
+        print(f"phase {key}: {status} ({phase.get('seconds', phase.get('phase_seconds', '?'))} s)")
+    a = summary["phases"].get("a", {})
+    if "counts" in a:
+        print(f"  correctness: {a['counts']}")
+        for t in a["tests"]:
+            if t["outcome"] == "failed":
+                print(f"    FAILED {t['test']}")
+    b = summary["phases"].get("b", {})
+    if b.get("rows"):
+        print(f"  matmul ceiling {b.get('matmul_ceiling_tflops')} TFLOP/s")
+        print(f"  {'row':28s} {'img/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}  target")
+        for r in b["rows"]:
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
+            ok = "" if "meets_target" not in r else ("met" if r["meets_target"] else "MISSED")
+            print(f"  {r['row']:28s} {r['images_per_s']:10.1f} {r['tflop_per_s']:8.2f} {mfu:>6s}  {ok} {r.get('target', '')}")
+        if b.get("not_run"):
+            print(f"  not run: {', '.join(b['not_run'])}")
+        for k, v in b.get("errors", {}).items():
+            print(f"  error {k}: {v}")
+    c = summary["phases"].get("c", {})
+    if c.get("verdicts"):
+        print(f"  study: {c['cells']} cells x {c['steps_per_cell']} steps")
+        for row in c.get("paper_table") or []:
+            print("   ", {k: _fmt(v, k) for k, v in row.items()})
+        for row in c.get("text_reliance_table") or []:
+            print("   ", {k: _fmt(v, k) for k, v in row.items()})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "gpu-suite")))
+    p.add_argument("--pack", type=Path, default=ROOT / ".gpu-pack", help="made by benchmarks/gpu_pack.py")
+    p.add_argument("--phases", default="abc", help="which phases to run (subset of 'abc')")
+    p.add_argument("--budgets", default="90,150,240", help="seconds for phases a,b,c")
+    p.add_argument("--deadline", type=float, default=540, help="the whole suite stops starting work after this")
+    p.add_argument("--cpu-smoke", action="store_true", help="every phase at tiny sizes on the CPU (for the tests)")
+    args = p.parse_args(argv)
+
+    smoke = args.cpu_smoke
+    device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not smoke:
+        print("no CUDA device: use --cpu-smoke for the CPU mode")
+        raise SystemExit(2)
+    sizes = Sizes.smoke() if smoke else Sizes()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    budgets = dict(zip("abc", (float(v) for v in args.budgets.split(","))))
+    clock = Clock(args.deadline)
+    t_start = time.time()
+    summary: dict[str, Any] = {
+        "device": gpu_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "cpu_smoke": smoke, "budgets_s": budgets, "phases": {},
+    }
+    if smoke:
+        pack = args.out / "pack"
+        from gpu_pack import build
+        from make_tiny_data import write_tiny_captioned_tar
+
+        build(write_tiny_captioned_tar(args.out / "pack-src" / "tiny-64.tar"), pack, check_sample=8, smoke=True)
+        shutil.rmtree(args.out / "pack-src")
+    else:
+        pack = args.pack
+    if (pack / "open_nsfw.safetensors").is_file():  # the perceptual loss and FD features of phases b and c
+        os.environ["TEXTOK_OPENNSFW_WEIGHTS"] = str((pack / "open_nsfw.safetensors").resolve())
+    for key in "abc":
+        if key not in args.phases:
+            continue
+        budget = clock.budget(budgets[key])
+        if budget <= 1:
+            summary["phases"][key] = {"error": "not run: the suite's deadline was reached"}
+            continue
+        print(f"\n==== phase {key} (budget {budget:.0f} s) ====", flush=True)
+        t0 = time.time()
+        try:
+            if key == "a":
+                res = phase_correctness(args.out, budget, smoke)
+            elif key == "b":
+                res = phase_throughput(sizes, device, budget)
+            else:
+                res = phase_study(sizes, pack, args.out, budget, smoke)
+        except Exception as err:  # noqa: BLE001 - reported; the next phase still runs
+            traceback.print_exc()
+            res = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+        res["phase_seconds"] = round(time.time() - t0, 1)
+        summary["phases"][key] = res
+        # keep what was measured even if a later phase kills the process
+        (args.out / "gpu_suite.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary["seconds"] = time.time() - t_start
+    if smoke:
+        shutil.rmtree(pack, ignore_errors=True)
+    (args.out / "gpu_suite.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (args.out / "gpu_suite.md").write_text(render(summary))
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
