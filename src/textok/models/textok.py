@@ -19,6 +19,7 @@ paper's no-text baseline, a TiTok-style continuous 1D tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import field
 
@@ -170,18 +171,18 @@ PIXEL_RANGE_SLACK = 1.0
 def check_values(x: Tensor, what: str, expect_unit_range: bool = False) -> None:
     """Refuse NaN/inf values; warn when images look like 0-255 (or otherwise far outside [-1, 1]).
 
-    The models call it outside training only: it reads the values back to the host, which would cost the
-    training loop a device sync every step (the loop checks its loss for NaN/inf instead).
+    One reduction and one read-back per call (min and max: NaN and inf show in them). The models call it
+    outside training only, where that read-back would cost the loop a device sync every step (the loop checks
+    its loss for NaN/inf instead), and not while torch.compile traces.
     """
-    if x.numel() == 0:
+    if x.numel() == 0 or torch.compiler.is_compiling():
         return
-    if not bool(torch.isfinite(x).all()):
+    lo, hi = torch.stack(list(torch.aminmax(x.detach()))).float().tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise TextokError(f"{what} contain NaN or inf values; check the data or the step that produced them")
-    if expect_unit_range:
-        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
-        if hi > 1 + PIXEL_RANGE_SLACK or lo < -1 - PIXEL_RANGE_SLACK:
-            hint = " (they look like 0-255 pixels: x / 127.5 - 1)" if lo >= 0 and hi > 2 else ""
-            warnings.warn(f"{what} range over [{lo:.4g}, {hi:.4g}] but textok expects [-1, 1]{hint}", stacklevel=3)
+    if expect_unit_range and (hi > 1 + PIXEL_RANGE_SLACK or lo < -1 - PIXEL_RANGE_SLACK):
+        hint = " (they look like 0-255 pixels: x / 127.5 - 1)" if lo >= 0 and hi > 2 else ""
+        warnings.warn(f"{what} range over [{lo:.4g}, {hi:.4g}] but textok expects [-1, 1]{hint}", stacklevel=3)
 
 
 class TexTok(PretrainedMixin, nn.Module):
