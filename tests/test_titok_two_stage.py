@@ -1,7 +1,11 @@
-"""TiTok's two-stage recipe: the MaskGIT-VQGAN (published key layout, numerics on a tiny random one)."""
+"""TiTok's two-stage recipe: the MaskGIT-VQGAN (published key layout, numerics on a tiny random one), stage 1
+(cross-entropy against the frozen VQGAN's codes), stage 2 (decoder fine-tuned through the frozen VQGAN
+decoder), a stage 1 -> stage 2 run through the training loop, and the refusals."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -9,10 +13,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from textok.errors import TextokError
+from textok.errors import CheckpointMismatchError, ConfigError, TextokError
 from textok.models.maskgit_vqgan import MaskGITVQGAN, MaskGITVQGANConfig, ResBlock
+from textok.models.registry import load_tokenizer, resolve_tokenizer_config
+from textok.models.titok import TiTok, TiTokConfig
+from textok.train.common import param_groups
+from textok.train.config import load_train_config
+from textok.train.tokenizer import train_tokenizer
 
-TINY_VQGAN = MaskGITVQGANConfig.preset("maskgit-vqgan-tiny")  # 16 px -> 4 x 4 codes of 32
+TINY_VQGAN = MaskGITVQGANConfig.preset("maskgit-vqgan-tiny")  # 16 px -> 4 x 4 codes of 32, as titok-tiny's grid
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -91,6 +100,12 @@ def images(b: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
+def two_stage(stage: str, weights, *overrides: str, seed: int = 0) -> TiTok:
+    torch.manual_seed(seed)
+    cfg = TiTokConfig.preset("titok-tiny").override({"vqgan": TINY_VQGAN})
+    return TiTok(cfg.override([f"stage={stage}", f"vqgan_weights={weights}", *overrides]))
+
+
 # ---- the VQGAN ------------------------------------------------------------------------------------
 def test_published_layout_loads_every_tensor(tmp_path):
     """Random weights under the published key names and shapes, written as the released .bin
@@ -155,3 +170,135 @@ def test_resblock_projects_its_output_when_the_width_changes():
     x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
     h = blk.conv2(F.silu(blk.norm2(blk.conv1(F.silu(blk.norm1(x))))))
     torch.testing.assert_close(blk(x), h + blk.nin_shortcut(h), rtol=1e-12, atol=1e-12)
+
+
+# ---- config -----------------------------------------------------------------------------------------
+def test_stage_configs_are_checked_when_built(tmp_path):
+    base = TiTokConfig.preset("titok-tiny").override({"vqgan": TINY_VQGAN})
+    with pytest.raises(ConfigError, match=r"stage=proxy-codes needs the MaskGIT-VQGAN weights: set vqgan_weights="):
+        base.override(["stage=proxy-codes"])
+    with pytest.raises(ConfigError, match="not one of pixel, proxy-codes, decoder-finetune"):
+        base.override(["stage=codes"])
+    with pytest.raises(ConfigError, match=r"patch_size \(16\) must equal the VQGAN's downsampling \(4\)"):
+        base.override(["patch_size=16", "stage=decoder-finetune", "vqgan_weights=w.bin"])
+    a = base.override(["stage=proxy-codes", "vqgan_weights=w.bin"])  # any order
+    b = base.override(["vqgan_weights=w.bin", "stage=proxy-codes"])
+    assert a == b and a.uses_vqgan and TiTokConfig.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    # the published-size presets resolve with the recipe's stage and a weight path (no model is built)
+    _, cfg = resolve_tokenizer_config("titok-b-64", ["stage=proxy-codes", "vqgan_weights=/w.bin"])
+    assert cfg.grid == 16 and cfg.vqgan.downsample == 16 and cfg.vqgan.num_codes == 1024
+    assert TiTokConfig.preset("titok-b-64").stage == "pixel"
+    # single-stage configs serialise as before the two-stage fields existed (old runs resume, files compare)
+    assert not {"stage", "vqgan_weights", "vqgan"} & set(TiTokConfig.preset("titok-b-64").to_dict())
+    assert {"stage", "vqgan_weights", "vqgan"} <= set(a.to_dict())
+
+
+def test_stage1_refuses_pixel_losses_and_stage2_needs_init_from(tmp_path):
+    base = ["model.patch_size=4", "model.vqgan.hidden_channels=8", "model.vqgan.channel_mult=[1,1,2]",
+            "model.vqgan.norm_groups=4", "model.stage=proxy-codes", "model.vqgan_weights=w.bin"]
+    with pytest.raises(ConfigError, match=r"loss\.l2_weight=1\.0, loss\.perceptual=opennsfw, "
+                                          r"loss\.adversarial\.weight=0\.1 would train nothing"):
+        train_tokenizer(load_train_config("titok-tiny", base), tmp_path / "x", progress=False)
+    stage2 = [o.replace("proxy-codes", "decoder-finetune") for o in base]
+    with pytest.raises(ConfigError, match="set init_from=RUN/final"):
+        train_tokenizer(load_train_config("titok-tiny", stage2), tmp_path / "y", progress=False)
+
+
+# ---- stage 1 ----------------------------------------------------------------------------------------
+def test_stage1_loss_is_cross_entropy_over_the_vqgan_codebook(vqgan_file):
+    model = two_stage("proxy-codes", vqgan_file).double()
+    x = images().double()
+    recon, terms = model.training_losses(x)
+    # the same numbers from the public pieces, in float64
+    target = model.vqgan.encode_to_codes(x)
+    logits = model.decode_logits(model.encode(x))
+    assert logits.shape == (3, 32, 4, 4)
+    expected = -logits.log_softmax(1).gather(1, target[:, None]).mean()
+    assert math.isclose(terms["proxy_codes"].item(), expected.item(), rel_tol=1e-10)
+    assert math.isclose(terms["metric/code_accuracy"].item(), (logits.argmax(1) == target).double().mean().item(),
+                        rel_tol=1e-6)  # a float32 metric
+    torch.testing.assert_close(recon, model.vqgan.decode_codes(logits.argmax(1)), rtol=1e-12, atol=1e-12)
+    assert not recon.requires_grad  # pixels carry no gradient in stage 1
+    (terms["proxy_codes"] + terms["quantizer"]).backward()
+    for part in (model.encoder, model.decoder):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None and not p.requires_grad for p in model.vqgan.parameters())
+    trained = {id(p) for g in param_groups(model, 1e-4) for p in g["params"]}
+    assert not trained & {id(p) for p in model.vqgan.parameters()}
+
+
+# ---- stage 2 ----------------------------------------------------------------------------------------
+def test_stage2_step_changes_the_decoder_only(vqgan_file):
+    model = two_stage("decoder-finetune", vqgan_file)
+    x = images()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups(model, 1e-2), lr=1e-2)
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in model.decoder.parameters()}
+    recon, terms = model.training_losses(x)
+    assert recon.shape == x.shape and terms == {}
+    F.mse_loss(recon, x).backward()
+    assert model.decoder.to_codes[-1].weight.grad.abs().sum() > 0  # through the frozen VQGAN decoder
+    assert all(p.grad is None for p in model.vqgan.parameters())
+    opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith(("encoder.", "quantizer.", "vqgan.")):
+            assert torch.equal(after[k], v), k
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("decoder."))
+    # decode() is the same soft path; forward() reconstructs with it
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], model.training_losses(x)[0])
+
+
+# ---- the two stages through the training loop -----------------------------------------------------
+RUN = ["batch_size=4", "data.train_size=16", "data.val_size=4", "log_every=1", "sample_every=2",
+       "optim.warmup_steps=1", "optim.lr=1e-3", "ckpt_every=10"]
+
+
+def test_stage1_then_stage2_through_train_tokenizer(tmp_path, vqgan_file):
+    model = ["model.vqgan.hidden_channels=8", "model.vqgan.channel_mult=[1,1,2]", "model.vqgan.num_res_blocks=1",
+             "model.vqgan.z_channels=8", "model.vqgan.num_codes=32", "model.vqgan.norm_groups=4",
+             f"model.vqgan_weights={vqgan_file}"]
+    s1 = load_train_config("titok-tiny", RUN + model + [
+        "model.stage=proxy-codes", "max_steps=3", "loss.l2_weight=0", "loss.perceptual=none",
+        "loss.adversarial.weight=0"])
+    first = train_tokenizer(s1, tmp_path / "s1", progress=False)
+    log1 = [json.loads(line) for line in (tmp_path / "s1/log.jsonl").read_text().splitlines()]
+    assert len(log1) == 3 and all(e["proxy_codes"] > 0 and "metric/code_accuracy" in e for e in log1)
+    assert (tmp_path / "s1/samples/step-0000002.png").is_file()
+    stage1 = load_file(str(first / "model.safetensors"))
+    assert train_tokenizer(s1, tmp_path / "s1", progress=False) == first  # the saved config resumes (tuples)
+
+    s2 = load_train_config("titok-tiny", RUN + model + [
+        "model.stage=decoder-finetune", "max_steps=2", f"init_from={first}", "loss.perceptual=none",
+        "loss.adversarial.weight=0.1", "loss.adversarial.start_step=1"])
+    final = train_tokenizer(s2, tmp_path / "s2", progress=False)
+    log2 = [json.loads(line) for line in (tmp_path / "s2/log.jsonl").read_text().splitlines()]
+    assert all(e["l2"] > 0 for e in log2) and "gan_g" in log2[-1] and "proxy_codes" not in log2[-1]
+    stage2 = load_file(str(final / "model.safetensors"))
+    assert stage1.keys() == stage2.keys()
+    for k in stage1:
+        if k.startswith(("encoder.", "quantizer.", "vqgan.")):
+            assert torch.equal(stage1[k], stage2[k]), k
+    assert any(not torch.equal(stage1[k], stage2[k]) for k in stage1 if k.startswith("decoder."))
+
+    # the saved tokenizer carries its VQGAN: it loads and decodes without the weight file
+    vqgan_file_moved = tmp_path / "elsewhere.safetensors"
+    vqgan_file.rename(vqgan_file_moved)
+    try:
+        tok = load_tokenizer(final)
+        assert tok.config.stage == "decoder-finetune" and not tok.vqgan.encoder.conv_in.weight.requires_grad
+        with torch.no_grad():
+            assert tok(images(2))[0].shape == (2, 3, 16, 16)
+            assert tok.decode_codes(tok.encode_codes(images(2))).shape == (2, 3, 16, 16)
+    finally:
+        vqgan_file_moved.rename(vqgan_file)
+
+    # a stage 2 pointed at another VQGAN than the one stage 1 learned is refused
+    other = tmp_path / "other.safetensors"
+    save_file(random_state(published_layout(**TINY_LAYOUT), seed=2), str(other))
+    s2_other = dataclasses.replace(s2, model_overrides=s2.model_overrides + (f"vqgan_weights={other}",))
+    with pytest.raises(CheckpointMismatchError, match="another MaskGIT-VQGAN than vqgan_weights="):
+        train_tokenizer(s2_other, tmp_path / "s2-other", progress=False)
