@@ -193,6 +193,16 @@ def test_stage_configs_are_checked_when_built(tmp_path):
     assert {"stage", "vqgan_weights", "vqgan"} <= set(a.to_dict())
 
 
+def test_recipes_need_the_weights(tmp_path):
+    for name, stage in (("titok-stage1", "proxy-codes"), ("titok-stage2", "decoder-finetune")):
+        recipe = load_train_config(name)
+        assert f"stage={stage}" in recipe.model_overrides
+        with pytest.raises(ConfigError, match="needs the MaskGIT-VQGAN weights: set vqgan_weights="):
+            train_tokenizer(recipe, tmp_path / name, progress=False)
+    s1 = load_train_config("titok-stage1")
+    assert s1.loss.l2_weight == 0 and s1.loss.perceptual == "none" and s1.loss.adversarial.weight == 0
+
+
 def test_stage1_refuses_pixel_losses_and_stage2_needs_init_from(tmp_path):
     base = ["model.patch_size=4", "model.vqgan.hidden_channels=8", "model.vqgan.channel_mult=[1,1,2]",
             "model.vqgan.norm_groups=4", "model.stage=proxy-codes", "model.vqgan_weights=w.bin"]

@@ -72,7 +72,8 @@ class TiTokConfig(TexTokConfig):
             return
         if not self.vqgan_weights:
             raise ConfigError(f"stage={self.stage} needs the MaskGIT-VQGAN weights: set vqgan_weights=/path/to/"
-                              f"{PUBLISHED_FILE} (a local file; they are not bundled)")
+                              f"{PUBLISHED_FILE} (model.vqgan_weights=... on the command line; a local file, "
+                              "not bundled)")
         self.vqgan.check()
         if self.patch_size != self.vqgan.downsample:
             raise ConfigError(f"stage={self.stage}: the decoder predicts one VQGAN code per patch, so patch_size "
