@@ -38,6 +38,7 @@ from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, c
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from .ema import EMA
+from .stages import check_stage_recipe
 
 
 def discriminator_config(name: str, image_size: int) -> DiscriminatorConfig:
@@ -124,6 +125,7 @@ def train_tokenizer(cfg: TrainConfig, out: str | Path, progress: bool = True) ->
 def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     device = info.device
     model_type, model_cfg = resolve_tokenizer_config(cfg.model, cfg.model_overrides)
+    check_stage_recipe(cfg, model_cfg)
     ckpts, latest = open_run(out, cfg.to_dict(), model_type, model_cfg.to_dict(), "tokenizer", cfg.keep_last,
                              info.is_main)
 
