@@ -150,7 +150,8 @@ class TexTokDecoder(nn.Module):
         self.transformer = Transformer(cfg.decoder)
         self.to_pixels = nn.Linear(D, cfg.patch_size**2 * 3)
 
-    def forward(self, z: Tensor, text: TextEmbeddings | None) -> Tensor:
+    def features(self, z: Tensor, text: TextEmbeddings | None) -> Tensor:
+        """The transformer's outputs at the P patch positions (B, P, width), before the output head."""
         B, P = z.shape[0], self.cfg.num_patches
         z = z.to(self.patch_pos.dtype)
         parts = [(self.mask_token + self.patch_pos).expand(B, -1, -1), self.token_proj(z) + self.latent_pos]
@@ -159,9 +160,11 @@ class TexTokDecoder(nn.Module):
             assert text is not None
             parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
             key_padding = torch.cat([text.mask.new_ones(B, P + self.cfg.num_tokens), text.mask], dim=1)
-        h = self.transformer(torch.cat(parts, dim=1), key_padding)
+        return self.transformer(torch.cat(parts, dim=1), key_padding)[:, :P]
+
+    def forward(self, z: Tensor, text: TextEmbeddings | None) -> Tensor:
         g = self.cfg.grid
-        return unpatchify(self.to_pixels(h[:, :P]), self.cfg.patch_size, g, g)
+        return unpatchify(self.to_pixels(self.features(z, text)), self.cfg.patch_size, g, g)
 
 
 # Pixels further than this outside [-1, 1] are not a rounding overshoot: the images were scaled another way.

@@ -13,6 +13,21 @@ l2-normalised), :class:`~textok.models.quantizers.DiagonalGaussian` (the KL/VAE 
 Text is off by default (TiTok). The inherited ``text_in_encoder`` / ``text_in_decoder`` switches work as in
 TexTok: text in the decoder only is TA-TiTok-like (TA-TiTok uses CLIP text features; here it is whatever
 ``text_encoder`` is configured).
+
+``stage`` picks the recipe. ``"pixel"`` (every preset's default) is a single stage: the decoder outputs pixels
+and the loop's l2/perceptual/GAN losses train everything. TiTok's published numbers come from two stages
+around a frozen MaskGIT-VQGAN (:mod:`~textok.models.maskgit_vqgan`, loaded from ``vqgan_weights``):
+
+* ``"proxy-codes"`` (stage 1): the decoder's head predicts, at each of the VQGAN's 16 x 16 code positions,
+  logits over its 1024 codes; the loss is the cross-entropy against the VQGAN's codes of the image (plus the
+  quantizer's terms). Reconstructions are the VQGAN's decoding of the arg-max codes.
+* ``"decoder-finetune"`` (stage 2): encoder and quantizer frozen; the decoder's logits are turned into
+  softmax-weighted VQGAN code vectors and decoded by the frozen VQGAN decoder, so the loop's pixel losses
+  fine-tune the ViT decoder. It starts from a stage-1 run (``init_from``). (1d-tokenizer also leaves the
+  VQGAN decoder trainable in this stage; here it stays frozen.)
+
+In both, the VQGAN is part of the model (``vqgan.*`` in ``model.safetensors``), so a saved two-stage
+tokenizer decodes without the original weight file.
 """
 
 from __future__ import annotations
@@ -25,10 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, TextokError
+from ..config import Config, _split_assignment
+from ..errors import CheckpointMismatchError, ConfigError, TextokError
+from .maskgit_vqgan import PUBLISHED_FILE, MaskGITVQGAN, MaskGITVQGANConfig
 from .quantizers import DiagonalGaussian, QuantizerConfig, VectorQuantizer, build_quantizer
-from .textok import TextInput, TexTok, TexTokConfig
+from .textok import TextInput, TexTok, TexTokConfig, TexTokDecoder
 from .vit import ViTConfig, init_vit_weights, vit_size
+
+STAGES = ("pixel", "proxy-codes", "decoder-finetune")
 
 
 @dataclasses.dataclass
@@ -40,10 +59,30 @@ class TiTokConfig(TexTokConfig):
     text_in_encoder: bool = False
     text_in_decoder: bool = False
     quantizer: QuantizerConfig = field(default_factory=lambda: QuantizerConfig.preset("titok-vq"))
+    stage: str = "pixel"  # "pixel" | "proxy-codes" (stage 1) | "decoder-finetune" (stage 2); see the module doc
+    vqgan_weights: str = ""  # local MaskGIT-VQGAN weights (published key layout), read by the two stages
+    vqgan: MaskGITVQGANConfig = field(default_factory=MaskGITVQGANConfig)  # its shape (default: the published one)
 
     def __post_init__(self) -> None:
         self.token_channels = self.quantizer.code_dim
         super().__post_init__()
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage {self.stage!r} is not one of {', '.join(STAGES)}")
+        if not self.uses_vqgan:
+            return
+        if not self.vqgan_weights:
+            raise ConfigError(f"stage={self.stage} needs the MaskGIT-VQGAN weights: set vqgan_weights=/path/to/"
+                              f"{PUBLISHED_FILE} (model.vqgan_weights=... on the command line; a local file, "
+                              "not bundled)")
+        self.vqgan.check()
+        if self.patch_size != self.vqgan.downsample:
+            raise ConfigError(f"stage={self.stage}: the decoder predicts one VQGAN code per patch, so patch_size "
+                              f"({self.patch_size}) must equal the VQGAN's downsampling ({self.vqgan.downsample})")
+
+    @property
+    def uses_vqgan(self) -> bool:
+        """True for the two stages of TiTok's recipe (the decoder works in the MaskGIT-VQGAN's codes)."""
+        return self.stage != "pixel"
 
     @property
     def is_discrete(self) -> bool:
@@ -55,18 +94,30 @@ class TiTokConfig(TexTokConfig):
         return 2 * self.token_channels if self.quantizer.kind == "kl" else self.token_channels
 
     def override(self, assignments: list[str] | dict[str, Any]) -> "TiTokConfig":
-        """As :meth:`Config.override`; ``token_channels=X`` is read as ``quantizer.code_dim=X``."""
-        def rename(key: str) -> str:
-            return "quantizer.code_dim" if key.strip() == "token_channels" else key
-
-        if isinstance(assignments, dict):
-            return super().override({rename(k): v for k, v in assignments.items()})
-        return super().override([rename(a.split("=", 1)[0]) + "=" + a.split("=", 1)[1] if "=" in a else a
-                                 for a in assignments])
+        """As :meth:`Config.override`; ``token_channels=X`` is read as ``quantizer.code_dim=X``. ``stage`` is
+        applied last, so the two stages' checks see all the other assignments (``stage=...``,
+        ``vqgan_weights=...`` and ``vqgan.*`` in any order)."""
+        items = (list(assignments.items()) if isinstance(assignments, dict)
+                 else [_split_assignment(a) for a in assignments])
+        items = [("quantizer.code_dim" if k.strip() == "token_channels" else k.strip(), v) for k, v in items]
+        stage: Any = self.stage
+        out = dataclasses.replace(self, stage="pixel")
+        for key, value in items:
+            if key == "stage":
+                stage = value
+            else:
+                out = Config.override(out, {key: value})
+        return Config.override(out, {"stage": stage})
 
     def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Config.to_dict`, without ``token_channels`` (derived) and without the two-stage fields
+        while they hold their defaults, so single-stage configs read as they did before those fields existed
+        (saved runs resume, config.json files compare equal)."""
         data = super().to_dict()
         data.pop("token_channels", None)  # derived from quantizer.code_dim
+        for name, default in (("stage", "pixel"), ("vqgan_weights", ""), ("vqgan", MaskGITVQGANConfig().to_dict())):
+            if data.get(name) == default:
+                data.pop(name)
         return data
 
     @classmethod
@@ -84,6 +135,8 @@ class TiTokConfig(TexTokConfig):
 
 
 def _register_presets() -> None:
+    # Every preset runs stage="pixel" (one stage, pixels out). TiTok's two-stage recipe is these presets with
+    # stage=proxy-codes, then stage=decoder-finetune, and vqgan_weights (configs/titok-stage{1,2}.yaml).
     # The paper's three tokenizers: width/depth/heads S 512/8/8, B 768/12/12, L 1024/24/16; patch 16 at
     # 256 px; VQ of 4096 l2-normalised codes x 12 channels.
     for size, letter, n in (("small", "s", 128), ("base", "b", 64), ("large", "l", 32)):
@@ -117,6 +170,22 @@ def _register_presets() -> None:
 _register_presets()
 
 
+class ProxyCodeDecoder(TexTokDecoder):
+    """TexTok's decoder with TiTok's proxy-code head in place of the pixel head: at each output patch, logits
+    over the VQGAN's codebook. The head is 1d-tokenizer's (1x1 convs width -> 2 width -> tanh -> codes)."""
+
+    def __init__(self, cfg: TiTokConfig, num_codes: int) -> None:
+        super().__init__(cfg)
+        D = cfg.decoder.width
+        self.to_pixels = None
+        self.to_codes = nn.Sequential(nn.Linear(D, 2 * D), nn.Tanh(), nn.Linear(2 * D, num_codes))
+
+    def forward(self, z: Tensor, text) -> Tensor:
+        """-> logits (B, num_codes, grid, grid), positions in raster order as the VQGAN's code grid."""
+        g = self.cfg.grid
+        return self.to_codes(self.features(z, text)).transpose(1, 2).reshape(z.shape[0], -1, g, g)
+
+
 class TiTok(TexTok):
     """TexTok's encoder and decoder around a quantiser.
 
@@ -124,17 +193,21 @@ class TiTok(TexTok):
       reconstruction), the posterior mean for KL, raw latents for kind="none".
     * ``encode_codes(images, text=None) -> codes`` (B, N) int64 and ``decode_codes(codes, text=None)``
       (VQ only).
-    * ``decode(z, text=None)``: inherited from TexTok; any (B, N, d) vectors.
+    * ``decode(z, text=None)``: any (B, N, d) vectors -> images (in the two stages, through the VQGAN).
     * ``training_losses(images, text=None) -> (recon, terms)`` for the training loop.
+    * ``decode_logits(z, text=None) -> (B, K, g, g)``: the decoder's scores over the VQGAN's codes (the two
+      stages of TiTok's recipe, ``config.stage != "pixel"``; ``self.vqgan`` is the frozen MaskGIT-VQGAN).
 
     ``text`` is needed only on a side where text is switched on (off on both sides by default).
+    ``load_vqgan=False`` builds the VQGAN without reading ``vqgan_weights`` (its weights come from a saved
+    model: ``from_pretrained`` does this).
     """
 
     config_class = TiTokConfig
     model_type = "titok"
     config: TiTokConfig
 
-    def __init__(self, config: TiTokConfig) -> None:
+    def __init__(self, config: TiTokConfig, load_vqgan: bool = True) -> None:
         if not isinstance(config, TiTokConfig):
             raise ConfigError(f"TiTok needs a TiTokConfig, got {type(config).__name__} (see TiTokConfig.presets())")
         super().__init__(config)  # TexTokEncoder (-> d channels), TexTokDecoder (d ->), ViT init
@@ -142,6 +215,39 @@ class TiTok(TexTok):
             self.encoder.to_tokens = nn.Linear(config.encoder.width, config.encoder_channels)
             init_vit_weights(self.encoder.to_tokens)
         self.quantizer = build_quantizer(config.quantizer)
+        self.vqgan: MaskGITVQGAN | None = None
+        self._vqgan_file: str | None = None  # set when the VQGAN was read from vqgan_weights
+        if config.uses_vqgan:
+            self.decoder = ProxyCodeDecoder(config, config.vqgan.num_codes)
+            init_vit_weights(self.decoder)
+            self.vqgan = MaskGITVQGAN(config.vqgan)
+            if load_vqgan:
+                self.vqgan.load_file(config.vqgan_weights)
+                self._vqgan_file = config.vqgan_weights
+            self.vqgan.requires_grad_(False).eval()  # never trained: its parameters stay out of the optimizer
+            if config.stage == "decoder-finetune":  # stage 2 trains the decoder only
+                self.encoder.requires_grad_(False)
+                self.quantizer.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, directory, config: TiTokConfig | None = None,
+                        map_location: str | torch.device = "cpu") -> "TiTok":
+        """As :meth:`PretrainedMixin.from_pretrained`; a two-stage TiTok's VQGAN comes from its
+        ``model.safetensors``, so ``vqgan_weights`` need not exist on this machine."""
+        saved = cls.read_config(directory)
+        model = cls(config or saved, load_vqgan=False)
+        model.load_weights(directory, saved_config=saved, map_location=map_location)
+        return model
+
+    def load_weights(self, directory, saved_config=None, map_location: str | torch.device = "cpu") -> None:
+        """As :meth:`PretrainedMixin.load_weights`; when this model read its VQGAN from ``vqgan_weights``
+        (a stage-2 run started with ``init_from``), the saved model must hold the same VQGAN."""
+        before = ([t.clone() for t in self.vqgan.state_dict().values()]
+                  if self.vqgan is not None and self._vqgan_file else None)
+        super().load_weights(directory, saved_config=saved_config, map_location=map_location)
+        if before is not None and not all(torch.equal(a, b) for a, b in zip(before, self.vqgan.state_dict().values())):
+            raise CheckpointMismatchError(f"{directory} was trained with another MaskGIT-VQGAN than vqgan_weights="
+                                          f"{self._vqgan_file}; point vqgan_weights at the file its stage 1 used")
 
     # ---- what generators need to know -------------------------------------------------------------
     @property
@@ -210,23 +316,70 @@ class TiTok(TexTok):
         z = vq.decode_codes(codes.to(vq.embedding.weight.device))
         return self.decode(z, text)
 
+    def decode(self, z: Tensor, text: TextInput = None) -> Tensor:
+        """Tokens (B, N, d) -> images; in the two stages through the VQGAN (stage 1: its decoding of the
+        arg-max codes, as TiTok evaluates stage 1; stage 2: the softmax-weighted codes it is trained on)."""
+        if self.vqgan is None:
+            return super().decode(z, text)
+        return self._logits_to_pixels(self.decode_logits(z, text))
+
+    def decode_logits(self, z: Tensor, text: TextInput = None) -> Tensor:
+        """Tokens (B, N, d) -> (B, K, g, g) scores over the VQGAN's K codes at its g x g code positions."""
+        if self.vqgan is None:
+            raise TextokError("decode_logits: this TiTok has stage='pixel' (its decoder outputs pixels); the "
+                              "stages proxy-codes / decoder-finetune predict VQGAN codes")
+        c = self.config
+        if z.dim() != 3 or z.shape[1:] != (c.num_tokens, c.token_channels):
+            raise TextokError(f"tokens have shape {tuple(z.shape)} but this model decodes (batch, {c.num_tokens}, "
+                              f"{c.token_channels})")
+        return self.decoder(z, self.text_embeddings(text, z.shape[0], c.text_in_decoder))
+
+    def _logits_to_pixels(self, logits: Tensor) -> Tensor:
+        if self.config.stage == "proxy-codes":
+            return self.vqgan.decode_codes(logits.argmax(1))
+        return self.vqgan.decode_logits(logits)
+
     def forward(self, images: Tensor, text: TextInput = None) -> tuple[Tensor, Tensor]:
         """Reconstruct through the (inference) bottleneck: returns (reconstruction, z_q)."""
         self._check_images(images)
         c = self.config
         emb = self.text_embeddings(text, images.shape[0], c.uses_text)
         zq, _ = self._quantize(self.encoder(images, emb if c.text_in_encoder else None))
-        return self.decoder(zq, emb if c.text_in_decoder else None), zq
+        out = self.decoder(zq, emb if c.text_in_decoder else None)
+        return (out if self.vqgan is None else self._logits_to_pixels(out)), zq
 
     def training_losses(self, images: Tensor, text: TextInput = None) -> tuple[Tensor, dict[str, Tensor]]:
         """(reconstruction, terms). Terms without the ``metric/`` prefix are already weighted and are added to
-        the loss ("quantizer": VQ codebook + beta * commitment, or kl_weight * KL); ``metric/`` ones are
-        detached values to log. The VQ runs in training mode here (usage tracking, dead-code restarts)."""
+        the loss ("quantizer": VQ codebook + beta * commitment, or kl_weight * KL; "proxy_codes" in stage 1);
+        ``metric/`` ones are detached values to log. The VQ runs in training mode (usage tracking, dead-code
+        restarts) except in stage 2, where encoder and quantizer are frozen and run without gradients."""
         self._check_images(images)
         c = self.config
         emb = self.text_embeddings(text, images.shape[0], c.uses_text)
-        z = self.encoder(images, emb if c.text_in_encoder else None)
+        enc_text, dec_text = (emb if c.text_in_encoder else None), (emb if c.text_in_decoder else None)
+        if c.stage == "decoder-finetune":
+            with torch.no_grad():
+                zq, _ = self._quantize(self.encoder(images, enc_text))
+            return self.vqgan.decode_logits(self.decoder(zq, dec_text)), {}
+        zq, terms = self._train_bottleneck(self.encoder(images, enc_text))
+        if c.stage == "pixel":
+            return self.decoder(zq, dec_text), terms
+        # stage 1: cross-entropy against the frozen VQGAN's codes of the image (1d-tokenizer's stage-1 loss)
+        with torch.no_grad():
+            target = self.vqgan.encode_to_codes(images)
+        logits = self.decoder(zq, dec_text)
+        terms["proxy_codes"] = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+        with torch.no_grad():
+            pred = logits.argmax(1)
+            recon = self.vqgan.decode_codes(pred)
+            terms["metric/code_accuracy"] = (pred == target).float().mean()
+            terms["metric/pixel_mse"] = F.mse_loss(recon.float(), images.float())
+        return recon, terms
+
+    def _train_bottleneck(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The bottleneck in training mode: (z_q, weighted loss terms and metrics)."""
         q = self.quantizer
+        c = self.config
         terms: dict[str, Tensor] = {}
         if isinstance(q, VectorQuantizer):
             out = q(z)
@@ -243,20 +396,31 @@ class TiTok(TexTok):
             terms["metric/kl"] = out_kl.losses["kl"].detach()
         else:
             zq = z
-        return self.decoder(zq, emb if c.text_in_decoder else None), terms
+        return zq, terms
+
+    def last_layer(self) -> nn.Parameter:
+        """The last trained layer before the pixels: the code head's output layer in the two stages."""
+        return self.decoder.to_codes[-1].weight if self.vqgan is not None else super().last_layer()
 
     # ---- accounting ---------------------------------------------------------------------------------
     def num_parameters(self) -> dict[str, int]:
         counts = super().num_parameters()
         counts["quantizer"] = sum(p.numel() for p in self.quantizer.parameters())
+        if self.vqgan is not None:
+            counts["vqgan"] = sum(p.numel() for p in self.vqgan.parameters())
         return counts
 
     def flops_per_image(self, text_tokens: int = 0) -> float:
-        """TexTok's count plus the VQ's distance matmul (2 N K d); the KL head's extra d columns are ignored."""
+        """TexTok's count plus the VQ's distance matmul (2 N K d); the KL head's extra d columns are ignored.
+        In the two stages the pixel head is replaced by the code head and the VQGAN decoder's convolutions."""
         flops = super().flops_per_image(text_tokens)
+        c = self.config
         if self.is_discrete:
-            c = self.config
             flops += 2 * c.num_tokens * c.quantizer.num_codes * c.token_channels
+        if self.vqgan is not None:
+            P, D, K = c.num_patches, c.decoder.width, c.vqgan.num_codes
+            flops += 2 * P * (2 * D * D + 2 * D * K) - 2 * P * D * 3 * c.patch_size**2
+            flops += self.vqgan.conv_flops("decoder", c.image_size)
         return flops
 
 

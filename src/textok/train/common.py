@@ -204,7 +204,7 @@ def check_resume_compatible(latest: Path, model_type: str, model_config: dict[st
     if meta.get("model_type") != model_type:
         raise TextokError(f"{latest} is a checkpoint of a {meta.get('model_type')!r} {kind}, not {model_type!r}; "
                           "use another --out or the same model")
-    diff = config_diff(meta["model_config"], model_config)
+    diff = config_diff(meta["model_config"], json.loads(json.dumps(model_config)))  # as saved: tuples are lists
     if diff:
         raise TextokError(f"cannot resume {latest}: the {kind} config differs ({'; '.join(diff)}); "
                           "use another --out or the original config")

@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from .ema import EMA
 from .rundir import run_lock
+from .stages import check_stage_recipe
 
 
 def discriminator_config(name: str, image_size: int) -> DiscriminatorConfig:
@@ -125,6 +126,7 @@ def train_tokenizer(cfg: TrainConfig, out: str | Path, progress: bool = True) ->
 def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     device = info.device
     model_type, model_cfg = resolve_tokenizer_config(cfg.model, cfg.model_overrides)
+    check_stage_recipe(cfg, model_cfg)
     ckpts, latest = open_run(out, cfg.to_dict(), model_type, model_cfg.to_dict(), "tokenizer", cfg.keep_last,
                              info.is_main)
 
