@@ -287,7 +287,8 @@ def _train(cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool)
             seen += batch["label"].shape[0] * info.world
             step += 1
 
-            save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or interrupt.requested
+            stop = interrupt.requested  # read once: a signal arriving later in this step is seen at the next one
+            save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop
             if step % cfg.log_every == 0 or save_now:
                 check_finite(bad, logs, step, ckpts.latest(), "the generator loss")
                 values = {k: float(v) for k, v in logs.items()}
@@ -306,7 +307,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool)
                                {"model_type": model_type, "model_config": model_cfg.to_dict(),
                                 "train_config": cfg.to_dict()})
                 barrier(info)
-            if interrupt.requested:
+            if stop:
                 if info.is_main:
                     print(f"\ninterrupted: saved step {step}; run the same command again to resume")
                 break

@@ -229,7 +229,8 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
             step += 1
 
             # bookkeeping: host syncs only here, every log_every steps and before a checkpoint
-            save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or interrupt.requested
+            stop = interrupt.requested  # read once: a signal arriving later in this step is seen at the next one
+            save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop
             if step % cfg.log_every == 0 or save_now:
                 check_finite(bad, logs, step, ckpts.latest())
                 values = {k: float(v) for k, v in logs.items()}
@@ -246,7 +247,7 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 _save_grid(ema.model, val_batch, text_cache, out / "samples" / f"step-{step:07d}.png", device)
             if save_now:
                 _save_checkpoint(ckpts, parts, step, model_type, model_cfg, cfg, info)
-            if interrupt.requested:
+            if stop:
                 if info.is_main:
                     print(f"\ninterrupted: saved step {step}; run the same command again to resume")
                 break
