@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.factory import build_dataset
+from ..data.shards import ShardSet
 from ..data.folder import collate
 from ..data.images import save_image
 from ..errors import TextokError
@@ -28,14 +29,14 @@ from ..losses.adversarial import LeCAM, adaptive_weight, d_loss, g_loss, r1_pena
 from ..losses.perceptual import build_perceptual
 from ..models.discriminator import Discriminator, DiscriminatorConfig
 from ..models.registry import build_tokenizer, resolve_tokenizer_config
-from ..text.cache import TextEmbeddingCache
 from ..text.embeddings import TextEmbeddings
-from ..text.encoders import load_text_encoder
+from ..text.store import open_text_states
 from .checkpoint import CheckpointManager
-from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, check_finite,
+from .common import (GracefulInterrupt, JsonlLog, autocast_for, check_finite,
                      lr_at, open_run, param_groups, pick_captions, progress_bar, rng_state, set_lr,
                      set_rng_state)
 from .config import TrainConfig
+from .data_source import BatchSource, captions_of
 from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from .ema import EMA
 
@@ -164,9 +165,12 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     val_set = build_dataset(d.source, d.val_split, model_cfg.image_size, size=d.val_size,
                             captions_file=d.captions_file, caption_bank=d.caption_bank, seed=d.seed,
                             captions_per_image=d.captions_per_image)
-    text_cache = _text_cache(cfg, model_cfg, out, train_set, val_set, info, progress)
-    global_batch = cfg.batch_size * info.world
-    micro = iter(_batches(train_set, cfg, global_batch, info, start_step * cfg.grad_accum))
+    if isinstance(val_set, ShardSet):
+        val_set = val_set.take(8)  # the reconstruction grid's images
+    source = BatchSource(train_set, cfg.batch_size, rank=info.rank, world=info.world, workers=d.workers,
+                         seed=cfg.seed, shuffle_buffer=d.shuffle_buffer)
+    text_cache = _text_cache(cfg, model_cfg, out, source, val_set, info, progress)
+    micro = iter(source.batches(start_step * cfg.grad_accum))
     val_batch = collate([val_set[i] for i in range(min(8, len(val_set)))])
 
     log = JsonlLog(out / "log.jsonl", start_step) if info.is_main else None
@@ -242,7 +246,8 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
             if info.is_main and cfg.sample_every and step % cfg.sample_every == 0:
                 _save_grid(ema.model, val_batch, text_cache, out / "samples" / f"step-{step:07d}.png", device)
             if save_now:
-                _save_checkpoint(ckpts, parts, step, model_type, model_cfg, cfg, info)
+                _save_checkpoint(ckpts, parts, step, model_type, model_cfg, cfg, info,
+                                 source.position(step * cfg.grad_accum))
             if interrupt.requested:
                 if info.is_main:
                     print(f"\ninterrupted: saved step {step}; run the same command again to resume")
@@ -340,46 +345,26 @@ class LossForward(nn.Module):
 
 
 def _save_checkpoint(ckpts, parts: Components, step: int, model_type: str, model_cfg, cfg: TrainConfig,
-                     info: DistInfo) -> None:
+                     info: DistInfo, data_position: dict | None = None) -> None:
     if info.is_main:
         ckpts.save(step, parts.state(), {"model_type": model_type, "model_config": model_cfg.to_dict(),
-                                          "train_config": cfg.to_dict()})
+                                          "train_config": cfg.to_dict(), "data_position": data_position})
     barrier(info)
 
 
-def _batches(dataset, cfg: TrainConfig, global_batch: int, info: DistInfo, start_micro: int):
-    """Micro-batches in a deterministic order from ``start_micro`` (DataLoader workers optional)."""
-    order = batch_indices(len(dataset), global_batch, info.rank, cfg.batch_size, cfg.seed, start_micro)
-    if cfg.data.workers > 0:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate,
-                                             num_workers=cfg.data.workers, persistent_workers=True)
-        yield from loader
-    else:
-        for indices in order:
-            yield collate([dataset[i] for i in indices])
-
-
-def _text_cache(cfg: TrainConfig, model_cfg, out: Path, train_set, val_set, info: DistInfo, progress: bool):
+def _text_cache(cfg: TrainConfig, model_cfg, out: Path, source: BatchSource, val_set, info: DistInfo, progress: bool):
+    """The run's caption encoder: the one-file cache for listable data, the text-state store for shards (or as
+    ``text_store`` says); captions that can be listed are encoded once up front by the main process."""
     if not getattr(model_cfg, "uses_text", False):
         return None
-    encoder = load_text_encoder(model_cfg.text_encoder, model_cfg.text_max_length, str(info.device))
-    cache = TextEmbeddingCache(encoder)
-    path = Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors"
-    cache.load(path)
-    before = len(cache)
-    captions = {c for ds in (train_set, val_set) for i in range(len(ds)) for c in _captions_of(ds, i)}
-    cache.warm(captions, progress=progress and info.is_main)
-    if info.is_main and len(cache) > before:
-        cache.save(path)
-    return cache
-
-
-def _captions_of(dataset, index: int) -> list[str]:
-    getter = getattr(dataset, "captions_of", None)
-    if getter is not None:
-        return getter(index)
-    item = dataset[index]
-    return item["captions"] if item is not None else []
+    captions = {c for i in range(len(val_set)) for c in captions_of(val_set, i)}
+    captions.update(source.captions() or ())
+    return open_text_states(model_cfg.text_encoder, model_cfg.text_max_length, str(info.device),
+                            text_store=cfg.text_store,
+                            text_cache=Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors",
+                            streaming=source.streaming, captions=None if source.streaming else captions,
+                            pooled_model=bool(getattr(model_cfg, "text_pooled", False)), is_main=info.is_main,
+                            barrier=lambda: barrier(info), progress=progress)
 
 
 def _dropped_rows(batch: int, p: float, seed: int, step: int, micro: int, rank: int) -> torch.Tensor:
