@@ -112,3 +112,32 @@ def test_one_process_on_shards_resumes_bit_exactly_with_workers(shards, tmp_path
     assert ma["data_position"] == mb["data_position"] == {
         "kind": "shards", "micro_batch": 6, "epoch": 0, "batch_in_epoch": 3, "stream": 0, "world": 1, "streams": 2,
         "shuffle_buffer": 1000}
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_ddp_and_checkpoints_load_into_one_process_model(tmp_path):
+    """fsdp=true on 2 gloo processes (FSDP2 runs on the CPU in this torch): the update matches DDP's, the checkpoint
+    and final/ load into a plain single-process model, and the run resumes from its checkpoint."""
+    from textok.models.registry import build_tokenizer, load_tokenizer, resolve_tokenizer_config
+
+    base = ["batch_size=2", "data.train_size=16", "data.val_size=4", "log_every=1", "sample_every=2",
+            "optim.warmup_steps=2", "optim.lr=1e-3", "model.text_in_encoder=false", "model.text_in_decoder=false",
+            "loss.perceptual=none", "loss.adversarial.weight=0", "device=cpu", "ckpt_every=3"]
+    _run(tmp_path / "fsdp", [*base, "fsdp=true", "max_steps=3"], tmp_path / "t1")
+    _run(tmp_path / "ddp", [*base, "max_steps=3"], tmp_path / "t2")
+    torch.manual_seed(0)
+    cfg = resolve_tokenizer_config("textok-tiny", ["text_in_encoder=false", "text_in_decoder=false"])
+    init = build_tokenizer(*cfg).state_dict()
+    fs, _ = CheckpointManager.load(tmp_path / "fsdp/checkpoints/step-0000003")
+    dd, _ = CheckpointManager.load(tmp_path / "ddp/checkpoints/step-0000003")
+    plain = build_tokenizer(*cfg)
+    plain.load_state_dict(fs["model"])  # strict: the same keys and shapes as a single-process model
+    delta = lambda w: torch.cat([(w[k] - init[k]).flatten() for k in init])  # noqa: E731
+    d_fsdp, d_ddp = delta(fs["model"]), delta(dd["model"])
+    assert d_ddp.norm() > 0 and (d_fsdp - d_ddp).norm() / d_ddp.norm() < 0.02
+    final = load_tokenizer(tmp_path / "fsdp/final")
+    assert all(torch.equal(final.state_dict()[k], fs["ema"][k]) for k in fs["ema"])
+    assert (tmp_path / "fsdp/samples/step-0000002.png").is_file()
+    assert isinstance(next(iter(fs["opt_g"]["state"])), str)  # optimizer state keyed by parameter name
+    _run(tmp_path / "fsdp", [*base, "fsdp=true", "max_steps=4"], tmp_path / "t3")  # resumes from step 3
+    assert CheckpointManager(tmp_path / "fsdp/checkpoints").latest().name == "step-0000004"

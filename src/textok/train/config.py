@@ -69,6 +69,7 @@ class TrainConfig(Config):
     ema_decay: float = 0.999
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (fully_shard) instead of DDP
     seed: int = 0
     log_every: int = 10
     sample_every: int = 500  # reconstruction grid every k steps (0 = never)

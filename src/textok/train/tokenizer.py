@@ -39,6 +39,7 @@ from .config import TrainConfig
 from .data_source import BatchSource, captions_of
 from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from .ema import EMA
+from . import fsdp
 
 
 def discriminator_config(name: str, image_size: int) -> DiscriminatorConfig:
@@ -62,17 +63,26 @@ class Components:
     lecam: LeCAM | None = None
     opt_d: torch.optim.Optimizer | None = None
 
-    def state(self) -> dict[str, Any]:
-        out = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(),
-               "rng": rng_state()}
+    def state(self, sharded: DistInfo | None = None) -> dict[str, Any]:
+        """Everything to resume; ``sharded`` (an FSDP run): gathered whole, collectively, keyed as a plain model's."""
+        if sharded is not None:
+            out = {"model": fsdp.full_state(self.model, sharded), "ema": fsdp.full_state(self.ema.model, sharded),
+                   "opt_g": fsdp.optimizer_state(self.model, self.opt_g, sharded), "rng": rng_state()}
+        else:
+            out = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(),
+                   "rng": rng_state()}
         if self.disc is not None:
             out.update(disc=self.disc.state_dict(), lecam=self.lecam.state_dict(), opt_d=self.opt_d.state_dict())
         return out
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt_g.load_state_dict(state["opt_g"])
+    def restore(self, state: dict[str, Any], sharded: DistInfo | None = None) -> None:
+        if sharded is not None:
+            fsdp.load_full_state(self.model, state["model"], sharded)
+            fsdp.load_full_state(self.ema.model, state["ema"], sharded)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+        fsdp.load_optimizer(self.model, self.opt_g, state["opt_g"], sharded or DistInfo())
         if self.disc is not None:
             if "disc" not in state:
                 raise TextokError("the checkpoint has no discriminator but this run uses one; resume with the same loss config")
@@ -134,24 +144,33 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     model, ema, opt_g = parts.model, parts.ema, parts.opt_g
     adv = cfg.loss.adversarial
 
-    start_step = 0
-    if latest is not None:
-        state, meta = CheckpointManager.load(latest, device="cpu")
-        parts.restore(state)
-        start_step = meta["step"]
-        if info.is_main:
-            print(f"resuming from {latest} (step {start_step})")
-    elif cfg.init_from:
+    loss_module = LossForward(model, (cfg.loss.text_contrast_weight, cfg.loss.text_contrast_margin))
+    if latest is None and cfg.init_from:
         init_weights(parts, cfg.init_from, model_type)
         if info.is_main:
             print(f"starting from the weights in {cfg.init_from}")
+    if cfg.fsdp:
+        if adv.adaptive and adv.weight > 0:
+            raise TextokError("loss.adversarial.adaptive differentiates through the decoder's whole last layer, which "
+                              "fsdp=true shards; set loss.adversarial.adaptive=false or fsdp=false")
+        fsdp.shard(loss_module, model, info)
+        fsdp.shard(ema.model, ema.model, info)
+        parts.opt_g = opt_g = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                                betas=cfg.optim.betas)  # over the sharded parameters
+    start_step = 0
+    if latest is not None:
+        state, meta = CheckpointManager.load(latest, device="cpu")
+        parts.restore(state, info if cfg.fsdp else None)
+        start_step = meta["step"]
+        if info.is_main:
+            print(f"resuming from {latest} (step {start_step})")
 
     contrast = cfg.loss.text_contrast_weight > 0
     if contrast and not (model_type == "textok" and model_cfg.text_in_decoder):
         raise TextokError("loss.text_contrast_weight trains a TexTok decoder to read its caption: it needs "
                           f"model_type textok with text_in_decoder=true (this run: {model_type}, text_in_decoder="
                           f"{getattr(model_cfg, 'text_in_decoder', False)}); set loss.text_contrast_weight=0")
-    train_model = wrap_ddp(LossForward(model, (cfg.loss.text_contrast_weight, cfg.loss.text_contrast_margin)), info)
+    train_model = loss_module if cfg.fsdp else wrap_ddp(loss_module, info)
     last_layer = model.last_layer() if adv.adaptive else None
     disc_model = wrap_ddp(parts.disc, info) if parts.disc is not None else None
     if cfg.compile:
@@ -197,7 +216,10 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 if text is not None and cfg.text_dropout > 0:
                     text = text.without(_dropped_rows(len(text), cfg.text_dropout, cfg.seed, step, k, info.rank))
                 wrong = TextEmbeddings(text.states.roll(1, 0), text.mask.roll(1, 0)) if contrast else None
-                sync = contextlib.nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
+                last_micro = k == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if (last_micro or not info.enabled or cfg.fsdp) else train_model.no_sync()
+                if cfg.fsdp and info.enabled:
+                    train_model.set_requires_gradient_sync(last_micro)
                 with sync, autocast_for(device, cfg.precision):
                     recon, terms, extra = generator_losses(train_model, parts.disc if gan_on else None, perceptual,
                                                            images, text, cfg, last_layer, wrong)
@@ -208,7 +230,8 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                     logs[name] = logs.get(name, 0.0) + value.detach().float() / cfg.grad_accum
                 images_seen += images.shape[0] * info.world
             if cfg.optim.grad_clip > 0:
-                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                logs["grad_norm"] = fsdp.local_value(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                                     cfg.optim.grad_clip))
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             ema.update(model, step)
@@ -243,8 +266,9 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 t0, images_seen = time.time(), 0
             if bar is not None:
                 bar.update(1)
-            if info.is_main and cfg.sample_every and step % cfg.sample_every == 0:
-                _save_grid(ema.model, val_batch, text_cache, out / "samples" / f"step-{step:07d}.png", device)
+            if (info.is_main or cfg.fsdp) and cfg.sample_every and step % cfg.sample_every == 0:  # FSDP: all ranks
+                _save_grid(ema.model, val_batch, text_cache, out / "samples" / f"step-{step:07d}.png", device,
+                           info.is_main)
             if save_now:
                 _save_checkpoint(ckpts, parts, step, model_type, model_cfg, cfg, info,
                                  source.position(step * cfg.grad_accum))
@@ -257,7 +281,13 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     if skipped_total and info.is_main:
         print(f"skipped {skipped_total} images that could not be decoded")
     final = out / "final"
-    if step >= cfg.max_steps and info.is_main:
+    if step >= cfg.max_steps and cfg.fsdp:  # gathered into a plain single-process model, written by the main rank
+        weights = fsdp.full_state(ema.model, info)
+        if info.is_main:
+            plain = build_tokenizer(model_type, model_cfg)
+            plain.load_state_dict(weights)
+            plain.save_pretrained(final, extra={"train_step": step})
+    elif step >= cfg.max_steps and info.is_main:
         ema.model.save_pretrained(final, extra={"train_step": step})
     barrier(info)
     return final
@@ -346,8 +376,9 @@ class LossForward(nn.Module):
 
 def _save_checkpoint(ckpts, parts: Components, step: int, model_type: str, model_cfg, cfg: TrainConfig,
                      info: DistInfo, data_position: dict | None = None) -> None:
+    state = parts.state(info if cfg.fsdp else None) if (info.is_main or cfg.fsdp) else None  # FSDP: collective
     if info.is_main:
-        ckpts.save(step, parts.state(), {"model_type": model_type, "model_config": model_cfg.to_dict(),
+        ckpts.save(step, state, {"model_type": model_type, "model_config": model_cfg.to_dict(),
                                           "train_config": cfg.to_dict(), "data_position": data_position})
     barrier(info)
 
@@ -381,9 +412,11 @@ def _text_for(cache, batch: dict, seed: int, step: int, device, train: bool = Tr
 
 
 @torch.no_grad()
-def _save_grid(model: nn.Module, batch: dict, cache, path: Path, device) -> None:
+def _save_grid(model: nn.Module, batch: dict, cache, path: Path, device, write: bool = True) -> None:
     images = batch["image"].to(device)
     text = _text_for(cache, batch, 0, 0, device, train=False)
     recon, _ = model(images, text)
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(torch.cat([images, recon.clamp(-1, 1)]).cpu(), str(path), nrow=images.shape[0])
