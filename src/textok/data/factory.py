@@ -14,6 +14,7 @@ import torch
 from ..errors import TextokError
 from .folder import SPLIT_ALIASES, ImageCaptionFolder
 from .scenes import CaptionedScenes, captions_for
+from .shards import ShardSet, is_shard_dir
 
 SCENES = "scenes"
 
@@ -140,8 +141,10 @@ class DecodedOnce(torch.utils.data.Dataset):
 def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, captions_file: str = "",
                   caption_bank: str = "", seed: int = 0, captions_per_image: int = 0,
                   decode_once: bool = False) -> torch.utils.data.Dataset:
-    """``"scenes"`` -> :class:`CaptionedScenes` (``size`` images, 0 = its default per split); any other
-    ``source`` is a folder or tar read by :class:`ImageCaptionFolder` (``size`` = a limit, 0 = all).
+    """``"scenes"`` -> :class:`CaptionedScenes` (``size`` images, 0 = its default per split); a shard directory
+    (``textok make-shards``) -> a streaming :class:`ShardSet` (not a map-style dataset; with ``size`` > 0, its first
+    ``size`` samples as one); any other ``source`` is a folder or tar read by :class:`ImageCaptionFolder`
+    (``size`` = a limit, 0 = all).
 
     ``captions_file``/``caption_bank`` (folders only; "" = none) and ``seed`` (scenes only) are passed on;
     ``captions_per_image`` > 0 keeps only the first k captions of each item; ``decode_once`` decodes every image
@@ -158,6 +161,18 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
                               "(which carry their own captions): leave them empty")
         dataset: torch.utils.data.Dataset = CaptionedScenes(image_size, split=scene_split, size=size or None,
                                                             seed=seed)
+    elif is_shard_dir(source):
+        if captions_file or caption_bank:
+            raise TextokError("captions_file / caption_bank apply to image folders; shards carry their captions "
+                              "(give them to `textok make-shards`): leave them empty")
+        shards = ShardSet(source, split, image_size, captions_per_image=captions_per_image)
+        if not size:
+            if decode_once:
+                raise TextokError("data.decode_once keeps every image in memory, which a shard set is meant to avoid; "
+                                  "set data.decode_once=false (or data.train_size=N to decode the first N)")
+            return shards  # type: ignore[return-value]
+        head = shards.take(size)
+        return DecodedOnce(head) if decode_once else head
     else:
         root = Path(source).expanduser()
         if not root.exists():

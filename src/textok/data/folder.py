@@ -9,7 +9,9 @@ Layouts understood (``../shared/data`` has examples of each):
 * the split is the top-level folder (``train/``, ``val/``, ``dev/``, ``test/``) or the JSONL ``split``
   field; ``dev`` and ``val`` are the same split.
 
-A tar (``.tar``, ``.tar.gz``, ``.tgz``) is read once into memory (the sets here are tens of MB). A file that
+A plain ``.tar`` is read member by member through a header index (only names and offsets stay in memory);
+a compressed one (``.tar.gz``, ``.tgz``) is read once into memory. For data sets too large for either, write
+streaming shards (``textok make-shards``, :mod:`textok.data.shards`). A file that
 cannot be decoded is skipped: the item comes back as ``None``, :func:`collate` drops it and counts it in
 ``batch["skipped"]``.
 """
@@ -34,32 +36,59 @@ DEFAULT_TEMPLATES = ("a photo of {a} {c}.", "a picture of {a} {c}.", "an image s
 
 
 class _Source:
-    """Uniform access to a directory or a tar archive: names and bytes."""
+    """Uniform access to a directory or a tar archive: names and bytes.
+
+    A plain ``.tar`` is indexed by its headers (name -> byte offset and size) and read member by member with a
+    seek, so a large archive never sits in RAM; a compressed one (``.tar.gz``) cannot seek and is read whole.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._blobs: dict[str, bytes] | None = None
+        self._offsets: dict[str, tuple[int, int]] | None = None
         if root.is_dir():
             self.names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         elif root.is_file() and tarfile.is_tarfile(root):
-            self._blobs = {}
             with tarfile.open(root) as tar:
-                for m in tar:
-                    if m.isfile():
-                        f = tar.extractfile(m)
-                        name = m.name[2:] if m.name.startswith("./") else m.name
-                        self._blobs[name] = f.read() if f else b""
-            self.names = sorted(self._blobs)
+                if _is_plain_tar(root):
+                    self._offsets = {_member_name(m): (m.offset_data, m.size) for m in tar if m.isfile()}
+                else:
+                    self._blobs = {}
+                    for m in tar:
+                        if m.isfile():
+                            f = tar.extractfile(m)
+                            self._blobs[_member_name(m)] = f.read() if f else b""
+            self.names = sorted(self._offsets if self._offsets is not None else self._blobs)
         else:
             raise TextokError(f"data {root} is neither a directory nor a tar archive")
 
     def read(self, name: str) -> bytes:
         if self._blobs is not None:
             return self._blobs[name]
+        if self._offsets is not None:
+            offset, size = self._offsets[name]
+            with open(self.root, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
         return (self.root / name).read_bytes()
 
     def exists(self, name: str) -> bool:
-        return name in self._blobs if self._blobs is not None else (self.root / name).is_file()
+        if self._blobs is not None:
+            return name in self._blobs
+        if self._offsets is not None:
+            return name in self._offsets
+        return (self.root / name).is_file()
+
+
+def _member_name(member: tarfile.TarInfo) -> str:
+    return member.name[2:] if member.name.startswith("./") else member.name
+
+
+def _is_plain_tar(path: Path) -> bool:
+    """An uncompressed tar (seekable member by member): not gzip/bz2/xz magic bytes."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return not (head.startswith(b"\x1f\x8b") or head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ"))
 
 
 def _template(template: str, name: str) -> str:

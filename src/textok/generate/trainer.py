@@ -122,6 +122,7 @@ class GeneratorTrainConfig(Config):
     ckpt_every: int = 1000
     keep_last: int = 2
     text_cache: str = ""  # where caption embeddings persist (default: OUT/text_cache.safetensors)
+    text_store: str = "auto"  # "auto"/"off" (the one-file text_cache) | "on" (the user-level text-state store) | a store dir
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -349,20 +350,17 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 
 def _text_cache(cfg: GeneratorTrainConfig, meta: dict[str, Any], data: LatentDataset, out: Path, info: DistInfo,
                 progress: bool):
-    """Caption embeddings of the tokenizer's text encoder, computed once for every caption of the latents."""
-    from ..text.cache import TextEmbeddingCache
-    from ..text.encoders import load_text_encoder
+    """Caption embeddings of the tokenizer's text encoder, computed once for every caption of the latents (in the
+    one-file cache, or the text-state store as ``text_store`` says)."""
+    from ..text.store import open_text_states
 
     spec = meta.get("text_encoder") or ""
     if not spec:
         raise TextokError(f"text=true but the tokenizer of {cfg.latents} names no text encoder")
-    encoder = load_text_encoder(spec, meta.get("text_max_length", 64), str(info.device))
-    cache = TextEmbeddingCache(encoder)
-    path = Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors"
-    cache.load(path)
-    cache.warm({c for caps in data.captions for c in caps}, progress=progress and info.is_main,
-               save_to=path if info.is_main else None)
-    return cache
+    return open_text_states(spec, meta.get("text_max_length", 64), str(info.device), text_store=cfg.text_store,
+                            text_cache=Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors",
+                            streaming=False, captions={c for caps in data.captions for c in caps},
+                            is_main=info.is_main, barrier=lambda: barrier(info), progress=progress)
 
 
 __all__ = ["GeneratorTrainConfig", "load_generator_config", "train_generator", "build_model_config",

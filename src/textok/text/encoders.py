@@ -131,6 +131,17 @@ def text_dim(spec: str) -> int | None:
     return KNOWN_DIMS.get(spec)
 
 
+def encoder_name(spec: str) -> str:
+    """The name :func:`load_text_encoder` gives the encoder of ``spec``, known without loading it (the identity
+    that caches and text-state stores are keyed by)."""
+    if spec == "minilm":
+        return "minilm"
+    kind, _, path = spec.partition(":")
+    if kind in ("t5", "hf") and path:
+        return f"{kind}:{Path(path).resolve()}"
+    raise TextokError(f"unknown text encoder {spec!r}: use 'minilm', 't5:/path/to/t5-dir' or 'hf:/path/to/dir'")
+
+
 @functools.lru_cache(maxsize=4)
 def load_text_encoder(spec: str = DEFAULT_TEXT_ENCODER, max_length: int = 64, device: str = "cpu") -> HFTextEncoder:
     """``"minilm"`` | ``"t5:/dir"`` | ``"hf:/dir"`` -> a frozen encoder (one instance per spec, reused)."""

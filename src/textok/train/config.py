@@ -24,7 +24,8 @@ class DataConfig(Config):
     caption_bank: str = ""  # a {class_name: [captions]} JSON for class folders
     captions_per_image: int = 0  # use only the first k captions of each image (0 = all)
     seed: int = 0  # the scenes' generator seed
-    workers: int = 0  # DataLoader worker processes
+    workers: int = 0  # DataLoader worker processes (shards: one reading stream per worker)
+    shuffle_buffer: int = 1000  # shards: samples per shuffle window of each reading stream (memory: that many encoded images)
     decode_once: bool = False  # decode every image once and keep the pixels in memory (small data sets, fast GPUs)
 
 
@@ -78,12 +79,16 @@ class TrainConfig(Config):
     ema_decay: float = 0.999
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (fully_shard) instead of DDP
     seed: int = 0
     log_every: int = 10
     sample_every: int = 500  # reconstruction grid every k steps (0 = never)
     ckpt_every: int = 500
     keep_last: int = 2
     text_cache: str = ""  # where caption embeddings persist (default: OUT/text_cache.safetensors)
+    # Caption states: "auto" (shards -> the user-level text-state store, else the one-file text_cache), "off" (always
+    # text_cache), "on" (the user-level store, ~/.cache/textok/text-states), or a store directory
+    text_store: str = "auto"
     device: str = "auto"
     # A tokenizer directory (a run's final/) whose weights start this run: fine-tuning, e.g. a perceptual + GAN
     # stage after an l2 stage. Optimizer, discriminator and step start fresh; ignored when the run resumes.

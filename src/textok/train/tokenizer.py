@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.factory import build_dataset
+from ..data.shards import ShardSet
 from ..data.folder import collate
 from ..data.images import save_image
 from ..errors import TextokError
@@ -28,18 +29,19 @@ from ..losses.adversarial import LeCAM, adaptive_weight, d_loss, g_loss, r1_pena
 from ..losses.perceptual import build_perceptual
 from ..models.discriminator import Discriminator, DiscriminatorConfig
 from ..models.registry import build_tokenizer, resolve_tokenizer_config
-from ..text.cache import TextEmbeddingCache
 from ..text.embeddings import TextEmbeddings
-from ..text.encoders import load_text_encoder
+from ..text.store import open_text_states
 from .checkpoint import CheckpointManager
-from .common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices, check_finite,
+from .common import (GracefulInterrupt, JsonlLog, autocast_for, check_finite,
                      lr_at, open_run, param_groups, pick_captions, progress_bar, rng_state, set_lr,
-                     set_rng_state, stand_in_batch)
+                     set_rng_state)
 from .config import TrainConfig
+from .data_source import BatchSource, captions_of
 from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from .ema import EMA
 from .rundir import run_lock
 from .stages import check_stage_recipe
+from . import fsdp
 
 
 def discriminator_config(name: str, image_size: int) -> DiscriminatorConfig:
@@ -63,17 +65,26 @@ class Components:
     lecam: LeCAM | None = None
     opt_d: torch.optim.Optimizer | None = None
 
-    def state(self) -> dict[str, Any]:
-        out = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(),
-               "rng": rng_state()}
+    def state(self, sharded: DistInfo | None = None) -> dict[str, Any]:
+        """Everything to resume; ``sharded`` (an FSDP run): gathered whole, collectively, keyed as a plain model's."""
+        if sharded is not None:
+            out = {"model": fsdp.full_state(self.model, sharded), "ema": fsdp.full_state(self.ema.model, sharded),
+                   "opt_g": fsdp.optimizer_state(self.model, self.opt_g, sharded), "rng": rng_state()}
+        else:
+            out = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(),
+                   "rng": rng_state()}
         if self.disc is not None:
             out.update(disc=self.disc.state_dict(), lecam=self.lecam.state_dict(), opt_d=self.opt_d.state_dict())
         return out
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt_g.load_state_dict(state["opt_g"])
+    def restore(self, state: dict[str, Any], sharded: DistInfo | None = None) -> None:
+        if sharded is not None:
+            fsdp.load_full_state(self.model, state["model"], sharded)
+            fsdp.load_full_state(self.ema.model, state["ema"], sharded)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+        fsdp.load_optimizer(self.model, self.opt_g, state["opt_g"], sharded or DistInfo())
         if self.disc is not None:
             if "disc" not in state:
                 raise TextokError("the checkpoint has no discriminator but this run uses one; resume with the same loss config")
@@ -136,24 +147,33 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     model, ema, opt_g = parts.model, parts.ema, parts.opt_g
     adv = cfg.loss.adversarial
 
-    start_step = 0
-    if latest is not None:
-        state, meta = CheckpointManager.load(latest, device="cpu")
-        parts.restore(state)
-        start_step = meta["step"]
-        if info.is_main:
-            print(f"resuming from {latest} (step {start_step})")
-    elif cfg.init_from:
+    loss_module = LossForward(model, (cfg.loss.text_contrast_weight, cfg.loss.text_contrast_margin))
+    if latest is None and cfg.init_from:
         init_weights(parts, cfg.init_from, model_type)
         if info.is_main:
             print(f"starting from the weights in {cfg.init_from}")
+    if cfg.fsdp:
+        if adv.adaptive and adv.weight > 0:
+            raise TextokError("loss.adversarial.adaptive differentiates through the decoder's whole last layer, which "
+                              "fsdp=true shards; set loss.adversarial.adaptive=false or fsdp=false")
+        fsdp.shard(loss_module, model, info)
+        fsdp.shard(ema.model, ema.model, info)
+        parts.opt_g = opt_g = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                                betas=cfg.optim.betas)  # over the sharded parameters
+    start_step = 0
+    if latest is not None:
+        state, meta = CheckpointManager.load(latest, device="cpu")
+        parts.restore(state, info if cfg.fsdp else None)
+        start_step = meta["step"]
+        if info.is_main:
+            print(f"resuming from {latest} (step {start_step})")
 
     contrast = cfg.loss.text_contrast_weight > 0
     if contrast and not (model_type == "textok" and model_cfg.text_in_decoder):
         raise TextokError("loss.text_contrast_weight trains a TexTok decoder to read its caption: it needs "
                           f"model_type textok with text_in_decoder=true (this run: {model_type}, text_in_decoder="
                           f"{getattr(model_cfg, 'text_in_decoder', False)}); set loss.text_contrast_weight=0")
-    train_model = wrap_ddp(LossForward(model, (cfg.loss.text_contrast_weight, cfg.loss.text_contrast_margin)), info)
+    train_model = loss_module if cfg.fsdp else wrap_ddp(loss_module, info)
     last_layer = model.last_layer() if adv.adaptive else None
     disc_model = wrap_ddp(parts.disc, info) if parts.disc is not None else None
     if cfg.compile:
@@ -167,9 +187,12 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     val_set = build_dataset(d.source, d.val_split, model_cfg.image_size, size=d.val_size,
                             captions_file=d.captions_file, caption_bank=d.caption_bank, seed=d.seed,
                             captions_per_image=d.captions_per_image)
-    text_cache = _text_cache(cfg, model_cfg, out, train_set, val_set, info, progress)
-    global_batch = cfg.batch_size * info.world
-    micro = iter(_batches(train_set, cfg, global_batch, info, start_step * cfg.grad_accum))
+    if isinstance(val_set, ShardSet):
+        val_set = val_set.take(8)  # the reconstruction grid's images
+    source = BatchSource(train_set, cfg.batch_size, rank=info.rank, world=info.world, workers=d.workers,
+                         seed=cfg.seed, shuffle_buffer=d.shuffle_buffer)
+    text_cache = _text_cache(cfg, model_cfg, out, source, val_set, info, progress)
+    micro = iter(source.batches(start_step * cfg.grad_accum))
     val_batch = collate([val_set[i] for i in range(min(8, len(val_set)))])
 
     log = JsonlLog(out / "log.jsonl", start_step) if info.is_main else None
@@ -196,7 +219,10 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 if text is not None and cfg.text_dropout > 0:
                     text = text.without(_dropped_rows(len(text), cfg.text_dropout, cfg.seed, step, k, info.rank))
                 wrong = TextEmbeddings(text.states.roll(1, 0), text.mask.roll(1, 0)) if contrast else None
-                sync = contextlib.nullcontext() if (k == cfg.grad_accum - 1 or not info.enabled) else train_model.no_sync()
+                last_micro = k == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if (last_micro or not info.enabled or cfg.fsdp) else train_model.no_sync()
+                if cfg.fsdp and info.enabled:
+                    train_model.set_requires_gradient_sync(last_micro)
                 with sync, autocast_for(device, cfg.precision):
                     recon, terms, extra = generator_losses(train_model, parts.disc if gan_on else None, perceptual,
                                                            images, text, cfg, last_layer, wrong)
@@ -207,7 +233,8 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                     logs[name] = logs.get(name, 0.0) + value.detach().float() / cfg.grad_accum
                 images_seen += images.shape[0] * info.world
             if cfg.optim.grad_clip > 0:
-                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                logs["grad_norm"] = fsdp.local_value(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                                     cfg.optim.grad_clip))
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             ema.update(model, step)
@@ -243,10 +270,12 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
                 t0, images_seen = time.time(), 0
             if bar is not None:
                 bar.update(1)
-            if info.is_main and cfg.sample_every and step % cfg.sample_every == 0:
-                _save_grid(ema.model, val_batch, text_cache, out / "samples" / f"step-{step:07d}.png", device)
+            if (info.is_main or cfg.fsdp) and cfg.sample_every and step % cfg.sample_every == 0:  # FSDP: all ranks
+                _save_grid(ema.model, val_batch, text_cache, out / "samples" / f"step-{step:07d}.png", device,
+                           info.is_main)
             if save_now:
-                _save_checkpoint(ckpts, parts, step, model_type, model_cfg, cfg, info)
+                _save_checkpoint(ckpts, parts, step, model_type, model_cfg, cfg, info,
+                                 source.position(step * cfg.grad_accum))
             if stop:
                 if info.is_main:
                     print(f"\ninterrupted: saved step {step}; run the same command again to resume")
@@ -256,7 +285,13 @@ def _train(cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     if skipped_total and info.is_main:
         print(f"skipped {skipped_total} images that could not be decoded")
     final = out / "final"
-    if step >= cfg.max_steps and info.is_main:
+    if step >= cfg.max_steps and cfg.fsdp:  # gathered into a plain single-process model, written by the main rank
+        weights = fsdp.full_state(ema.model, info)
+        if info.is_main:
+            plain = build_tokenizer(model_type, model_cfg)
+            plain.load_state_dict(weights)
+            plain.save_pretrained(final, extra={"train_step": step})
+    elif step >= cfg.max_steps and info.is_main:
         ema.model.save_pretrained(final, extra={"train_step": step})
     barrier(info)
     return final
@@ -344,47 +379,27 @@ class LossForward(nn.Module):
 
 
 def _save_checkpoint(ckpts, parts: Components, step: int, model_type: str, model_cfg, cfg: TrainConfig,
-                     info: DistInfo) -> None:
+                     info: DistInfo, data_position: dict | None = None) -> None:
+    state = parts.state(info if cfg.fsdp else None) if (info.is_main or cfg.fsdp) else None  # FSDP: collective
     if info.is_main:
-        ckpts.save(step, parts.state(), {"model_type": model_type, "model_config": model_cfg.to_dict(),
-                                          "train_config": cfg.to_dict()})
+        ckpts.save(step, state, {"model_type": model_type, "model_config": model_cfg.to_dict(),
+                                          "train_config": cfg.to_dict(), "data_position": data_position})
     barrier(info)
 
 
-def _batches(dataset, cfg: TrainConfig, global_batch: int, info: DistInfo, start_micro: int):
-    """Micro-batches in a deterministic order from ``start_micro`` (DataLoader workers optional); one whose
-    images all fail to decode is replaced by a stand-in (:func:`stand_in_batch`)."""
-    def order(start: int):
-        return batch_indices(len(dataset), global_batch, info.rank, cfg.batch_size, cfg.seed, start)
-
-    if cfg.data.workers > 0:
-        stream = iter(torch.utils.data.DataLoader(dataset, batch_sampler=order(start_micro), collate_fn=collate,
-                                                  num_workers=cfg.data.workers, persistent_workers=True))
-    else:
-        stream = (collate([dataset[i] for i in indices]) for indices in order(start_micro))
-    load = lambda k: collate([dataset[i] for i in next(order(k))])  # noqa: E731
-    for k, batch in enumerate(stream, start_micro):
-        yield batch if batch["captions"] else stand_in_batch(batch, k, load, len(dataset) // global_batch)
-
-
-def _text_cache(cfg: TrainConfig, model_cfg, out: Path, train_set, val_set, info: DistInfo, progress: bool):
+def _text_cache(cfg: TrainConfig, model_cfg, out: Path, source: BatchSource, val_set, info: DistInfo, progress: bool):
+    """The run's caption encoder: the one-file cache for listable data, the text-state store for shards (or as
+    ``text_store`` says); captions that can be listed are encoded once up front by the main process."""
     if not getattr(model_cfg, "uses_text", False):
         return None
-    encoder = load_text_encoder(model_cfg.text_encoder, model_cfg.text_max_length, str(info.device))
-    cache = TextEmbeddingCache(encoder)
-    path = Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors"
-    cache.load(path)
-    captions = {c for ds in (train_set, val_set) for i in range(len(ds)) for c in _captions_of(ds, i)}
-    cache.warm(captions, progress=progress and info.is_main, save_to=path if info.is_main else None)
-    return cache
-
-
-def _captions_of(dataset, index: int) -> list[str]:
-    getter = getattr(dataset, "captions_of", None)
-    if getter is not None:
-        return getter(index)
-    item = dataset[index]
-    return item["captions"] if item is not None else []
+    captions = {c for i in range(len(val_set)) for c in captions_of(val_set, i)}
+    captions.update(source.captions() or ())
+    return open_text_states(model_cfg.text_encoder, model_cfg.text_max_length, str(info.device),
+                            text_store=cfg.text_store,
+                            text_cache=Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors",
+                            streaming=source.streaming, captions=None if source.streaming else captions,
+                            pooled_model=bool(getattr(model_cfg, "text_pooled", False)), is_main=info.is_main,
+                            barrier=lambda: barrier(info), progress=progress)
 
 
 def _dropped_rows(batch: int, p: float, seed: int, step: int, micro: int, rank: int) -> torch.Tensor:
@@ -401,11 +416,13 @@ def _text_for(cache, batch: dict, seed: int, step: int, device, train: bool = Tr
 
 
 @torch.no_grad()
-def _save_grid(model: nn.Module, batch: dict, cache, path: Path, device) -> None:
+def _save_grid(model: nn.Module, batch: dict, cache, path: Path, device, write: bool = True) -> None:
     if not batch["captions"]:  # none of the first validation images could be decoded
         return
     images = batch["image"].to(device)
     text = _text_for(cache, batch, 0, 0, device, train=False)
     recon, _ = model(images, text)
+    if not write:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(torch.cat([images, recon.clamp(-1, 1)]).cpu(), str(path), nrow=images.shape[0])

@@ -1,0 +1,162 @@
+"""``textok make-shards``: an image folder or tar + captions into webdataset shards with an index.
+
+Why: a folder is listed and a tar indexed up front, and both are read at random; shards are read front to back,
+split across ranks and workers by file, and need no listing of the samples. Samples are written in a seeded
+random order by default (an ImageNet folder is sorted by class: unshuffled, every shard would hold one class and
+a window shuffle could not mix them). Image bytes are copied as they are unless ``image_size`` asks for a
+center-cropped, resized JPEG. The directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import TextokError
+from ..io import atomic_directory
+from .folder import SPLIT_ALIASES, ImageCaptionFolder
+from .shards import FORMAT, INDEX, IMAGE_EXTS
+
+
+def _jpeg(data: bytes, size: int) -> bytes:
+    from PIL import Image
+
+    from .images import center_crop_resize, to_rgb
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        out = center_crop_resize(to_rgb(img), size)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_shards(samples: Iterator[dict[str, Any]], out_dir: Path, split: str, shard_size: int) -> list[dict]:
+    """Write ``{"image": bytes, "ext", "captions", "label", "file"?}`` samples as ``<split>-NNNNNN.tar`` files of
+    ``shard_size`` samples each; returns the index entries ``[{"name", "count"}]``."""
+    from webdataset import TarWriter
+
+    entries: list[dict] = []
+    writer, count, key = None, 0, 0
+    try:
+        for sample in samples:
+            if writer is None or count == shard_size:
+                if writer is not None:
+                    writer.close()
+                    entries.append({"name": name, "count": count})
+                name = f"{split}-{len(entries):06d}.tar"
+                writer, count = TarWriter(str(out_dir / name), encoder=False, mtime=0.0), 0
+            meta = {"captions": list(sample["captions"]), "label": int(sample.get("label", -1))}
+            if sample.get("file"):
+                meta["file"] = sample["file"]
+            writer.write({"__key__": f"{key:09d}", sample["ext"]: sample["image"], "json": json.dumps(meta).encode()})
+            count += 1
+            key += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    if count:
+        entries.append({"name": name, "count": count})
+    return entries
+
+
+def make_shards(source: str | Path, out: str | Path, *, splits: tuple[str, ...] = ("train", "val"),
+                captions_file: str | None = None, caption_bank: str | None = None, shard_size: int = 1000,
+                image_size: int = 0, shuffle: bool = True, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Convert ``source`` (folder or tar, as :class:`ImageCaptionFolder` reads it) into shards in ``out``.
+
+    Splits the source does not have are left out (at least one must exist). Returns the index written.
+    """
+    if shard_size < 1:
+        raise TextokError(f"shard size {shard_size} must be at least 1 sample")
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise TextokError(f"data {source} does not exist")
+    index: dict[str, Any] = {"format": FORMAT, "class_names": [], "splits": {}, "source": str(source)}
+    skipped = 0
+    written: set[str] = set()
+    with atomic_directory(out) as tmp:
+        for split in dict.fromkeys(SPLIT_ALIASES.get(s, s) for s in splits):
+            try:
+                folder = ImageCaptionFolder(source, split=split, image_size=max(image_size, 1),
+                                            captions_file=captions_file, caption_bank=caption_bank)
+            except TextokError as err:
+                if "no images of split" in str(err):
+                    continue
+                raise
+            files = {rec["file"] for rec in folder.records}
+            if files <= written:  # a source without splits lists every image under every split name
+                continue
+            written |= files
+            order = list(range(len(folder)))
+            if shuffle:
+                order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
+            index["class_names"] = index["class_names"] or list(folder.class_names)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(order), desc=f"shards {split}", unit="img", dynamic_ncols=True)
+
+            def samples() -> Iterator[dict[str, Any]]:
+                nonlocal skipped
+                for i in order:
+                    rec = folder.records[i]
+                    data = folder.source.read(rec["file"])
+                    ext = Path(rec["file"]).suffix.lower().lstrip(".")
+                    if image_size:
+                        try:
+                            data, ext = _jpeg(data, image_size), "jpg"
+                        except Exception:  # undecodable: left out of the shards, counted
+                            skipped += 1
+                            continue
+                    if bar is not None:
+                        bar.update(1)
+                    yield {"image": data, "ext": ext if ext in IMAGE_EXTS else "jpg", "captions": rec["captions"],
+                           "label": rec["label"], "file": rec["file"]}
+
+            index["splits"][split] = write_shards(samples(), tmp, split, shard_size)
+            if bar is not None:
+                bar.close()
+        if not index["splits"]:
+            raise TextokError(f"{source} has none of the splits {', '.join(splits)}")
+        (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    index["skipped"] = skipped
+    return index
+
+
+def index_shards(directory: str | Path) -> dict[str, Any]:
+    """Write ``index.json`` for existing webdataset shards (``<split>-*.tar``; a tar without a split prefix counts
+    as ``train``), counting each shard's samples by reading it once."""
+    directory = Path(directory).expanduser()
+    tars = sorted(directory.glob("*.tar"))
+    if not tars:
+        raise TextokError(f"{directory} holds no .tar shards")
+    splits: dict[str, list[dict]] = {}
+    for tar in tars:
+        head = tar.name.split("-", 1)[0].split("_", 1)[0].lower()
+        split = SPLIT_ALIASES.get(head, "train")
+        count = sum(1 for _ in _keys(tar))
+        splits.setdefault(split, []).append({"name": tar.name, "count": count})
+    index = {"format": FORMAT, "class_names": [], "splits": splits, "source": str(directory)}
+    from ..io import atomic_write_text
+
+    atomic_write_text(directory / INDEX, json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def _keys(tar: Path) -> Iterator[str]:
+    """The sample keys of one tar in order (webdataset's grouping; a truncated tar ends where it breaks)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with open(tar, "rb") as f:
+        files = tar_file_expander([{"url": str(tar), "stream": f}], handler=lambda e: True, eof_value=None)
+        for sample in group_by_keys(files, handler=lambda e: True):
+            yield sample["__key__"]
+
+
+__all__ = ["make_shards", "write_shards", "index_shards"]
