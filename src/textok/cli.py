@@ -129,7 +129,8 @@ def _load_verbs() -> None:
     """Import the modules that register the heavier verbs (training, evaluation, generation)."""
     import importlib
 
-    for module in ("textok.train.commands", "textok.eval.commands", "textok.generate.commands", "textok.study"):
+    for module in ("textok.train.commands", "textok.eval.commands", "textok.generate.commands", "textok.study",
+                   "textok.apps.serve.command"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
