@@ -166,6 +166,13 @@ def test_the_page_in_chromium(browser, server, tmp_path):
     assert "not an image" in page.inner_text("#message")
     assert page.get_attribute(f"{text_card} img.recon", "src") == first  # the last good result stays
 
+    Image.new("RGB", (1500, 900), (20, 160, 60)).save(tmp_path / "big.png")
+    page.set_input_files("#upload", str(tmp_path / "big.png"))
+    page.wait_for_function("() => document.querySelector('#working-notes').textContent.includes('large image')")
+    assert "resized to 512×512" in page.inner_text("#message")  # shown as a note, not an error
+    page.wait_for_function("([sel, old]) => document.querySelector(sel).src !== old",
+                           arg=[f"{text_card} img.recon", first], timeout=30_000)
+
     page.fill("#caption", "")
     page.click("#run")
     page.wait_for_selector(f"{text_card} .msg")
