@@ -193,3 +193,37 @@ def test_unexpected_errors_are_one_line_and_the_server_keeps_running(served, mon
     assert status == 400 and "not valid JSON" in out["error"]
     monkeypatch.undo()
     assert request(url + "api/reconstruct", {"scene": 0, "caption": "x"})[0] == 200
+
+
+def test_discrete_tokenizers_count_codes_in_bits(tmp_path):
+    """TiTok (VQ) and ImageFolder load through the registry and report codes x log2(codebook) bits."""
+    from textok.models.imagefolder import ImageFolder, ImageFolderConfig
+    from textok.models.titok import TiTok, TiTokConfig
+
+    torch.manual_seed(0)
+    titok = TiTok(TiTokConfig.preset("titok-tiny"))
+    titok.save_pretrained(tmp_path / "titok")
+    folder = ImageFolder(ImageFolderConfig.preset("imagefolder-tiny"))
+    folder.save_pretrained(tmp_path / "folder")
+    app = ServeApp([tmp_path / "titok", tmp_path / "folder"])
+    info = by_name(app.info()["models"])
+    k = titok.codebook_size
+    assert info["titok"]["tokens"]["count"] == titok.config.num_tokens
+    assert info["titok"]["tokens"]["bits"] == pytest.approx(titok.config.num_tokens * np.log2(k))
+    assert info["folder"]["tokens"]["count"] == folder.config.codes_per_image
+    image = CaptionedScenes(image_size=16, split="test")[2]["image"][None]
+    got = by_name(app.reconstruct({"scene": 2}, "", "a blue star")["results"])
+    with torch.no_grad():
+        recon = titok.eval()(image)[0].clamp(-1, 1)
+    mse = float(((recon - image) ** 2).mean())
+    assert got["titok"]["psnr"] == pytest.approx(10 * np.log10(4 / mse), abs=0.02)
+    assert "cannot change" in got["folder"]["swap"]["message"] and got["folder"]["recon"].startswith("data:image/png")
+
+
+def test_a_port_in_use_is_a_one_line_error(served):
+    from textok.errors import TextokError
+
+    url, app, _ = served
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    with pytest.raises(TextokError, match=f"cannot listen on 127.0.0.1:{port}.*another --port"):
+        make_server(app, "127.0.0.1", port)
