@@ -148,9 +148,9 @@ class ServeApp:
             raise TextokError("type the path of a tokenizer directory (config.json + model.safetensors)")
         with self.lock:
             loaded = load_model(directory)
-        if loaded.error:
-            raise TextokError(loaded.error)
-        self.models.append(loaded)
+            if loaded.error:
+                raise TextokError(loaded.error)
+            self.models.append(loaded)
         return loaded.info()
 
     # ---- images ----------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ class ServeApp:
         z = model.encode(image, emb)
         recon = model.decode(z, emb).float().clamp(-1, 1)
         ms = (time.perf_counter() - t0) * 1000
-        _, top = heat_map(recon[0], image[0])
+        top = float((recon[0] - image[0]).abs().mean(0).max()) * 127.5  # in 0-255 levels, as heat_map measures
         out = {**loaded.info(), "original": png_data_url(to_uint8(image[0])), "recon": png_data_url(to_uint8(recon[0])),
                "psnr": _db(psnr(recon, image)), "diff_max": top, "tokens_picture": token_picture(z[0]),
                "token_shape": list(z.shape[1:]), "model_ms": round(ms, 1), "notes": notes,
