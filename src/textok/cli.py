@@ -141,7 +141,7 @@ def _load_verbs() -> None:
     import importlib
 
     for module in ("textok.train.commands", "textok.eval.commands", "textok.generate.commands", "textok.study",
-                   "textok.data_commands"):
+                   "textok.data_commands", "textok.apps.serve.command"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

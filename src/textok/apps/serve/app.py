@@ -1,0 +1,343 @@
+"""What the page asks for, without HTTP: load tokenizers and a generator, reconstruct, swap captions, sample.
+
+Every method returns plain JSON-ready dicts and raises :class:`TextokError` (one line, shown on the page) for
+anything the user can fix. Model work is serialised by one lock: the models are small, requests are short,
+and torch already uses the cores for one request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import math
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ...data.images import decode_image
+from ...data.scenes import SHAPES, CaptionedScenes
+from ...errors import TextokError
+from ...models.registry import load_tokenizer
+from ...text.encoders import load_text_encoder
+from .pictures import heat_map, png_data_url, psnr, to_uint8, token_picture
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # larger files are refused before decoding
+MAX_PIXELS = 50_000_000  # larger images are refused (decoding them would take seconds and gigabytes)
+WORK_SIZE = 512  # uploads are center-cropped and resized to at most this square; each model resizes again
+SCENE_SPLIT = "test"  # the embedded scenes offered on the page: held out from training
+MAX_SAMPLES = 8
+TEXT_CACHE = 256  # captions whose text states are kept between requests
+NOT_AN_IMAGE = "that file is not an image this page can read (PNG, JPEG, WebP, GIF, BMP or TIFF): choose an image file"
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _db(value: float) -> float | None:
+    """PSNR for JSON: rounded; None when infinite (identical images)."""
+    return round(value, 2) if math.isfinite(value) else None
+
+
+def model_name(directory: str | Path) -> str:
+    """``runs/demo/textok/final`` -> ``textok/final``: the run's name is the informative part."""
+    parts = Path(directory).resolve().parts
+    return "/".join(parts[-2:]) if parts[-1] in ("final", "latest", "ema") and len(parts) > 1 else parts[-1]
+
+
+def describe_tokens(model: Any) -> dict[str, Any]:
+    """How many tokens one image becomes and how many bits that is (continuous tokens counted as float32)."""
+    c = model.config
+    kind = getattr(model, "model_type", "textok")
+    if kind == "imagefolder":
+        codes, k = int(c.codes_per_image), int(model.codebook_size)
+        return {"count": codes, "bits": codes * math.log2(k),
+                "what": f"{codes} codes of {k} ({math.log2(k):g} bits each), {c.branches} branches"}
+    if getattr(model, "is_discrete", False):
+        n, k = int(c.num_tokens), int(model.codebook_size)
+        return {"count": n, "bits": n * math.log2(k), "what": f"{n} codes of {k} ({math.log2(k):g} bits each)"}
+    n, d = int(c.num_tokens), int(c.token_channels)
+    return {"count": n, "bits": n * d * 32, "what": f"{n} tokens × {d} float32 values"}
+
+
+def text_sides(config: Any) -> str:
+    sides = [s for s, on in (("encoder", config.text_in_encoder), ("decoder", config.text_in_decoder)) if on]
+    return "text in " + " + ".join(sides) if sides else "no text"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    directory: str
+    model: Any = None
+    error: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": model_name(self.directory), "directory": self.directory, "error": self.error}
+        if self.model is not None:
+            c = self.model.config
+            out.update(kind=getattr(self.model, "model_type", "textok"), image_size=c.image_size,
+                       text=text_sides(c), reads_text=bool(c.uses_text), decoder_reads_text=bool(c.text_in_decoder),
+                       tokens=describe_tokens(self.model))
+        return out
+
+
+def load_model(directory: str | Path) -> LoadedModel:
+    """A tokenizer directory -> a loaded model, or the reason it did not load (never raises)."""
+    directory = str(directory)
+    try:
+        return LoadedModel(directory, load_tokenizer(directory).eval())
+    except TextokError as err:
+        return LoadedModel(directory, error=_one_line(err))
+    except Exception as err:  # noqa: BLE001 - a broken file must not stop the server; say what it was
+        return LoadedModel(directory, error=f"{directory} could not be loaded ({type(err).__name__}: {_one_line(err)})")
+
+
+class ServeApp:
+    """The state behind the page: the loaded tokenizers, an optional generator and the embedded scenes."""
+
+    def __init__(self, models: list[str | Path], generator: str | Path | None = None,
+                 allow_model_paths: bool = True) -> None:
+        self.lock = threading.Lock()
+        self.models = [load_model(d) for d in models]
+        self.allow_model_paths = allow_model_paths
+        self.pipe = None
+        self.generator_dir = str(generator) if generator else None
+        self.generator_error: str | None = None
+        if generator:
+            from ...generate.sampling import GenerationPipeline
+
+            try:
+                self.pipe = GenerationPipeline(generator, device="cpu")
+            except TextokError as err:
+                self.generator_error = _one_line(err)
+            except Exception as err:  # noqa: BLE001
+                self.generator_error = f"{generator} could not be loaded ({type(err).__name__}: {_one_line(err)})"
+        self._scenes: dict[int, CaptionedScenes] = {}
+        self._text_cache: OrderedDict = OrderedDict()
+
+    # ---- what is loaded ------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        gen: dict[str, Any] | None = None
+        if self.pipe is not None:
+            from ...generate.sampling import DEFAULT_CFG
+
+            p = self.pipe
+            names = list(SHAPES) if p.meta.get("dataset", {}).get("data") == "scenes" and p.num_classes == len(SHAPES) \
+                else [f"class {k}" for k in range(p.num_classes)]
+            gen = {"name": model_name(p.generator_dir), "kind": p.kind, "classes": names[: p.num_classes],
+                   "text_to_image": p.is_text_to_image, "cfg": DEFAULT_CFG[p.kind],
+                   "tokenizer": model_name(p.tokenizer_dir), "max_samples": MAX_SAMPLES}
+        return {"models": [m.info() for m in self.models], "generator": gen, "generator_dir": self.generator_dir,
+                "generator_error": self.generator_error, "scene_count": len(self._scene_set(128)),
+                "max_upload_bytes": MAX_UPLOAD_BYTES, "allow_model_paths": self.allow_model_paths}
+
+    def add_model(self, directory: str) -> dict[str, Any]:
+        if not self.allow_model_paths:
+            raise TextokError("loading models from the page is off when the server listens beyond this machine")
+        directory = (directory or "").strip()
+        if not directory:
+            raise TextokError("type the path of a tokenizer directory (config.json + model.safetensors)")
+        with self.lock:
+            loaded = load_model(directory)
+            if loaded.error:
+                raise TextokError(loaded.error)
+            self.models.append(loaded)
+        return loaded.info()
+
+    # ---- images ----------------------------------------------------------------------------------------
+    def _scene_set(self, size: int) -> CaptionedScenes:
+        if size not in self._scenes:
+            self._scenes[size] = CaptionedScenes(image_size=size, split=SCENE_SPLIT)
+        return self._scenes[size]
+
+    def scenes(self, start: int = 0, count: int = 12) -> list[dict[str, Any]]:
+        """Thumbnails (128 px) and captions of embedded held-out scenes ``start .. start + count``."""
+        with self.lock:
+            data = self._scene_set(128)
+            start = int(start) % len(data)
+            items = [data[i] for i in range(start, min(len(data), start + max(1, min(int(count), 48))))]
+        return [{"index": it["index"], "image": png_data_url(to_uint8(it["image"])), "captions": it["captions"]}
+                for it in items]
+
+    def prepare_upload(self, data: bytes) -> dict[str, Any]:
+        """An uploaded file -> the square working image (PNG data URL) and notes on what was done to it."""
+        if not data:
+            raise TextokError("the upload is empty: choose an image file")
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise TextokError(f"the file is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+        except Image.DecompressionBombError:
+            raise TextokError(f"the image is too large to decode safely (over {MAX_PIXELS // 10**6} megapixels)") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise TextokError(NOT_AN_IMAGE) from None
+        if w * h > MAX_PIXELS:
+            raise TextokError(f"the image is {w}×{h} ({w * h / 1e6:.0f} megapixels), more than the "
+                              f"{MAX_PIXELS // 10**6} this page decodes: downscale it first")
+        side = min(w, h, WORK_SIZE)
+        image = self._decode(data, side)
+        notes = []
+        if max(w, h) > WORK_SIZE:
+            notes.append(f"large image ({w}×{h}): center-cropped and resized to {side}×{side}")
+        elif w != h:
+            notes.append(f"center-cropped from {w}×{h} to {side}×{side}")
+        return {"image": png_data_url(to_uint8(image)), "width": w, "height": h, "notes": notes}
+
+    @staticmethod
+    def _decode(data: bytes, size: int) -> torch.Tensor:
+        try:
+            return decode_image(data, size)
+        except Image.DecompressionBombError:
+            raise TextokError(f"the image is too large to decode safely (over {MAX_PIXELS // 10**6} megapixels)") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise TextokError(f"the image could not be decoded ({type(err).__name__}); is the file complete?") from None
+
+    def source_image(self, source: dict[str, Any], size: int) -> torch.Tensor:
+        """``{"scene": i}`` or ``{"image": data URL}`` -> (1, 3, size, size) in [-1, 1]."""
+        if source.get("scene") is not None:
+            data = self._scene_set(size)
+            i = int(source["scene"])
+            if not 0 <= i < len(data):
+                raise TextokError(f"scene {i} does not exist (0..{len(data) - 1})")
+            return data[i]["image"][None]
+        url = source.get("image")
+        if not isinstance(url, str) or not url:
+            raise TextokError("pick an image first: upload one or choose a scene")
+        try:
+            raw = base64.b64decode(url.split(",", 1)[-1], validate=True)
+        except (binascii.Error, ValueError):
+            raise TextokError("the image sent by the page is not valid base64; upload it again") from None
+        if len(raw) > MAX_UPLOAD_BYTES:
+            raise TextokError(f"the image is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+        return self._decode(raw, size)[None]
+
+    # ---- reconstruction --------------------------------------------------------------------------------
+    def _text(self, config: Any, caption: str, notes: list[str]):
+        """The caption's text states, remembered across requests (encoding one costs more than the models)."""
+        key = (config.text_encoder, config.text_max_length, caption)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            emb, warned = self._text_cache[key]
+        else:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                emb = load_text_encoder(config.text_encoder, config.text_max_length).encode([caption])
+            warned = [_one_line(w.message) for w in caught if "caption" in str(w.message)]
+            self._text_cache[key] = (emb, warned)
+            if len(self._text_cache) > TEXT_CACHE:
+                self._text_cache.popitem(last=False)
+        notes.extend(w for w in warned if w not in notes)
+        return emb
+
+    def reconstruct(self, source: dict[str, Any], caption: str = "", swap_caption: str = "") -> dict[str, Any]:
+        """Every loaded tokenizer encodes the image (with the caption where it reads text) and decodes it;
+        with ``swap_caption``, the same tokens are decoded again with that caption."""
+        caption, swap_caption = (caption or "").strip(), (swap_caption or "").strip()
+        if not any(m.model is not None for m in self.models):
+            raise TextokError("no tokenizer is loaded: start `textok serve --model DIR` or add one below")
+        t0 = time.perf_counter()
+        results: list[dict[str, Any]] = []
+        with self.lock, torch.inference_mode():
+            loaded_models = [m for m in self.models if m.model is not None]
+            # A bad image is one message for the page, raised here before any model runs.
+            images = {s: self.source_image(source, s) for s in {m.model.config.image_size for m in loaded_models}}
+            for loaded in loaded_models:
+                try:
+                    image = images[loaded.model.config.image_size]
+                    results.append(self._reconstruct_one(loaded, image, caption, swap_caption))
+                except TextokError as err:  # this model cannot serve the request (e.g. it needs a caption)
+                    results.append({**loaded.info(), "message": _one_line(err)})
+        scale = max([r["diff_max"] for r in results if "diff_max" in r] or [0.0])
+        for r in results:
+            if "recon_tensor" in r:  # one colour scale for all the heat maps, so they compare side by side
+                r["heat"], _ = heat_map(r.pop("recon_tensor"), r.pop("original_tensor"), scale)
+        return {"results": results, "heat_scale": scale, "ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+    def _reconstruct_one(self, loaded: LoadedModel, image: torch.Tensor, caption: str, swap: str) -> dict[str, Any]:
+        model, c = loaded.model, loaded.model.config
+        notes: list[str] = []
+        if c.uses_text and not caption:
+            raise TextokError("this tokenizer reads text: type a caption (an empty one is refused, not replaced)")
+        emb = self._text(c, caption, notes) if c.uses_text else None
+        if caption and not c.uses_text:
+            notes.append("no text: the caption is not used")
+        t0 = time.perf_counter()
+        z = model.encode(image, emb)
+        recon = model.decode(z, emb).float().clamp(-1, 1)
+        ms = (time.perf_counter() - t0) * 1000
+        top = float((recon[0] - image[0]).abs().mean(0).max()) * 127.5  # in 0-255 levels, as heat_map measures
+        out = {**loaded.info(), "original": png_data_url(to_uint8(image[0])), "recon": png_data_url(to_uint8(recon[0])),
+               "psnr": _db(psnr(recon, image)), "diff_max": top, "tokens_picture": token_picture(z[0]),
+               "token_shape": list(z.shape[1:]), "model_ms": round(ms, 1), "notes": notes,
+               "recon_tensor": recon[0], "original_tensor": image[0]}
+        if swap:
+            out["swap"] = self._swap(model, z, recon, image, swap, notes)
+        return out
+
+    def _swap(self, model: Any, z: torch.Tensor, recon: torch.Tensor, image: torch.Tensor, swap: str,
+              notes: list[str]) -> dict[str, Any]:
+        c = model.config
+        if not c.text_in_decoder:
+            return {"caption": swap,
+                    "message": "its decoder does not read text: another caption cannot change this reconstruction"}
+        other = model.decode(z, self._text(c, swap, notes)).float().clamp(-1, 1)
+        heat, top = heat_map(other[0], recon[0])
+        change = float((other - recon).abs().mean()) * 127.5
+        return {"caption": swap, "recon": png_data_url(to_uint8(other[0])), "heat": heat, "psnr": _db(psnr(other, image)),
+                "change_mean": round(change, 2), "change_max": round(top, 1)}
+
+    # ---- generation --------------------------------------------------------------------------------------
+    def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Class- or prompt-conditional samples: ``{"label" | "prompt", "n", "seed", "cfg", "steps"}``."""
+        if self.pipe is None:
+            raise TextokError(self.generator_error or "no generator is loaded: start with --generator DIR")
+        p = self.pipe
+        try:
+            n = int(request.get("n") or 4)
+            seed = int(request.get("seed") or 0)
+            cfg = float(request["cfg"]) if request.get("cfg") not in (None, "") else None
+            steps = int(request["steps"]) if request.get("steps") not in (None, "") else None
+        except (TypeError, ValueError):
+            raise TextokError("samples, seed and steps must be whole numbers and guidance a number") from None
+        if not 1 <= n <= MAX_SAMPLES:
+            raise TextokError(f"ask for 1 to {MAX_SAMPLES} samples")
+        if steps is not None and not 1 <= steps <= 1000:
+            raise TextokError("steps must be between 1 and 1000 (empty: the generator's default)")
+        labels = prompts = None
+        if p.is_text_to_image:
+            prompt = str(request.get("prompt") or "").strip()
+            if not prompt:
+                raise TextokError("this generator is text-to-image: type a prompt")
+            prompts = [prompt] * n
+        elif p.num_classes:
+            try:
+                labels = [int(request.get("label"))] * n
+            except (TypeError, ValueError):
+                raise TextokError("choose a class") from None
+        t0 = time.perf_counter()
+        with self.lock, torch.inference_mode():
+            images = p.generate(labels, prompts, n=n, steps=steps, cfg_scale=cfg, seed=seed)
+            captions = p.decoder_captions(labels, prompts, seed, 0, n)
+        return {"images": [png_data_url(to_uint8(x)) for x in images], "captions": captions,
+                "ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+    def warm_up(self) -> None:
+        """One reconstruction of a scene, so the text encoder is loaded before the first request."""
+        try:
+            caption = self._scene_set(32).captions_of(0)[0]
+            self.reconstruct({"scene": 0}, caption)
+        except TextokError:
+            pass
+
+
+__all__ = ["ServeApp", "LoadedModel", "load_model", "describe_tokens", "model_name", "MAX_UPLOAD_BYTES"]

@@ -1,0 +1,45 @@
+"""The ``textok serve`` verb: load the models, warm up, print the address, serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ...cli import args_for, command
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", default=[], metavar="DIR",
+                   help="a tokenizer directory (save_pretrained / a run's final/); repeat to compare several")
+    p.add_argument("--generator", metavar="DIR", help="a generator directory (train-generator's final/) to sample from")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+
+
+@command("serve", "a local web page: reconstructions with and without text, caption swaps, token pictures, samples")
+@args_for(_serve_args)
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import ServeApp
+    from .server import is_loopback, make_server
+
+    local = is_loopback(args.host)
+    if not local:
+        print(f"textok serve: warning: listening on {args.host} exposes the page to other machines; "
+              "loading models by path from the page is off", file=sys.stderr)
+    app = ServeApp(args.model, args.generator, allow_model_paths=local)
+    for m in app.models:
+        print(f"  {m.directory}: {'error: ' + m.error if m.error else 'loaded'}", flush=True)
+    if args.generator:
+        print(f"  generator {args.generator}: {'error: ' + app.generator_error if app.generator_error else 'loaded'}",
+              flush=True)
+    app.warm_up()
+    server = make_server(app, args.host, args.port, verbose=args.verbose)
+    print(f"textok serve: ready at {server.url} (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
