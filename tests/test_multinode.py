@@ -15,7 +15,8 @@ from textok.train.tokenizer import train_tokenizer
 
 COMMON = ["batch_size=2", "data.val_split=val", "log_every=1", "sample_every=0", "optim.warmup_steps=2",
           "optim.lr=1e-3", "model.text_in_encoder=false", "model.text_in_decoder=false", "loss.perceptual=none",
-          "loss.adversarial.weight=0", "device=cpu", "ckpt_every=2", "keep_last=5", "data.shuffle_buffer=5"]
+          "loss.adversarial.weight=0", "device=cpu", "ckpt_every=2", "keep_last=5", "data.shuffle_buffer=5",
+          "data.train_size=0"]  # stream every shard (a tiny preset trains with the demo recipe, 2,000 images)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,8 @@ def test_one_process_on_shards_resumes_bit_exactly_with_workers(shards, tmp_path
     """N + N steps == 2N steps on shards, with two DataLoader workers each reading its own shards."""
     base = ["model.text_in_encoder=false", "model.text_in_decoder=false", "loss.perceptual=none",
             "loss.adversarial.weight=0", f"data.source={shards}", "data.val_split=val", "data.workers=2",
-            "batch_size=3", "log_every=1", "sample_every=0", "ckpt_every=3", "optim.warmup_steps=2", "optim.lr=1e-3"]
+            "batch_size=3", "log_every=1", "sample_every=0", "ckpt_every=3", "optim.warmup_steps=2", "optim.lr=1e-3",
+            "data.train_size=0"]  # stream every shard (a tiny preset trains with the demo recipe, 2,000 images)
     train_tokenizer(load_train_config("textok-tiny", [*base, "max_steps=6"]), tmp_path / "a", progress=False)
     train_tokenizer(load_train_config("textok-tiny", [*base, "max_steps=3"]), tmp_path / "b", progress=False)
     train_tokenizer(load_train_config("textok-tiny", [*base, "max_steps=6"]), tmp_path / "b", progress=False)

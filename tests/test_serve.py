@@ -90,7 +90,7 @@ def test_info_lists_the_models_and_why_one_did_not_load(served):
     models = by_name(info["models"])
     assert models["text"]["text"] == "text in encoder + decoder" and models["notext"]["text"] == "no text"
     assert models["text"]["tokens"] == {"count": 4, "bits": 4 * 4 * 32, "what": "4 tokens × 4 float32 values"}
-    assert "not valid JSON" in models["broken"]["error"] and "\n" not in models["broken"]["error"]
+    assert "config.json is corrupt" in models["broken"]["error"] and "\n" not in models["broken"]["error"]
     assert info["generator"]["classes"][:2] == ["circle", "square"] and info["generator"]["kind"] == "dit"
 
 

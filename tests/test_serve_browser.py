@@ -117,7 +117,7 @@ def test_the_page_in_chromium(browser, server, tmp_path):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
     page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-    assert "not valid JSON" in page.inner_text(".card.failed")  # the model directory that did not load
+    assert "is corrupt" in page.inner_text(".card.failed")  # the model directory that did not load
 
     text_card, plain_card = (f".card[data-model='{n}']" for n in names[:2])
     caption = _scene_png(tmp_path / "scene.png")

@@ -19,7 +19,7 @@ def _image_folder(root, n=40, splits=("train",)):
     for split in splits:
         (root / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            name = f"{split}/{i:03d}.jpg"
+            name = f"{split}/{i:03d}.jpg" if split else f"{i:03d}.jpg"
             Image.new("RGB", (24, 20), (i * 6 % 256, 40, 200)).save(root / name, quality=90)
             rows.append({"file": name, "captions": [f"{split} image {i}", f"picture {i}"], "label": f"c{i % 3}"})
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -108,7 +108,8 @@ def test_encode_captions_cli_fills_the_user_store_once_and_training_on_shards_re
 
     monkeypatch.setattr(HFTextEncoder, "encode", counting)
     cfg = load_train_config("textok-tiny", [f"data.source={tmp_path / 'sh'}", "batch_size=4", "max_steps=2",
-                                            "sample_every=0", "loss.perceptual=none", "data.shuffle_buffer=4"])
+                                            "sample_every=0", "loss.perceptual=none", "data.shuffle_buffer=4",
+                                            "data.train_size=0"])  # stream the shards (not the demo recipe's 2,000)
     train_tokenizer(cfg, tmp_path / "run", progress=False)
     assert calls["n"] == 0 and not (tmp_path / "run/text_cache.safetensors").exists()
     # a store named by path that another encoder built is refused

@@ -149,7 +149,9 @@ async function run() {
 
 function suggest() {
   const mine = state.source && state.source.scene;
-  const others = state.scenes.filter((s) => s.index !== mine);
+  const current = $("caption").value.trim();
+  // another scene's caption that differs from the one being decoded (two scenes can share a caption)
+  const others = state.scenes.filter((s) => s.index !== mine && s.captions[0] !== current);
   if (!others.length) return;
   const s = others[Math.floor(Math.random() * others.length)];
   $("swap").value = s.captions[0];
