@@ -79,8 +79,8 @@ def step_parts(device: torch.device, batch: int, smoke: bool) -> dict[str, float
 
     over = ["loss.adversarial.start_step=0"]
     if smoke:
-        over += ["model.encoder.width=32", "model.decoder.width=32", "model.encoder.depth=1", "model.decoder.depth=1",
-                 "model.encoder.heads=2", "model.decoder.heads=2", "model.patch_size=16"]
+        over += ["model.encoder.heads=2", "model.decoder.heads=2", "model.encoder.width=32", "model.decoder.width=32",
+                 "model.encoder.depth=1", "model.decoder.depth=1", "model.patch_size=16"]
     cfg = load_train_config("study-flowers-gpu", over)
     model_type, model_cfg = resolve_tokenizer_config(cfg.model, cfg.model_overrides)
     torch.manual_seed(0)

@@ -101,9 +101,9 @@ class Sizes:
                    dit_batches={16: 4}, dit_step_batch=4, iters=2, warmup=1, study_tokens=(2,),
                    study_modes=("decoder", "none"), study_max_steps=4, calib_steps=4,
                    step_overrides=("loss.perceptual_size=32",),
-                   study_overrides=("model.patch_size=16", "model.encoder.width=32", "model.encoder.depth=1",
-                                    "model.encoder.heads=2", "model.decoder.width=32", "model.decoder.depth=1",
-                                    "model.decoder.heads=2", "batch_size=4", "data.workers=0",
+                   study_overrides=("model.patch_size=16", "model.encoder.heads=2", "model.encoder.width=32",
+                                    "model.encoder.depth=1", "model.decoder.heads=2", "model.decoder.width=32",
+                                    "model.decoder.depth=1", "batch_size=4", "data.workers=0",
                                     "loss.perceptual_size=32", "log_every=1"))
 
 
