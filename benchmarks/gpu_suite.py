@@ -550,8 +550,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "gpu-suite")))
     p.add_argument("--pack", type=Path, default=ROOT / ".gpu-pack", help="made by benchmarks/gpu_pack.py")
     p.add_argument("--phases", default="abc", help="which phases to run (subset of 'abc')")
-    p.add_argument("--budgets", default="90,150,240", help="seconds for phases a,b,c")
-    p.add_argument("--deadline", type=float, default=540, help="the whole suite stops starting work after this")
+    p.add_argument("--budgets", default=None, help="seconds for phases a,b,c (default 90,150,240; generous with "
+                   "--cpu-smoke, whose rows must all run however loaded the CPU is)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="the whole suite stops starting work after this (default 540 s; 1800 with --cpu-smoke)")
     p.add_argument("--cpu-smoke", action="store_true", help="every phase at tiny sizes on the CPU (for the tests)")
     args = p.parse_args(argv)
 
@@ -565,8 +567,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    budgets = dict(zip("abc", (float(v) for v in args.budgets.split(","))))
-    clock = Clock(args.deadline)
+    budgets = dict(zip("abc", (float(v) for v in (args.budgets or ("600,600,600" if smoke else "90,150,240")).split(","))))
+    clock = Clock(args.deadline if args.deadline is not None else (1800 if smoke else 540))
     t_start = time.time()
     summary: dict[str, Any] = {
         "device": gpu_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
