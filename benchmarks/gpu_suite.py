@@ -567,7 +567,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    budgets = dict(zip("abc", (float(v) for v in (args.budgets or ("600,600,600" if smoke else "90,150,240")).split(","))))
+    default_budgets = "600,600,600" if smoke else "90,150,240"
+    budgets = dict(zip("abc", (float(v) for v in (args.budgets or default_budgets).split(","))))
     clock = Clock(args.deadline if args.deadline is not None else (1800 if smoke else 540))
     t_start = time.time()
     summary: dict[str, Any] = {
