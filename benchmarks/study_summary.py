@@ -24,8 +24,11 @@ from textok.report import markdown_table  # noqa: E402
 from textok.study import MODE_LABELS, relative_gain  # noqa: E402
 
 
-def rows_for(label: str, result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (token count, headline metric) of one study."""
+def rows_for(label: str, result: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per (token count, headline metric) of one study.
+
+    A factor study that trained text cells only borrows its no-text cells from ``baseline`` (the reference
+    study it changes one setting of), so its gain is measured against the same no-text tokenizer."""
     rows = []
     text_modes = [m for m in ("decoder", "encoder", "both") if m in result["modes"]]
     metrics = [m for m in result["metrics"] if m == "PSNR" or m.startswith("FD-") or m == "rFID"]
@@ -33,6 +36,8 @@ def rows_for(label: str, result: dict[str, Any]) -> list[dict[str, Any]]:
         for metric in metrics:
             higher = result["higher_is_better"][metric]
             value = {m: result["cells"][f"n{n}-{m}"]["metrics"][metric] for m in result["modes"]}
+            if "none" not in value and baseline is not None and f"n{n}-none" in baseline["cells"]:
+                value["none"] = baseline["cells"][f"n{n}-none"]["metrics"][metric]
             row: dict[str, Any] = {"study": label, "tokens": n, "metric": f"{metric} ({'↑' if higher else '↓'})",
                                    "no text": round(value["none"], 3) if "none" in value else None}
             row.update({MODE_LABELS[m]: round(value[m], 3) if m in value else "" for m in ("decoder", "encoder", "both")})
@@ -63,22 +68,22 @@ def generation_row(label: str, result: dict[str, Any]) -> dict[str, Any] | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("studies", nargs="+", metavar="LABEL=DIR", help="a label and a study directory (with results.json)")
+    p.add_argument("studies", nargs="+", metavar="LABEL=DIR[@BASE]",
+                   help="a label and a study directory (with results.json); @BASE names the study whose no-text "
+                        "cells a text-only factor study is compared with")
     p.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
     args = p.parse_args(argv)
     rows, gen_rows, sources = [], [], {}
     for spec in args.studies:
         label, _, directory = spec.rpartition("=")
+        directory, _, base_dir = directory.partition("@")
         if not label:
             p.error(f"{spec!r}: give LABEL=DIR")
-        path = Path(directory) / "results.json"
-        if not path.is_file():
-            p.error(f"{path} does not exist: run the study first")
-        result = json.loads(path.read_text())
+        result, baseline = _load(p, directory), (_load(p, base_dir) if base_dir else None)
         sources[label] = {"dir": directory, "recipe": result["recipe"], "data": result["data"],
                           "max_steps": result["max_steps"], "batch_size": result["batch_size"],
-                          "overrides": _recipe_changes(result)}
-        rows += rows_for(label, result)
+                          "overrides": _recipe_changes(result), "no text from": base_dir or directory}
+        rows += rows_for(label, result, baseline)
         g = generation_row(label, result)
         if g:
             gen_rows.append(g)
@@ -99,6 +104,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _load(parser: argparse.ArgumentParser, directory: str) -> dict[str, Any]:
+    path = Path(directory) / "results.json"
+    if not path.is_file():
+        parser.error(f"{path} does not exist: run the study first")
+    return json.loads(path.read_text())
+
+
 def _recipe_changes(result: dict[str, Any]) -> str:
     """The data/loss settings that usually differ between factor studies, in one line."""
     cfg = result["train_config"]
@@ -108,9 +120,12 @@ def _recipe_changes(result: dict[str, Any]) -> str:
              if cfg.get("init_from") else "")
     per_cell = ("num_tokens=", "text_in_encoder=", "text_in_decoder=")
     model = [o for o in cfg.get("model_overrides", []) if not o.startswith(per_cell)]
+    text = "".join(f", {name}={value}" for name, value in (("text dropout", cfg.get("text_dropout", 0.0)),
+                                                           ("text-grounding weight", loss.get("text_contrast_weight", 0.0)))
+                   if value)
     return (f"train_size={d['train_size'] or 'all'}, captions/image={d['captions_per_image'] or 'all'}, "
             f"perceptual={perceptual}, gan weight={loss['adversarial']['weight']}, steps={cfg['max_steps']}, "
-            f"seed={cfg['seed']}{stage}" + (f", model {' '.join(model)}" if model else ""))
+            f"seed={cfg['seed']}{stage}{text}" + (f", model {' '.join(model)}" if model else ""))
 
 
 if __name__ == "__main__":

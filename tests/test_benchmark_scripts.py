@@ -64,3 +64,25 @@ def test_study_summary_tabulates_gain_reliance_and_generation(tmp_path):
     assert row["study"] == "a=b" and row["no text"] == 20.0 and row["text: decoder"] == 22.0
     assert row["best text gain"] == "+10.0% (decoder)" and row["its cost of a wrong caption"] == "+10.0%"
     assert (tmp_path / "sum.md").read_text().count("| a=b |") == 2  # the table row and the studies row
+
+
+def test_study_summary_borrows_the_no_text_cells_of_a_base_study(tmp_path):
+    """A text-only factor study (one decoder cell) is compared with its reference study's no-text cell."""
+    summary = _load("study_summary")
+    common = {"recipe": "r", "data": "d", "max_steps": 1, "batch_size": 2, "tokens": [4], "metrics": ["PSNR"],
+              "higher_is_better": {"PSNR": True},
+              "train_config": {"data": {"train_size": 0, "captions_per_image": 5}, "max_steps": 1, "seed": 0,
+                               "optim": {"lr": 1e-3}, "text_dropout": 0.2,
+                               "loss": {"perceptual": "none", "perceptual_size": 64, "adversarial": {"weight": 0.0}}}}
+    base = {**common, "modes": ["decoder", "none"],
+            "cells": {"n4-decoder": {"metrics": {"PSNR": 21.0}}, "n4-none": {"metrics": {"PSNR": 20.0}}}}
+    factor = {**common, "modes": ["decoder"], "cells": {"n4-decoder": {"metrics": {"PSNR": 18.0}}}}
+    for name, result in (("base", base), ("factor", factor)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+    out = summary.main(["--out", str(tmp_path / "sum"), f"f={tmp_path / 'factor'}@{tmp_path / 'base'}"])
+    row = out["rows"][0]
+    assert row["no text"] == 20.0 and row["best text gain"] == "-10.0% (decoder)"
+    assert "text dropout=0.2" in out["studies"]["f"]["overrides"]
+    alone = summary.main(["--out", str(tmp_path / "sum2"), f"f={tmp_path / 'factor'}"])
+    assert alone["rows"][0]["no text"] is None and alone["rows"][0]["best text gain"] == ""
