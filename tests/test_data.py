@@ -144,3 +144,19 @@ def test_decode_once_gives_the_same_items_and_keeps_bad_ones_out(tmp_path):
         assert a["label"] == b["label"] and a["index"] == b["index"]
     assert once.caption_bank() == plain.caption_bank() and once.captions_of(3) == plain.captions_of(3)
     assert collate([once[i] for i in range(5)])["skipped"] == 1
+
+
+def test_integer_labels_name_every_class_the_same_in_every_split(tmp_path):
+    """Flowers-102 labels are ids 0..101: the classes (and so class-conditional generation and the per-class
+    caption banks) count every id in the file, even one that a split lacks."""
+    root = tmp_path / "set"
+    rows = []
+    for split, label in (("train", 0), ("train", 2), ("val", 1)):
+        name = f"{split}/{label}.jpg"
+        (root / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(root / name)
+        rows.append({"file": name, "captions": [f"flower {label}"], "label": label})
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, val = (ImageCaptionFolder(str(root), split=s, image_size=8) for s in ("train", "val"))
+    assert train.class_names == val.class_names == ["0", "1", "2"]
+    assert sorted(train[i]["label"] for i in range(len(train))) == [0, 2] and val[0]["label"] == 1

@@ -134,7 +134,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             where, raw = f"{self.root}/captions.jsonl", self.source.read("captions.jsonl")
         else:
             return None
-        records, labels = [], {}
+        records, labels, top_int_label = [], {}, -1
         for lineno, line_bytes in enumerate(raw.splitlines(), 1):
             try:
                 line = line_bytes.decode("utf-8")
@@ -152,6 +152,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 raise TextokError(f"captions line {lineno}: 'file' must be a path (a string), not {name!r}")
             name = self._inside_root(name, lineno)
             row_split = SPLIT_ALIASES.get(str(row.get("split", "")), None) or _split_of(name)
+            if type(row.get("label")) is int:  # integer ids count over every split, so all splits agree
+                top_int_label = max(top_int_label, row["label"])
             if row_split is not None and row_split != self.split:
                 continue
             caps = row.get("captions", row.get("caption"))
@@ -171,7 +173,9 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 raise TextokError(f"captions line {lineno} ({name}): 'label' must be a class name or an integer "
                                   f"id, not {label!r:.80}")
             records.append({"file": name, "captions": caps, "label": label})
-        self.class_names = sorted(labels, key=labels.get) if labels else []
+        # Class names: the names given, else the ids 0..max as strings (Flowers-102 labels 0-101).
+        self.class_names = (sorted(labels, key=labels.get) if labels
+                            else [str(k) for k in range(top_int_label + 1)])
         return records
 
     def _inside_root(self, name: str, lineno: int) -> str:
