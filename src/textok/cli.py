@@ -15,6 +15,7 @@ import warnings
 from typing import Callable
 
 from .errors import Interrupted, TextokError
+from .report import print_table
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
 
@@ -35,19 +36,6 @@ def args_for(add: Callable[[argparse.ArgumentParser], None]):
         return fn
 
     return deco
-
-
-def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    """A plain aligned text table."""
-    if not rows:
-        return
-    columns = columns or list(rows[0])
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
 # ---- info ---------------------------------------------------------------------------------------
@@ -141,7 +129,7 @@ def _load_verbs() -> None:
     import importlib
 
     for module in ("textok.train.commands", "textok.eval.commands", "textok.generate.commands", "textok.study",
-                   "textok.data_commands", "textok.apps.serve.command"):
+                   "textok.data_commands", "textok.apps.demos.commands", "textok.apps.serve.command"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import args_for, command, print_table
+from .cli import args_for, command
+from .report import print_table
 
 
 def _make_shards_args(p: argparse.ArgumentParser) -> None:

@@ -1,9 +1,9 @@
-"""Report building blocks shared by the demo, the study and the benchmarks: a captioned image grid, a
-Markdown table and a line plot.
+"""Report building blocks shared by the verbs, the demos, the study and the benchmarks: a text table for the
+terminal, a Markdown table, a captioned image grid and a line plot.
 
-Why one module: every experiment writes the same three kinds of artefact, and they should look the same
-everywhere (grids: original first, pixels upscaled nearest so tokens' artefacts stay visible, the caption
-beside each row; plots: headless Agg, one line per series).
+Why one module: every experiment writes the same kinds of artefact, and they should look the same everywhere
+(grids: original first, pixels upscaled nearest so tokens' artefacts stay visible, the caption beside each
+row; plots: headless Agg, one line per series).
 """
 
 from __future__ import annotations
@@ -115,6 +115,19 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """A plain aligned text table on standard output (the columns: ``columns``, else the first row's keys)."""
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
 def markdown_table(rows: list[dict]) -> str:
     """A GitHub Markdown table; the columns are the keys of all rows in first-seen order (missing = blank)."""
     if not rows:
@@ -168,4 +181,4 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], xlabel: str, yla
     return path
 
 
-__all__ = ["captioned_grid", "line_plot", "markdown_table", "wrap_text"]
+__all__ = ["captioned_grid", "line_plot", "markdown_table", "print_table", "wrap_text"]

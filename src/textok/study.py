@@ -360,7 +360,7 @@ def run_study(out: str | Path, data: str | None = None, tokens: Sequence[int] = 
     _plots(out, result)
     atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(out / "report.md", render_report(result))
-    from .cli import print_table
+    from .report import print_table
 
     print()
     print_table([{k: _fmt(v) for k, v in r.items()} for r in result["paper_table"] or result["ablation_table"]

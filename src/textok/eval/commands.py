@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..cli import args_for, command, print_table
+from ..cli import args_for, command
+from ..report import print_table
 from ..errors import TextokError
 
 MODES = ("reconstruction", "generation")

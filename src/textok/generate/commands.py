@@ -1,4 +1,4 @@
-"""CLI verbs of the generation side: ``extract-latents``, ``train-generator``, ``sample``, ``demo-gen``."""
+"""CLI verbs of the generation side: ``extract-latents``, ``train-generator``, ``sample``."""
 
 from __future__ import annotations
 
@@ -139,20 +139,3 @@ def cmd_sample(args: argparse.Namespace) -> None:
                 why = "" if args.cfg is not None else (" (DiT's FID setting)" if pipe.kind == "dit" else " (TiTok's sampler)")
                 print(f"wrote {args.num} samples to {path} with guidance {npz_cfg:g}{why}"
                       + (f" ({info.world} processes)" if info.enabled else ""))
-
-
-# ---- demo-gen -------------------------------------------------------------------------------------
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default="runs/demo/textok/final", help="a trained tokenizer (from `textok demo`)")
-    p.add_argument("--out", default="runs/demo-gen")
-    p.add_argument("--steps", type=int, default=None, help="generator training steps")
-    p.add_argument("--quick", action="store_true", help="a minimal run (for tests)")
-
-
-@command("demo-gen", "class-conditional generation demo: latents of the scenes -> a small DiT -> samples per class")
-@args_for(_demo_args)
-def cmd_demo_gen(args: argparse.Namespace) -> None:
-    from .demo import run_demo_gen
-
-    run_demo_gen(args.tokenizer, args.out, steps=args.steps, quick=args.quick)
-from . import titok_demo  # noqa: E402,F401  (registers the demo-titok verb)

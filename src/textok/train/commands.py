@@ -1,4 +1,4 @@
-"""CLI verbs of the training side: ``train-tokenizer`` and ``demo``."""
+"""CLI verb of the training side: ``train-tokenizer``."""
 
 from __future__ import annotations
 
@@ -33,17 +33,3 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     final = train_tokenizer(cfg, args.out, progress=not args.no_progress)
     if final.is_dir():
         print(f"final EMA weights: {final}")
-
-
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the recipe's)")
-    p.add_argument("--quick", action="store_true", help="a minimal run (for tests): few steps, few images")
-
-
-@command("demo", "the main job: train TexTok and the no-text baseline on the embedded scenes and compare them")
-@args_for(_demo_args)
-def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
-
-    run_demo(args.out, steps=args.steps, quick=args.quick)

@@ -33,11 +33,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from ..io import sha256_file
-from ..cli import args_for, command
-from ..errors import TextokError
-from ..io import RUN_MARKER, atomic_write_text, check_replaceable
+from ...data.factory import build_dataset
+from ...errors import TextokError
+from ...eval.compare import higher_is_better
+from ...eval.reconstruction import evaluate_tokenizer
+from ...generate.latents import LatentDataset, extract_latents, read_meta
+from ...generate.sampling import DEFAULT_CFG, GenerationPipeline, sample_grid
+from ...generate.trainer import load_generator, load_generator_config, train_generator
+from ...io import RUN_MARKER, atomic_write_text, check_replaceable, sha256_file
+from ...models.registry import load_tokenizer, resolve_tokenizer_config
+from ...report import markdown_table, print_table
+from ...train.config import load_train_config
+from ...train.tokenizer import train_tokenizer
+from .generation import reference_grid
 
 RECIPE = "demo-titok"
 # MaskGIT: maskgit-tiny's shape (width 64, depth 2, 4 heads) on the codes of the whole train split (4,000 scenes,
@@ -53,7 +63,6 @@ QUICK_TOK = ["max_steps=3", "data.train_size=64", "data.val_size=16", "batch_siz
              "loss.perceptual_size=32"]
 QUICK_GEN = ["model.transformer.width=32", "model.transformer.depth=1", "model.transformer.heads=2", "batch_size=8",
              "max_steps=3", "ckpt_every=3", "optim.warmup_steps=1", "log_every=1"]
-HIGHER_IS_BETTER = {"PSNR": True, "SSIM": True}
 
 
 def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None, gen_steps: int | None = None,
@@ -64,12 +73,6 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     ``steps`` / ``gen_steps`` override the tokenizer's / generator's training steps; ``compare`` is a
     ``textok demo`` output directory whose metrics.json joins the comparison table (None: no comparison).
     """
-    from ..data.factory import build_dataset
-    from ..eval.reconstruction import evaluate_tokenizer
-    from ..models.registry import load_tokenizer
-    from ..train.config import load_train_config
-    from ..train.tokenizer import train_tokenizer
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -107,9 +110,6 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     codebook = _codebook_stats(val_dir, tok.codebook_size)
     train_log = _last_log(out / "titok" / "log.jsonl")
 
-    from .latents import read_meta
-    from .trainer import load_generator_config, train_generator
-
     gen_over = [f"latents={lat_dir}", *GEN_OVERRIDES, *(QUICK_GEN if quick else [])]
     if gen_steps is not None:
         gen_over.append(f"max_steps={gen_steps}")
@@ -124,15 +124,12 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     gen_train = _tail_mean(out / "maskgit" / "log.jsonl", ("loss", "accuracy"))
     gen_val = _heldout_maskgit(gen_dir, val_dir)
 
-    from .demo import _reference_grid
-    from .sampling import DEFAULT_CFG, GenerationPipeline, sample_grid
-
     t0 = time.time()
     pipe = GenerationPipeline(gen_dir, tok_dir, device="cpu")
     classes = list(range(pipe.num_classes))
     n = 2 if quick else per_class
     samples = sample_grid(pipe, out / "samples.png", classes, n=n, steps=8, cfg_scale=DEFAULT_CFG["maskgit"], seed=0)
-    reference = _reference_grid(pipe, lat_dir, classes, n, out / "reference.png")
+    reference = reference_grid(pipe, lat_dir, classes, n, out / "reference.png")
     seconds["sampling"] = round(time.time() - t0, 1)
     names = meta.get("class_names") or [str(k) for k in classes]
 
@@ -156,8 +153,6 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     rows = result["comparison"].get("table") or _titok_rows(result)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(out / "report.md", _report(result, cfg, gcfg))
-    from ..cli import print_table
-
     print()
     print_table(rows)
     if result["comparison"].get("note"):
@@ -188,8 +183,6 @@ def _codes(tok_dir: Path, lat_dir: Path, split: str, num: int, seed: int, quiet:
     A re-extraction makes every directory in ``stale`` (a generator trained on the old codes) obsolete: they
     are removed, so that a resumed generator never mixes two tokenizers' codes.
     """
-    from .latents import extract_latents, read_meta
-
     weights = sha256_file(tok_dir / "model.safetensors")
     stamp = lat_dir / "tokenizer.sha256"
     if (lat_dir / "meta.json").is_file() and stamp.is_file() and stamp.read_text().strip() == weights:
@@ -210,8 +203,6 @@ def _codes(tok_dir: Path, lat_dir: Path, split: str, num: int, seed: int, quiet:
 
 def _codebook_stats(lat_dir: Path, size: int) -> dict[str, Any]:
     """How much of the codebook the held-out scenes use: distinct codes, their fraction, the perplexity."""
-    from .latents import LatentDataset
-
     codes = LatentDataset(lat_dir, normalize=False).codes.flatten()
     counts = torch.bincount(codes, minlength=size).double()
     p = counts[counts > 0] / counts.sum()
@@ -251,11 +242,6 @@ def _heldout_maskgit(gen_dir: Path, val_dir: Path, draws: int = 8) -> dict[str, 
     """The MaskGIT's masked-token cross-entropy/accuracy on the held-out scenes' codes, averaged over ``draws``
     seeded mask draws: with the true class, and with the null class on the same masks. The gap is how much the
     class tells the generator about the codes (0 = the rows of the sample grid cannot differ by class)."""
-    import torch.nn.functional as F
-
-    from .latents import LatentDataset
-    from .trainer import load_generator
-
     model, _ = load_generator(gen_dir)
     model.eval()
     data = LatentDataset(val_dir, normalize=False)
@@ -288,13 +274,8 @@ def _metric_keys(metrics: dict) -> list[str]:
     return [k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_images"]
 
 
-def _higher(key: str) -> bool:
-    base = key.split("@")[0]
-    return HIGHER_IS_BETTER.get(base, base not in ("FD-opennsfw", "rFID", "LPIPS"))
-
-
 def _titok_rows(result: dict) -> list[dict]:
-    rows = [{"metric": k + (" (higher is better)" if _higher(k) else " (lower is better)"),
+    rows = [{"metric": k + (" (higher is better)" if higher_is_better(k) else " (lower is better)"),
              "TiTok": f"{result['titok'][k]:.4f}"} for k in _metric_keys(result["titok"])]
     rows.append({"metric": "token budget", "TiTok": result["token_budget"]["text"]})
     return rows
@@ -322,8 +303,8 @@ def _comparison(demo_dir: str | Path, result: dict, cfg) -> dict[str, Any]:
     for k in names:
         vals = {"TexTok": metrics["textok"][k], "baseline (no text)": metrics["baseline"][k],
                 "TiTok": result["titok"][k]}
-        best = (max if _higher(k) else min)(vals, key=vals.get)
-        rows.append({"metric": k + (" (higher is better)" if _higher(k) else " (lower is better)"),
+        best = (max if higher_is_better(k) else min)(vals, key=vals.get)
+        rows.append({"metric": k + (" (higher is better)" if higher_is_better(k) else " (lower is better)"),
                      **{name: f"{v:.4f}" for name, v in vals.items()}, "best": best})
     tex = _demo_budget(demo_dir, demo)
     rows.append({"metric": "token budget", "TexTok": tex, "baseline (no text)": tex,
@@ -343,8 +324,6 @@ def _demo_model_config(demo_dir: str | Path, demo: dict) -> dict | None:
         return data.get("config", data)
     tc = demo.get("train_config", {})
     try:
-        from ..models.registry import resolve_tokenizer_config
-
         return resolve_tokenizer_config(tc["model"], tc.get("model_overrides", ()))[1].to_dict()
     except Exception:  # an old or foreign metrics.json: the budget is then unknown
         return None
@@ -364,8 +343,6 @@ def _demo_budget(demo_dir: str | Path, demo: dict) -> str:
 
 
 def _report(result: dict, cfg, gcfg) -> str:
-    from ..report import markdown_table
-
     cb, gen, tc = result["codebook"], result["maskgit"], result["tokenizer_config"]
     gm = gen["model_config"]
     q = tc["quantizer"]
@@ -431,24 +408,3 @@ def _class_sentence(gain: float, threshold: float = 0.05) -> str:
                     "(compare reference.png)")
     return (f"Held-out loss with the null class minus with the true class: {gain:+.3f} nats per masked token "
             f"(positive = the class helps; threshold {threshold}): {verdict}.")
-
-
-# ---- the verb ---------------------------------------------------------------------------------------
-def _demo_args(p) -> None:
-    p.add_argument("--out", default="runs/demo-titok", help="output directory; re-running with the same --out resumes")
-    p.add_argument("--steps", type=int, default=None, help="TiTok training steps (default: the recipe's)")
-    p.add_argument("--gen-steps", type=int, default=None, help="MaskGIT training steps (default 2000)")
-    p.add_argument("--compare", default="runs/demo",
-                   help="a `textok demo` output directory to compare with (skipped if it has no metrics.json)")
-    p.add_argument("--quick", action="store_true", help="a minimal run (for tests)")
-
-
-@command("demo-titok", "TiTok baseline demo: a small VQ tokenizer + MaskGIT on the scenes, samples per class")
-@args_for(_demo_args)
-def cmd_demo_titok(args) -> None:
-    for name in ("steps", "gen_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise TextokError(f"--{name.replace('_', '-')} {value} must be positive")
-    run_demo_titok(args.out, steps=args.steps, gen_steps=args.gen_steps, quick=args.quick,
-                   compare=args.compare or None)

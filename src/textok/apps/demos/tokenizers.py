@@ -14,19 +14,21 @@ from pathlib import Path
 
 import torch
 
-from ..data.factory import build_dataset
-from ..data.folder import collate
-from ..io import atomic_write_text
-from ..models.registry import load_tokenizer
-from .config import load_train_config
-from .tokenizer import train_tokenizer
+from ...data.factory import build_dataset
+from ...data.folder import collate
+from ...eval.compare import higher_is_better
+from ...eval.reconstruction import evaluate_tokenizer
+from ...io import atomic_write_text
+from ...models.registry import load_tokenizer
+from ...report import captioned_grid, print_table
+from ...train.config import load_train_config
+from ...train.tokenizer import train_tokenizer
 
 RUNS = {  # name -> model overrides; everything else (data, budget, seed) is shared
     "baseline": ["text_in_encoder=false", "text_in_decoder=false"],
     "textok": [],
 }
 LABELS = {"baseline": "baseline (no text)", "textok": "TexTok (text in encoder + decoder)"}
-HIGHER_IS_BETTER = {"PSNR": True, "SSIM": True}
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, quick: bool = False, recipe: str = "demo") -> dict:
@@ -48,8 +50,6 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, quick: boo
         seconds[name] = round(time.time() - t0, 1)
 
     # ---- evaluation on held-out scenes ---------------------------------------------------------
-    from ..eval.reconstruction import evaluate_tokenizer
-
     models = {name: load_tokenizer(path).eval() for name, path in finals.items()}
     image_size = next(iter(models.values())).config.image_size
     val = build_dataset(base.data.source, base.data.val_split, image_size, size=base.data.val_size, seed=base.data.seed)
@@ -65,8 +65,6 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, quick: boo
               "metrics": metrics, "table": rows}
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(out / "report.md", _report(result, base))
-    from ..cli import print_table
-
     print()
     print_table(rows)
     print(f"\nwrote {out / 'grid.png'}, {out / 'metrics.json'}, {out / 'report.md'}")
@@ -82,7 +80,7 @@ def _table(metrics: dict) -> list[dict]:
     rows = []
     for key in _metric_names(metrics):
         base, text = metrics["baseline"][key], metrics["textok"][key]
-        higher = HIGHER_IS_BETTER.get(key.split("@")[0], key.split("@")[0] not in ("FD-opennsfw", "rFID", "LPIPS"))
+        higher = higher_is_better(key)
         better = text > base if higher else text < base
         rel = (text - base) / abs(base) * 100 if base else float("nan")
         rows.append({"metric": key + (" (higher is better)" if higher else " (lower is better)"),
@@ -114,8 +112,6 @@ def _report(result: dict, cfg) -> str:
 @torch.no_grad()
 def _grid(models: dict, dataset, path: Path, count: int = 6) -> None:
     """Rows: original | baseline | TexTok, upscaled, with the caption beside them."""
-    from ..report import captioned_grid
-
     batch = collate([dataset[i] for i in range(min(count, len(dataset)))])
     captions = [c[0] for c in batch["captions"]]
     recon = {name: model(batch["image"], captions if model.config.uses_text else None)[0].clamp(-1, 1)

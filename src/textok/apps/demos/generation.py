@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TextokError
-from ..io import atomic_write_text
-from .latents import LatentDataset, extract_latents, read_meta
-from .sampling import GenerationPipeline, sample_grid
-from .trainer import load_generator_config, train_generator
+from ...data.images import save_image
+from ...errors import TextokError
+from ...generate.latents import LatentDataset, extract_latents, read_meta
+from ...generate.sampling import GenerationPipeline, sample_grid
+from ...generate.trainer import load_generator_config, train_generator
+from ...io import atomic_write_text
 
 
 def run_demo_gen(tokenizer: str | Path = "runs/demo/textok/final", out: str | Path = "runs/demo-gen",
@@ -72,7 +73,7 @@ def run_demo_gen(tokenizer: str | Path = "runs/demo/textok/final", out: str | Pa
     n = 2 if quick else per_class
     samples = sample_grid(pipe, out / "samples.png", classes, n=n, steps=4 if quick else 50, sampler="euler",
                           cfg_scale=4.0, seed=0)
-    reference = _reference_grid(pipe, lat_dir, classes, n, out / "reference.png")
+    reference = reference_grid(pipe, lat_dir, classes, n, out / "reference.png")
     names = meta.get("class_names") or [str(k) for k in classes]
     summary = {"samples": str(samples), "reference": str(reference), "generator": str(final),
                "rows": {k: names[k] for k in classes}, "seconds": round(time.time() - t0, 1)}
@@ -84,10 +85,9 @@ def run_demo_gen(tokenizer: str | Path = "runs/demo/textok/final", out: str | Pa
 
 
 @torch.no_grad()
-def _reference_grid(pipe: GenerationPipeline, lat_dir: Path, classes: list[int], n: int, path: Path) -> Path:
-    """The first ``n`` training scenes of each class, decoded from their stored latents."""
-    from ..data.images import save_image
-
+def reference_grid(pipe: GenerationPipeline, lat_dir: Path, classes: list[int], n: int, path: Path) -> Path:
+    """The first ``n`` training scenes of each class, decoded from their stored latents (what the generator's
+    samples of the same rows are held against)."""
     data = LatentDataset(lat_dir, normalize=False)
     rows = []
     for k in classes:
