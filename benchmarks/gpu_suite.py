@@ -396,7 +396,7 @@ def _pack_paths(pack: Path) -> dict[str, Path]:
 
 def _calibrate(recipe: str, common: list[str], sizes: Sizes, work: Path, tokens: int, mode: str) -> float:
     """Seconds per training step of the most expensive cell, measured over a short run (text cache warmed)."""
-    from textok.study import cell_config
+    from textok.apps.study.cells import cell_config
     from textok.train.tokenizer import train_tokenizer
 
     steps = sizes.calib_steps
@@ -410,7 +410,7 @@ def _calibrate(recipe: str, common: list[str], sizes: Sizes, work: Path, tokens:
 
 
 def phase_study(sizes: Sizes, pack: Path, out: Path, budget: float, smoke: bool) -> dict[str, Any]:
-    from textok.study import run_study
+    from textok.apps.study import StudySettings, run_study
 
     t0 = time.time()
     paths = _pack_paths(pack)
@@ -429,8 +429,8 @@ def phase_study(sizes: Sizes, pack: Path, out: Path, budget: float, smoke: bool)
         steps = sizes.study_max_steps
     overrides = common + [f"max_steps={steps}", f"loss.adversarial.start_step={int(0.3 * steps)}"]
     print(f"study: {seconds_per_step * 1e3:.1f} ms/step measured -> {steps} steps per cell, {cells} cells")
-    result = run_study(work / "study", tokens=sizes.study_tokens, modes=sizes.study_modes, recipe=recipe,
-                       overrides=overrides, progress=False)
+    settings = StudySettings(tokens=sizes.study_tokens, modes=sizes.study_modes, recipe=recipe, overrides=overrides)
+    result = run_study(work / "study", settings, progress=False)
     for src, dst in (("report.md", "study_report.md"), ("results.json", "study_results.json"),
                      ("grid.png", "study_grid.png")):
         if (work / "study" / src).is_file():

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from textok.report import markdown_table  # noqa: E402
-from textok.study import MODE_LABELS, relative_gain  # noqa: E402
+from textok.apps.study.cells import MODE_LABELS  # noqa: E402
+from textok.eval.compare import relative_gain  # noqa: E402
 
 
 def rows_for(label: str, result: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[dict[str, Any]]:

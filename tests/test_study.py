@@ -11,7 +11,9 @@ import torch
 from textok.cli import main
 from textok.errors import TextokError
 from textok.report import HEADER, captioned_grid, line_plot, markdown_table
-from textok.study import judge, relative_gain, resolve_data, verdict_lines, verdicts
+from textok.apps.study.cells import resolve_data
+from textok.apps.study.claims import judge, judge_generation, verdict_lines, verdicts
+from textok.eval.compare import relative_gain
 
 TINY_RECIPE = """
 model: textok-tiny
@@ -85,14 +87,14 @@ def test_study_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch,
     def boom(*a, **k):
         raise AssertionError("a finished cell was retrained / re-evaluated")
 
-    monkeypatch.setattr("textok.study.train_tokenizer", boom)
+    monkeypatch.setattr("textok.apps.study.cells.train_tokenizer", boom)
     (out / "cells" / "n4-none" / "eval.json").unlink()  # this one must be re-evaluated, not retrained
     capsys.readouterr()
     assert main(_argv(out, recipe)) == 0
     assert "n2-both: done" in capsys.readouterr().out
     assert {c: (out / "cells" / c / "log.jsonl").read_text() for c in cells} == logs
     assert (out / "cells" / "n4-none" / "eval.json").is_file()
-    monkeypatch.setattr("textok.eval.reconstruction.evaluate_tokenizer", boom)
+    monkeypatch.setattr("textok.apps.study.cells.evaluate_tokenizer", boom)
     assert main(_argv(out, recipe)) == 0
     # a cell without final/ goes back through train_tokenizer (which resumes from its checkpoint); only that one
     import shutil
@@ -101,7 +103,7 @@ def test_study_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch,
 
     calls = []
     monkeypatch.undo()  # the real evaluate_tokenizer again; train_tokenizer counted
-    monkeypatch.setattr("textok.study.train_tokenizer", lambda cfg, out, progress: calls.append(out.name)
+    monkeypatch.setattr("textok.apps.study.cells.train_tokenizer", lambda cfg, out, progress: calls.append(out.name)
                         or train_tokenizer(cfg, out, progress))
     shutil.rmtree(out / "cells" / "n2-none" / "final")
     assert main(_argv(out, recipe)) == 0
@@ -207,7 +209,6 @@ def test_study_generation_c4_class_conditional_then_cached(tmp_path, monkeypatch
     """--generation: a DiT per tokenizer (best text mode and none), samples scored per seed, a C4 verdict
     computed from those numbers, the report section and sample grid; a re-run reuses everything."""
     torch.set_num_threads(1)
-    from textok.study_generation import judge_generation
 
     recipe, gen_recipe = tmp_path / "tiny.yaml", tmp_path / "gen.yaml"
     recipe.write_text(TINY_RECIPE)
@@ -240,8 +241,8 @@ def test_study_generation_c4_class_conditional_then_cached(tmp_path, monkeypatch
     def boom(*a, **k):
         raise AssertionError("a finished generator was retrained or re-sampled")
 
-    monkeypatch.setattr("textok.generate.trainer.train_generator", boom)
-    monkeypatch.setattr("textok.eval.generation.evaluate_samples", boom)
+    monkeypatch.setattr("textok.apps.study.generation.train_generator", boom)
+    monkeypatch.setattr("textok.apps.study.generation.evaluate_samples", boom)
     capsys.readouterr()
     assert main(_gen_argv(out, recipe, gen_recipe)) == 0
     assert "n2-none: done" in capsys.readouterr().out
@@ -299,7 +300,6 @@ def test_generation_options_need_generation_and_a_comparable_grid(tmp_path, caps
 
 
 def test_c4_verdict_follows_the_numbers():
-    from textok.study_generation import judge_generation
 
     def run(fd, recon=10.0):
         return {"metric": "FD-x", "sample_fd": fd, "recon_fd": recon}
@@ -336,13 +336,13 @@ def test_study_second_stage_starts_each_cell_from_the_same_cell_of_a_finished_st
 
 
 def test_a_field_added_later_with_its_default_does_not_invalidate_finished_cells():
-    from textok.study import _config_diff
+    from textok.apps.study.cells import cell_changes
     from textok.train.config import TrainConfig
 
     new = TrainConfig().to_dict()
     old = {k: v for k, v in new.items() if k != "init_from"}  # a cell written before init_from existed
-    assert _config_diff(old, new) == []
-    assert _config_diff(old, {**new, "init_from": "/x/final"}) == ["init_from: '' -> '/x/final'"]
+    assert cell_changes(old, new) == []
+    assert cell_changes(old, {**new, "init_from": "/x/final"}) == ["init_from: '' != '/x/final'"]
 
 
 def test_eval_data_scores_finished_cells_on_another_set_without_training(tmp_path, capsys):

@@ -128,8 +128,9 @@ def _load_verbs() -> None:
     """Import the modules that register the heavier verbs (training, evaluation, generation)."""
     import importlib
 
-    for module in ("textok.train.commands", "textok.eval.commands", "textok.generate.commands", "textok.study",
-                   "textok.data_commands", "textok.apps.demos.commands", "textok.apps.serve.command"):
+    for module in ("textok.train.commands", "textok.eval.commands", "textok.generate.commands",
+                   "textok.data_commands", "textok.apps.demos.commands", "textok.apps.study.commands",
+                   "textok.apps.serve.command"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -23,58 +23,36 @@ resumes (or is skipped when finished), and the evaluation is cached in ``eval.js
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ConfigError, TextokError
-from .io import atomic_write_text
-
-DEFAULT_RECIPE = "study-dit"
-DEFAULT_SAMPLES = 1000
-DEFAULT_SEEDS = (0, 1)
-
-
-@dataclasses.dataclass
-class GenerationSettings:
-    """What ``--generation`` runs: at which N, with which generator recipe, how many samples."""
-
-    tokens: int | None = None  # None = the study's smallest token count
-    recipe: str = DEFAULT_RECIPE  # a generator recipe in textok/configs or a YAML GeneratorTrainConfig
-    steps: int | None = None  # generator training steps (None = the recipe's)
-    samples: int = DEFAULT_SAMPLES  # samples per seed = reference images (capped by the held-out split)
-    seeds: tuple[int, ...] = DEFAULT_SEEDS
-    sampling_steps: int = 50
-    cfg_scale: float = 1.5  # DiT's FID-optimal guidance; the same for both tokenizers
-    batch_size: int = 100
-
-    def __post_init__(self) -> None:
-        if self.samples < 2:
-            raise ConfigError(f"--gen-samples {self.samples}: need at least 2 samples for a Fréchet distance")
-        if not self.seeds:
-            raise ConfigError("--gen-seeds: give at least one sampling seed")
-        if self.cfg_scale < 1 or not math.isfinite(self.cfg_scale):
-            raise ConfigError(f"--gen-cfg {self.cfg_scale} must be >= 1 (1 = no guidance)")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"--gen-steps {self.steps} must be positive")
+from ...data.images import save_image
+from ...errors import ConfigError, TextokError
+from ...eval.compare import higher_is_better
+from ...eval.generation import evaluate_samples
+from ...eval.reconstruction import reconstruct_batches
+from ...generate.latents import extract_latents, read_meta
+from ...generate.sampling import GenerationPipeline
+from ...generate.trainer import load_generator_config, train_generator
+from ...io import atomic_write_text
+from ...models.registry import load_tokenizer
+from ...train.config import RECIPES
+from .claims import judge_generation
+from .settings import DEFAULT_GENERATOR_RECIPE, GenerationSettings
 
 
 def recipe_path(recipe: str) -> str:
     """A packaged generator recipe name or a YAML file -> a file path (an unknown name is an error)."""
-    from .train.config import RECIPES
-
     if (RECIPES / f"{recipe}.yaml").is_file():
         return str(RECIPES / f"{recipe}.yaml")
     if Path(recipe).is_file():
         return recipe
     raise ConfigError(f"--gen-recipe {recipe!r} is neither a recipe in textok/configs nor a YAML file "
-                      f"(default: {DEFAULT_RECIPE})")
+                      f"(default: {DEFAULT_GENERATOR_RECIPE})")
 
 
 def check_settings(settings: GenerationSettings, tokens: list[int], modes: list[str]) -> None:
@@ -92,7 +70,7 @@ def pick_modes(result: dict[str, Any], tokens: int) -> tuple[str, str]:
     """(best text mode at ``tokens`` by the first headline metric, "none"); see :func:`check_settings`."""
     text_modes = [m for m in result["modes"] if m != "none"]
     metric = result["primary_metrics"][0] if result["primary_metrics"] else result["metrics"][0]
-    higher = result["higher_is_better"][metric]
+    higher = higher_is_better(metric)
     value = {m: result["cells"][f"n{tokens}-{m}"]["metrics"][metric] for m in text_modes}
     return (max if higher else min)(text_modes, key=value.__getitem__), "none"
 
@@ -104,8 +82,6 @@ def run_generation(out: Path, result: dict[str, Any], settings: GenerationSettin
     ``base`` is the study's shared training config (data source, seed); ``reference`` the held-out images.
     Returns the ``generation`` record of ``results.json``.
     """
-    from .generate.trainer import load_generator_config
-
     n = settings.tokens if settings.tokens is not None else result["tokens"][0]
     text_mode, base_mode = pick_modes(result, n)
     num = min(settings.samples, len(reference))
@@ -140,42 +116,14 @@ def run_generation(out: Path, result: dict[str, Any], settings: GenerationSettin
             "text_to_image": text_to_image, "settings": sample_settings, "runs": runs, **verdict}
 
 
-def judge_generation(text: dict[str, Any], base: dict[str, Any], text_mode: str, n: int) -> dict[str, Any]:
-    """C4's verdict from the two runs' per-seed sample FDs (lower is better)."""
-    metric = text["metric"]
-    ts, bs = text["sample_fd"], base["sample_fd"]
-    tm, bm = statistics.fmean(ts), statistics.fmean(bs)
-    spread = max(max(ts) - min(ts), max(bs) - min(bs))
-    gain = (bm - tm) / abs(bm) if bm else float("nan")
-    if len(ts) > 1 and abs(tm - bm) <= spread:
-        holds = None
-        word = "inconclusive"
-    else:
-        holds = tm < bm
-        word = "holds" if holds else "does not hold"
-    seeds = f"; per sampling seed {_join(ts)} vs {_join(bs)}" if len(ts) > 1 else ""
-    detail = (f"{metric} of samples at N={n}: text ({text_mode}) {tm:.2f} vs no text {bm:.2f} "
-              f"({gain * 100:+.1f}% for text){seeds}; the tokenizers' own reconstructions of the same images: "
-              f"{text['recon_fd']:.2f} vs {base['recon_fd']:.2f}")
-    if holds is None:
-        detail += f"; the gap {abs(tm - bm):.2f} is within the spread between sampling seeds ({spread:.2f})"
-    return {"metric": metric, "holds": holds, "verdict": word, "detail": detail, "relative_gain": gain}
-
-
 def _identity(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """A generator config as JSON, without the paths that do not change what it learns."""
     out = json.loads(json.dumps(cfg_dict, default=str))
     return {k: v for k, v in out.items() if k not in ("latents", "text_cache")}
 
 
-def _join(values: list[float]) -> str:
-    return "/".join(f"{v:.2f}" for v in values)
-
-
 def _latents(lat_dir: Path, tok_final: Path, base, progress: bool) -> Path:
     """The training split's latents under this tokenizer, extracted once."""
-    from .generate.latents import extract_latents, read_meta
-
     want = {"data": base.data.source, "split": "train", "num": base.data.train_size, "seed": base.data.seed}
     if (lat_dir / "meta.json").is_file():
         meta = read_meta(lat_dir)
@@ -209,12 +157,6 @@ def _conditions(reference, num: int, text_to_image: bool
 def _train_and_score(run: Path, cfg, tok_final: Path, reference, num: int, settings: GenerationSettings,
                      sample_settings: dict[str, Any], device: torch.device, progress: bool, mode: str
                      ) -> dict[str, Any]:
-    from .eval.generation import evaluate_samples
-    from .eval.reconstruction import reconstruct_batches
-    from .generate.sampling import GenerationPipeline
-    from .generate.trainer import train_generator
-    from .models.registry import load_tokenizer
-
     eval_path = run / "eval.json"
     cfg_dict = _identity(cfg.to_dict())
     cached = json.loads(eval_path.read_text()) if eval_path.is_file() else None
@@ -270,9 +212,6 @@ def _train_and_score(run: Path, cfg, tok_final: Path, reference, num: int, setti
 def sample_grid_png(generation: dict[str, Any], reference, path: Path, device: torch.device, per_row: int = 8) -> Path:
     """One row per tokenizer of samples for the first ``per_row`` reference conditions, under a row of the
     reference images themselves."""
-    from .data.images import save_image
-    from .generate.sampling import GenerationPipeline
-
     items = [it for it in (reference[i] for i in range(min(per_row, len(reference)))) if it is not None]
     rows = [torch.stack([it["image"] for it in items])]
     k = rows[0].shape[0]
@@ -285,5 +224,4 @@ def sample_grid_png(generation: dict[str, Any], reference, path: Path, device: t
     return path
 
 
-__all__ = ["GenerationSettings", "check_settings", "judge_generation", "pick_modes", "run_generation",
-           "sample_grid_png"]
+__all__ = ["check_settings", "pick_modes", "recipe_path", "run_generation", "sample_grid_png"]

@@ -1,0 +1,174 @@
+"""The study's cells: one tokenizer per (token count N, text mode), trained and evaluated the same way.
+
+A cell is a run directory ``OUT/cells/n{N}-{mode}/`` trained by :func:`textok.train.tokenizer.train_tokenizer`
+with the shared recipe, budget, seed and data, then evaluated on the held-out split with each image's first
+caption (and, for a text cell, with the next image's caption: does it use the text?). A cell whose ``final/``
+and ``eval.json`` exist for the same training config and evaluation settings is skipped; an interrupted one
+resumes; a finished one whose evaluation settings changed is only re-evaluated. A cell trained with another
+config is an error, never silently mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ...data.factory import MismatchedCaptions, build_dataset
+from ...devices import resolve_device
+from ...errors import ConfigError, TextokError
+from ...eval.reconstruction import evaluate_tokenizer
+from ...hub import config_diff, flatten
+from ...io import atomic_write_text
+from ...models.registry import load_tokenizer
+from ...train.config import RECIPES, TrainConfig, load_train_config
+from ...train.tokenizer import train_tokenizer
+from .settings import MODES
+
+MODE_LABELS = {"both": "text: both", "encoder": "text: encoder", "decoder": "text: decoder", "none": "no text"}
+REPO_ROOT = Path(__file__).resolve().parents[4]
+SET_BY_STUDY = ("model.num_tokens", "model.text_in_encoder", "model.text_in_decoder", "text_cache", "init_from")
+# keys that do not change what a cell learns: a change in them does not invalidate a finished cell
+NOT_IDENTITY = ("text_cache", "device", "log_every", "sample_every", "ckpt_every", "keep_last", "data.val_size",
+                "data.workers", "data.decode_once")
+
+
+def cell_name(tokens: int, mode: str) -> str:
+    return f"n{tokens}-{mode}"
+
+
+def resolve_data(source: str) -> str:
+    """``scenes`` or an existing path (absolute, relative to the working directory, or to the repository)."""
+    if source == "scenes":
+        return source
+    p = Path(source).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.exists():
+            return str(c.resolve())
+    where = " or ".join(str(c) for c in candidates)
+    hint = (" (the shared data folder ../shared/data is absent on this machine)" if "shared/data" in source else "")
+    raise TextokError(f"data {source!r} not found at {where}{hint}: pass --data PATH to an image folder/tar with "
+                      "captions, or --data scenes for the embedded captioned scenes")
+
+
+def study_recipe(recipe: str | None, data: str | None) -> str:
+    """The recipe name/file to use; an unknown name is an error (not silently a model preset)."""
+    if not recipe:
+        return "study-scenes" if data in (None, "scenes") else "study-flickr"
+    if (RECIPES / f"{recipe}.yaml").is_file() or Path(recipe).is_file():
+        return recipe
+    known = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    raise ConfigError(f"recipe {recipe!r} is neither a recipe in textok/configs ({', '.join(known)}) nor a YAML file")
+
+
+def base_overrides(out: Path, data: str | None, recipe: str, steps: int | None, image_size: int | None,
+                   seed: int | None, overrides: Sequence[str]) -> list[str]:
+    """The overrides every cell shares (user's ``key=value`` first, then the explicit flags)."""
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if key in SET_BY_STUDY:
+            raise ConfigError(f"{key} is set per cell by the study: use --tokens / --modes / --init-from-study "
+                              f"instead of {o!r}")
+    source = load_train_config(recipe, list(overrides)).data.source if data is None else data
+    over = list(overrides) + [f"data.source={resolve_data(source)}",
+                              f"text_cache={(out / 'text_cache.safetensors').resolve()}"]
+    if steps is not None:
+        over.append(f"max_steps={steps}")
+    if image_size is not None:
+        over.append(f"model.image_size={image_size}")
+    if seed is not None:
+        over.append(f"seed={seed}")
+    return over
+
+
+def cell_config(recipe: str, tokens: int, mode: str, overrides: Sequence[str], init_from_study: str | Path | None = None):
+    """The training config of one cell: the shared recipe + overrides, with this N and text mode (and, for a
+    fine-tuning study, the same cell of an earlier study as the starting weights)."""
+    enc, dec = MODES[mode]
+    over = list(overrides) + [f"model.num_tokens={tokens}", f"model.text_in_encoder={str(enc).lower()}",
+                              f"model.text_in_decoder={str(dec).lower()}"]
+    if init_from_study:
+        start = Path(init_from_study).resolve() / "cells" / cell_name(tokens, mode) / "final"
+        if not (start / "model.safetensors").is_file():
+            raise TextokError(f"--init-from-study {init_from_study}: it has no finished cell {cell_name(tokens, mode)} "
+                              f"({start} is missing); run that study with the same --tokens and --modes first")
+        over.append(f"init_from={start}")
+    return load_train_config(recipe, over)
+
+
+def identity(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The flattened settings of a train config that decide what a cell learns (as JSON has them: tuples are
+    lists); a setting the config lacks (written before it existed) takes its default."""
+    as_json = lambda d: flatten(json.loads(json.dumps(d, default=str)))  # noqa: E731
+    flat = {**as_json(TrainConfig().to_dict()), **as_json(cfg_dict)}
+    return {k: v for k, v in flat.items() if k not in NOT_IDENTITY}
+
+
+def cell_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between a cell's recorded train config and the one asked for now (``key: old != new``)."""
+    return config_diff(identity(old), identity(new))
+
+
+def held_out(base, image_size: int, count: int):
+    """The first ``count`` images (0 = all / the default) of the recipe's held-out split."""
+    d = base.data
+    return build_dataset(d.source, d.val_split, image_size, size=count, captions_file=d.captions_file,
+                         caption_bank=d.caption_bank, seed=d.seed, captions_per_image=d.captions_per_image)
+
+
+def numeric(metrics: dict) -> dict[str, float]:
+    """The metric values of an evaluation (without the image counts)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("num_images", "skipped_images")}
+
+
+def run_cell(run: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_settings: dict, progress: bool,
+             counter: str) -> dict[str, Any]:
+    """Train (or resume, or skip) one cell and evaluate it (or reuse its cached evaluation)."""
+    cfg_dict = cfg.to_dict()
+    final, eval_path, cfg_path = run / "final", run / "eval.json", run / "train_config.json"
+    if cfg_path.is_file():  # a started or finished cell: it must be the same experiment
+        diff = cell_changes(json.loads(cfg_path.read_text()), cfg_dict)
+        if diff:
+            raise TextokError(f"cell {name} in {run} was trained with another config ({'; '.join(diff)}): "
+                              "use another --out, the original options, or delete that cell's directory")
+    cached = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    finished = (final / "model.safetensors").is_file()
+    if finished and cached is not None and cached.get("eval") == eval_settings:
+        print(f"{counter} {name}: done (cached in {eval_path})")
+        return cached
+    seconds = (cached or {}).get("train_seconds")
+    if not finished:
+        print(f"\n{counter} {name}: training {cfg.max_steps} steps of {cfg.batch_size} images "
+              f"(N={n}, text in encoder={MODES[mode][0]}, decoder={MODES[mode][1]})")
+        t0 = time.time()
+        final = train_tokenizer(cfg, run, progress=progress)
+        seconds = round(time.time() - t0, 1)
+        if not (final / "model.safetensors").is_file():
+            raise TextokError(f"training of cell {name} stopped before max_steps; run the same command again to resume")
+    print(f"{counter} {name}: evaluating on {num} held-out images")
+    record = evaluate_cell(final, cfg, name, n, mode, val, num, eval_settings)
+    record["train_seconds"] = seconds
+    atomic_write_text(eval_path, json.dumps(record, indent=2, default=str))
+    return record
+
+
+def evaluate_cell(final: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_settings: dict) -> dict[str, Any]:
+    """One cell's metrics on ``val`` with each image's caption and, for text cells, with the next image's."""
+    model = load_tokenizer(final).eval()
+    kw = {"num": num, "batch_size": 64, "device": resolve_device(cfg.device), "fd_size": eval_settings["fd_size"],
+          "inception_weights": eval_settings["inception_weights"], "vgg16_weights": eval_settings["vgg16_weights"],
+          "progress": False}
+    record = {"cell": name, "tokens": n, "mode": mode, "text_in_encoder": MODES[mode][0],
+              "text_in_decoder": MODES[mode][1], "eval": eval_settings,
+              "metrics": evaluate_tokenizer(model, val, **kw), "train_config": cfg.to_dict()}
+    if mode != "none":  # how much does it rely on the text? the same images with another image's caption
+        record["metrics_wrong_caption"] = numeric(evaluate_tokenizer(model, MismatchedCaptions(val, num), **kw))
+    return record
+
+
+__all__ = ["MODE_LABELS", "base_overrides", "cell_changes", "cell_config", "cell_name", "evaluate_cell", "held_out",
+           "identity", "numeric", "resolve_data", "run_cell", "study_recipe"]
