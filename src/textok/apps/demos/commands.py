@@ -4,39 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from ...cli import args_for, command
 from ...errors import TextokError
 from .generation import run_demo_gen
 from .titok import run_demo_titok
 from .tokenizers import run_demo
 
 
-def _demo_args(p: argparse.ArgumentParser) -> None:
+def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the recipe's)")
     p.add_argument("--quick", action="store_true", help="a minimal run (for tests): few steps, few images")
 
 
-@command("demo", "the main job: train TexTok and the no-text baseline on the embedded scenes and compare them")
-@args_for(_demo_args)
 def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, steps=args.steps, quick=args.quick)
 
 
-def _demo_gen_args(p: argparse.ArgumentParser) -> None:
+def demo_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="runs/demo/textok/final", help="a trained tokenizer (from `textok demo`)")
     p.add_argument("--out", default="runs/demo-gen")
     p.add_argument("--steps", type=int, default=None, help="generator training steps")
     p.add_argument("--quick", action="store_true", help="a minimal run (for tests)")
 
 
-@command("demo-gen", "class-conditional generation demo: latents of the scenes -> a small DiT -> samples per class")
-@args_for(_demo_gen_args)
 def cmd_demo_gen(args: argparse.Namespace) -> None:
     run_demo_gen(args.tokenizer, args.out, steps=args.steps, quick=args.quick)
 
 
-def _demo_titok_args(p: argparse.ArgumentParser) -> None:
+def demo_titok_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo-titok", help="output directory; re-running with the same --out resumes")
     p.add_argument("--steps", type=int, default=None, help="TiTok training steps (default: the recipe's)")
     p.add_argument("--gen-steps", type=int, default=None, help="MaskGIT training steps (default 2000)")
@@ -45,8 +40,6 @@ def _demo_titok_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a minimal run (for tests)")
 
 
-@command("demo-titok", "TiTok baseline demo: a small VQ tokenizer + MaskGIT on the scenes, samples per class")
-@args_for(_demo_titok_args)
 def cmd_demo_titok(args: argparse.Namespace) -> None:
     for name in ("steps", "gen_steps"):
         value = getattr(args, name)

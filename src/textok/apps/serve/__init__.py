@@ -2,23 +2,10 @@
 
 :class:`ServeApp` (``app.py``) holds the models and answers the page's requests; :func:`make_server`
 (``server.py``) puts it behind Python's own HTTP server with one static page (``static/``), nothing fetched
-from elsewhere. Imported lazily, so ``textok --help`` does not load torch for this verb.
+from elsewhere; ``commands.py`` is the verb.
 """
 
-from __future__ import annotations
-
-from typing import Any
+from .app import ServeApp
+from .server import make_server
 
 __all__ = ["ServeApp", "make_server"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "ServeApp":
-        from .app import ServeApp
-
-        return ServeApp
-    if name == "make_server":
-        from .server import make_server
-
-        return make_server
-    raise AttributeError(name)

@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from ...data.images import decode_image
 from ...data.scenes import SHAPES, CaptionedScenes
 from ...errors import TextokError
+from ...generate.sampling import DEFAULT_CFG, GenerationPipeline
 from ...models.registry import load_tokenizer
 from ...text.encoders import load_text_encoder
 from .pictures import heat_map, png_data_url, psnr, to_uint8, token_picture
@@ -113,8 +114,6 @@ class ServeApp:
         self.generator_dir = str(generator) if generator else None
         self.generator_error: str | None = None
         if generator:
-            from ...generate.sampling import GenerationPipeline
-
             try:
                 self.pipe = GenerationPipeline(generator, device="cpu")
             except TextokError as err:
@@ -128,8 +127,6 @@ class ServeApp:
     def info(self) -> dict[str, Any]:
         gen: dict[str, Any] | None = None
         if self.pipe is not None:
-            from ...generate.sampling import DEFAULT_CFG
-
             p = self.pipe
             names = list(SHAPES) if p.meta.get("dataset", {}).get("data") == "scenes" and p.num_classes == len(SHAPES) \
                 else [f"class {k}" for k in range(p.num_classes)]

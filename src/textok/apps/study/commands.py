@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ...cli import args_for, command
 from ...errors import ConfigError
 from .run import run_study
 from .settings import DEFAULT_TOKENS, MODES, GenerationSettings, StudySettings
 
 
-def _study_args(p: argparse.ArgumentParser) -> None:
+def study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="'scenes' (embedded) or a path to a captioned folder/tar "
                    "(default: the recipe's)")
     p.add_argument("--out", required=True, help="study directory; re-running with the same --out resumes")
@@ -50,8 +49,6 @@ def _study_args(p: argparse.ArgumentParser) -> None:
                    help="training overrides for every cell, e.g. batch_size=64 model.token_channels=16")
 
 
-@command("study", "TexTok vs the no-text baseline over token counts and text modes: trains a grid, reports the claims")
-@args_for(_study_args)
 def cmd_study(args: argparse.Namespace) -> None:
     settings = StudySettings(data=args.data, tokens=args.tokens, modes=args.modes, recipe=args.recipe,
                              steps=args.steps, image_size=args.image_size, val_num=args.val_num, seed=args.seed,

@@ -1,15 +1,19 @@
-"""CLI verbs of the generation side: ``extract-latents``, ``train-generator``, ``sample``."""
+"""Generation verbs: ``extract-latents`` (a data set through a tokenizer, once) and ``sample`` (a generator's
+samples decoded by its tokenizer)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..cli import args_for, command
+from ..data.images import check_output_image
 from ..errors import TextokError
+from ..generate.latents import extract_latents, read_meta
+from ..generate.sampling import DEFAULT_CFG, EVAL_CFG, GenerationPipeline, sample_grid, write_npz_distributed
+from ..io import check_output_file
+from ..train.distributed import distributed_session
 
 
-# ---- extract-latents ------------------------------------------------------------------------------
-def _extract_args(p: argparse.ArgumentParser) -> None:
+def extract_latents_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, help="a trained tokenizer directory (e.g. runs/demo/textok/final)")
     p.add_argument("--data", default="scenes", help="'scenes' (embedded) or an image folder / tar with captions")
     p.add_argument("--split", default="train")
@@ -21,11 +25,7 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-@command("extract-latents", "encode a dataset once with a tokenizer, for generator training")
-@args_for(_extract_args)
 def cmd_extract_latents(args: argparse.Namespace) -> None:
-    from .latents import extract_latents, read_meta
-
     out = extract_latents(args.tokenizer, args.data, args.out, split=args.split, num=args.num,
                           batch_size=args.batch_size, seed=args.seed, device=args.device,
                           progress=not args.no_progress)
@@ -35,40 +35,7 @@ def cmd_extract_latents(args: argparse.Namespace) -> None:
           f"{meta['num_classes']} classes, to {out}")
 
 
-# ---- train-generator -------------------------------------------------------------------------------
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--latents", required=True, help="a directory written by `textok extract-latents`")
-    p.add_argument("--out", required=True, help="run directory; re-running with the same --out resumes")
-    p.add_argument("--kind", choices=("dit", "maskgit"), default=None,
-                   help="dit (continuous tokens, default) or maskgit (codes of a VQ tokenizer)")
-    p.add_argument("--config", default=None,
-                   help="a DiT/MaskGIT preset (dit-tiny, dit-s, dit-b, dit-xl, maskgit-tiny, maskgit-b, ...) "
-                        "or a YAML/JSON training config")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="e.g. batch_size=64 optim.lr=2e-4 diffusion=flow text=true model.depth=4")
-
-
-@command("train-generator", "train (or resume) a DiT or MaskGIT on extracted latents; EMA weights go to OUT/final")
-@args_for(_train_args)
-def cmd_train_generator(args: argparse.Namespace) -> None:
-    from .trainer import load_generator_config, train_generator
-
-    overrides = [f"latents={args.latents}", *args.overrides]
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    if args.ckpt_every is not None:
-        overrides.append(f"ckpt_every={args.ckpt_every}")
-    cfg = load_generator_config(args.config, overrides, kind=args.kind)
-    final = train_generator(cfg, args.out, progress=not args.no_progress)
-    if final.is_dir():
-        print(f"final EMA generator: {final}")
-
-
-# ---- sample ---------------------------------------------------------------------------------------
-def _sample_args(p: argparse.ArgumentParser) -> None:
+def sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator", required=True, help="a train-generator run's final/ directory")
     p.add_argument("--tokenizer", default=None,
                    help="the tokenizer directory (default: the one the latents were extracted with)")
@@ -101,15 +68,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-@command("sample", "draw samples from a trained generator and decode them with its tokenizer "
-                   "(--npz under torchrun: the processes share the work)")
-@args_for(_sample_args)
 def cmd_sample(args: argparse.Namespace) -> None:
-    from ..data.images import check_output_image
-    from ..io import check_output_file
-    from ..train.distributed import distributed_session
-    from .sampling import DEFAULT_CFG, EVAL_CFG, GenerationPipeline, sample_grid, write_npz_distributed
-
     if not args.out and not args.npz:
         raise TextokError("nothing to write: give --out grid.png and/or --npz samples.npz")
     if args.out:

@@ -1,15 +1,24 @@
-"""CLI verbs that prepare data at scale: ``make-shards`` (images -> streaming shards) and ``encode-captions``
+"""Verbs that prepare data at scale: ``make-shards`` (images -> streaming shards) and ``encode-captions``
 (captions -> the memory-mapped text-state store)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from .cli import args_for, command
-from .report import print_table
+from ..data.factory import build_dataset
+from ..data.make_shards import index_shards, make_shards
+from ..data.shards import ShardSet, is_shard_dir, read_shard
+from ..devices import resolve_device
+from ..errors import TextokError
+from ..report import print_table
+from ..text.encoders import encoder_name, load_text_encoder
+from ..text.store import TextStateStore, default_store_dir
+from ..train.data_source import captions_of
 
 
-def _make_shards_args(p: argparse.ArgumentParser) -> None:
+def make_shards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="an image folder or tar (captions.jsonl inside, or --captions, or class folders)")
     p.add_argument("--out", required=True, help="the shard directory to write (<split>-NNNNNN.tar + index.json)")
     p.add_argument("--captions", default=None, help="a captions.jsonl outside the data")
@@ -25,11 +34,7 @@ def _make_shards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-@command("make-shards", "convert an image folder / tar + captions into webdataset shards for streaming training")
-@args_for(_make_shards_args)
 def cmd_make_shards(args: argparse.Namespace) -> None:
-    from .data.make_shards import index_shards, make_shards
-
     if args.index_only:
         index = index_shards(args.source)
         out = args.source
@@ -47,7 +52,7 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
     print(f"wrote {out}/index.json; train with data.source={out}")
 
 
-def _encode_captions_args(p: argparse.ArgumentParser) -> None:
+def encode_captions_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a shard directory, an image folder / tar, 'scenes', or a captions.jsonl file")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to read (those present)")
     p.add_argument("--encoder", default="minilm", help="text encoder spec: minilm | t5:/dir | hf:/dir (as model.text_encoder)")
@@ -62,14 +67,6 @@ def _encode_captions_args(p: argparse.ArgumentParser) -> None:
 
 def caption_stream(source: str, splits: list[str]):
     """Every caption of ``source``'s splits, read without decoding images (shards: front to back)."""
-    import json
-    from pathlib import Path
-
-    from .data.factory import build_dataset
-    from .data.shards import ShardSet, is_shard_dir, read_shard
-    from .errors import TextokError
-    from .train.data_source import captions_of
-
     if source.endswith(".jsonl") and Path(source).is_file():
         for line in Path(source).read_text().splitlines():
             if line.strip():
@@ -98,17 +95,8 @@ def caption_stream(source: str, splits: list[str]):
         raise TextokError(f"{source} has none of the splits {', '.join(splits)}")
 
 
-@command("encode-captions", "encode every caption of a data set once into the memory-mapped text-state store")
-@args_for(_encode_captions_args)
 def cmd_encode_captions(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    import torch
-
-    from .text.encoders import encoder_name, load_text_encoder
-    from .text.store import TextStateStore, default_store_dir
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = str(resolve_device(args.device))
     name = encoder_name(args.encoder)
     root = Path(args.store) if args.store else default_store_dir(name, args.max_length, args.pooled)
     encoder = None

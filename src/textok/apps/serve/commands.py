@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ...cli import args_for, command
+from .app import ServeApp
+from .server import is_loopback, make_server
 
 
-def _serve_args(p: argparse.ArgumentParser) -> None:
+def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=[], metavar="DIR",
                    help="a tokenizer directory (save_pretrained / a run's final/); repeat to compare several")
     p.add_argument("--generator", metavar="DIR", help="a generator directory (train-generator's final/) to sample from")
@@ -17,12 +18,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="log every request")
 
 
-@command("serve", "a local web page: reconstructions with and without text, caption swaps, token pictures, samples")
-@args_for(_serve_args)
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import ServeApp
-    from .server import is_loopback, make_server
-
     local = is_loopback(args.host)
     if not local:
         print(f"textok serve: warning: listening on {args.host} exposes the page to other machines; "

@@ -1,4 +1,4 @@
-"""``textok eval reconstruction|generation``: one verb, two modes (the CLI's verb registry is flat).
+"""``textok eval reconstruction|generation``: one verb, two modes.
 
 Thin layers over :func:`textok.eval.reconstruction.evaluate_tokenizer` and
 :func:`textok.eval.generation.evaluate_samples`: parse, call, print a table, write JSON.
@@ -12,14 +12,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..cli import args_for, command
-from ..report import print_table
+from ..data.factory import build_dataset
+from ..devices import resolve_device
 from ..errors import TextokError
+from ..eval.generation import evaluate_samples, is_stats_file, peek_image_size
+from ..eval.reconstruction import evaluate_tokenizer
+from ..io import atomic_write_text, check_output_file
+from ..models.registry import load_tokenizer
+from ..report import print_table
 
 MODES = ("reconstruction", "generation")
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
+def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", choices=MODES, help="reconstruction: a tokenizer on a dataset; generation: samples vs a reference")
     g = p.add_argument_group("reconstruction")
     g.add_argument("--model", help="a tokenizer directory (config.json + model.safetensors)")
@@ -49,12 +54,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _device(name: str) -> str:
-    from ..devices import resolve_device
-
-    return str(resolve_device(name))
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "inf" if math.isinf(v) else f"{v:.4f}"
@@ -69,8 +68,6 @@ def _report(result: dict[str, Any], settings: dict[str, Any], out: str | None) -
     for name, why in result.get("skipped", {}).items():
         print(f"skipped {name}: {why}")
     if out:
-        from ..io import atomic_write_text
-
         # PSNR of a perfect reconstruction is inf: written as Infinity, which Python's json reads back.
         atomic_write_text(out, json.dumps({**result, "settings": settings}, indent=2) + "\n")
         print(f"wrote {out}")
@@ -83,10 +80,6 @@ def _need(args: argparse.Namespace, *names: str) -> None:
 
 
 def run_reconstruction(args: argparse.Namespace) -> dict[str, Any]:
-    from ..data.factory import build_dataset
-    from ..models.registry import load_tokenizer
-    from .reconstruction import evaluate_tokenizer
-
     _need(args, "model")
     model = load_tokenizer(args.model)
     size = int(model.config.image_size)
@@ -95,7 +88,7 @@ def run_reconstruction(args: argparse.Namespace) -> dict[str, Any]:
     # the first `num` of the whole split (and only those are read or rendered).
     data = build_dataset(args.data, split, size, size=max(args.num, 0), captions_file=args.captions_file,
                          caption_bank=args.caption_bank, seed=args.seed)
-    device = _device(args.device)
+    device = str(resolve_device(args.device))
     print(f"eval reconstruction: {args.model} on {args.data}/{split}, {len(data)} images at {size} px, {device}")
     result = evaluate_tokenizer(model, data, batch_size=args.batch_size, device=device,
                                 inception_weights=args.inception_weights, vgg16_weights=args.vgg16_weights,
@@ -108,9 +101,6 @@ def run_reconstruction(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_generation(args: argparse.Namespace) -> dict[str, Any]:
-    from ..data.factory import build_dataset
-    from .generation import evaluate_samples, is_stats_file, peek_image_size
-
     _need(args, "samples", "ref")
     if not Path(args.samples).exists():
         raise TextokError(f"samples {args.samples} do not exist (a .npz with arr_0 or a folder of images)")
@@ -124,7 +114,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         side = args.image_size or peek_image_size(args.samples)
         reference = build_dataset(args.ref, split, side, size=max(args.ref_num, 0),
                                   captions_file=args.captions_file, caption_bank=args.caption_bank, seed=args.seed)
-    device = _device(args.device)
+    device = str(resolve_device(args.device))
     print(f"eval generation: {args.samples} against {args.ref}, {device}")
     result = evaluate_samples(args.samples, reference, num=args.num or None, ref_num=args.ref_num or None,
                               batch_size=args.batch_size, device=device, inception_weights=args.inception_weights,
@@ -138,15 +128,11 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-@command("eval", "evaluate a tokenizer's reconstructions or generated samples (PSNR/SSIM/LPIPS/rFID, gFID/IS, FD-opennsfw)")
-@args_for(_eval_args)
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise TextokError(f"--batch-size must be at least 1; got {args.batch_size}")
     if args.num < 0:
         raise TextokError(f"--num must be 0 (all) or positive; got {args.num}")
-    from ..io import check_output_file
-
     if args.out:
         check_output_file(args.out, "--out")
     if args.mode == "generation" and args.save_ref_stats:

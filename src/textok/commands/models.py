@@ -1,0 +1,63 @@
+"""Verbs about one tokenizer: ``info`` (presets and parameter counts) and ``reconstruct`` (images through it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..data.images import check_output_image, load_image, save_image
+from ..errors import TextokError
+from ..models.textok import TexTok, TexTokConfig
+from ..report import print_table
+from ..text.encoders import check_captions
+
+
+def info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", nargs="?", help="a preset name (omit to list them all)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    if not args.preset:
+        print("TexTok presets:", ", ".join(TexTokConfig.presets()))
+        return
+    cfg = TexTokConfig.preset(args.preset)
+    with torch.device("meta"):
+        model = TexTok(cfg)
+    counts = model.num_parameters()
+    rows = [{"part": k, "parameters": f"{v:,}", "millions": f"{v / 1e6:.2f}"} for k, v in counts.items()]
+    print(f"{args.preset}: {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_tokens} tokens x {cfg.token_channels} "
+          f"channels, text in encoder={cfg.text_in_encoder} decoder={cfg.text_in_decoder} ({cfg.text_encoder})")
+    print_table(rows)
+    print(f"forward GFLOPs per image (32 text tokens): {model.flops_per_image(32) / 1e9:.2f}")
+
+
+def reconstruct_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a from_pretrained directory (config.json + model.safetensors)")
+    p.add_argument("--image", required=True, nargs="+", help="one or more image files")
+    p.add_argument("--caption", nargs="+", default=None, help="one caption per image (quote each)")
+    p.add_argument("--out", required=True, help="output PNG (originals on the top row, reconstructions below)")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    check_output_image(args.out)  # before any work
+    if Path(args.out).resolve() in {Path(p).resolve() for p in args.image}:
+        raise TextokError(f"--out {args.out} is one of the input images; write the grid to another file")
+    if args.caption is not None:
+        check_captions(args.caption)
+    model = TexTok.from_pretrained(args.model).eval()
+    images = torch.stack([load_image(p, model.config.image_size) for p in args.image])
+    captions = args.caption
+    if model.config.uses_text and captions is None:
+        raise TextokError("this tokenizer uses text: pass --caption with one caption per image")
+    if captions is not None and len(captions) != len(args.image):
+        raise TextokError(f"got {len(captions)} captions for {len(args.image)} images: give one --caption per image")
+    with torch.no_grad():
+        recon, z = model(images, captions)
+    save_image(torch.cat([images, recon]), args.out, nrow=len(images))
+    mse = torch.mean((recon.clamp(-1, 1) - images) ** 2, dim=(1, 2, 3))
+    psnr = 10 * torch.log10(4.0 / mse)
+    for path, p in zip(args.image, psnr.tolist()):
+        print(f"{path}: PSNR {p:.2f} dB, tokens {tuple(z.shape[1:])}")
+    print(f"wrote {args.out}")

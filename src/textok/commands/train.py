@@ -1,0 +1,59 @@
+"""Training verbs: ``train-tokenizer`` and ``train-generator`` (both resume when run again with the same --out)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..generate.trainer import load_generator_config, train_generator
+from ..train.config import load_train_config
+from ..train.tokenizer import train_tokenizer
+
+
+def train_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="textok-demo",
+                   help="a recipe in textok/configs (e.g. demo), a YAML/JSON recipe file, or a tokenizer preset")
+    p.add_argument("--out", required=True, help="run directory; re-running with the same --out resumes")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to OUT/log.jsonl)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. batch_size=64 optim.lr=2e-4 loss.perceptual=none model.num_tokens=64")
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.ckpt_every is not None:
+        overrides.append(f"ckpt_every={args.ckpt_every}")
+    cfg = load_train_config(args.config, overrides)
+    final = train_tokenizer(cfg, args.out, progress=not args.no_progress)
+    if final.is_dir():
+        print(f"final EMA weights: {final}")
+
+
+def train_generator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--latents", required=True, help="a directory written by `textok extract-latents`")
+    p.add_argument("--out", required=True, help="run directory; re-running with the same --out resumes")
+    p.add_argument("--kind", choices=("dit", "maskgit"), default=None,
+                   help="dit (continuous tokens, default) or maskgit (codes of a VQ tokenizer)")
+    p.add_argument("--config", default=None,
+                   help="a DiT/MaskGIT preset (dit-tiny, dit-s, dit-b, dit-xl, maskgit-tiny, maskgit-b, ...) "
+                        "or a YAML/JSON training config")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. batch_size=64 optim.lr=2e-4 diffusion=flow text=true model.depth=4")
+
+
+def cmd_train_generator(args: argparse.Namespace) -> None:
+    overrides = [f"latents={args.latents}", *args.overrides]
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.ckpt_every is not None:
+        overrides.append(f"ckpt_every={args.ckpt_every}")
+    cfg = load_generator_config(args.config, overrides, kind=args.kind)
+    final = train_generator(cfg, args.out, progress=not args.no_progress)
+    if final.is_dir():
+        print(f"final EMA generator: {final}")
