@@ -81,7 +81,7 @@ def flop_table(models: list[str], tokens: list[int], text_len: int, text_dim: in
 
 def make_forward(model: DiT, batch: int, args: argparse.Namespace, device: torch.device) -> Callable[[], torch.Tensor]:
     """A no-argument callable running one forward pass on static inputs (CUDA-graph friendly)."""
-    cfg = model.cfg
+    cfg = model.config
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     x = torch.randn(batch, cfg.num_tokens, cfg.in_channels, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (batch,), device=device)

@@ -24,7 +24,7 @@ from common import device_name, peak_flops, print_table, time_it, write_json  # 
 
 from textok.models.registry import resolve_tokenizer_config  # noqa: E402
 from textok.text.embeddings import TextEmbeddings  # noqa: E402
-from textok.train.common import autocast_for  # noqa: E402
+from textok.devices import autocast_for  # noqa: E402
 from textok.train.config import TrainConfig, load_train_config  # noqa: E402
 from textok.train.tokenizer import LossForward, build_components, discriminator_losses, generator_losses  # noqa: E402
 

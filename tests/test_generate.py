@@ -152,7 +152,7 @@ def test_trained_generator_follows_its_class(tmp_path):
     from safetensors.torch import save_file
 
     from textok.diffusion import DiffusionConfig, create_diffusion
-    from textok.generate import load_generator
+    from textok.models.registry import load_generator
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -258,7 +258,7 @@ def test_text_tokenizer_and_text_to_image(tiny_t5_dir, tmp_path):
 
     train_generator(load_generator_config("dit-tiny", common + ["text=true"]), tmp_path / "t2i", progress=False)
     pipe = GenerationPipeline(tmp_path / "t2i/final", tok)
-    assert pipe.is_text_to_image and pipe.model.cfg.text_dim == 32 and pipe.num_classes == 0
+    assert pipe.is_text_to_image and pipe.model.config.text_dim == 32 and pipe.num_classes == 0
     a = pipe.generate(prompts=["a red circle", "a blue square"], steps=2, seed=3)
     b = pipe.generate(prompts=["a red circle", "a blue square"], steps=2, seed=3)
     assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)

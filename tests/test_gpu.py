@@ -117,8 +117,8 @@ def test_cuda_graph_sampling_equals_the_eager_loop(objective: str, sampler: str)
     for p in dit.parameters():
         torch.nn.init.normal_(p, std=0.02)
     diffusion = create_diffusion(DiffusionConfig.preset("flow" if objective == "flow" else "dit"))
-    noise = torch.randn(6, dit.cfg.num_tokens, dit.cfg.in_channels, device=DEV)
-    kw = {"y": torch.arange(6, device=DEV) % dit.cfg.num_classes}
+    noise = torch.randn(6, dit.config.num_tokens, dit.config.in_channels, device=DEV)
+    kw = {"y": torch.arange(6, device=DEV) % dit.config.num_classes}
     common = dict(steps=12, sampler=sampler, cfg_scale=3.0, model_kwargs=kw, noise=noise)
     eager = diffusion.sample(dit, noise.shape, **common)
     graphed = diffusion.sample(dit, noise.shape, cuda_graph=True, **common)

@@ -15,7 +15,7 @@ from conftest import random_text
 from textok.errors import CheckpointMismatchError, ConfigError, TextokError
 from textok.models.imagefolder import ImageFolder, ImageFolderConfig, symmetric_info_nce
 from textok.models.registry import load_tokenizer, resolve_tokenizer_config
-from textok.nets.dinov2 import load_dinov2, resample_patch_kernel
+from textok.models.dinov2 import load_dinov2, resample_patch_kernel
 
 pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 

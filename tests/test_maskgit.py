@@ -50,7 +50,7 @@ def test_generate_follows_schedule_and_ends_unmasked():
     labels = torch.tensor([0, 1, 2, 1])
     out = m.generate(labels, steps=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
     handle.remove()
-    counts = masked_counts(32, 8, m.cfg.mask_schedule)
+    counts = masked_counts(32, 8, m.config.mask_schedule)
     # Input of step s holds the masked count left by step s-1 (all N at step 0), for every sample.
     assert seen == [[n] * 4 for n in [32] + counts[:-1]]
     assert out.shape == (4, 32) and out.dtype == torch.int64
@@ -108,7 +108,7 @@ def test_loss_only_uses_masked_positions_when_unmasked_weight_is_zero():
 def test_default_loss_is_titoks_weighted_smoothed_cross_entropy():
     """Masked positions weight 1, unmasked 0.1, label smoothing 0.1, normalised by the weights (TiTok's MLMLoss)."""
     m = tiny(class_dropout=0.0)
-    assert (m.cfg.unmasked_loss_weight, m.cfg.label_smoothing, m.cfg.mask_schedule) == (0.1, 0.1, "arccos")
+    assert (m.config.unmasked_loss_weight, m.config.label_smoothing, m.config.mask_schedule) == (0.1, 0.1, "arccos")
     codes = torch.randint(0, 32, (6, 16), generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 1, 0, 1, 0, 1])
     out = m.training_loss(codes, labels, generator=torch.Generator().manual_seed(5))
@@ -140,7 +140,7 @@ def test_confidence_ranks_raw_logits_not_log_probabilities():
         return real(ids, labels, scale)
 
     m.guided_logits = spy
-    assert masked_counts(2, 2, m.cfg.mask_schedule)[0] == 1
+    assert masked_counts(2, 2, m.config.mask_schedule)[0] == 1
     out = m.generate(torch.tensor([0]), steps=2, temperature=0.0, choice_temperature=0.0)
     assert seen[1].tolist() == [[3, m.mask_id]]  # after step 0: position 0 kept (code 3), position 1 re-masked
     assert out.tolist() == [[3, 6]]

@@ -70,11 +70,11 @@ def test_metrics_come_from_the_evaluation(quick_run):
     import dataclasses
 
     from textok.generate.latents import LatentDataset
-    from textok.generate.trainer import load_generator
+    from textok.models.registry import load_generator
 
     model, _ = load_generator(quick_run / "maskgit" / "final")
     model.eval()
-    model.cfg = dataclasses.replace(model.cfg, label_smoothing=0.0, unmasked_loss_weight=0.0)
+    model.config = dataclasses.replace(model.config, label_smoothing=0.0, unmasked_loss_weight=0.0)
     data = LatentDataset(quick_run / "val-latents", normalize=False)
     draws = gen["heldout"]["mask_draws"]
     with torch.no_grad():

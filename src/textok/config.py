@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 import yaml
 
 from .errors import ConfigError
+from .io import atomic_write_text
 
 C = TypeVar("C", bound="Config")
 
@@ -185,8 +186,6 @@ class Config:
         return cls(**kwargs)
 
     def to_json(self, path: str | Path) -> None:
-        from .io import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

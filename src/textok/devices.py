@@ -1,10 +1,13 @@
-"""One place that turns a ``--device`` / ``device=`` spec into a ``torch.device``.
+"""Where and in which precision textok computes: one resolver of ``--device`` / ``device=`` specs, and the
+autocast a precision setting means on a device.
 
 Why: every verb takes a device, and a spec this machine cannot serve (``cuda`` without a GPU, a typo) should
 be one line naming it, not an assertion deep inside PyTorch.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -30,3 +33,11 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     elif device.type not in ("cpu", "mps"):
         raise TextokError(f"device {spec!r} is not supported here: use auto, cpu, cuda or cuda:N")
     return device
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU (or when asked), nothing (fp32) otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

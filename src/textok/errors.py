@@ -7,6 +7,8 @@ status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import signal
+
 
 class TextokError(Exception):
     """A problem with the user's input, stated in one line with its fix."""
@@ -29,8 +31,6 @@ class Interrupted(KeyboardInterrupt):
     """
 
     def __init__(self, signum: int, message: str = "") -> None:
-        import signal
-
         self.signum = int(signum)
         name = signal.Signals(self.signum).name if self.signum in signal.Signals._value2member_map_ else str(signum)
         super().__init__(message or f"interrupted by {name}")

@@ -18,6 +18,7 @@ from torch import nn
 from .config import Config
 from .errors import CheckpointMismatchError, TextokError
 from .io import atomic_directory, check_safetensors, read_json
+from .version import __version__
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -71,8 +72,6 @@ class PretrainedMixin:
 
         An existing ``directory`` is replaced only when it is a saved model (or empty); anything else is refused.
         """
-        from . import __version__
-
         assert isinstance(self, nn.Module)
         meta = {"model_type": self.model_type, "textok_version": __version__, **(extra or {})}
         with atomic_directory(directory, markers=(CONFIG_NAME,)) as tmp:

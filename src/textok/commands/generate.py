@@ -10,7 +10,7 @@ from ..errors import TextokError
 from ..generate.latents import extract_latents, read_meta
 from ..generate.sampling import DEFAULT_CFG, EVAL_CFG, GenerationPipeline, sample_grid, write_npz_distributed
 from ..io import check_output_file
-from ..train.distributed import distributed_session
+from ..distributed import distributed_session
 
 
 def extract_latents_args(p: argparse.ArgumentParser) -> None:

@@ -17,15 +17,14 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import TextokError
-from ..io import atomic_directory
+from ..io import atomic_directory, atomic_write_text
 from .folder import SPLIT_ALIASES, ImageCaptionFolder
+from .images import center_crop_resize, to_rgb
 from .shards import FORMAT, INDEX, IMAGE_EXTS
 
 
 def _jpeg(data: bytes, size: int) -> bytes:
     from PIL import Image
-
-    from .images import center_crop_resize, to_rgb
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
@@ -143,8 +142,6 @@ def index_shards(directory: str | Path) -> dict[str, Any]:
         count = sum(1 for _ in _keys(tar))
         splits.setdefault(split, []).append({"name": tar.name, "count": count})
     index = {"format": FORMAT, "class_names": [], "splits": splits, "source": str(directory)}
-    from ..io import atomic_write_text
-
     atomic_write_text(directory / INDEX, json.dumps(index, indent=1) + "\n")
     return index
 

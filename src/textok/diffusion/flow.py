@@ -16,6 +16,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .config import DiffusionConfig
 from .gaussian import _model_device, _randn, mean_flat
+from .samplers import euler_loop, flow_time_grid, heun_loop, step_fn
 
 ModelFn = Callable[..., Tensor]
 
@@ -99,8 +100,6 @@ class FlowMatching:
         """Integrate from noise (t = 1) to data (t = 0); ``sampler`` "euler" (``steps`` model calls) or
         "heun" (2 × steps − 1 calls). ``eta`` is accepted for API symmetry and ignored. ``cuda_graph``: replay
         each step's model call from a CUDA graph (GPU only; same numbers, fewer launches)."""
-        from .samplers import euler_loop, flow_time_grid, step_fn, heun_loop
-
         sampler = sampler or self.config.default_sampler
         n = int(steps if steps is not None else self.config.default_steps)
         if n < 1:

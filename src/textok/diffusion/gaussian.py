@@ -21,6 +21,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .config import DiffusionConfig
 from .respace import respaced_betas, space_timesteps
+from .samplers import ddim_loop, ddpm_loop, step_fn
 
 ModelFn = Callable[..., Tensor]
 
@@ -335,8 +336,6 @@ class GaussianDiffusion:
         spec (default: the config's, 250 for DiT). ``sampler``: "ddpm" or "ddim" (with ``eta``).
         ``cuda_graph``: replay each step's model call from a CUDA graph (GPU only; same numbers, fewer launches).
         """
-        from .samplers import ddim_loop, ddpm_loop, step_fn
-
         sampler = sampler or self.config.default_sampler
         steps = steps if steps is not None else self.config.default_steps
         eta = self.config.ddim_eta if eta is None else eta

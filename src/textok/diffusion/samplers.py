@@ -7,17 +7,26 @@ whatever precision the model runs in.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
 
-if TYPE_CHECKING:
-    from .gaussian import GaussianDiffusion
-
 StepFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Chain(Protocol):
+    """What the DDPM and DDIM loops ask of a (respaced) Gaussian diffusion."""
+
+    num_timesteps: int
+
+    def model_timesteps(self, t: Tensor) -> Tensor: ...
+
+    def p_sample_step(self, model_output: Tensor, xt: Tensor, t: Tensor, noise: Tensor) -> Tensor: ...
+
+    def ddim_step(self, model_output: Tensor, xt: Tensor, t: Tensor, eta: float, noise: Tensor | None) -> Tensor: ...
 
 
 def guided_model_fn(model: Callable[..., Tensor], cfg_scale: float = 1.0, model_kwargs: dict[str, Any] | None = None) -> StepFn:
@@ -96,7 +105,7 @@ def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
 
 
-def ddpm_loop(chain: "GaussianDiffusion", fn: StepFn, x: Tensor, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+def ddpm_loop(chain: Chain, fn: StepFn, x: Tensor, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """Ancestral sampling through every step of ``chain`` (respaced or not); returns x_0."""
     B = x.shape[0]
     for i in _steps(chain.num_timesteps, progress, "ddpm"):
@@ -108,7 +117,7 @@ def ddpm_loop(chain: "GaussianDiffusion", fn: StepFn, x: Tensor, generator: torc
 
 
 def ddim_loop(
-    chain: "GaussianDiffusion",
+    chain: Chain,
     fn: StepFn,
     x: Tensor,
     eta: float = 0.0,

@@ -19,6 +19,7 @@ import torch
 from scipy import linalg
 
 from ..errors import TextokError
+from ..io import atomic_file
 
 
 def _as_numpy64(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -71,8 +72,6 @@ class GaussianStats:
             extra["num_samples"] = np.asarray(self.num_samples, dtype=np.int64)
         if self.feature is not None:
             extra["feature"] = np.asarray(self.feature)
-        from ..io import atomic_file
-
         path = Path(path)
         if path.suffix != ".npz":  # what np.savez(path) does
             path = path.with_name(path.name + ".npz")

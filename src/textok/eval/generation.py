@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.folder import collate
+from ..data.images import IMAGE_SUFFIXES, center_crop_resize
 from ..errors import TextokError
 from .features import quantize_uint8
 from .fid import FeatureStats, GaussianStats, inception_score
@@ -141,8 +143,6 @@ def iter_npz(path: str | os.PathLike, batch_size: int = 50, limit: int | None = 
 
 def image_files(directory: str | os.PathLike) -> list[Path]:
     """Image files under ``directory`` (recursively), in sorted order."""
-    from ..data.images import IMAGE_SUFFIXES
-
     root = Path(directory)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -167,8 +167,6 @@ def iter_image_dir(directory: str | os.PathLike, batch_size: int = 50, limit: in
 
     Any mode becomes RGB; images of another size are centre-cropped to a square and resized (bicubic).
     """
-    from ..data.images import center_crop_resize
-
     files = image_files(directory)[:limit]
     size = image_size
     for s in range(0, len(files), batch_size):
@@ -247,8 +245,6 @@ def is_stats_file(path: str | os.PathLike) -> bool:
 
 
 def _dataset_batches(dataset: Any, batch_size: int, limit: int | None) -> Iterator[Tensor]:
-    from ..data.folder import collate
-
     total = len(dataset) if limit is None else min(len(dataset), limit)
     for s in range(0, total, batch_size):
         batch = collate([dataset[i] for i in range(s, min(s + batch_size, total))])

@@ -34,7 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data.folder import collate
 from ..errors import ConfigError, TextokError
+from ..losses.perceptual import LPIPS
+from ..nets.opennsfw import INPUT_SIZE, OpenNSFW
 from .features import FeatureExtractor, InceptionFeatures, metric_name, quantize_uint8
 from .fid import FeatureStats, GaussianStats, frechet_distance_stats
 from .image_metrics import psnr, ssim_pm1
@@ -51,8 +54,6 @@ class OpenNSFWFeatures(nn.Module):
 
     def __init__(self, size: int = 224, onnx_path: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
-        from ..nets.opennsfw import INPUT_SIZE, OpenNSFW
-
         if size < 32:
             raise ConfigError(f"fd_size {size} is too small for open_nsfw (it downsamples 32x): use at least 32")
         self.net = OpenNSFW(onnx_path, size=size)
@@ -87,8 +88,6 @@ def maybe_lpips(path: str | os.PathLike[str] | None) -> tuple[nn.Module | None, 
     if path is None and not os.environ.get(VGG16_ENV):
         return None, (f"no VGG16 weights (pass --vgg16-weights PATH to torchvision's vgg16-397923af.pth "
                       f"or set {VGG16_ENV})")
-    from ..losses.perceptual import LPIPS
-
     return LPIPS(vgg16_weights=path), ""
 
 
@@ -186,8 +185,6 @@ def _uses_text(model: nn.Module) -> bool:
 
 def _batches(dataset: Any, num: int, batch_size: int) -> Iterator[tuple[Tensor, list[list[str]], int]]:
     """(images, captions, skipped) for items 0..num-1 in order, dropping undecodable items."""
-    from ..data.folder import collate
-
     for start in range(0, num, batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, num))])
         yield batch["image"], batch["captions"], int(batch["skipped"])

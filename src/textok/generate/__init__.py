@@ -8,8 +8,8 @@
 
 from .latents import LatentDataset, extract_latents, read_meta
 from .sampling import GenerationPipeline, sample_grid, write_npz
-from .trainer import (DiTModel, GeneratorTrainConfig, MaskGITModel, load_generator, load_generator_config,
-                      train_generator)
+from ..models.registry import load_generator
+from .trainer import GeneratorTrainConfig, load_generator_config, train_generator
 
 __all__ = [
     "extract_latents",
@@ -18,8 +18,6 @@ __all__ = [
     "GeneratorTrainConfig",
     "load_generator_config",
     "train_generator",
-    "DiTModel",
-    "MaskGITModel",
     "load_generator",
     "GenerationPipeline",
     "sample_grid",

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.factory import build_dataset
 from ..data.folder import collate
+from ..devices import resolve_device
 from ..errors import TextokError
 from ..io import (atomic_directory, atomic_write_text, check_replaceable, check_safetensors, read_json,
                   remove_stale)
@@ -36,12 +37,6 @@ META = "meta.json"
 CAPTIONS = "captions.jsonl"
 BANK = "caption_bank.json"
 SHARD = "shard-{:05d}.safetensors"
-
-
-def _device(spec: str) -> torch.device:
-    from ..devices import resolve_device
-
-    return resolve_device(spec)
 
 
 def tokenizer_is_discrete(tok: Any) -> bool:
@@ -63,7 +58,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
     check_replaceable(out, (META,), what="latents")
     remove_stale(Path(out).parent, Path(out).name)  # what a killed extraction into the same --out left
     tok_dir = Path(tokenizer).resolve()
-    dev = _device(device)
+    dev = resolve_device(device)
     tok = load_tokenizer(tok_dir).eval().to(dev)
     cfg = tok.config
     discrete = tokenizer_is_discrete(tok)

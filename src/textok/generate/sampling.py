@@ -27,13 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.images import save_image
+from ..devices import autocast_for, resolve_device
 from ..diffusion import DiffusionConfig, create_diffusion
+from ..distributed import barrier
 from ..errors import TextokError
-from ..models.registry import load_tokenizer
+from ..models.registry import load_generator, load_tokenizer
 from ..text.banks import CaptionBank
-from ..train.common import autocast_for
-from .latents import BANK, _device, tokenizer_is_discrete
-from .trainer import load_generator
+from ..text.encoders import load_text_encoder
+from .latents import BANK, tokenizer_is_discrete
 
 # Guidance w in uncond + w (cond - uncond). For pictures: DiT's visualisation scale, TiTok's sampler (its 4.5 in
 # cond + 4.5 (cond - uncond) is w = 5.5). For FID (`sample --npz`): DiT's evaluation scale 1.5, TiTok's sampler.
@@ -47,7 +49,7 @@ class GenerationPipeline:
     """A generator and a tokenizer checked to fit each other, with everything needed to decode samples."""
 
     def __init__(self, generator: str | Path, tokenizer: str | Path | None = None, device: str = "auto") -> None:
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.generator_dir = Path(generator)
         model, record = load_generator(generator)
         self.model = model.eval().to(self.device)
@@ -67,18 +69,18 @@ class GenerationPipeline:
     # ---- what this generator accepts ---------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        return int(self.model.cfg.num_classes)
+        return int(self.model.config.num_classes)
 
     @property
     def is_text_to_image(self) -> bool:
-        return self.kind == "dit" and self.model.cfg.text_dim > 0
+        return self.kind == "dit" and self.model.config.text_dim > 0
 
     @property
     def decoder_needs_text(self) -> bool:
         return bool(getattr(self.tok.config, "text_in_decoder", False))
 
     def _check_pair(self) -> None:
-        cfg = self.model.cfg
+        cfg = self.model.config
         tc = self.tok.config
         if self.kind == "maskgit":
             if not tokenizer_is_discrete(self.tok):
@@ -134,8 +136,6 @@ class GenerationPipeline:
 
     # ---- one batch ----------------------------------------------------------------------------------
     def _text_states(self, prompts: list[str]):
-        from ..text.encoders import load_text_encoder
-
         if self._text_encoder is None:
             self._text_encoder = load_text_encoder(self.meta["text_encoder"], self.meta.get("text_max_length", 64),
                                                    str(self.device))
@@ -208,7 +208,7 @@ class GenerationPipeline:
             if prompts is not None:
                 emb = self._text_states(list(prompts))
                 kwargs.update(text=emb.states, text_mask=emb.mask)
-            cfg = self.model.cfg
+            cfg = self.model.config
             guided = labels is not None or prompts is not None
             with autocast_for(self.device, precision):
                 z = self.diffusion.sample(self.model, (B, cfg.num_tokens, cfg.in_channels), steps=steps,
@@ -274,8 +274,6 @@ def write_npz_distributed(pipe: GenerationPipeline, path: str | Path, total: int
                           **kw: Any) -> Path:
     """:func:`write_npz` shared by the processes of a torchrun job: each draws every ``world``-th batch into a
     part file beside ``path``; rank 0 then joins the parts in order (the result equals a single process's)."""
-    from ..train.distributed import barrier
-
     if not info.enabled:
         return write_npz(path, pipe.iter_samples(total, labels, prompts, batch_size=batch_size, progress=progress,
                                                  **kw), total)
@@ -340,8 +338,6 @@ def _write_uint8_npz(path: str | Path, arrays: Iterator[tuple[np.ndarray, list[i
 def sample_grid(pipe: GenerationPipeline, out: str | Path, labels: list[int] | None = None,
                 prompts: list[str] | None = None, n: int = 8, seed: int = 0, **kw: Any) -> Path:
     """A PNG with one row of ``n`` samples per class / prompt (or one row of unconditional samples)."""
-    from ..data.images import save_image
-
     rows = labels if labels is not None else prompts if prompts is not None else [None]
     lab = [k for k in labels for _ in range(n)] if labels is not None else None
     pro = [p for p in prompts for _ in range(n)] if prompts is not None else None

@@ -27,64 +27,25 @@ import torch
 from torch import nn
 
 from ..config import Config, read_yaml
+from ..devices import autocast_for
 from ..diffusion import DiffusionConfig, create_diffusion
 from ..errors import ConfigError, TextokError
-from ..hub import PretrainedMixin, read_config_json
-from ..models.dit import DiT, DiTConfig
-from ..models.maskgit import MaskGIT, MaskGITConfig
+from ..models.dit import DiTConfig
+from ..models.maskgit import MaskGITConfig
+from ..models.registry import GENERATORS
 from ..train.checkpoint import CheckpointManager
-from ..train.common import (GracefulInterrupt, JsonlLog, autocast_for, batch_indices,
+from ..train.common import (GracefulInterrupt, JsonlLog, batch_indices,
                             check_finite, lr_at, open_run, param_groups, pick_captions, progress_bar, rng_state,
                             set_lr, set_rng_state)
 from ..train.config import OptimConfig, check_schedule
-from ..train.distributed import DistInfo, barrier, distributed_session, wrap_ddp
+from ..distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from ..train.ema import EMA
 from ..train.rundir import run_lock
+from ..text.store import open_text_states
 from .latents import BANK, LatentDataset, read_meta
 
 KINDS = ("dit", "maskgit")
 DEFAULT_MODEL = {"dit": "dit-b", "maskgit": "maskgit-b"}
-
-
-# ---- generators that can be saved and loaded -----------------------------------------------------
-class DiTModel(PretrainedMixin, DiT):
-    """:class:`DiT` with ``save_pretrained``/``from_pretrained`` (model_type "dit")."""
-
-    config_class = DiTConfig
-    model_type = "dit"
-
-    def __init__(self, config: DiTConfig) -> None:
-        super().__init__(config)
-        self.config = config
-
-
-class MaskGITModel(PretrainedMixin, MaskGIT):
-    """:class:`MaskGIT` with ``save_pretrained``/``from_pretrained`` (model_type "maskgit")."""
-
-    config_class = MaskGITConfig
-    model_type = "maskgit"
-
-    def __init__(self, config: MaskGITConfig) -> None:
-        super().__init__(config)
-        self.config = config
-
-
-GENERATORS: dict[str, type] = {"dit": DiTModel, "maskgit": MaskGITModel}
-
-
-def load_generator(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A trained generator from ``directory`` (a run's ``final/``) and its record: ``{"kind", "diffusion",
-    "latents_meta", "text", ...}`` as written by the training loop."""
-    data = read_config_json(directory)
-    kind = data.get("model_type")
-    if kind not in GENERATORS:
-        raise TextokError(f"{directory} holds a {kind!r} model, not a generator (dit or maskgit); "
-                          "point --generator to a train-generator run's final/ directory")
-    if "latents_meta" not in data:
-        raise TextokError(f"{directory} has no latents record (normalisation, tokenizer); it was not written by "
-                          "`textok train-generator`")
-    model = GENERATORS[kind].from_pretrained(directory, map_location=map_location)
-    return model, data
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -352,8 +313,6 @@ def _text_cache(cfg: GeneratorTrainConfig, meta: dict[str, Any], data: LatentDat
                 progress: bool):
     """Caption embeddings of the tokenizer's text encoder, computed once for every caption of the latents (in the
     one-file cache, or the text-state store as ``text_store`` says)."""
-    from ..text.store import open_text_states
-
     spec = meta.get("text_encoder") or ""
     if not spec:
         raise TextokError(f"text=true but the tokenizer of {cfg.latents} names no text encoder")
@@ -363,5 +322,4 @@ def _text_cache(cfg: GeneratorTrainConfig, meta: dict[str, Any], data: LatentDat
                             is_main=info.is_main, barrier=lambda: barrier(info), progress=progress)
 
 
-__all__ = ["GeneratorTrainConfig", "load_generator_config", "train_generator", "build_model_config",
-           "DiTModel", "MaskGITModel", "GENERATORS", "load_generator", "step_generator"]
+__all__ = ["GeneratorTrainConfig", "load_generator_config", "train_generator", "build_model_config", "step_generator"]

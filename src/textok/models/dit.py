@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..errors import ConfigError
+from ..hub import PretrainedMixin
 from .vit import MLP, Attention, CrossAttention, attention_mask, sincos_1d
 
 # Peak dense bf16 throughput of one H100 SXM (nominal, datasheet) and the bf16 matmul ceiling measured
@@ -174,12 +175,15 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(PretrainedMixin, nn.Module):
     """Diffusion transformer over (B, N, C) token latents; predicts ε (and the variance interpolation v)."""
+
+    config_class = DiTConfig
+    model_type = "dit"
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         D = cfg.width
         self.x_embedder = nn.Linear(cfg.in_channels, D)
         # Fixed positions, recomputed from the config (not saved in checkpoints).
@@ -251,11 +255,11 @@ class DiT(nn.Module):
             drop_y = drop_text = drop.to(device=device, dtype=torch.bool)
         elif self.training:
             u = torch.rand(B, device=device)
-            drop_y, drop_text = u < self.cfg.class_dropout, u < self.cfg.text_dropout
+            drop_y, drop_text = u < self.config.class_dropout, u < self.config.text_dropout
         else:
             drop_y = drop_text = None
         if self.y_embedder is not None:
-            null = torch.full((B,), self.cfg.num_classes, dtype=torch.long, device=device)
+            null = torch.full((B,), self.config.num_classes, dtype=torch.long, device=device)
             labels = null if y is None else y.long()
             if drop_y is not None:
                 labels = torch.where(drop_y, null, labels)
@@ -268,8 +272,8 @@ class DiT(nn.Module):
             if text is None:
                 text = null_text.expand(B, 1, -1)
                 text_mask = None
-            if text.shape[-1] != self.cfg.text_dim:
-                raise ConfigError(f"text states have width {text.shape[-1]} but the DiT expects text_dim={self.cfg.text_dim}")
+            if text.shape[-1] != self.config.text_dim:
+                raise ConfigError(f"text states have width {text.shape[-1]} but the DiT expects text_dim={self.config.text_dim}")
             L = text.shape[1]
             mask = torch.ones(B, L, dtype=torch.bool, device=device) if text_mask is None else text_mask.to(device).bool()
             nulled = ~mask.any(dim=1)  # rows without a single real token read the null text
@@ -304,9 +308,9 @@ class DiT(nn.Module):
         True = real token (None = null text); ``drop`` (B,) bool forces the null condition on those rows
         (otherwise rows are dropped at random while training).
         """
-        if x.shape[1] != self.cfg.num_tokens or x.shape[2] != self.cfg.in_channels:
+        if x.shape[1] != self.config.num_tokens or x.shape[2] != self.config.in_channels:
             raise ConfigError(
-                f"DiT expects latents of shape (B, {self.cfg.num_tokens}, {self.cfg.in_channels}), got {tuple(x.shape)}"
+                f"DiT expects latents of shape (B, {self.config.num_tokens}, {self.config.in_channels}), got {tuple(x.shape)}"
             )
         c, context, ctx_mask = self.condition(t, y, text, text_mask, drop)
         c_act = F.silu(c)
@@ -342,9 +346,9 @@ class DiT(nn.Module):
         drop = torch.arange(2 * B, device=x.device) >= B  # second half: null class / null text
         out = self(x2, t2, y2, text2, mask2, drop=drop)
         cond, uncond = out.chunk(2, dim=0)
-        C = self.cfg.in_channels
+        C = self.config.in_channels
         eps = uncond[..., :C] + cfg_scale * (cond[..., :C] - uncond[..., :C])
-        return torch.cat([eps, cond[..., C:]], dim=-1) if self.cfg.learn_sigma else eps
+        return torch.cat([eps, cond[..., C:]], dim=-1) if self.config.learn_sigma else eps
 
     # ---- cost ------------------------------------------------------------------------------
     def num_params(self, trainable_only: bool = False) -> int:
@@ -356,7 +360,7 @@ class DiT(nn.Module):
         Counts every matmul (attention scores and values included); ignores norms, activations and
         softmax. DiT's paper reports multiply-adds ("Gflops"), i.e. half of this number.
         """
-        cfg = self.cfg
+        cfg = self.config
         N, D, C = cfg.num_tokens, cfg.width, cfg.in_channels
         H = int(D * cfg.mlp_ratio)
         L = text_len if cfg.text_dim > 0 else 0

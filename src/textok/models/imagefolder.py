@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, TextokError
+from ..nets.opennsfw import OpenNSFW
+from .dinov2 import load_dinov2
 from .multiscale import MultiScaleQuantizerConfig, ProductQuantizer
 from .textok import TextInput, TexTok, TexTokConfig, TexTokDecoder, TexTokEncoder
 from .vit import ViTConfig, init_vit_weights, sincos_2d, transformer_flops, vit_size
@@ -187,19 +189,18 @@ class ImageFolderEncoder(TexTokEncoder):
         return self.latent_tokens + pos
 
 
+class OpenNSFWPooled(OpenNSFW):
+    """open_nsfw as a teacher: its 1024-d pooled feature, not the NSFW probabilities."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pooled(x)
+
+
 def build_teacher(spec: str, image_size: int) -> nn.Module:
     """A frozen teacher: images in [-1, 1] -> (B, feature_dim) global features."""
     if spec == "opennsfw":
-        from ..nets.opennsfw import OpenNSFW
-
-        class OpenNSFWPooled(OpenNSFW):
-            def forward(self, x: Tensor) -> Tensor:  # the 1024-d pooled feature, not the NSFW probabilities
-                return self.pooled(x)
-
         return OpenNSFWPooled(size=image_size)
     if spec.startswith("dinov2:"):
-        from ..nets.dinov2 import load_dinov2
-
         return load_dinov2(spec.split(":", 1)[1], patch_size=16, image_size=image_size)
     raise ConfigError(f"unknown semantic teacher {spec!r}")
 
@@ -390,13 +391,5 @@ class ImageFolder(TexTok):
         return (transformer_flops(c.encoder, enc_len) + transformer_flops(c.decoder, dec_len) + patch + heads
                 + text + match)
 
-
-def _register() -> None:
-    from .registry import register_tokenizer
-
-    register_tokenizer("imagefolder", ImageFolderConfig, ImageFolder)
-
-
-_register()
 
 __all__ = ["ImageFolder", "ImageFolderConfig", "ImageFolderEncoder", "build_teacher", "symmetric_info_nce"]

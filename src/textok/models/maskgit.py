@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..errors import ConfigError, TextokError
+from ..hub import PretrainedMixin
 from .vit import LearnedPosEmbed, Transformer, ViTConfig, init_vit_weights, transformer_flops
 
 MASK_SCHEDULES = ("cosine", "arccos")
@@ -141,12 +142,15 @@ def _gumbel(shape: torch.Size, device: torch.device, generator: torch.Generator 
     return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
 
 
-class MaskGIT(nn.Module):
+class MaskGIT(PretrainedMixin, nn.Module):
     """Class-conditional masked-token generator over ``num_tokens`` discrete codes."""
+
+    config_class = MaskGITConfig
+    model_type = "maskgit"
 
     def __init__(self, cfg: MaskGITConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         d = cfg.transformer.width
         self.tok_embed = nn.Embedding(cfg.codebook_size + 1, d)  # id codebook_size = [MASK]
         self.class_embed = nn.Embedding(cfg.num_classes + 1, d)  # id num_classes = null class (CFG)
@@ -160,16 +164,16 @@ class MaskGIT(nn.Module):
     # ---- ids ---------------------------------------------------------------------------------
     @property
     def mask_id(self) -> int:
-        return self.cfg.codebook_size
+        return self.config.codebook_size
 
     @property
     def null_class(self) -> int:
-        return self.cfg.num_classes
+        return self.config.num_classes
 
     # ---- checks ------------------------------------------------------------------------------
     def check_compatible(self, num_tokens: int, codebook_size: int) -> None:
         """Refuse a tokenizer whose token count or codebook differs from what this generator models."""
-        n, k = self.cfg.num_tokens, self.cfg.codebook_size
+        n, k = self.config.num_tokens, self.config.codebook_size
         if (num_tokens, codebook_size) != (n, k):
             raise TextokError(
                 f"tokenizer makes {num_tokens} tokens over {codebook_size} codes but this MaskGIT models "
@@ -177,7 +181,7 @@ class MaskGIT(nn.Module):
             )
 
     def _check_codes(self, codes: Tensor) -> None:
-        n, k = self.cfg.num_tokens, self.cfg.codebook_size
+        n, k = self.config.num_tokens, self.config.codebook_size
         if codes.dim() != 2 or codes.shape[1] != n:
             raise TextokError(f"codes must have shape (batch, {n}), got {tuple(codes.shape)}; "
                               f"the tokenizer and this MaskGIT ({n} tokens) do not match")
@@ -189,7 +193,7 @@ class MaskGIT(nn.Module):
                               f"they must be indices into a {k}-code codebook")
 
     def _check_labels(self, labels: Tensor, batch: int | None = None) -> Tensor:
-        c = self.cfg.num_classes
+        c = self.config.num_classes
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
             want = f"({batch},)" if batch is not None else "(batch,)"
@@ -228,7 +232,7 @@ class MaskGIT(nn.Module):
         """
         B, N = codes.shape
         u = torch.rand(B, device=codes.device, generator=generator)
-        ratio = mask_ratio(u, self.cfg.mask_schedule)
+        ratio = mask_ratio(u, self.config.mask_schedule)
         count = (ratio * N).round().clamp(1, N).long()
         scores = torch.rand(B, N, device=codes.device, generator=generator)
         ranks = scores.argsort(dim=1).argsort(dim=1)  # a random permutation per row
@@ -248,14 +252,14 @@ class MaskGIT(nn.Module):
         labels = self._check_labels(labels, codes.shape[0]).to(codes.device)
         codes = codes.long()
         inputs, mask, ratio = self.mask_tokens(codes, generator)
-        if self.training and self.cfg.class_dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.cfg.class_dropout
+        if self.training and self.config.class_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.config.class_dropout
             labels = labels.masked_fill(drop, self.null_class)
         logits = self(inputs, labels).float()
         # Weighted CE over all positions (no boolean indexing: no host sync on GPU).
-        ce = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none", label_smoothing=self.cfg.label_smoothing)
+        ce = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none", label_smoothing=self.config.label_smoothing)
         masked = mask.float()
-        weight = masked + (1.0 - masked) * self.cfg.unmasked_loss_weight
+        weight = masked + (1.0 - masked) * self.config.unmasked_loss_weight
         loss = (ce * weight).sum() / weight.sum().clamp_min(1e-8)
         with torch.no_grad():
             accuracy = ((logits.argmax(-1) == codes).float() * masked).sum() / masked.sum().clamp_min(1.0)
@@ -307,8 +311,8 @@ class MaskGIT(nn.Module):
                               f"use one of {', '.join(GUIDANCE_SCHEDULES)}")
         device = self.head.weight.device
         labels = self._check_labels(labels).to(device)
-        counts = masked_counts(self.cfg.num_tokens, steps, self.cfg.mask_schedule)
-        B, N = labels.shape[0], self.cfg.num_tokens
+        counts = masked_counts(self.config.num_tokens, steps, self.config.mask_schedule)
+        B, N = labels.shape[0], self.config.num_tokens
         ids = torch.full((B, N), self.mask_id, dtype=torch.long, device=device)
         for s in range(steps):
             t = (s + 1) / steps
@@ -347,7 +351,7 @@ class MaskGIT(nn.Module):
 
         A guided sampling step costs twice this (cond + uncond).
         """
-        c = self.cfg
+        c = self.config
         head = 2.0 * c.num_tokens * c.transformer.width * c.codebook_size
         return transformer_flops(c.transformer, c.num_tokens + 1) + head
 

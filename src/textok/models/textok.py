@@ -311,12 +311,3 @@ class TexTok(PretrainedMixin, nn.Module):
         text = 2 * text_tokens * c.text_dim * ((c.encoder.width if c.text_in_encoder else 0)
                                               + (c.decoder.width if c.text_in_decoder else 0))
         return transformer_flops(c.encoder, enc_len) + transformer_flops(c.decoder, dec_len) + patch + out + text
-
-
-def _register() -> None:
-    from .registry import register_tokenizer
-
-    register_tokenizer("textok", TexTokConfig, TexTok)
-
-
-_register()

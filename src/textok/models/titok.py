@@ -424,12 +424,4 @@ class TiTok(TexTok):
         return flops
 
 
-def _register() -> None:
-    from .registry import register_tokenizer
-
-    register_tokenizer("titok", TiTokConfig, TiTok)
-
-
-_register()
-
 __all__ = ["TiTok", "TiTokConfig"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
+from ..errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -28,8 +29,6 @@ class ViTConfig(Config):
     qk_norm: bool = False  # RMS-normalise queries and keys per head (stabilises large-lr training)
 
     def __post_init__(self) -> None:
-        from ..errors import ConfigError
-
         if self.width < 1 or self.heads < 1 or self.depth < 0 or not self.mlp_ratio > 0:
             raise ConfigError(f"a ViT needs width >= 1, heads >= 1, depth >= 0 and mlp_ratio > 0 (got width "
                               f"{self.width}, heads {self.heads}, depth {self.depth}, mlp_ratio {self.mlp_ratio})")

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from ..errors import TextokError
+from ..io import atomic_write_text, read_json
 
 
 class CaptionBank:
@@ -30,8 +31,6 @@ class CaptionBank:
         return rng.choice(pool)
 
     def save(self, path: str | Path) -> None:
-        from ..io import atomic_write_text
-
         atomic_write_text(path, json.dumps({"class_names": self.class_names,
                                             "captions": {str(k): v for k, v in self.captions.items()}}, indent=1))
 
@@ -40,8 +39,6 @@ class CaptionBank:
         path = Path(path)
         if not path.is_file():
             raise TextokError(f"caption bank {path} does not exist")
-        from ..io import read_json
-
         data = read_json(path, f"caption bank {path}")
         try:
             return cls({int(k): list(v) for k, v in data["captions"].items()}, data.get("class_names"))

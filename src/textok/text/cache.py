@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import TextokError
+from ..io import atomic_file
 from .embeddings import TextEmbeddings
 from .encoders import HFTextEncoder, check_captions
 
@@ -100,8 +101,6 @@ class TextEmbeddingCache:
 
     def save(self, path: str | Path) -> None:
         """Write every entry to ``path`` atomically (a temporary file renamed into place)."""
-        from ..io import atomic_file
-
         with atomic_file(path) as tmp:
             save_file(dict(self._store), str(tmp), metadata={"encoder": self.name, "dim": str(self.dim)})
 

@@ -7,6 +7,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from ..errors import TextokError
+
 
 @dataclasses.dataclass
 class TextEmbeddings:
@@ -17,12 +19,8 @@ class TextEmbeddings:
 
     def __post_init__(self) -> None:
         if self.states.dim() != 3:
-            from ..errors import TextokError
-
             raise TextokError(f"text states must be (batch, tokens, dim), got shape {tuple(self.states.shape)}")
         if self.mask.shape != self.states.shape[:2]:
-            from ..errors import TextokError
-
             raise TextokError(
                 f"text mask shape {tuple(self.mask.shape)} does not match states {tuple(self.states.shape[:2])}"
             )

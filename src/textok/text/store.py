@@ -37,8 +37,9 @@ import torch
 
 from ..errors import TextokError
 from ..io import atomic_write_text
+from .cache import TextEmbeddingCache
 from .embeddings import TextEmbeddings
-from .encoders import check_captions
+from .encoders import check_captions, encoder_name, load_text_encoder
 
 FORMAT = "textok-text-states-1"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -263,8 +264,6 @@ class StoreTextCache:
         absent = [c for c, r in zip(captions, rows) if r is None]
         self.hits += len(captions) - len(absent)
         if absent:
-            from .cache import TextEmbeddingCache
-
             if self._extra is None:
                 self._extra = TextEmbeddingCache(self._factory())
             self.misses += len(absent)
@@ -289,9 +288,6 @@ def open_text_states(spec: str, max_length: int, device: str, *, text_store: str
     model uses the pooled store of its encoder when one exists. ``captions`` (a map-style data set's, or ``None``
     for shards) are encoded up front by the main process, and the others wait at ``barrier``.
     """
-    from .cache import TextEmbeddingCache
-    from .encoders import encoder_name, load_text_encoder
-
     mode = ("on" if streaming else "off") if text_store == "auto" else text_store
     factory = lambda: load_text_encoder(spec, max_length, device)  # noqa: E731
     if mode == "off":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -14,14 +13,6 @@ import torch
 from torch import nn
 
 from ..errors import Interrupted, TextokError
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU (or when asked), nothing (fp32) otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:

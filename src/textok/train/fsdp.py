@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import TextokError
-from .distributed import DistInfo
+from ..distributed import DistInfo
 
 
 def shard(root: nn.Module, model: nn.Module, info: DistInfo) -> nn.Module:

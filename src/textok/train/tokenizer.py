@@ -24,6 +24,7 @@ from ..data.factory import build_dataset
 from ..data.shards import ShardSet
 from ..data.folder import collate
 from ..data.images import save_image
+from ..devices import autocast_for
 from ..errors import TextokError
 from ..losses.adversarial import LeCAM, adaptive_weight, d_loss, g_loss, r1_penalty
 from ..losses.perceptual import build_perceptual
@@ -32,12 +33,12 @@ from ..models.registry import build_tokenizer, resolve_tokenizer_config
 from ..text.embeddings import TextEmbeddings
 from ..text.store import open_text_states
 from .checkpoint import CheckpointManager
-from .common import (GracefulInterrupt, JsonlLog, autocast_for, check_finite,
+from .common import (GracefulInterrupt, JsonlLog, check_finite,
                      lr_at, open_run, param_groups, pick_captions, progress_bar, rng_state, set_lr,
                      set_rng_state)
 from .config import TrainConfig
 from .data_source import BatchSource, captions_of
-from .distributed import DistInfo, barrier, distributed_session, wrap_ddp
+from ..distributed import DistInfo, barrier, distributed_session, wrap_ddp
 from .ema import EMA
 from .rundir import run_lock
 from .stages import check_stage_recipe

@@ -41,9 +41,9 @@ from ...eval.compare import higher_is_better
 from ...eval.reconstruction import evaluate_tokenizer
 from ...generate.latents import LatentDataset, extract_latents, read_meta
 from ...generate.sampling import DEFAULT_CFG, GenerationPipeline, sample_grid
-from ...generate.trainer import load_generator, load_generator_config, train_generator
+from ...generate.trainer import load_generator_config, train_generator
 from ...io import RUN_MARKER, atomic_write_text, check_replaceable, sha256_file
-from ...models.registry import load_tokenizer, resolve_tokenizer_config
+from ...models.registry import load_generator, load_tokenizer, resolve_tokenizer_config
 from ...report import markdown_table, print_table
 from ...train.config import load_train_config
 from ...train.tokenizer import train_tokenizer
@@ -144,7 +144,7 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     result: dict[str, Any] = {
         "recipe": recipe, "train_config": cfg.to_dict(), "tokenizer_config": tcfg.to_dict(), "val_images": len(val),
         "titok": recon, "codebook": {**codebook, "train_log": train_log}, "token_budget": budget,
-        "maskgit": {"config": gcfg.to_dict(), "model_config": pipe.model.cfg.to_dict(), "train_last_logs": gen_train,
+        "maskgit": {"config": gcfg.to_dict(), "model_config": pipe.model.config.to_dict(), "train_last_logs": gen_train,
                     "heldout": gen_val, "train_scenes": meta["count"]},
         "samples": str(samples), "reference": str(reference), "rows": {k: names[k] for k in classes},
         "seconds": seconds, "throughput": throughput,
@@ -257,7 +257,7 @@ def _heldout_maskgit(gen_dir: Path, val_dir: Path, draws: int = 8) -> dict[str, 
             sums["loss" + suffix] += float((ce * w).sum()) / draws
             sums["accuracy" + suffix] += float(((logits.argmax(-1) == codes).float() * w).sum()) / draws
     return {**sums, "class_gain_nats": sums["loss_unconditional"] - sums["loss"], "images": int(codes.shape[0]),
-            "mask_draws": draws, "chance_loss": math.log(model.cfg.codebook_size)}
+            "mask_draws": draws, "chance_loss": math.log(model.config.codebook_size)}
 
 
 def _throughput(tok_log: Path, tok_batch: int, gen_log: Path, gen_batch: int) -> dict[str, float]:

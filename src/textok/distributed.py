@@ -9,6 +9,9 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .devices import resolve_device
 
 
 @dataclasses.dataclass
@@ -32,8 +35,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    from ..devices import resolve_device
-
     use_cuda = resolve_device(device).type == "cuda"
     dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
@@ -67,6 +68,4 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """``DistributedDataParallel(module)`` when running under torchrun, the module itself otherwise."""
     if not info.enabled:
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return DistributedDataParallel(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
