@@ -26,7 +26,8 @@ from textok.models.registry import resolve_tokenizer_config  # noqa: E402
 from textok.text.embeddings import TextEmbeddings  # noqa: E402
 from textok.devices import autocast_for  # noqa: E402
 from textok.train.config import TrainConfig, load_train_config  # noqa: E402
-from textok.train.tokenizer import LossForward, build_components, discriminator_losses, generator_losses  # noqa: E402
+from textok.train.loop import LossForward  # noqa: E402
+from textok.train.tokenizer import build_components, discriminator_losses, generator_losses, tokenizer_losses  # noqa: E402
 
 
 def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precision: str, compile_: bool,
@@ -44,7 +45,7 @@ def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precis
     model_type, model_cfg = resolve_tokenizer_config(cfg.model, cfg.model_overrides)
     torch.manual_seed(0)
     parts, perceptual = build_components(cfg, model_type, model_cfg, device)
-    train_model = LossForward(parts.model)
+    train_model = LossForward(parts.model, tokenizer_losses)
     if compile_:
         train_model = torch.compile(train_model)
     images = torch.rand(batch, 3, model_cfg.image_size, model_cfg.image_size, device=device) * 2 - 1

@@ -27,7 +27,9 @@ def make_models(root: Path, generator: bool = True) -> dict[str, Path]:
     (bad / "config.json").write_text("{ not json")
     out = {"text": text, "notext": notext, "bad": bad}
     if generator:
-        from textok.generate import extract_latents, load_generator_config, train_generator
+        from textok.generate import extract_latents
+        from textok.train.config import load_generator_config
+        from textok.train.generator import train_generator
 
         extract_latents(notext, "scenes", root / "lat", num=16, batch_size=16, progress=False)
         cfg = load_generator_config("dit-tiny", [f"latents={root / 'lat'}", *SMALL_DIT])

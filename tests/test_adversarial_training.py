@@ -14,8 +14,9 @@ from textok.losses.adversarial import AdversarialConfig, d_loss
 from textok.models.discriminator import Discriminator
 from textok.models.registry import resolve_tokenizer_config
 from textok.train.config import OptimConfig, load_train_config
-from textok.train.tokenizer import (LossForward, build_components, discriminator_config, discriminator_losses,
-                                    generator_losses, train_tokenizer)
+from textok.train.loop import LossForward
+from textok.train.tokenizer import (build_components, discriminator_config, discriminator_losses,
+                                    generator_losses, tokenizer_losses, train_tokenizer)
 
 from conftest import random_text
 
@@ -37,7 +38,7 @@ def _parts(*overrides: str):
 
 def test_generator_pass_writes_no_gradient_into_the_discriminator() -> None:
     cfg, parts, perceptual, images, text = _parts("loss.adversarial.weight=0.5")
-    recon, terms, _ = generator_losses(LossForward(parts.model), parts.disc, perceptual, images, text, cfg)
+    recon, terms, _ = generator_losses(LossForward(parts.model, tokenizer_losses), parts.disc, perceptual, images, text, cfg)
     sum(terms.values()).backward()
     assert terms["gan_g"].abs() > 0
     assert all(p.grad is None for p in parts.disc.parameters())
@@ -84,15 +85,15 @@ def test_default_discriminator_learns_at_the_recipe_lr() -> None:
 
 def test_adaptive_weight_changes_the_gan_term_and_is_logged() -> None:
     cfg, parts, perceptual, images, text = _parts("loss.adversarial.weight=0.5", "loss.adversarial.adaptive=true")
-    _, terms, extra = generator_losses(LossForward(parts.model), parts.disc, perceptual, images, text, cfg,
+    _, terms, extra = generator_losses(LossForward(parts.model, tokenizer_losses), parts.disc, perceptual, images, text, cfg,
                                        parts.model.last_layer())
     plain_cfg = load_train_config("textok-tiny", BASE + ["loss.adversarial.weight=0.5"])
-    _, plain, _ = generator_losses(LossForward(parts.model), parts.disc, perceptual, images, text, plain_cfg)
+    _, plain, _ = generator_losses(LossForward(parts.model, tokenizer_losses), parts.disc, perceptual, images, text, plain_cfg)
     ratio = extra["metric/adaptive_weight"]
     assert ratio > 0 and not ratio.requires_grad
     torch.testing.assert_close(terms["gan_g"].detach(), plain["gan_g"].detach() * ratio, rtol=1e-5, atol=0)
     with pytest.raises(Exception, match="last layer"):
-        generator_losses(LossForward(parts.model), parts.disc, perceptual, images, text, cfg)
+        generator_losses(LossForward(parts.model, tokenizer_losses), parts.disc, perceptual, images, text, cfg)
 
 
 def test_r1_penalty_is_added_on_its_schedule() -> None:

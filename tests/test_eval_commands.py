@@ -19,7 +19,8 @@ from textok.data.factory import FirstCaptions, build_dataset
 from textok.errors import TextokError
 from textok.eval.fid import GaussianStats, frechet_distance
 from textok.eval.generation import evaluate_samples, iter_image_dir, iter_npz, iter_samples
-from textok.eval.reconstruction import FeatureSet, evaluate_tokenizer, fd_between, reconstruct_batches
+from textok.eval.fid import FeatureSet, fd_between
+from textok.eval.reconstruction import evaluate_tokenizer, reconstruct_batches
 
 pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 

@@ -14,9 +14,11 @@ from textok.cli import main
 from textok.data.factory import build_dataset
 from textok.data.folder import collate
 from textok.errors import TextokError
-from textok.generate import GenerationPipeline, LatentDataset, load_generator_config, train_generator
+from textok.generate import GenerationPipeline, LatentDataset
 from textok.models.textok import TexTok, TexTokConfig
 from textok.models.titok import TiTok, TiTokConfig
+from textok.train.config import load_generator_config
+from textok.train.generator import train_generator
 
 pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 

@@ -263,7 +263,7 @@ def test_presets_parameter_count_and_flops():
 
 
 def test_maskgit_runs_start_from_titoks_optimiser() -> None:
-    from textok.generate.trainer import load_generator_config, maskgit_optim
+    from textok.train.config import load_generator_config, maskgit_optim
 
     titok = maskgit_optim()
     assert (titok.lr, titok.betas, titok.weight_decay, titok.warmup_steps) == (2e-4, (0.9, 0.96), 0.03, 10_000)

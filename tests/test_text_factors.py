@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -11,7 +12,8 @@ from textok import TexTok, TexTokConfig
 from textok.errors import TextokError
 from textok.text.embeddings import TextEmbeddings
 from textok.train.config import load_train_config
-from textok.train.tokenizer import LossForward, _dropped_rows, generator_losses, train_tokenizer
+from textok.train.loop import LossForward
+from textok.train.tokenizer import dropped_rows, generator_losses, tokenizer_losses, train_tokenizer
 
 from conftest import random_text
 
@@ -48,9 +50,9 @@ def test_pooled_text_is_one_token_the_masked_mean() -> None:
 
 
 def test_caption_dropout_masks_whole_captions_deterministically() -> None:
-    rows = _dropped_rows(1000, 0.3, seed=0, step=5, micro=0, rank=0)
-    assert torch.equal(rows, _dropped_rows(1000, 0.3, seed=0, step=5, micro=0, rank=0))
-    assert not torch.equal(rows, _dropped_rows(1000, 0.3, seed=0, step=6, micro=0, rank=0))
+    rows = dropped_rows(1000, 0.3, seed=0, step=5, micro=0, rank=0)
+    assert torch.equal(rows, dropped_rows(1000, 0.3, seed=0, step=5, micro=0, rank=0))
+    assert not torch.equal(rows, dropped_rows(1000, 0.3, seed=0, step=6, micro=0, rank=0))
     assert 0.25 < rows.float().mean() < 0.35
     model = _model().double()
     images = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
@@ -71,7 +73,7 @@ def test_text_grounding_term_compares_right_and_wrong_captions() -> None:
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     text = random_text(4)
     wrong = TextEmbeddings(text.states.roll(1, 0), text.mask.roll(1, 0))
-    fwd = LossForward(model, (2.0, 5.0))
+    fwd = LossForward(model, functools.partial(tokenizer_losses, contrast=(2.0, 5.0)))
     recon, terms, extra = generator_losses(fwd, None, None, images, text, cfg, wrong_text=wrong)
     with torch.no_grad():
         right_l2 = torch.nn.functional.mse_loss(model(images, text)[0], images)

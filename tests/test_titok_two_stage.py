@@ -17,7 +17,7 @@ from textok.errors import CheckpointMismatchError, ConfigError, TextokError
 from textok.models.maskgit_vqgan import MaskGITVQGAN, MaskGITVQGANConfig, ResBlock
 from textok.models.registry import load_tokenizer, resolve_tokenizer_config
 from textok.models.titok import TiTok, TiTokConfig
-from textok.train.common import param_groups
+from textok.train.loop import param_groups
 from textok.train.config import load_train_config
 from textok.train.tokenizer import train_tokenizer
 

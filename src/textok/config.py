@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
 
@@ -203,9 +204,12 @@ class Config:
             raise ConfigError(f"config file {path}: {err}") from None
 
     # ---- overrides ---------------------------------------------------------------------------
-    def override(self: C, assignments: list[str] | dict[str, Any]) -> C:
-        """Return a copy with ``key=value`` (dotted for nested configs) assignments applied."""
-        items = assignments.items() if isinstance(assignments, dict) else [_split_assignment(a) for a in assignments]
+    def override(self: C, assignments: Sequence[str | tuple[str, Any]] | Mapping[str, Any]) -> C:
+        """Return a copy with assignments (dotted keys reach nested configs) applied in order: ``"key=value"``
+        text as typed on a command line, ``(key, value)`` pairs or a ``{key: value}`` mapping, where a value is
+        of the field's type or text to parse as one."""
+        items = assignments.items() if isinstance(assignments, Mapping) else \
+            [a if isinstance(a, tuple) else split_assignment(a) for a in assignments]
         result = self
         for key, value in items:
             result = _set_path(result, key.split("."), value, key)
@@ -245,7 +249,7 @@ class Config:
         return cls.preset(spec_s)  # raises with the closest preset
 
 
-def _split_assignment(text: str) -> tuple[str, str]:
+def split_assignment(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, value = text.split("=", 1)

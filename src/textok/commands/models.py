@@ -9,22 +9,23 @@ import torch
 
 from ..data.images import check_output_image, load_image, save_image
 from ..errors import TextokError
-from ..models.textok import TexTok, TexTokConfig
+from ..models.registry import TOKENIZERS, build_tokenizer, load_tokenizer, resolve_tokenizer_config
 from ..report import print_table
 from ..text.encoders import check_captions
 
 
 def info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("preset", nargs="?", help="a preset name (omit to list them all)")
+    p.add_argument("preset", nargs="?", help="a tokenizer preset (omit to list them all)")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     if not args.preset:
-        print("TexTok presets:", ", ".join(TexTokConfig.presets()))
+        for model_cls in TOKENIZERS.values():
+            print(f"{model_cls.__name__} presets:", ", ".join(model_cls.config_class.presets()))
         return
-    cfg = TexTokConfig.preset(args.preset)
+    model_type, cfg = resolve_tokenizer_config(args.preset)
     with torch.device("meta"):
-        model = TexTok(cfg)
+        model = build_tokenizer(model_type, cfg)
     counts = model.num_parameters()
     rows = [{"part": k, "parameters": f"{v:,}", "millions": f"{v / 1e6:.2f}"} for k, v in counts.items()]
     print(f"{args.preset}: {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_tokens} tokens x {cfg.token_channels} "
@@ -34,7 +35,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def reconstruct_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a from_pretrained directory (config.json + model.safetensors)")
+    p.add_argument("--model", required=True, help="a tokenizer directory of any kind (config.json + model.safetensors)")
     p.add_argument("--image", required=True, nargs="+", help="one or more image files")
     p.add_argument("--caption", nargs="+", default=None, help="one caption per image (quote each)")
     p.add_argument("--out", required=True, help="output PNG (originals on the top row, reconstructions below)")
@@ -46,7 +47,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
         raise TextokError(f"--out {args.out} is one of the input images; write the grid to another file")
     if args.caption is not None:
         check_captions(args.caption)
-    model = TexTok.from_pretrained(args.model).eval()
+    model = load_tokenizer(args.model).eval()
     images = torch.stack([load_image(p, model.config.image_size) for p in args.image])
     captions = args.caption
     if model.config.uses_text and captions is None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from ..generate.trainer import load_generator_config, train_generator
-from ..train.config import load_train_config
+from ..config import split_assignment
+from ..train.config import load_generator_config, load_train_config
+from ..train.generator import train_generator
 from ..train.tokenizer import train_tokenizer
 
 
@@ -21,12 +23,7 @@ def train_tokenizer_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    if args.ckpt_every is not None:
-        overrides.append(f"ckpt_every={args.ckpt_every}")
-    cfg = load_train_config(args.config, overrides)
+    cfg = load_train_config(args.config, with_flags(args, "max_steps", "ckpt_every"))
     final = train_tokenizer(cfg, args.out, progress=not args.no_progress)
     if final.is_dir():
         print(f"final EMA weights: {final}")
@@ -48,12 +45,16 @@ def train_generator_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_generator(args: argparse.Namespace) -> None:
-    overrides = [f"latents={args.latents}", *args.overrides]
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    if args.ckpt_every is not None:
-        overrides.append(f"ckpt_every={args.ckpt_every}")
+    overrides = [("latents", args.latents), *with_flags(args, "max_steps", "ckpt_every")]
     cfg = load_generator_config(args.config, overrides, kind=args.kind)
     final = train_generator(cfg, args.out, progress=not args.no_progress)
     if final.is_dir():
         print(f"final EMA generator: {final}")
+
+
+def with_flags(args: argparse.Namespace, *flags: str) -> list[tuple[str, Any]]:
+    """The command line's ``key=value`` overrides, then those of ``flags`` that were given, typed
+    (``--max-steps 10`` -> ``("max_steps", 10)``). Applied in order: every ``key=value`` is still checked, and a
+    flag wins over the same key given as ``key=value``."""
+    overrides = [split_assignment(o) for o in args.overrides]
+    return overrides + [(flag, getattr(args, flag)) for flag in flags if getattr(args, flag) is not None]

@@ -15,8 +15,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..errors import TextokError
+from ..errors import ConfigError, TextokError
 from ..nets.inception import FIDInceptionV3, load_fid_inception
+from ..nets.opennsfw import INPUT_SIZE, OpenNSFW
 from .fid import FeatureStats, GaussianStats, frechet_distance_stats
 
 
@@ -49,6 +50,44 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net.pool_features(images)
+
+
+INCEPTION_ENV = "TEXTOK_INCEPTION_WEIGHTS"
+FD_NETWORKS = ("opennsfw",)
+
+
+class OpenNSFWFeatures(nn.Module):
+    """open_nsfw's 1024-d pooled feature as a :class:`FeatureExtractor` (reported as ``FD-opennsfw[@size]``)."""
+
+    def __init__(self, size: int = 224, onnx_path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__()
+        if size < 32:
+            raise ConfigError(f"fd_size {size} is too small for open_nsfw (it downsamples 32x): use at least 32")
+        self.net = OpenNSFW(onnx_path, size=size)
+        self.size = size
+        self.name = "opennsfw" if size == INPUT_SIZE else f"opennsfw@{size}"
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net.pooled(images)
+
+
+def build_fd_extractor(name: str, size: int = 224) -> FeatureExtractor:
+    """A Fréchet-distance feature network by name (``"opennsfw"``); ``size`` is its input side."""
+    if name == "opennsfw":
+        return OpenNSFWFeatures(size)
+    raise ConfigError(f"unknown FD network {name!r} (available offline: {', '.join(FD_NETWORKS)}; "
+                      "FID uses the Inception weights, see --inception-weights)")
+
+
+def maybe_inception(path: str | os.PathLike[str] | None) -> tuple[InceptionFeatures | None, str]:
+    """The real FID Inception if a path is given or ``$TEXTOK_INCEPTION_WEIGHTS`` is set, else (None, why).
+
+    A path that is given but wrong is an error (the user asked for FID), never a silent skip.
+    """
+    if path is None and not os.environ.get(INCEPTION_ENV):
+        return None, (f"no Inception weights (pass --inception-weights PATH to pt_inception-2015-12-05-6726825d.pth "
+                      f"or set {INCEPTION_ENV})")
+    return InceptionFeatures.from_weights(path), ""
 
 
 def metric_name(extractor: object) -> str:

@@ -5,11 +5,17 @@ The distance is computed exactly like pytorch-fid's ``calculate_frechet_distance
 result is accepted only when the imaginary part of its diagonal is within 1e-3 of zero). Statistics are
 accumulated in float64 as a sum and a sum of outer products, so 50k images never sit in memory, and are
 stored as ``.npz`` with keys ``mu`` and ``sigma`` (the pytorch-fid / ADM reference-batch format).
+
+Fréchet distances from fewer images than feature dimensions have rank-deficient covariances; there
+``Tr sqrt(S1 S2)`` is computed exactly from the singular values of the n1 x n2 cross-Gram matrix of the
+centred features (:func:`fd_between`: the same value as ``sqrtm``, which is slow and unstable on singular
+matrices).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from pathlib import Path
@@ -163,6 +169,92 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> None:
         self.to_gaussian().save(path)
+
+
+# ---- from streamed features: the exact low-rank route when there are few images ----------------------------
+class FeatureSet(FeatureStats):
+    """:class:`FeatureStats` that also keeps the raw features while there are no more of them than dims.
+
+    Why: with n <= D the covariance has rank < D and the exact low-rank route of :func:`fd_between` is both
+    faster and more accurate than ``sqrtm`` of a singular D x D matrix. Past D rows only the sums are kept.
+    """
+
+    def __init__(self, feature: str | None = None) -> None:
+        super().__init__(feature)
+        self._rows: list[np.ndarray] | None = []
+
+    def update(self, features: np.ndarray | torch.Tensor) -> None:
+        x = features.detach().to("cpu", torch.float64).numpy() if isinstance(features, torch.Tensor) else \
+            np.asarray(features, dtype=np.float64)
+        super().update(x)
+        if self._rows is not None and x.ndim == 2 and x.shape[0]:
+            if self.num_samples <= x.shape[1]:
+                self._rows.append(x)
+            else:
+                self._rows = None
+
+    @property
+    def features(self) -> np.ndarray | None:
+        """All features (N, D) while N <= D, else None."""
+        if self._rows is None or not self._rows:
+            return None
+        return np.concatenate(self._rows, axis=0)
+
+
+def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, (X - mean) / sqrt(n - 1)): then the covariance (ddof=1) is A^T A."""
+    mu = x.mean(axis=0)
+    return mu, (x - mu) / math.sqrt(x.shape[0] - 1)
+
+
+def _lowrank_fd(xa: np.ndarray, b: np.ndarray | GaussianStats) -> float:
+    """Fréchet distance when side a has few images (n1 <= D), exactly, without a D x D ``sqrtm``.
+
+    With A = (Xa - mu_a) / sqrt(n1 - 1), S1 = A^T A, and the nonzero eigenvalues of S1 S2 are those of the
+    symmetric PSD n1 x n1 matrix A S2 A^T, so Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A S2 A^T)). When side b is
+    also a feature matrix (S2 = B^T B) that matrix is (A B^T)(A B^T)^T and the trace is the sum of the
+    singular values of the n1 x n2 cross-Gram matrix A B^T.
+    """
+    mu_a, a = _centred(xa)
+    if isinstance(b, np.ndarray):
+        mu_b, bb = _centred(b)
+        trace_b = float(np.sum(bb * bb))
+        tr_sqrt = float(np.linalg.svd(a @ bb.T, compute_uv=False).sum())
+    else:
+        mu_b, sigma_b = np.asarray(b.mu, np.float64), np.asarray(b.sigma, np.float64)
+        trace_b = float(np.trace(sigma_b))
+        m = a @ sigma_b @ a.T
+        tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum())
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.sum(a * a) + trace_b - 2.0 * tr_sqrt)
+
+
+def fd_between(a: FeatureStats, b: FeatureStats | GaussianStats) -> float:
+    """Fréchet distance between streamed features ``a`` and features or saved statistics ``b``.
+
+    When either side kept its features (n <= D, see :class:`FeatureSet`) the exact low-rank route is used
+    (the distance is symmetric); otherwise pytorch-fid's ``sqrtm`` computation (:func:`frechet_distance_stats`).
+    """
+    fa, fb = getattr(a, "feature", None), getattr(b, "feature", None)
+    if fa is not None and fb is not None and fa != fb:
+        raise TextokError(f"statistics come from different feature networks ({fa!r} vs {fb!r}): compare "
+                          "statistics computed with the same network at the same input size")
+    for s in (a, b):
+        n = s.num_samples
+        if isinstance(s, FeatureStats) and (n or 0) < 2:
+            raise TextokError(f"a Fréchet distance needs at least 2 images per side; got {n}")
+    ga = a.to_gaussian()
+    gb = b if isinstance(b, GaussianStats) else b.to_gaussian()
+    if ga.mu.shape != gb.mu.shape:
+        raise TextokError(f"feature statistics of different sizes ({ga.mu.shape[0]} vs {gb.mu.shape[0]} dims): "
+                          "compare statistics computed with the same feature network")
+    xa = a.features if isinstance(a, FeatureSet) else None
+    xb = b.features if isinstance(b, FeatureSet) else None
+    if xa is not None:
+        return _lowrank_fd(xa, xb if xb is not None else gb)
+    if xb is not None:
+        return _lowrank_fd(xb, ga)
+    return frechet_distance_stats(ga, gb)
 
 
 def inception_score(logits: np.ndarray | torch.Tensor, splits: int = 10) -> tuple[float, float]:

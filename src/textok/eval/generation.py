@@ -32,10 +32,9 @@ from torch import Tensor
 from ..data.folder import collate
 from ..data.images import IMAGE_SUFFIXES, center_crop_resize
 from ..errors import TextokError
-from .features import quantize_uint8
-from .fid import FeatureStats, GaussianStats, inception_score
+from .features import OpenNSFWFeatures, maybe_inception, quantize_uint8
+from .fid import FeatureSet, FeatureStats, GaussianStats, fd_between, inception_score
 from .image_metrics import pil_to_rgb, to_rgb
-from .reconstruction import FeatureSet, OpenNSFWFeatures, fd_between, maybe_inception
 
 SampleSource = Tensor | np.ndarray | str | os.PathLike | Iterable[Tensor]
 

@@ -18,9 +18,7 @@ Protocol (fixed so that numbers are comparable between runs):
   not FID and is never compared with paper numbers. Input side ``fd_size`` (224 as trained); any other side
   is part of the name (``FD-opennsfw@112``) because distances at different sizes are not comparable.
 
-Fréchet distances from fewer images than feature dimensions have rank-deficient covariances; there
-``Tr sqrt(S1 S2)`` is computed exactly from the singular values of the n1 x n2 cross-Gram matrix of the
-centred features (same value as ``sqrtm``, which is slow and unstable on singular matrices).
+The Fréchet distance itself (with its exact low-rank route for few images) is :func:`textok.eval.fid.fd_between`.
 """
 
 from __future__ import annotations
@@ -30,57 +28,18 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..data.folder import collate
 from ..errors import ConfigError, TextokError
 from ..losses.perceptual import LPIPS
-from ..nets.opennsfw import INPUT_SIZE, OpenNSFW
-from .features import FeatureExtractor, InceptionFeatures, metric_name, quantize_uint8
-from .fid import FeatureStats, GaussianStats, frechet_distance_stats
+from .features import FeatureExtractor, build_fd_extractor, maybe_inception, metric_name, quantize_uint8
+from .fid import FeatureSet, fd_between
 from .image_metrics import psnr, ssim_pm1
 
-INCEPTION_ENV = "TEXTOK_INCEPTION_WEIGHTS"
 VGG16_ENV = "TEXTOK_VGG16_WEIGHTS"
-FD_NETWORKS = ("opennsfw",)
 SSIM_MIN_SIDE = 11  # the 11x11 Gaussian window
-
-
-# ---- feature extractors --------------------------------------------------------------------------------
-class OpenNSFWFeatures(nn.Module):
-    """open_nsfw's 1024-d pooled feature as a :class:`FeatureExtractor` (reported as ``FD-opennsfw[@size]``)."""
-
-    def __init__(self, size: int = 224, onnx_path: str | os.PathLike[str] | None = None) -> None:
-        super().__init__()
-        if size < 32:
-            raise ConfigError(f"fd_size {size} is too small for open_nsfw (it downsamples 32x): use at least 32")
-        self.net = OpenNSFW(onnx_path, size=size)
-        self.size = size
-        self.name = "opennsfw" if size == INPUT_SIZE else f"opennsfw@{size}"
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.net.pooled(images)
-
-
-def build_fd_extractor(name: str, size: int = 224) -> FeatureExtractor:
-    """A Fréchet-distance feature network by name (``"opennsfw"``); ``size`` is its input side."""
-    if name == "opennsfw":
-        return OpenNSFWFeatures(size)
-    raise ConfigError(f"unknown FD network {name!r} (available offline: {', '.join(FD_NETWORKS)}; "
-                      "FID uses the Inception weights, see --inception-weights)")
-
-
-def maybe_inception(path: str | os.PathLike[str] | None) -> tuple[InceptionFeatures | None, str]:
-    """The real FID Inception if a path is given or ``$TEXTOK_INCEPTION_WEIGHTS`` is set, else (None, why).
-
-    A path that is given but wrong is an error (the user asked for FID), never a silent skip.
-    """
-    if path is None and not os.environ.get(INCEPTION_ENV):
-        return None, (f"no Inception weights (pass --inception-weights PATH to pt_inception-2015-12-05-6726825d.pth "
-                      f"or set {INCEPTION_ENV})")
-    return InceptionFeatures.from_weights(path), ""
 
 
 def maybe_lpips(path: str | os.PathLike[str] | None) -> tuple[nn.Module | None, str]:
@@ -89,93 +48,6 @@ def maybe_lpips(path: str | os.PathLike[str] | None) -> tuple[nn.Module | None, 
         return None, (f"no VGG16 weights (pass --vgg16-weights PATH to torchvision's vgg16-397923af.pth "
                       f"or set {VGG16_ENV})")
     return LPIPS(vgg16_weights=path), ""
-
-
-# ---- Fréchet distance from streamed features ---------------------------------------------------------
-class FeatureSet(FeatureStats):
-    """:class:`FeatureStats` that also keeps the raw features while there are no more of them than dims.
-
-    Why: with n <= D the covariance has rank < D and the exact low-rank route of :func:`fd_between` is both
-    faster and more accurate than ``sqrtm`` of a singular D x D matrix. Past D rows only the sums are kept.
-    """
-
-    def __init__(self, feature: str | None = None) -> None:
-        super().__init__(feature)
-        self._rows: list[np.ndarray] | None = []
-
-    def update(self, features: np.ndarray | Tensor) -> None:
-        x = features.detach().to("cpu", torch.float64).numpy() if isinstance(features, Tensor) else \
-            np.asarray(features, dtype=np.float64)
-        super().update(x)
-        if self._rows is not None and x.ndim == 2 and x.shape[0]:
-            if self.num_samples <= x.shape[1]:
-                self._rows.append(x)
-            else:
-                self._rows = None
-
-    @property
-    def features(self) -> np.ndarray | None:
-        """All features (N, D) while N <= D, else None."""
-        if self._rows is None or not self._rows:
-            return None
-        return np.concatenate(self._rows, axis=0)
-
-
-def _centred(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, (X - mean) / sqrt(n - 1)): then the covariance (ddof=1) is A^T A."""
-    mu = x.mean(axis=0)
-    return mu, (x - mu) / math.sqrt(x.shape[0] - 1)
-
-
-def _lowrank_fd(xa: np.ndarray, b: np.ndarray | GaussianStats) -> float:
-    """Fréchet distance when side a has few images (n1 <= D), exactly, without a D x D ``sqrtm``.
-
-    With A = (Xa - mu_a) / sqrt(n1 - 1), S1 = A^T A, and the nonzero eigenvalues of S1 S2 are those of the
-    symmetric PSD n1 x n1 matrix A S2 A^T, so Tr sqrt(S1 S2) = sum sqrt(eigvalsh(A S2 A^T)). When side b is
-    also a feature matrix (S2 = B^T B) that matrix is (A B^T)(A B^T)^T and the trace is the sum of the
-    singular values of the n1 x n2 cross-Gram matrix A B^T.
-    """
-    mu_a, a = _centred(xa)
-    if isinstance(b, np.ndarray):
-        mu_b, bb = _centred(b)
-        trace_b = float(np.sum(bb * bb))
-        tr_sqrt = float(np.linalg.svd(a @ bb.T, compute_uv=False).sum())
-    else:
-        mu_b, sigma_b = np.asarray(b.mu, np.float64), np.asarray(b.sigma, np.float64)
-        trace_b = float(np.trace(sigma_b))
-        m = a @ sigma_b @ a.T
-        tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum())
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.sum(a * a) + trace_b - 2.0 * tr_sqrt)
-
-
-def fd_between(a: FeatureStats, b: FeatureStats | GaussianStats) -> float:
-    """Fréchet distance between streamed features ``a`` and features or saved statistics ``b``.
-
-    When either side kept its features (n <= D, see :class:`FeatureSet`) the exact low-rank route is used
-    (the distance is symmetric); otherwise pytorch-fid's ``sqrtm`` computation
-    (:func:`textok.eval.frechet_distance_stats`).
-    """
-    fa, fb = getattr(a, "feature", None), getattr(b, "feature", None)
-    if fa is not None and fb is not None and fa != fb:
-        raise TextokError(f"statistics come from different feature networks ({fa!r} vs {fb!r}): compare "
-                          "statistics computed with the same network at the same input size")
-    for s in (a, b):
-        n = s.num_samples
-        if isinstance(s, FeatureStats) and (n or 0) < 2:
-            raise TextokError(f"a Fréchet distance needs at least 2 images per side; got {n}")
-    ga = a.to_gaussian()
-    gb = b if isinstance(b, GaussianStats) else b.to_gaussian()
-    if ga.mu.shape != gb.mu.shape:
-        raise TextokError(f"feature statistics of different sizes ({ga.mu.shape[0]} vs {gb.mu.shape[0]} dims): "
-                          "compare statistics computed with the same feature network")
-    xa = a.features if isinstance(a, FeatureSet) else None
-    xb = b.features if isinstance(b, FeatureSet) else None
-    if xa is not None:
-        return _lowrank_fd(xa, xb if xb is not None else gb)
-    if xb is not None:
-        return _lowrank_fd(xb, ga)
-    return frechet_distance_stats(ga, gb)
 
 
 # ---- reconstruction ------------------------------------------------------------------------------------
@@ -342,13 +214,4 @@ def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None
     return result
 
 
-__all__ = [
-    "FeatureSet",
-    "OpenNSFWFeatures",
-    "build_fd_extractor",
-    "evaluate_tokenizer",
-    "fd_between",
-    "maybe_inception",
-    "maybe_lpips",
-    "reconstruct_batches",
-]
+__all__ = ["evaluate_tokenizer", "maybe_lpips", "reconstruct_batches"]

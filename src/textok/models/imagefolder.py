@@ -220,7 +220,9 @@ def symmetric_info_nce(a: Tensor, b: Tensor, rows: Tensor, logit_scale: float) -
 
 
 class ImageFolder(TexTok):
-    """The tokenizer. Codes are (B, P, L) int64, L = sum(pn^2), laid out scale by scale (row-major per scale).
+    """ImageFolder's tokenizer: TexTok's encoder and decoder around a product quantizer of multi-scale residual
+    codes on a K x K grid (P branches). Codes are (B, P, L) int64, L = sum(pn^2), laid out scale by scale
+    (row-major per scale).
 
     * ``encode(images, text=None) -> z_q`` (B, K^2, P C): f_hat of all scales (straight-through gradient);
       ``decode(z_q, text=None) -> images`` (inherited from TexTok).

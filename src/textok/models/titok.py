@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, _split_assignment
+from ..config import Config, split_assignment
 from ..errors import CheckpointMismatchError, ConfigError, TextokError
 from .maskgit_vqgan import PUBLISHED_FILE, MaskGITVQGAN, MaskGITVQGANConfig
 from .quantizers import DiagonalGaussian, QuantizerConfig, VectorQuantizer, build_quantizer
@@ -98,7 +98,7 @@ class TiTokConfig(TexTokConfig):
         applied last, so the two stages' checks see all the other assignments (``stage=...``,
         ``vqgan_weights=...`` and ``vqgan.*`` in any order)."""
         items = (list(assignments.items()) if isinstance(assignments, dict)
-                 else [_split_assignment(a) for a in assignments])
+                 else [split_assignment(a) for a in assignments])
         items = [("quantizer.code_dim" if k.strip() == "token_channels" else k.strip(), v) for k, v in items]
         stage: Any = self.stage
         out = dataclasses.replace(self, stage="pixel")

@@ -193,7 +193,8 @@ def _logit_dtype(x: Tensor) -> torch.dtype:
 
 
 class VAR(nn.Module):
-    """Class-conditional next-scale generator. Logits come as (B, P, L, V), aligned with codes (B, P, L)."""
+    """VAR, the class-conditional next-scale generator over ImageFolder's codes (the P branches' codes of one
+    position folded into one step). Logits come as (B, P, L, V), aligned with codes (B, P, L)."""
 
     def __init__(self, cfg: VARConfig) -> None:
         super().__init__()

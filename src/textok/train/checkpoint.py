@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import TextokError
 from ..io import atomic_directory, check_safetensors, read_json
 from .state import load_state, save_state
@@ -79,3 +81,18 @@ class CheckpointManager:
     def load(path: Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
         meta = json.loads((path / "meta.json").read_text())
         return {name: load_state(path / name, device) for name in meta["components"]}, meta
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (CPU, and every GPU's), for a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back the global RNG states of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.to("cpu", torch.uint8) for s in state["cuda"]])

@@ -1,15 +1,28 @@
-"""Training configuration: what to train on, with which losses and schedule. Model shape lives in the
-model's own config (named by ``model``, adjusted by ``model_overrides``)."""
+"""Training configurations: ``TrainConfig`` (a tokenizer: what to train on, with which losses and schedule) and
+``GeneratorTrainConfig`` (a DiT or MaskGIT on extracted latents), and how a recipe, a preset or a file with
+``key=value`` overrides becomes one. A model's shape lives in its own config (named by ``model``, adjusted by
+``model_overrides``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
+from typing import Any, TypeVar, Union
 
-from ..config import Config, read_yaml
+from ..config import Config, read_yaml, split_assignment
 from ..errors import ConfigError
 from ..losses.adversarial import AdversarialConfig
+from ..models.dit import DiTConfig
+from ..models.maskgit import MaskGITConfig
+from ..models.registry import resolve_tokenizer_config
+
+C = TypeVar("C", bound=Config)
+# {"optim.lr": 2e-4}, [("optim.lr", 2e-4)] or ["optim.lr=2e-4"], applied in order
+Overrides = Union[Mapping[str, Any], Sequence[Union[str, tuple[str, Any]]]]
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
 
@@ -124,24 +137,19 @@ def check_schedule(cfg: Config, positive: tuple[str, ...] = (), non_negative: tu
             raise ConfigError(f"{name}={getattr(cfg, name)} must be 0 (never) or more")
 
 
-def load_train_config(spec: str, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(spec: str, overrides: Overrides = ()) -> TrainConfig:
     """``spec``: a recipe name in textok/configs, a YAML/JSON recipe file, or a tokenizer preset / model file.
 
     A tokenizer preset (or model file) trains with a recipe of its size (:func:`recipe_for_model`). Overrides
-    ``model.KEY=VALUE`` adjust the model config; everything else the training config.
+    (see :func:`with_overrides`) ``model.KEY`` adjust the model config; everything else the training config.
     """
-    model_over = [o.split(".", 1)[1] for o in overrides if o.startswith("model.")]
-    rest = [o for o in overrides if not o.startswith("model.")]
     recipe = RECIPES / f"{spec}.yaml"
     path = recipe if recipe.is_file() else Path(spec)
-    if path.is_file() and _is_recipe(read_yaml(path)):
+    if path.is_file() and is_recipe(read_yaml(path)):
         cfg = TrainConfig.from_file(path)
     else:
-        cfg = recipe_for_model(spec, model_over)
-    cfg = cfg.override(rest)
-    if model_over:
-        cfg = dataclasses.replace(cfg, model_overrides=tuple(cfg.model_overrides) + tuple(model_over))
-    return cfg
+        cfg = recipe_for_model(spec, model_overrides(overrides))
+    return with_overrides(cfg, overrides)
 
 
 # A tokenizer preset used as the training config trains with a recipe of its size: a CPU-size model (at most
@@ -154,13 +162,142 @@ CPU_RECIPE = "demo"
 
 def recipe_for_model(model: str, model_overrides: list[str] = ()) -> TrainConfig:
     """The training recipe for tokenizer preset or model file ``model`` (see ``CPU_MODEL_MAX_SIZE``)."""
-    from ..models.registry import resolve_tokenizer_config
-
     _, model_cfg = resolve_tokenizer_config(model, model_overrides)  # an unknown preset fails here, naming it
     if model_cfg.image_size <= CPU_MODEL_MAX_SIZE:
         return dataclasses.replace(TrainConfig.from_file(RECIPES / f"{CPU_RECIPE}.yaml"), model=model)
     return TrainConfig(model=model)
 
 
-def _is_recipe(data: object) -> bool:
-    return isinstance(data, dict) and ("data" in data or "optim" in data or "loss" in data or "max_steps" in data)
+RECIPE_KEYS = ("data", "optim", "loss", "max_steps", "kind", "latents", "model")
+
+
+def is_recipe(data: object) -> bool:
+    """A file's content is a training recipe (a ``TrainConfig`` or ``GeneratorTrainConfig``), not a model config:
+    it has a key that only training configs have."""
+    return isinstance(data, dict) and any(k in data for k in RECIPE_KEYS)
+
+
+def with_overrides(cfg: C, overrides: Overrides) -> C:
+    """``cfg`` with overrides applied in order: ``{"key": value}`` or ``[("key", value)]`` (a value of the field's
+    type, or text to parse as one) or ``["key=value", ...]`` as typed on a command line; dotted keys reach nested
+    configs (``optim.lr``).
+
+    ``model.KEY`` ones are kept as ``KEY=VALUE`` text in ``model_overrides`` (the model's config is built from
+    its preset and them when the model is built); the others set the training config's fields.
+    """
+    items = _items(overrides)
+    cfg = cfg.override([(k, v) for k, v in items if not k.startswith("model.")])
+    model = model_overrides(items)
+    if model:
+        cfg = dataclasses.replace(cfg, model_overrides=tuple(cfg.model_overrides) + tuple(model))
+    return cfg
+
+
+def model_overrides(overrides: Overrides) -> list[str]:
+    """The ``model.KEY`` entries of ``overrides`` as ``KEY=VALUE`` text."""
+    return [f"{k[len('model.'):]}={_as_text(v)}" for k, v in _items(overrides) if k.startswith("model.")]
+
+
+def _items(overrides: Overrides) -> list[tuple[str, Any]]:
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    return [o if isinstance(o, tuple) else split_assignment(o) for o in overrides]
+
+
+def _as_text(value: Any) -> str:
+    """A value as a command line writes it (``true``, ``4``, ``[1, 2]``), the form ``model_overrides`` keeps."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+# ---- generators ------------------------------------------------------------------------------------
+GENERATOR_KINDS = ("dit", "maskgit")
+DEFAULT_GENERATOR = {"dit": "dit-b", "maskgit": "maskgit-b"}
+
+
+def _generator_optim() -> OptimConfig:
+    # DiT trains with AdamW at 1e-4, no weight decay, betas (0.9, 0.999); warm-up + cosine added here.
+    return OptimConfig(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, min_lr_ratio=0.1,
+                       grad_clip=1.0)
+
+
+def maskgit_optim() -> OptimConfig:
+    """TiTok's MaskGIT recipe: AdamW 2e-4, betas (0.9, 0.96), weight decay 0.03, 10k warm-up steps, cosine to
+    1e-5, gradient clipping at 1. A MaskGIT run starts from these unless its recipe or overrides say otherwise."""
+    return OptimConfig(lr=2e-4, betas=(0.9, 0.96), weight_decay=0.03, warmup_steps=10_000, min_lr_ratio=0.05,
+                       grad_clip=1.0)
+
+
+@dataclasses.dataclass
+class GeneratorTrainConfig(Config):
+    """What generator to train on which latents, and how long."""
+
+    latents: str = ""  # a directory written by `textok extract-latents`
+    kind: str = "dit"  # "dit" (continuous tokens) | "maskgit" (discrete codes of a VQ tokenizer)
+    model: str = ""  # a DiT or MaskGIT preset or config file ("" = dit-b / maskgit-b)
+    model_overrides: tuple[str, ...] = ()
+    diffusion: str = "dit"  # DiT only: "dit" (DDPM, learned sigma) | "flow" (rectified flow) | a config file
+    text: bool = False  # DiT only: text-to-image on caption embeddings (else class-conditional)
+    optim: OptimConfig = field(default_factory=_generator_optim)
+    batch_size: int = 256  # per process
+    max_steps: int = 100000
+    ema_decay: float = 0.9999
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 2
+    text_cache: str = ""  # where caption embeddings persist (default: OUT/text_cache.safetensors)
+    text_store: str = "auto"  # "auto"/"off" (the one-file text_cache) | "on" (the user-level text-state store) | a store dir
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.kind not in GENERATOR_KINDS:
+            raise ConfigError(f"kind {self.kind!r} is unknown; use one of {', '.join(GENERATOR_KINDS)}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision {self.precision!r} must be auto, bf16 or fp32")
+        check_schedule(self, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "keep_last"))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
+        if self.kind == "maskgit" and self.text:
+            raise ConfigError("text=true is for the DiT (text-to-image); MaskGIT here is class-conditional only")
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_GENERATOR[self.kind]
+
+
+def load_generator_config(config: str | None = None, overrides: Overrides = (), kind: str | None = None
+                          ) -> GeneratorTrainConfig:
+    """``config``: a DiT/MaskGIT preset (the kind follows from it), or a YAML/JSON GeneratorTrainConfig file.
+
+    Overrides (see :func:`with_overrides`) ``model.KEY`` adjust the generator's model config; everything else the
+    training config.
+    """
+    cfg = GeneratorTrainConfig()
+    if config:
+        if config in MaskGITConfig.presets():
+            cfg = dataclasses.replace(cfg, kind="maskgit", model=config)
+        elif config in DiTConfig.presets():
+            cfg = dataclasses.replace(cfg, kind="dit", model=config)
+        elif Path(config).is_file() and is_recipe(read_yaml(config)):
+            cfg = GeneratorTrainConfig.from_file(config)
+        elif Path(config).is_file():
+            cfg = dataclasses.replace(cfg, model=config)
+        else:
+            names = DiTConfig.presets() + MaskGITConfig.presets()
+            close = difflib.get_close_matches(config, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"--config {config!r} is neither a generator preset nor a config file; {hint}"
+                              f"(presets: {', '.join(names)})")
+    if kind is not None:
+        if config and kind != cfg.kind and (config in DiTConfig.presets() or config in MaskGITConfig.presets()):
+            raise ConfigError(f"--config {config} is a {cfg.kind} preset but --kind is {kind}; drop one of them")
+        cfg = dataclasses.replace(cfg, kind=kind)
+    if cfg.kind == "maskgit" and cfg.optim == _generator_optim():  # the DiT default was not chosen for it
+        cfg = dataclasses.replace(cfg, optim=maskgit_optim())
+    return with_overrides(cfg, overrides)

@@ -9,14 +9,15 @@ uninterrupted run would have read.
 
 from __future__ import annotations
 
+import random
 import sys
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from ..data.folder import collate
 from ..data.shards import ShardSet
-from .common import batch_indices, stand_in_batch
+from ..errors import TextokError
 
 
 class BatchSource:
@@ -87,4 +88,53 @@ def captions_of(dataset: Any, index: int) -> list[str]:
     return item["captions"] if item is not None else []
 
 
-__all__ = ["BatchSource", "captions_of"]
+def batch_indices(n: int, global_batch: int, rank: int, per_rank: int, seed: int, start: int) -> Iterator[list[int]]:
+    """Index lists for micro-batch ``start``, ``start+1``, ... of this rank, a pure function of the position.
+
+    Each epoch is a fresh permutation (seeded by ``seed`` and the epoch); the last partial global batch is
+    dropped so every rank gets equal shares. Resuming at micro-batch k yields exactly what k would have been.
+    """
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise TextokError(f"the dataset has {n} images, fewer than one global batch of {global_batch}: "
+                          "lower batch_size or use more data")
+    k = start
+    perm, perm_epoch = None, -1
+    while True:
+        epoch, pos = divmod(k, per_epoch)
+        if epoch != perm_epoch:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+            perm_epoch = epoch
+        first = pos * global_batch + rank * per_rank
+        yield perm[first : first + per_rank]
+        k += 1
+
+
+def stand_in_batch(empty: dict[str, Any], position: int, load: Callable[[int], dict[str, Any]], span: int
+                   ) -> dict[str, Any]:
+    """A batch to train on at micro-batch ``position``, none of whose images could be decoded (``empty``).
+
+    It is the nearest earlier micro-batch that has images (at the start of a run, the nearest later one),
+    searched over ``span`` positions each way (an epoch). Being a pure function of the position, a resumed run
+    gets the same stand-in, so resume stays exact; ``skipped`` keeps ``empty``'s count of undecodable images.
+    """
+    nearest = [*range(position - 1, max(-1, position - 1 - span), -1), *range(position + 1, position + 1 + span)]
+    for k in nearest:
+        batch = load(k)
+        if batch["captions"]:
+            return {**batch, "skipped": empty["skipped"]}
+    raise TextokError(f"none of the images of {span} micro-batches around micro-batch {position} could be decoded; "
+                      "check that the data folder holds images textok can read")
+
+
+def pick_captions(captions: list[list[str]], indices: list[int], seed: int, step: int, train: bool = True) -> list[str]:
+    """One caption per image: random per (seed, step, image) in training, the first one in evaluation."""
+    if not train:
+        return [c[0] for c in captions]
+    out = []
+    for caps, idx in zip(captions, indices):
+        out.append(caps[random.Random(hash((seed, step, idx)) & 0xFFFFFFFF).randrange(len(caps))])
+    return out
+
+
+__all__ = ["BatchSource", "batch_indices", "captions_of", "pick_captions", "stand_in_batch"]

@@ -26,8 +26,16 @@ from ...data.images import save_image
 from ...errors import TextokError
 from ...generate.latents import LatentDataset, extract_latents, read_meta
 from ...generate.sampling import GenerationPipeline, sample_grid
-from ...generate.trainer import load_generator_config, train_generator
 from ...io import atomic_write_text
+from ...train.config import load_generator_config
+from ...train.generator import train_generator
+
+# ~1,500 steps of 64 take a few minutes on two CPU cores; the EMA horizon (~200 steps) fits the short run
+GENERATOR = {"model.width": 128, "model.depth": 4, "model.heads": 4, "batch_size": 64, "ema_decay": 0.995,
+             "optim.lr": 3e-4, "optim.warmup_steps": 200, "log_every": 50, "ckpt_every": 500, "max_steps": 1500,
+             "diffusion": "flow"}
+QUICK = {"model.width": 32, "model.depth": 1, "batch_size": 8, "max_steps": 3, "ckpt_every": 3,
+         "optim.warmup_steps": 1, "log_every": 1}  # a minimal pipeline run, for tests
 
 
 def run_demo_gen(tokenizer: str | Path = "runs/demo/textok/final", out: str | Path = "runs/demo-gen",
@@ -54,16 +62,9 @@ def run_demo_gen(tokenizer: str | Path = "runs/demo/textok/final", out: str | Pa
     print(f"{meta['count']} scenes -> tokens ({meta['num_tokens']}, {meta['channels']}), {meta['num_classes']} classes")
 
     # 2. a small class-conditional DiT
-    # ~1,500 steps of 64 take a few minutes on two CPU cores; the EMA horizon (~200 steps) fits the short run
-    overrides = ["model.width=128", "model.depth=4", "model.heads=4", "batch_size=64", "ema_decay=0.995",
-                 "optim.lr=3e-4", "optim.warmup_steps=200", "log_every=50", "ckpt_every=500", "max_steps=1500",
-                 "diffusion=flow"]
-    if quick:
-        overrides += ["model.width=32", "model.depth=1", "batch_size=8", "max_steps=3", "ckpt_every=3",
-                      "optim.warmup_steps=1", "log_every=1"]
-    if steps is not None:
-        overrides.append(f"max_steps={steps}")
-    cfg = load_generator_config("dit-tiny", [f"latents={lat_dir}", *overrides])
+    overrides = {"latents": str(lat_dir), **GENERATOR, **(QUICK if quick else {}),
+                 **({"max_steps": steps} if steps is not None else {})}
+    cfg = load_generator_config("dit-tiny", overrides)
     print(f"\n== training a DiT ({cfg.max_steps} steps of {cfg.batch_size}) ==")
     final = train_generator(cfg, out / "dit", progress=not quick)
 

@@ -41,11 +41,11 @@ from ...eval.compare import higher_is_better
 from ...eval.reconstruction import evaluate_tokenizer
 from ...generate.latents import LatentDataset, extract_latents, read_meta
 from ...generate.sampling import DEFAULT_CFG, GenerationPipeline, sample_grid
-from ...generate.trainer import load_generator_config, train_generator
 from ...io import RUN_MARKER, atomic_write_text, check_replaceable, sha256_file
 from ...models.registry import load_generator, load_tokenizer, resolve_tokenizer_config
 from ...report import markdown_table, print_table
-from ...train.config import load_train_config
+from ...train.config import load_generator_config, load_train_config
+from ...train.generator import train_generator
 from ...train.tokenizer import train_tokenizer
 from .generation import reference_grid
 
@@ -54,15 +54,16 @@ RECIPE = "demo-titok"
 # of which the tokenizer saw the first 2,000). Measured on the held-out codes: the generator is data-bound here
 # (width 128 / depth 3 overfits 2,000 scenes: held-out loss 4.77 vs 4.43 with 4,000; on 4,000 it matches
 # width 64 / depth 2 at 2.6x the time), so the small one with a wide batch is the better use of the CPU.
-GEN_OVERRIDES = ["batch_size=128", "optim.lr=1e-3", "optim.warmup_steps=100", "optim.weight_decay=0.01",
-                 "ema_decay=0.995", "log_every=50", "ckpt_every=500", "max_steps=2000"]
+GENERATOR = {"batch_size": 128, "optim.lr": 1e-3, "optim.warmup_steps": 100, "optim.weight_decay": 0.01,
+             "ema_decay": 0.995, "log_every": 50, "ckpt_every": 500, "max_steps": 2000}
 GEN_SCENES = 0  # 0 = the whole train split
-QUICK_TOK = ["max_steps=3", "data.train_size=64", "data.val_size=16", "batch_size=8", "log_every=1", "ckpt_every=3",
-             "optim.warmup_steps=1", "model.num_tokens=4", "model.quantizer.num_codes=32",
-             "model.encoder.width=32", "model.decoder.width=32", "model.encoder.heads=2", "model.decoder.heads=2",
-             "loss.perceptual_size=32"]
-QUICK_GEN = ["model.transformer.width=32", "model.transformer.depth=1", "model.transformer.heads=2", "batch_size=8",
-             "max_steps=3", "ckpt_every=3", "optim.warmup_steps=1", "log_every=1"]
+# a minimal pipeline run, for tests
+QUICK_TOK = {"max_steps": 3, "data.train_size": 64, "data.val_size": 16, "batch_size": 8, "log_every": 1,
+             "ckpt_every": 3, "optim.warmup_steps": 1, "model.num_tokens": 4, "model.quantizer.num_codes": 32,
+             "model.encoder.width": 32, "model.decoder.width": 32, "model.encoder.heads": 2, "model.decoder.heads": 2,
+             "loss.perceptual_size": 32}
+QUICK_GEN = {"model.transformer.width": 32, "model.transformer.depth": 1, "model.transformer.heads": 2,
+             "batch_size": 8, "max_steps": 3, "ckpt_every": 3, "optim.warmup_steps": 1, "log_every": 1}
 
 
 def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None, gen_steps: int | None = None,
@@ -78,9 +79,7 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     seconds: dict[str, float] = {}
 
     # ---- 1. the tokenizer ------------------------------------------------------------------------
-    overrides = list(QUICK_TOK) if quick else []
-    if steps is not None:
-        overrides.append(f"max_steps={steps}")
+    overrides = {**(QUICK_TOK if quick else {}), **({"max_steps": steps} if steps is not None else {})}
     cfg = load_train_config(recipe, overrides)
     print(f"== training TiTok ({cfg.model} + {len(cfg.model_overrides)} overrides): {cfg.max_steps} steps of "
           f"{cfg.batch_size} images ==")
@@ -110,9 +109,8 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     codebook = _codebook_stats(val_dir, tok.codebook_size)
     train_log = _last_log(out / "titok" / "log.jsonl")
 
-    gen_over = [f"latents={lat_dir}", *GEN_OVERRIDES, *(QUICK_GEN if quick else [])]
-    if gen_steps is not None:
-        gen_over.append(f"max_steps={gen_steps}")
+    gen_over = {"latents": str(lat_dir), **GENERATOR, **(QUICK_GEN if quick else {}),
+                **({"max_steps": gen_steps} if gen_steps is not None else {})}
     gcfg = load_generator_config("maskgit-tiny", gen_over)
     meta = read_meta(lat_dir)
     print(f"\n== training a MaskGIT on {meta['count']} x {meta['num_tokens']} codes ({meta['codebook_size']}-entry "

@@ -24,26 +24,24 @@ from ...report import captioned_grid, print_table
 from ...train.config import load_train_config
 from ...train.tokenizer import train_tokenizer
 
-RUNS = {  # name -> model overrides; everything else (data, budget, seed) is shared
-    "baseline": ["text_in_encoder=false", "text_in_decoder=false"],
-    "textok": [],
+RUNS = {  # name -> its own overrides; everything else (data, budget, seed) is shared
+    "baseline": {"model.text_in_encoder": False, "model.text_in_decoder": False},
+    "textok": {},
 }
 LABELS = {"baseline": "baseline (no text)", "textok": "TexTok (text in encoder + decoder)"}
+QUICK = {"max_steps": 3, "data.train_size": 64, "data.val_size": 16, "batch_size": 8, "log_every": 1,
+         "model.num_tokens": 4, "loss.perceptual_size": 32, "ckpt_every": 3, "optim.warmup_steps": 1}  # for tests
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, quick: bool = False, recipe: str = "demo") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = [f"text_cache={out / 'text_cache.safetensors'}"]
-    if quick:  # a minimal pipeline run, for tests
-        overrides += ["max_steps=3", "data.train_size=64", "data.val_size=16", "batch_size=8", "log_every=1",
-                      "model.num_tokens=4", "loss.perceptual_size=32", "ckpt_every=3", "optim.warmup_steps=1"]
-    if steps is not None:
-        overrides.append(f"max_steps={steps}")
+    overrides = {"text_cache": str(out / "text_cache.safetensors"), **(QUICK if quick else {}),
+                 **({"max_steps": steps} if steps is not None else {})}
     base = load_train_config(recipe, overrides)
     finals, seconds = {}, {}
-    for name, model_over in RUNS.items():
-        cfg = load_train_config(recipe, overrides + [f"model.{o}" for o in model_over])
+    for name, own in RUNS.items():
+        cfg = load_train_config(recipe, {**overrides, **own})
         print(f"\n== training {LABELS[name]}: {cfg.max_steps} steps of {cfg.batch_size} images ==")
         t0 = time.time()
         finals[name] = train_tokenizer(cfg, out / name)

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ...data.factory import MismatchedCaptions, build_dataset
 from ...devices import resolve_device
+from ...config import split_assignment
 from ...errors import ConfigError, TextokError
 from ...eval.reconstruction import evaluate_tokenizer
 from ...hub import config_diff, flatten
 from ...io import atomic_write_text
 from ...models.registry import load_tokenizer
-from ...train.config import RECIPES, TrainConfig, load_train_config
+from ...train.config import RECIPES, Overrides, TrainConfig, load_train_config
 from ...train.tokenizer import train_tokenizer
 from .settings import MODES
 
@@ -65,38 +66,32 @@ def study_recipe(recipe: str | None, data: str | None) -> str:
 
 
 def base_overrides(out: Path, data: str | None, recipe: str, steps: int | None, image_size: int | None,
-                   seed: int | None, overrides: Sequence[str]) -> list[str]:
-    """The overrides every cell shares (user's ``key=value`` first, then the explicit flags)."""
-    for o in overrides:
-        key = o.split("=", 1)[0].strip()
+                   seed: int | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """The overrides every cell shares: the user's ``key=value`` ones, then the study's settings."""
+    user = dict(split_assignment(o) for o in overrides)
+    for key in user:
         if key in SET_BY_STUDY:
             raise ConfigError(f"{key} is set per cell by the study: use --tokens / --modes / --init-from-study "
-                              f"instead of {o!r}")
-    source = load_train_config(recipe, list(overrides)).data.source if data is None else data
-    over = list(overrides) + [f"data.source={resolve_data(source)}",
-                              f"text_cache={(out / 'text_cache.safetensors').resolve()}"]
-    if steps is not None:
-        over.append(f"max_steps={steps}")
-    if image_size is not None:
-        over.append(f"model.image_size={image_size}")
-    if seed is not None:
-        over.append(f"seed={seed}")
-    return over
+                              f"instead of {f'{key}={user[key]}'!r}")
+    source = load_train_config(recipe, user).data.source if data is None else data
+    given = {"max_steps": steps, "model.image_size": image_size, "seed": seed}
+    return {**user, "data.source": resolve_data(source), "text_cache": str((out / "text_cache.safetensors").resolve()),
+            **{k: v for k, v in given.items() if v is not None}}
 
 
-def cell_config(recipe: str, tokens: int, mode: str, overrides: Sequence[str], init_from_study: str | Path | None = None):
+def cell_config(recipe: str, tokens: int, mode: str, overrides: Overrides, init_from_study: str | Path | None = None):
     """The training config of one cell: the shared recipe + overrides, with this N and text mode (and, for a
     fine-tuning study, the same cell of an earlier study as the starting weights)."""
     enc, dec = MODES[mode]
-    over = list(overrides) + [f"model.num_tokens={tokens}", f"model.text_in_encoder={str(enc).lower()}",
-                              f"model.text_in_decoder={str(dec).lower()}"]
+    cell: dict[str, Any] = {"model.num_tokens": tokens, "model.text_in_encoder": enc, "model.text_in_decoder": dec}
     if init_from_study:
         start = Path(init_from_study).resolve() / "cells" / cell_name(tokens, mode) / "final"
         if not (start / "model.safetensors").is_file():
             raise TextokError(f"--init-from-study {init_from_study}: it has no finished cell {cell_name(tokens, mode)} "
                               f"({start} is missing); run that study with the same --tokens and --modes first")
-        over.append(f"init_from={start}")
-    return load_train_config(recipe, over)
+        cell["init_from"] = str(start)
+    shared = overrides if isinstance(overrides, Mapping) else dict(split_assignment(o) for o in overrides)
+    return load_train_config(recipe, {**shared, **cell})
 
 
 def identity(cfg_dict: dict[str, Any]) -> dict[str, Any]:

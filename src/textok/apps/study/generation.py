@@ -5,7 +5,7 @@ text tokenizer (the text mode with the best headline reconstruction metric) and 
 each, with the same recipe, seed and data:
 
 1. encodes the training split into latents (:func:`textok.generate.latents.extract_latents`);
-2. trains the same small DiT on them (:func:`textok.generate.trainer.train_generator`; recipe
+2. trains the same small DiT on them (:func:`textok.train.generator.train_generator`; recipe
    ``configs/study-dit.yaml``): class-conditional when the data has classes, else text-to-image;
 3. draws one sample per held-out reference image, conditioned on that image's class (the decoder of a text
    tokenizer then gets a caption from the class's bank) or on its first caption (text-to-image, the prompt is
@@ -37,10 +37,10 @@ from ...eval.generation import evaluate_samples
 from ...eval.reconstruction import reconstruct_batches
 from ...generate.latents import extract_latents, read_meta
 from ...generate.sampling import GenerationPipeline
-from ...generate.trainer import load_generator_config, train_generator
 from ...io import atomic_write_text
 from ...models.registry import load_tokenizer
-from ...train.config import RECIPES
+from ...train.config import RECIPES, load_generator_config
+from ...train.generator import train_generator
 from .claims import judge_generation
 from .settings import DEFAULT_GENERATOR_RECIPE, GenerationSettings
 
@@ -88,7 +88,6 @@ def run_generation(out: Path, result: dict[str, Any], settings: GenerationSettin
     if num < 2:
         raise TextokError(f"the held-out split has {len(reference)} images: too few to score generation")
     recipe = recipe_path(settings.recipe)
-    gen_over = [] if settings.steps is None else [f"max_steps={settings.steps}"]
     classes = len(getattr(reference, "class_names", []) or [])
     text_to_image = classes == 0
     sample_settings = {"samples": num, "seeds": list(settings.seeds), "sampling_steps": settings.sampling_steps,
@@ -106,8 +105,9 @@ def run_generation(out: Path, result: dict[str, Any], settings: GenerationSettin
         print(f"\n[C4] {name}: {'text-to-image' if text_to_image else 'class-conditional'} generator over "
               f"the tokens of {tok_final}")
         lat_dir = _latents(run / "latents", tok_final, base, progress)
-        cfg = load_generator_config(recipe, [f"latents={lat_dir.resolve()}", f"text={str(text_to_image).lower()}",
-                                             f"text_cache={(out / 'text_cache.safetensors').resolve()}", *gen_over])
+        cfg = load_generator_config(recipe, {"latents": str(lat_dir.resolve()), "text": text_to_image,
+                                             "text_cache": str((out / "text_cache.safetensors").resolve()),
+                                             **({"max_steps": settings.steps} if settings.steps is not None else {})})
         runs[name] = _train_and_score(run, cfg, tok_final, reference, num, settings, sample_settings, device,
                                       progress, mode)
     t, b = runs[f"n{n}-{text_mode}"], runs[f"n{n}-{base_mode}"]

@@ -1,0 +1,211 @@
+"""The generators' side of the training loop (:mod:`textok.train.loop`): a generator trained on a latents
+directory written by :func:`textok.generate.latents.extract_latents`, never on pixels.
+
+One task per kind of generator: :class:`DiTTask` (a DiT over continuous tokens, trained by DiT's diffusion or
+by rectified flow) and :class:`MaskGITTask` (MaskGIT over the codes of a VQ tokenizer). A kind says what model
+config fits the latents, what its loss is and what one step feeds it; everything else is shared here.
+
+Exact resume: batches come in an order that is a pure function of the step (:func:`batch_indices`), captions
+are picked per (seed, step, image), and every random draw of a step (diffusion timesteps and noise, the CFG
+drop of the condition, MaskGIT's masks) comes from a generator seeded by (seed, step, rank).
+
+``final/`` holds the EMA generator (``save_pretrained``; ``config.json`` also records the diffusion config and
+the latents' meta: normalisation statistics, the tokenizer directory, the text encoder) and a copy of the
+caption bank.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..devices import autocast_for
+from ..diffusion import DiffusionConfig, create_diffusion
+from ..distributed import DistInfo, wrap_ddp
+from ..errors import ConfigError, TextokError
+from ..generate.latents import BANK, LatentDataset, read_meta
+from ..models.dit import DiTConfig
+from ..models.maskgit import MaskGITConfig
+from ..models.registry import GENERATORS
+from .checkpoint import rng_state, set_rng_state
+from .config import GeneratorTrainConfig
+from .data_source import batch_indices, pick_captions
+from .ema import EMA
+from .loop import LossForward, StepResult, Task, param_groups, run_text_states, train
+
+LOGGED = ("loss", "mse", "vb", "accuracy")  # the loss terms that go to the log
+
+
+def train_generator(cfg: GeneratorTrainConfig, out: str | Path, progress: bool = True) -> Path:
+    """Train (or resume) a generator into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
+    if not cfg.latents:
+        raise ConfigError("no latents: pass --latents DIR (written by `textok extract-latents`)")
+    return train(GENERATOR_TASKS[cfg.kind], cfg, out, progress)
+
+
+class GeneratorTask(Task):
+    """What every generator shares: the latents (and their captions' states), the model with its EMA and
+    AdamW, the step's random generator, the checkpoint and the final record."""
+
+    kind = "generator"
+    rate_key = "samples_per_s"
+    shown = ("loss", "mse", "accuracy")
+    loss_name = "the generator loss"
+    diffusion_config: DiffusionConfig | None = None
+
+    def __init__(self, cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool) -> None:
+        super().__init__(cfg, out, info, progress)
+        self.meta = read_meta(cfg.latents)
+        self.data = LatentDataset(cfg.latents, normalize=True)
+        self.text = self._text_states() if cfg.text else None
+        self.model_type = cfg.kind
+        self.model_config = self.configure(self.text.dim if self.text is not None else 0)
+
+    def _text_states(self):
+        """Caption embeddings of the tokenizer's text encoder, computed once for every caption of the latents."""
+        encoder = self.meta.get("text_encoder") or ""
+        if not encoder:
+            raise TextokError(f"text=true but the tokenizer of {self.cfg.latents} names no text encoder")
+        captions = {c for caps in self.data.captions for c in caps}
+        return run_text_states(self.cfg, self.out, self.info, encoder, self.meta.get("text_max_length", 64),
+                               captions, progress=self.progress)
+
+    # ---- what a kind of generator says -------------------------------------------------------------
+    def configure(self, text_dim: int) -> Config:
+        """The model config for these latents: token count, channels, classes and codebook come from the
+        latents' meta and override the preset."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, *inputs: Any) -> dict[str, torch.Tensor]:
+        """The training loss terms (``"loss"`` is minimised) of ``model`` on one step's inputs."""
+        raise NotImplementedError
+
+    def inputs(self, batch: dict[str, Any], step: int, generator: torch.Generator) -> tuple:
+        """What :meth:`loss` gets for one batch, on the device."""
+        raise NotImplementedError
+
+    # ---- the parts ---------------------------------------------------------------------------------------
+    def build(self, fresh: bool) -> None:
+        cfg = self.cfg
+        self.model = GENERATORS[self.model_type](self.model_config).to(self.info.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                           betas=cfg.optim.betas)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.optimizer.state_dict(),
+                "rng": rng_state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["opt"])
+        set_rng_state(state["rng"])
+
+    def begin(self, step: int) -> None:
+        cfg, info = self.cfg, self.info
+        self.train_model = wrap_ddp(LossForward(self.model, self.loss), info)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.order = batch_indices(len(self.data), cfg.batch_size * info.world, info.rank, cfg.batch_size, cfg.seed,
+                                   step)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def step(self, step: int, lr: float) -> StepResult:
+        batch = self.data.batch(next(self.order))
+        generator = step_generator(self.cfg.seed, step, self.info.rank, self.info.device)
+        with autocast_for(self.info.device, self.cfg.precision):
+            terms = self.train_model(*self.inputs(batch, step, generator))
+            loss = terms["loss"]
+        finite = torch.isfinite(loss.detach())
+        loss.backward()
+        logs = {k: v.detach().float() for k, v in terms.items() if k in LOGGED}
+        return StepResult(logs, finite, batch["label"].shape[0])
+
+    def save_final(self, final: Path, step: int) -> None:
+        if not self.info.is_main:
+            return
+        cfg = self.cfg
+        record = {"train_step": step, "kind": self.model_type, "text": cfg.text,
+                  "diffusion": self.diffusion_config.to_dict() if self.diffusion_config is not None else None,
+                  "latents_meta": {**self.meta, "latents_dir": str(Path(cfg.latents).resolve())}}
+        self.ema.model.save_pretrained(final, extra=record)
+        if (Path(cfg.latents) / BANK).is_file():
+            shutil.copyfile(Path(cfg.latents) / BANK, final / BANK)
+
+
+class DiTTask(GeneratorTask):
+    """A DiT over continuous tokens, class-conditional or text-to-image, trained by ``cfg.diffusion``."""
+
+    def configure(self, text_dim: int) -> DiTConfig:
+        cfg, meta = self.cfg, self.meta
+        self.diffusion_config = DiffusionConfig.resolve(cfg.diffusion)
+        learn_sigma = self.diffusion_config.objective == "ddpm" and self.diffusion_config.learn_sigma
+        return DiTConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)).override(
+            {"num_tokens": meta["num_tokens"], "in_channels": meta["channels"], "learn_sigma": learn_sigma,
+             "num_classes": 0 if cfg.text else meta["num_classes"], "text_dim": text_dim if cfg.text else 0})
+
+    def build(self, fresh: bool) -> None:
+        super().build(fresh)
+        self.diffusion = create_diffusion(self.diffusion_config)
+
+    def begin(self, step: int) -> None:
+        super().begin(step)
+        mc = self.model_config
+        self.drop_p = mc.class_dropout if mc.num_classes > 0 else mc.text_dropout  # the CFG drop of the condition
+
+    def loss(self, model, x0, model_kwargs, generator) -> dict[str, torch.Tensor]:
+        return self.diffusion.training_loss(model, x0, model_kwargs, generator=generator)
+
+    def inputs(self, batch: dict[str, Any], step: int, generator: torch.Generator) -> tuple:
+        device = self.info.device
+        x0 = batch["latents"].to(device, non_blocking=True)
+        kwargs: dict[str, Any] = {}
+        if self.model_config.num_classes > 0:
+            kwargs["y"] = batch["label"].to(device).clamp_min(0)
+        if self.text is not None:
+            captions = pick_captions(batch["captions"], batch["index"].tolist(), self.cfg.seed, step)
+            emb = self.text.encode(captions).to(device)
+            kwargs.update(text=emb.states, text_mask=emb.mask)
+        # the CFG drop of the condition, drawn here so that it comes from the step's generator
+        kwargs["drop"] = torch.rand(x0.shape[0], generator=generator, device=generator.device).to(device) < self.drop_p
+        return x0, kwargs, generator
+
+
+class MaskGITTask(GeneratorTask):
+    """MaskGIT over the discrete codes of a VQ tokenizer, class-conditional."""
+
+    def configure(self, text_dim: int) -> MaskGITConfig:
+        cfg, meta = self.cfg, self.meta
+        if not meta.get("discrete"):
+            raise TextokError(
+                f"MaskGIT needs discrete codes, but {cfg.latents} holds continuous tokens of a "
+                f"{meta.get('tokenizer_type')!r} tokenizer; extract latents with a TiTok tokenizer "
+                "(quantizer.kind=vq), or train a DiT (--kind dit)")
+        return MaskGITConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)).override(
+            {"num_tokens": meta["num_tokens"], "codebook_size": meta["codebook_size"],
+             "num_classes": max(1, meta["num_classes"])})
+
+    def loss(self, model, codes, labels, generator) -> dict[str, torch.Tensor]:
+        return model.training_loss(codes, labels, generator=generator)
+
+    def inputs(self, batch: dict[str, Any], step: int, generator: torch.Generator) -> tuple:
+        device = self.info.device
+        return batch["codes"].to(device), batch["label"].to(device).clamp_min(0), generator
+
+
+GENERATOR_TASKS: dict[str, type[GeneratorTask]] = {"dit": DiTTask, "maskgit": MaskGITTask}
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of every random draw of one step on one rank: a pure function of (seed, step, rank)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(((seed * 1_000_003 + step) * 4099 + rank) % (2**63 - 1))
+    return g
+
+
+__all__ = ["DiTTask", "GENERATOR_TASKS", "GeneratorTask", "MaskGITTask", "step_generator", "train_generator"]

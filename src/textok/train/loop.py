@@ -1,0 +1,245 @@
+"""The training loop: one skeleton for every model textok trains, the tokenizers and the generators.
+
+A :class:`Task` brings what differs between them: how to build its parts and how to take one step. The loop
+owns the run: the run directory and its lock, resuming from the newest intact checkpoint, the learning-rate
+schedule, gradient clipping and the optimizer step, the EMA, Ctrl-C / SIGTERM (save, then stop), the check
+for non-finite losses, the log, the progress bar, the checkpoints and the final save.
+
+Exact resume: a checkpoint holds everything a resumed run needs (weights, EMA, optimizers, RNG state, the
+step and whatever state the task adds), and a task draws its data and every random number of a step as a
+pure function of the step, so N + N steps equal 2N steps bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..distributed import DistInfo, barrier, distributed_session
+from ..errors import TextokError
+from ..text.store import open_text_states
+from .checkpoint import CheckpointManager
+from .ema import EMA
+from .fsdp import local_value
+from .interrupt import GracefulInterrupt
+from .log import JsonlLog, progress_bar
+from .rundir import open_run, run_lock
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one training step tells the loop."""
+
+    logs: dict[str, torch.Tensor]  # loss terms and metrics, detached (averaged over micro-batches)
+    finite: torch.Tensor  # False when a loss of the step was NaN/inf: a flag on the device, read only at log time
+    images: int = 0  # images (or samples) this process trained on
+    skipped: int = 0  # images of the step's batches that could not be decoded
+
+
+class Task:
+    """One kind of model's side of the loop: how to build its parts and take one step.
+
+    ``__init__`` decides the model (``model_type``, ``model_config``) before the run directory is opened, so
+    that a resumed checkpoint is checked against it; :meth:`build` makes ``model``, ``ema`` and ``optimizer``
+    (which the loop steps) and the task's other parts.
+    """
+
+    kind: str  # what a resumed checkpoint must have been written for: "tokenizer" | "generator"
+    rate_key = "images_per_s"  # the log's throughput entry
+    shown: tuple[str, ...] = ()  # log values on the progress bar
+    loss_name = "a loss"  # what the message about a NaN/inf loss calls it
+    collective = False  # the state is gathered by every process (FSDP), not only by the main one
+
+    model_type: str
+    model_config: Config
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, cfg: Any, out: Path, info: DistInfo, progress: bool) -> None:
+        self.cfg, self.out, self.info, self.progress = cfg, out, info, progress
+
+    def build(self, fresh: bool) -> None:
+        """Make the parts on ``self.info.device`` (``fresh``: no checkpoint will be restored into them)."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """Everything a resumed run restores (the checkpoint's components)."""
+        raise NotImplementedError
+
+    def restore(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def begin(self, step: int) -> None:
+        """Get ready to train from ``step`` on: wrap the model (DDP, compile), open the data at that step."""
+        raise NotImplementedError
+
+    def step(self, step: int, lr: float) -> StepResult:
+        """Forward and backward of one step (the loop then clips and steps ``optimizer``); updates of other
+        parts (a discriminator) happen here too."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Work done after ``step`` steps, before its checkpoint (e.g. a picture of the reconstructions)."""
+
+    def checkpoint_meta(self, step: int) -> dict[str, Any]:
+        """What a checkpoint records besides the state (configs, the data position)."""
+        return {"model_type": self.model_type, "model_config": self.model_config.to_dict(),
+                "train_config": self.cfg.to_dict()}
+
+    def save_final(self, final: Path, step: int) -> None:
+        """Write the trained model (the EMA weights) to ``final`` after the last step."""
+        raise NotImplementedError
+
+
+def train(task_cls: type[Task], cfg: Any, out: str | Path, progress: bool = True) -> Path:
+    """Train (or resume) a ``task_cls`` model as ``cfg`` says into ``out``; returns ``out/final``, which holds the
+    EMA weights (``from_pretrained``-ready) once ``cfg.max_steps`` are done."""
+    out = Path(out)
+    with distributed_session(cfg.device) as info, run_lock(out, enabled=info.is_main):
+        return _run(task_cls(cfg, out, info, progress), cfg, out, info, progress)
+
+
+def _run(task: Task, cfg: Any, out: Path, info: DistInfo, progress: bool) -> Path:
+    ckpts, latest = open_run(out, cfg.to_dict(), task.model_type, task.model_config.to_dict(), task.kind,
+                             cfg.keep_last, info.is_main)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    task.build(fresh=latest is None)
+    step = 0
+    if latest is not None:
+        state, meta = CheckpointManager.load(latest, device="cpu")
+        task.restore(state)
+        step = meta["step"]
+        if info.is_main:
+            print(f"resuming from {latest} (step {step})")
+    task.begin(step)
+    log = JsonlLog(out / "log.jsonl", step) if info.is_main else None
+    bar = progress_bar(progress and info.is_main, cfg.max_steps, step, f"train {out.name} ({task.model_type})")
+
+    optim = cfg.optim
+    bad = torch.zeros((), dtype=torch.bool, device=info.device)  # any non-finite loss since the last check
+    skipped = 0
+    t0, seen = time.time(), 0
+    with GracefulInterrupt() as interrupt:
+        while step < cfg.max_steps:
+            lr = lr_at(step, optim.lr, optim.warmup_steps, cfg.max_steps, optim.min_lr_ratio)
+            set_lr(task.optimizer, lr)
+            result = task.step(step, lr)
+            logs = result.logs
+            if optim.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), optim.grad_clip)
+                logs["grad_norm"] = local_value(norm)
+            task.optimizer.step()
+            task.optimizer.zero_grad(set_to_none=True)
+            task.ema.update(task.model, step)
+            bad |= ~result.finite
+            skipped += result.skipped
+            seen += result.images * info.world
+            step += 1
+
+            # bookkeeping: host syncs only here, every log_every steps and before a checkpoint
+            stop = interrupt.requested  # read once: a signal arriving later in this step is seen at the next one
+            save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop
+            if step % cfg.log_every == 0 or save_now:
+                check_finite(bad, logs, step, ckpts.latest(), task.loss_name)
+                values = {k: float(v) for k, v in logs.items()}
+                if log is not None:
+                    log.write(step, {**values, "lr": lr, task.rate_key: seen / max(time.time() - t0, 1e-9),
+                                     "skipped_images": float(skipped)})
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in values.items() if k in task.shown})
+                t0, seen = time.time(), 0
+            if bar is not None:
+                bar.update(1)
+            task.after_step(step)
+            if save_now:
+                state = task.state() if (info.is_main or task.collective) else None
+                if info.is_main:
+                    ckpts.save(step, state, task.checkpoint_meta(step))
+                barrier(info)
+            if stop:
+                if info.is_main:
+                    print(f"\ninterrupted: saved step {step}; run the same command again to resume")
+                break
+    if bar is not None:
+        bar.close()
+    if skipped and info.is_main:
+        print(f"skipped {skipped} images that could not be decoded")
+    final = out / "final"
+    if step >= cfg.max_steps:
+        task.save_final(final, step)
+    barrier(info)
+    return final
+
+
+# ---- what every task uses ---------------------------------------------------------------------------
+class LossForward(nn.Module):
+    """``forward(*inputs)`` = ``loss(model, *inputs)``: the loss the loop asks for as one module call, so that DDP,
+    FSDP and torch.compile wrap exactly that call and own the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.loss(self.model, *inputs)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, embeddings/position tables and learned tokens (1D or (1,L,D))."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "pos" in name or "token" in name.split(".")[-1] else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``base * min_ratio`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def run_text_states(cfg: Any, out: Path, info: DistInfo, encoder: str, max_length: int, captions: set[str] | None,
+                    *, streaming: bool = False, pooled: bool = False, progress: bool = True):
+    """A run's caption encoder (``encoder``, ``max_length`` tokens): the one-file cache ``cfg.text_cache`` (default
+    ``OUT/text_cache.safetensors``) or the text-state store, as ``cfg.text_store`` says. ``captions`` that can be
+    listed are encoded once, up front, by the main process."""
+    return open_text_states(encoder, max_length, str(info.device), text_store=cfg.text_store,
+                            text_cache=Path(cfg.text_cache) if cfg.text_cache else out / "text_cache.safetensors",
+                            streaming=streaming, captions=captions, pooled_model=pooled, is_main=info.is_main,
+                            barrier=lambda: barrier(info), progress=progress)
+
+
+class NonFiniteLoss(TextokError):
+    """A loss became NaN/inf; raised before anything is saved, so the last checkpoint stays good."""
+
+
+def check_finite(bad: torch.Tensor, terms: dict[str, torch.Tensor], step: int, last_checkpoint: Path | None,
+                 what: str = "a loss") -> None:
+    """Stop if any loss since the last check was NaN/inf (``bad`` is accumulated on the device, no sync)."""
+    if bool(bad):
+        names = [k for k, v in terms.items() if not math.isfinite(float(v))]
+        where = f"the last good checkpoint ({last_checkpoint}) is intact" if last_checkpoint else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"{what} became NaN/inf by step {step} (term {', '.join(names) or '?'}); {where}. "
+                            "Lower optim.lr or the loss weights, or use precision=fp32")
+
+
+__all__ = ["LossForward", "NonFiniteLoss", "StepResult", "Task", "check_finite", "lr_at", "param_groups",
+           "run_text_states", "set_lr", "train"]
