@@ -10,7 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from numerics import fd_tolerance, rounding_tolerance
+
 from textok.errors import TextokError
+from textok.eval.fid import FeatureSet, fd_between
 from textok.eval import (
     FeatureStats,
     GaussianStats,
@@ -133,6 +136,33 @@ def test_npz_round_trip_and_reference_batch_formats(tmp_path: Path) -> None:
     other = GaussianStats(g.mu, g.sigma, 50, "opennsfw")
     with pytest.raises(TextokError, match="different feature networks"):
         frechet_distance_stats(g, other)
+
+
+def test_fd_between_lowrank_routes_match_sqrtm() -> None:
+    rng = np.random.default_rng(0)
+    xa = rng.normal(size=(9, 16)) @ rng.normal(size=(16, 16))
+    xb = rng.normal(size=(7, 16)) @ rng.normal(size=(16, 16)) + 0.5
+    xc = rng.normal(size=(40, 16)) + 0.2  # more images than dims: full-rank covariance
+    ref_ab = frechet_distance(xa.mean(0), np.cov(xa, rowvar=False), xb.mean(0), np.cov(xb, rowvar=False))
+    ref_ac = frechet_distance(xa.mean(0), np.cov(xa, rowvar=False), xc.mean(0), np.cov(xc, rowvar=False))
+
+    def fs(x, splits=(3,)):
+        s = FeatureSet("t")
+        for part in np.split(x, splits):
+            s.update(part)
+        return s
+
+    a, b, c = fs(xa), fs(xb), fs(xc, (5, 17))
+    assert a.features is not None and c.features is None  # c has more rows than dims: sums only
+    tol_ab, tol_ac = fd_tolerance(xa, xb), fd_tolerance(xa, xc)  # the sqrtm references' own accuracy
+    assert fd_between(a, b) == pytest.approx(ref_ab, abs=tol_ab)  # cross-Gram route
+    assert fd_between(b, a) == pytest.approx(ref_ab, abs=tol_ab)
+    assert fd_between(a, c) == pytest.approx(ref_ac, abs=tol_ac)  # features vs full covariance
+    assert fd_between(c, a) == pytest.approx(ref_ac, abs=tol_ac)
+    assert fd_between(a, c.to_gaussian()) == pytest.approx(ref_ac, abs=tol_ac)
+    assert abs(fd_between(a, fs(xa, (1, 5)))) < rounding_tolerance(xa.dtype) * ref_ab
+    with pytest.raises(TextokError, match="different feature networks"):
+        fd_between(a, GaussianStats(xb.mean(0), np.cov(xb, rowvar=False), feature="other"))
 
 
 # ----------------------------------------------------------------------------- Inception Score

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from PIL import Image, ImageDraw, ImageFont
 
 from .data.images import save_pil
 from .errors import TextokError
@@ -26,8 +27,6 @@ WRAP = 70  # characters per caption line
 
 
 def _font():
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1 has no sized default font
@@ -60,8 +59,6 @@ def _fit_words(text: str, width: float, length) -> list[str]:
 
 
 def _to_pil(image: Tensor):
-    from PIL import Image
-
     arr = image.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0)
     return Image.fromarray(arr.numpy())
 
@@ -70,8 +67,6 @@ def _to_pil(image: Tensor):
 def captioned_grid(columns: dict[str, Tensor], captions: Sequence[str], path: str | Path, scale: int = 4) -> Path:
     """Save a grid: one row per image, one column per named tensor (B,3,H,W) in [-1,1], the caption beside
     each row. Put the originals first in ``columns``; images are upscaled ``scale``x with nearest neighbour."""
-    from PIL import Image, ImageDraw
-
     if not columns:
         raise TextokError("captioned_grid needs at least one column of images")
     tensors = list(columns.values())
@@ -144,7 +139,7 @@ def line_plot(series: dict[str, Sequence[tuple[float, float]]], xlabel: str, yla
               logx: bool = True, title: str | None = None) -> Path:
     """One line (with markers) per named series of (x, y) points, saved as PNG. With ``logx`` the x axis is
     log2 and ticks sit on the given x values (token counts 16, 32, 64, ...)."""
-    import matplotlib
+    import matplotlib  # lazily: heavy, needed only for plots
 
     matplotlib.use("Agg")  # headless; no display on training machines
     import matplotlib.pyplot as plt

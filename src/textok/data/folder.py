@@ -1,6 +1,6 @@
 """Real data: an image folder or tar archive with captions or class labels.
 
-Layouts understood (``../shared/data`` has examples of each):
+Layouts understood:
 
 * ``captions.jsonl`` at the root (or given by path): one ``{"file", "caption" | "captions", "label"?,
   "split"?}`` per line. Flickr8k's five human captions per photo use ``"captions"``.

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from webdataset import TarWriter
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..errors import TextokError
 from ..io import atomic_directory, atomic_write_text
@@ -24,8 +28,6 @@ from .shards import FORMAT, INDEX, IMAGE_EXTS
 
 
 def _jpeg(data: bytes, size: int) -> bytes:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         out = center_crop_resize(to_rgb(img), size)
@@ -37,8 +39,6 @@ def _jpeg(data: bytes, size: int) -> bytes:
 def write_shards(samples: Iterator[dict[str, Any]], out_dir: Path, split: str, shard_size: int) -> list[dict]:
     """Write ``{"image": bytes, "ext", "captions", "label", "file"?}`` samples as ``<split>-NNNNNN.tar`` files of
     ``shard_size`` samples each; returns the index entries ``[{"name", "count"}]``."""
-    from webdataset import TarWriter
-
     entries: list[dict] = []
     writer, count, key = None, 0, 0
     try:
@@ -97,8 +97,6 @@ def make_shards(source: str | Path, out: str | Path, *, splits: tuple[str, ...] 
             index["class_names"] = index["class_names"] or list(folder.class_names)
             bar = None
             if progress:
-                from tqdm.auto import tqdm
-
                 bar = tqdm(total=len(order), desc=f"shards {split}", unit="img", dynamic_ncols=True)
 
             def samples() -> Iterator[dict[str, Any]]:
@@ -148,8 +146,6 @@ def index_shards(directory: str | Path) -> dict[str, Any]:
 
 def _keys(tar: Path) -> Iterator[str]:
     """The sample keys of one tar in order (webdataset's grouping; a truncated tar ends where it breaks)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
     with open(tar, "rb") as f:
         files = tar_file_expander([{"url": str(tar), "stream": f}], handler=lambda e: True, eof_value=None)
         for sample in group_by_keys(files, handler=lambda e: True):

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 
@@ -93,8 +94,6 @@ def step_fn(model: Callable[..., Tensor], cfg_scale: float, model_kwargs: dict[s
 def _steps(n: int, progress: bool, desc: str) -> Iterable[int]:
     seq: Iterable[int] = range(n - 1, -1, -1)
     if progress:
-        from tqdm.auto import tqdm
-
         seq = tqdm(list(seq), desc=desc, leave=False)
     return seq
 
@@ -147,8 +146,6 @@ def euler_loop(velocity: StepFn, x: Tensor, times: Tensor, progress: bool = Fals
     B = x.shape[0]
     idx: Iterable[int] = range(len(times) - 1)
     if progress:
-        from tqdm.auto import tqdm
-
         idx = tqdm(list(idx), desc="euler", leave=False)
     for i in idx:
         t_cur, t_next = times[i], times[i + 1]
@@ -161,8 +158,6 @@ def heun_loop(velocity: StepFn, x: Tensor, times: Tensor, progress: bool = False
     B = x.shape[0]
     idx: Iterable[int] = range(len(times) - 1)
     if progress:
-        from tqdm.auto import tqdm
-
         idx = tqdm(list(idx), desc="heun", leave=False)
     last_is_zero = float(times[-1]) <= 0  # read once: no host sync inside the loop
     for i in idx:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from safetensors.torch import load_file
 
 from ..errors import TextokError
 from .vit import Attention, PatchEmbed
@@ -144,8 +145,6 @@ class DINOv2(nn.Module):
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from safetensors.torch import load_file
 
 from ..config import Config
 from ..errors import ConfigError, TextokError
@@ -293,8 +294,6 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not p.is_file():
         raise TextokError(f"MaskGIT-VQGAN weights not found at {p}: {WHERE}")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(p), device="cpu")
     try:
         state = torch.load(str(p), map_location="cpu", weights_only=True)

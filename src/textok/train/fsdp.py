@@ -28,6 +28,7 @@ def shard(root: nn.Module, model: nn.Module, info: DistInfo) -> nn.Module:
     """``fully_shard`` every block of ``model`` and then ``root`` (the module the loop calls; it holds ``model``)."""
     if not info.enabled:
         return root
+    # lazily, like every torch.distributed import here: only a multi-process fsdp=true run pays for them
     from torch.distributed.fsdp import fully_shard
 
     units = 0
