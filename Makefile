@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-gen demo-titok test setup bench gpu-pack gpu-suite gpu-smoke clean
+.PHONY: demo demo-gen demo-titok demo-imagefolder test setup bench gpu-pack gpu-suite gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ demo-gen: runs/demo/textok/final/model.safetensors
 # TiTok (VQ) + MaskGIT on the same scenes.
 demo-titok: $(STAMP)
 	$(BIN)/textok demo-titok --out runs/demo-titok
+
+# ImageFolder (product-quantized multi-scale codes) + its folded VAR on the same scenes; a table beside TexTok
+# and TiTok when runs/demo and runs/demo-titok hold their metrics.
+demo-imagefolder: $(STAMP)
+	$(BIN)/textok demo-imagefolder --out runs/demo-imagefolder
 
 # The numerics tests run a second time on another CPU code path (ATen's portable kernels instead of the
 # machine's AVX-512/AVX2 ones), so a tolerance that only holds for one set of kernels fails here rather

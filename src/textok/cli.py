@@ -36,6 +36,9 @@ VERBS: dict[str, Verb] = {
                      demos.demo_gen_args, demos.cmd_demo_gen),
     "demo-titok": Verb("TiTok baseline demo: a small VQ tokenizer + MaskGIT on the scenes, samples per class",
                        demos.demo_titok_args, demos.cmd_demo_titok),
+    "demo-imagefolder": Verb("ImageFolder demo: a tiny product-quantized multi-scale tokenizer + its folded VAR on the "
+                             "scenes, reconstructions per scale prefix, samples per class",
+                             demos.demo_imagefolder_args, demos.cmd_demo_imagefolder),
     "info": Verb("show the presets, or a parameter table per part of one preset", models.info_args, models.cmd_info),
     "train-tokenizer": Verb("train (or resume) a tokenizer; final EMA weights go to OUT/final",
                             train.train_tokenizer_args, train.cmd_train_tokenizer),
@@ -45,7 +48,7 @@ VERBS: dict[str, Verb] = {
                  "FD-opennsfw)", evaluation.eval_args, evaluation.cmd_eval),
     "extract-latents": Verb("encode a dataset once with a tokenizer, for generator training",
                             generate.extract_latents_args, generate.cmd_extract_latents),
-    "train-generator": Verb("train (or resume) a DiT or MaskGIT on extracted latents; EMA weights go to OUT/final",
+    "train-generator": Verb("train (or resume) a DiT, MaskGIT or VAR on extracted latents; EMA weights go to OUT/final",
                             train.train_generator_args, train.cmd_train_generator),
     "sample": Verb("draw samples from a trained generator and decode them with its tokenizer (--npz under "
                    "torchrun: the processes share the work)", generate.sample_args, generate.cmd_sample),

@@ -30,9 +30,13 @@ def cmd_extract_latents(args: argparse.Namespace) -> None:
                           batch_size=args.batch_size, seed=args.seed, device=args.device,
                           progress=not args.no_progress)
     meta = read_meta(out)
-    kind = f"codes over {meta['codebook_size']} entries" if meta["discrete"] else "continuous tokens"
-    print(f"wrote {meta['count']} x ({meta['num_tokens']}, {meta['channels']}) {kind}, "
-          f"{meta['num_classes']} classes, to {out}")
+    shape = f"{meta['count']} x ({meta['num_tokens']}, {meta['channels']}) continuous tokens"
+    if meta["discrete"]:
+        shape = f"{meta['count']} x {tuple(meta['code_shape'])} codes over {meta['codebook_size']} entries"
+        if meta.get("code_layout"):
+            lay = meta["code_layout"]
+            shape += f" ({lay['branches']} branch(es) x scales {lay['scales']})"
+    print(f"wrote {shape}, {meta['num_classes']} classes, to {out}")
 
 
 def sample_args(p: argparse.ArgumentParser) -> None:
@@ -45,10 +49,12 @@ def sample_args(p: argparse.ArgumentParser) -> None:
     cond.add_argument("--caption", dest="captions", nargs="+", default=None, metavar="TEXT",
                       help="prompts for a text-to-image generator (one grid row each)")
     p.add_argument("--n", type=int, default=16, help="samples per class / prompt in the grid")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 250 DDPM, 50 flow, 8 MaskGIT)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 250 DDPM, 50 flow, 8 MaskGIT; a VAR takes one per scale)")
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance w in uncond + w (cond - uncond), >= 1. Default: DiT 4.0 for the grid and 1.5 for "
-                        "--npz (DiT's FID setting); MaskGIT 5.5 (TiTok's sampler: its 4.5 is w = 5.5 here)")
+                        "--npz (DiT's FID setting); MaskGIT 5.5 (TiTok's sampler: its 4.5 is w = 5.5 here); VAR 4.25 "
+                        "at the last scale, ramped from 1 over the scales (the paper's cfg 3.25 is w = 4.25 here)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), default=None,
                    help="DiT sampler (default: ddpm for diffusion, euler for flow)")
     p.add_argument("--out", default=None, help="grid PNG")
@@ -65,6 +71,9 @@ def sample_args(p: argparse.ArgumentParser) -> None:
                    help="MaskGIT: how the temperature changes over the steps (default linear to 0)")
     p.add_argument("--guidance-schedule", choices=("linear", "constant", "cosine"), default=None,
                    help="MaskGIT: how guidance ramps over the steps (default linear from 1 to --cfg)")
+    p.add_argument("--top-k", type=int, default=None, help="VAR: keep the k most likely codes (default 750, 0 = all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="VAR: keep the smallest set of codes with this much mass (default 0.95, 0 or 1 = all)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -84,7 +93,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         npz_cfg = args.cfg if args.cfg is not None else EVAL_CFG[pipe.kind]
         kw = {"steps": args.steps, "sampler": args.sampler, "seed": args.seed, "cuda_graph": args.cuda_graphs,
               "precision": args.precision, "temperature": args.temperature,
-              "temperature_schedule": args.temperature_schedule, "guidance_schedule": args.guidance_schedule}
+              "temperature_schedule": args.temperature_schedule, "guidance_schedule": args.guidance_schedule,
+              "top_k": args.top_k, "top_p": args.top_p}
         for scale in (grid_cfg, npz_cfg):
             pipe.check_request(labels, args.captions, scale)  # refuse before any work
         if args.out and info.is_main:
@@ -95,6 +105,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             path = write_npz_distributed(pipe, args.npz, args.num, labels, args.captions, args.batch_size, info,
                                          progress=not args.no_progress, cfg_scale=npz_cfg, **kw)
             if info.is_main:
-                why = "" if args.cfg is not None else (" (DiT's FID setting)" if pipe.kind == "dit" else " (TiTok's sampler)")
+                why = "" if args.cfg is not None else {"dit": " (DiT's FID setting)", "maskgit": " (TiTok's sampler)",
+                                                       "var": " (ImageFolder's sampler)"}[pipe.kind]
                 print(f"wrote {args.num} samples to {path} with guidance {npz_cfg:g}{why}"
                       + (f" ({info.world} processes)" if info.enabled else ""))

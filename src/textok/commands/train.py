@@ -32,11 +32,12 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 def train_generator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", required=True, help="a directory written by `textok extract-latents`")
     p.add_argument("--out", required=True, help="run directory; re-running with the same --out resumes")
-    p.add_argument("--kind", choices=("dit", "maskgit"), default=None,
-                   help="dit (continuous tokens, default) or maskgit (codes of a VQ tokenizer)")
+    p.add_argument("--kind", choices=("dit", "maskgit", "var"), default=None,
+                   help="dit (continuous tokens, default), maskgit (codes of a VQ TiTok) or var (the multi-scale "
+                        "codes of an ImageFolder)")
     p.add_argument("--config", default=None,
-                   help="a DiT/MaskGIT preset (dit-tiny, dit-s, dit-b, dit-xl, maskgit-tiny, maskgit-b, ...) "
-                        "or a YAML/JSON training config")
+                   help="a DiT/MaskGIT/VAR preset (dit-tiny, dit-b, maskgit-tiny, maskgit-b, var-tiny, var-s-32, "
+                        "var-imagefolder-b-256, ...) or a YAML/JSON training config")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")

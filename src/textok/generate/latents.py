@@ -3,14 +3,19 @@
 Why: the generator (DiT or MaskGIT) never needs pixels, and encoding every image at every step would cost
 more than the generator itself. ``extract_latents`` writes a directory that a training run reads::
 
-    OUT/shard-00000.safetensors   latents (M, N, d) float32 [+ codes (M, N) int64 for a VQ tokenizer],
-                                  labels (M,) int64, index (M,) int64 (position in the source dataset)
+    OUT/shard-00000.safetensors   latents (M, N, d) float32 [+ codes of a discrete tokenizer: (M, N) for a
+                                  TiTok, (M, P, L) for an ImageFolder (P branches, L = sum(pn^2) ids each,
+                                  scale by scale), int16 (int32 above 32768 codes)], labels (M,) int64,
+                                  index (M,) int64 (position in the source dataset)
     OUT/captions.jsonl            {"index": i, "label": l, "captions": [...]} per image, in shard order
-    OUT/meta.json                 tokenizer (dir, type, config), shapes, dataset spec, per-channel mean/std
+    OUT/meta.json                 tokenizer (dir, type, config, sha256 of its weights), shapes (``code_shape``:
+                                  the codes' shape per image), dataset spec, per-channel mean/std
     OUT/caption_bank.json         per-class captions of this split (CaptionBank), for decoding samples
 
 Text tokenizers encode each image with its FIRST caption (all captions are stored; a text-to-image
-generator trains on all of them). The per-channel mean/std over the whole set normalise the DiT's input
+generator trains on all of them). For a discrete tokenizer the latents are its quantized tokens rebuilt from
+the codes (``quantizer.decode_codes``: for ImageFolder f_hat of all scales), so both kinds share one layout. The
+per-channel mean/std over the whole set normalise the DiT's input
 (the role of the 0.18215 scale factor of Stable Diffusion's VAE, but per channel and measured).
 """
 
@@ -29,7 +34,7 @@ from ..data.folder import collate
 from ..devices import resolve_device
 from ..errors import TextokError
 from ..io import (atomic_directory, atomic_write_text, check_replaceable, check_safetensors, read_json,
-                  remove_stale)
+                  remove_stale, sha256_file)
 from ..models.registry import load_tokenizer
 from ..text.banks import CaptionBank
 
@@ -40,8 +45,23 @@ SHARD = "shard-{:05d}.safetensors"
 
 
 def tokenizer_is_discrete(tok: Any) -> bool:
-    """True when the tokenizer has integer codes (a TiTok with a VQ bottleneck)."""
+    """True when the tokenizer has integer codes (a TiTok with a VQ bottleneck, an ImageFolder)."""
     return bool(getattr(tok, "is_discrete", False))
+
+
+def code_dtype(codebook_size: int) -> torch.dtype:
+    """The smallest signed integer type that holds every code id (ids are read back as int64)."""
+    return torch.int16 if codebook_size <= 2**15 else torch.int32
+
+
+def code_layout(tok: Any) -> dict[str, Any] | None:
+    """How a multi-scale tokenizer's codes are laid out (what a VAR must model), or None for flat codes."""
+    scales = getattr(tok, "scales", None)
+    if scales is None:
+        return None
+    q = tok.config.quantizer
+    return {"scales": [int(s) for s in scales], "branches": int(q.branches), "codebook_size": int(q.num_codes),
+            "code_dim": int(q.code_dim)}
 
 
 @torch.no_grad()
@@ -75,6 +95,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
     count = 0
     skipped = 0
     labels_seen: set[int] = set()
+    code_shape: list[int] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -97,7 +118,8 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
                 if discrete:
                     codes = tok.encode_codes(images, text)
                     z = tok.quantizer.decode_codes(codes)
-                    buf["codes"].append(codes.long().cpu())
+                    buf["codes"].append(codes.cpu().to(code_dtype(tok.codebook_size)))
+                    code_shape = list(codes.shape[1:])
                 else:
                     z = tok.encode(images, text)
                 z = z.float().cpu()
@@ -142,6 +164,9 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
             "channels": d,
             "discrete": discrete,
             "codebook_size": int(tok.codebook_size) if discrete else 0,
+            "code_shape": code_shape,
+            "code_layout": code_layout(tok),
+            "tokenizer_sha256": sha256_file(tok_dir / "model.safetensors"),
             "count": count,
             "skipped": skipped,
             "shards": shard_sizes,
@@ -274,4 +299,5 @@ def copy_latents_meta(latents_dir: str | Path, target: str | Path) -> None:
         shutil.copyfile(src / BANK, dst / BANK)
 
 
-__all__ = ["extract_latents", "LatentDataset", "read_meta", "copy_latents_meta", "tokenizer_is_discrete"]
+__all__ = ["extract_latents", "LatentDataset", "code_dtype", "code_layout", "read_meta", "copy_latents_meta",
+           "tokenizer_is_discrete"]

@@ -3,9 +3,10 @@
 DiT: sample normalised tokens from noise, un-normalise them with the latents' statistics, decode them with
 the tokenizer. A tokenizer that reads text in its decoder gets, for a class-conditional sample, a caption
 drawn (seeded) from the class's caption bank (the paper's recipe); for text-to-image, the prompt itself.
-MaskGIT: generate codes, ``decode_codes``.
+MaskGIT: generate codes, ``decode_codes``. VAR: generate an ImageFolder's codes scale by scale (each scale's
+input built by the tokenizer's own quantizer), ``decode_codes``.
 
-Guidance: ``cfg`` must be >= 1 for both kinds (1 = no guidance; below 1 extrapolates towards the
+Guidance: ``cfg`` must be >= 1 for every kind (1 = no guidance; below 1 extrapolates towards the
 unconditional model, which is not what a user asking for a class or a prompt wants).
 
 Determinism: batch ``b`` of a run draws every random number from a generator seeded by (seed, b), and
@@ -39,10 +40,14 @@ from .latents import BANK, tokenizer_is_discrete
 
 # Guidance w in uncond + w (cond - uncond). For pictures: DiT's visualisation scale, TiTok's sampler (its 4.5 in
 # cond + 4.5 (cond - uncond) is w = 5.5). For FID (`sample --npz`): DiT's evaluation scale 1.5, TiTok's sampler.
-DEFAULT_CFG = {"dit": 4.0, "maskgit": 5.5}
-EVAL_CFG = {"dit": 1.5, "maskgit": 5.5}
+# VAR ramps guidance over the scales, (1 + t) cond - t uncond with t = cfg s / (S - 1): w = 1 + t at the last
+# scale, so the paper's cfg 3.25 is w = 4.25 here (for both).
+DEFAULT_CFG = {"dit": 4.0, "maskgit": 5.5, "var": 4.25}
+EVAL_CFG = {"dit": 1.5, "maskgit": 5.5, "var": 4.25}
 DEFAULT_MASKGIT_STEPS = 8
-MASKGIT_OPTIONS = ("temperature", "temperature_schedule", "guidance_schedule")
+SAMPLING_OPTIONS = {"maskgit": ("temperature", "temperature_schedule", "guidance_schedule"),
+                    "var": ("top_k", "top_p")}  # (the paper's VAR sampler: top_k 750, top_p 0.95)
+VAR_DEFAULTS = {"top_k": 750, "top_p": 0.95}
 
 
 class GenerationPipeline:
@@ -82,6 +87,14 @@ class GenerationPipeline:
     def _check_pair(self) -> None:
         cfg = self.model.config
         tc = self.tok.config
+        if self.kind == "var":
+            if not hasattr(self.tok, "scales"):
+                raise TextokError(f"the generator {self.generator_dir} is a VAR over multi-scale codes, but the "
+                                  f"tokenizer {self.tokenizer_dir} is a {self.tok.model_type}; use the ImageFolder it "
+                                  f"was trained with ({self.meta['tokenizer_dir']})")
+            cfg.check_compatible(tc, fix=f"the generator is {self.generator_dir}, the tokenizer {self.tokenizer_dir}; "
+                                         f"use the tokenizer it was trained with ({self.meta['tokenizer_dir']})")
+            return
         if self.kind == "maskgit":
             if not tokenizer_is_discrete(self.tok):
                 raise TextokError(f"the generator {self.generator_dir} is a MaskGIT over codes, but the tokenizer "
@@ -166,14 +179,15 @@ class GenerationPipeline:
     def generate(self, labels: list[int] | None = None, prompts: list[str] | None = None, *, n: int | None = None,
                  steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
                  seed: int = 0, first: int = 0, progress: bool = False, cuda_graph: bool = False,
-                 precision: str = "auto", exclude_captions: list[set[str]] | None = None, **maskgit: Any) -> Tensor:
+                 precision: str = "auto", exclude_captions: list[set[str]] | None = None, **options: Any) -> Tensor:
         """One batch of images (B, 3, H, W) in [-1, 1]: one per label / prompt (or ``n`` unconditional).
 
         ``first`` is the global index of the batch's first sample (it seeds the decoder captions).
         ``cuda_graph``: replay the DiT's step from a CUDA graph (GPU only). ``precision``: "auto" (bf16 autocast
         on a GPU), "bf16" or "fp32" (for evaluation runs). ``exclude_captions[i]``: captions sample i is not
-        decoded with (see :meth:`decoder_captions`). ``maskgit``: MaskGIT sampler options
-        (``temperature``, ``temperature_schedule``, ``guidance_schedule``; see :meth:`MaskGIT.generate`).
+        decoded with (see :meth:`decoder_captions`). ``options``: the kind's own sampler options (MaskGIT:
+        ``temperature``, ``temperature_schedule``, ``guidance_schedule``, see :meth:`MaskGIT.generate`; VAR:
+        ``top_k``, ``top_p``, default 750 and 0.95 as in the paper, see :meth:`VAR.generate`).
         """
         cfg_scale = DEFAULT_CFG[self.kind] if cfg_scale is None else float(cfg_scale)
         self.check_request(labels, prompts, cfg_scale)
@@ -186,22 +200,35 @@ class GenerationPipeline:
             raise TextokError("--cuda-graphs needs a CUDA device; drop it on a CPU")
         if precision not in ("auto", "bf16", "fp32"):
             raise TextokError(f"precision {precision!r} must be auto, bf16 or fp32")
-        unknown = sorted(set(maskgit) - set(MASKGIT_OPTIONS))
+        known = {o for opts in SAMPLING_OPTIONS.values() for o in opts}
+        unknown = sorted(set(options) - known)
         if unknown:
             raise TextokError(f"unknown sampling option(s) {', '.join(unknown)}")
-        maskgit = {k: v for k, v in maskgit.items() if v is not None}
-        if self.kind == "maskgit":
-            if cuda_graph:
-                raise TextokError("--cuda-graphs applies to DiT sampling, not MaskGIT; drop it")
+        options = {k: v for k, v in options.items() if v is not None}
+        foreign = sorted(set(options) - set(SAMPLING_OPTIONS.get(self.kind, ())))
+        if foreign:
+            owner = next(k for k, opts in SAMPLING_OPTIONS.items() if foreign[0] in opts)
+            own = {"dit": "--steps, --cfg and --sampler", "maskgit": "--steps, --cfg, --temperature and its schedules",
+                   "var": "--cfg, --top-k and --top-p"}[self.kind]
+            raise TextokError(f"{', '.join(foreign)} are {'MaskGIT' if owner == 'maskgit' else 'VAR'} sampling "
+                              f"options; a {self.kind if self.kind != 'dit' else 'DiT'} samples with {own}")
+        if cuda_graph and self.kind != "dit":
+            raise TextokError(f"--cuda-graphs applies to DiT sampling, not {self.kind}; drop it")
+        if self.kind == "var":
+            if steps is not None and steps != self.model.config.num_scales:
+                raise TextokError(f"a VAR samples one step per scale ({self.model.config.num_scales}); drop --steps")
+            y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
+            with autocast_for(self.device, precision):
+                codes = self.model.generate(y, self.tok.quantizer, cfg=cfg_scale - 1.0, generator=g,
+                                            **{**VAR_DEFAULTS, **options})
+            images = self.tok.decode_codes(codes, dec_text)
+        elif self.kind == "maskgit":
             y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
             with autocast_for(self.device, precision):
                 codes = self.model.generate(y, steps or DEFAULT_MASKGIT_STEPS, guidance_scale=cfg_scale, generator=g,
-                                            **maskgit)
+                                            **options)
             images = self.tok.decode_codes(codes, dec_text)
         else:
-            if maskgit:
-                raise TextokError(f"{', '.join(sorted(maskgit))} are MaskGIT sampling options; a DiT samples with "
-                                  "--steps, --cfg and --sampler")
             kwargs: dict[str, Any] = {}
             if labels is not None:
                 kwargs["y"] = torch.tensor(labels, dtype=torch.long, device=self.device)

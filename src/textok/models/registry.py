@@ -18,9 +18,10 @@ from .imagefolder import ImageFolder
 from .maskgit import MaskGIT
 from .textok import TexTok
 from .titok import TiTok
+from .var import VAR
 
 TOKENIZERS: dict[str, type[TexTok]] = {"textok": TexTok, "titok": TiTok, "imagefolder": ImageFolder}
-GENERATORS: dict[str, type[nn.Module]] = {"dit": DiT, "maskgit": MaskGIT}
+GENERATORS: dict[str, type[nn.Module]] = {"dit": DiT, "maskgit": MaskGIT, "var": VAR}
 
 
 def resolve_tokenizer_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[str, Config]:
@@ -68,7 +69,7 @@ def load_generator(directory: str | Path, map_location: str | torch.device = "cp
     data = read_config_json(directory)
     kind = data.get("model_type")
     if kind not in GENERATORS:
-        raise TextokError(f"{directory} holds a {kind!r} model, not a generator ({' or '.join(GENERATORS)}); "
+        raise TextokError(f"{directory} holds a {kind!r} model, not a generator ({', '.join(GENERATORS)}); "
                           "point --generator to a train-generator run's final/ directory")
     if "latents_meta" not in data:
         raise TextokError(f"{directory} has no latents record (normalisation, tokenizer); it was not written by "

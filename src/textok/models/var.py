@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..errors import ConfigError, TextokError
+from ..hub import PretrainedMixin
 from .dit import modulate
 from .multiscale import PAPER_SCALES
 from .vit import MLP, Attention
@@ -89,16 +90,17 @@ class VARConfig(Config):
     def input_channels(self) -> int:
         return self.code_dim * (self.branches if self.fold else 1)
 
-    def check_compatible(self, tokenizer_config: Any) -> None:
-        """Refuse a tokenizer (an ImageFolderConfig, or its quantizer config) whose codes this does not model."""
+    def check_compatible(self, tokenizer_config: Any,
+                         fix: str = "build the generator with VARConfig.for_tokenizer(tokenizer_config)") -> None:
+        """Refuse a tokenizer (an ImageFolderConfig, or its quantizer config) whose codes this does not model,
+        in one line naming both layouts and ``fix``."""
         q = getattr(tokenizer_config, "quantizer", tokenizer_config)
         theirs = (tuple(q.scales), q.branches, q.num_codes, q.code_dim)
         mine = (self.scales, self.branches, self.codebook_size, self.code_dim)
         if theirs != mine:
             def show(t: tuple) -> str:
                 return f"scales {list(t[0])}, {t[1]} branch(es) of {t[2]} codes x {t[3]} channels"
-            raise TextokError(f"generator models {show(mine)} but the tokenizer makes {show(theirs)}; build the "
-                              f"generator with VARConfig.for_tokenizer(tokenizer_config)")
+            raise TextokError(f"generator models {show(mine)} but the tokenizer makes {show(theirs)}; {fix}")
 
     @classmethod
     def for_tokenizer(cls, tokenizer_config: Any, **fields: Any) -> "VARConfig":
@@ -192,13 +194,16 @@ def _logit_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-class VAR(nn.Module):
+class VAR(PretrainedMixin, nn.Module):
     """VAR, the class-conditional next-scale generator over ImageFolder's codes (the P branches' codes of one
     position folded into one step). Logits come as (B, P, L, V), aligned with codes (B, P, L)."""
 
+    config_class = VARConfig
+    model_type = "var"
+
     def __init__(self, cfg: VARConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         D, P, S = cfg.width, cfg.branches, cfg.num_scales
         offsets = [0]
         for pn in cfg.scales:
@@ -217,6 +222,14 @@ class VAR(nn.Module):
         level = torch.cat([torch.full((pn * pn * (1 if cfg.fold else P),), s) for s, pn in enumerate(cfg.scales)])
         self.register_buffer("mask", level[:, None] >= level[None, :], persistent=False)  # True = may attend
         self.initialize_weights()
+
+    @property
+    def cfg(self) -> VARConfig:
+        return self.config
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
 
     # ---- init --------------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
@@ -242,8 +255,8 @@ class VAR(nn.Module):
                 block.mlp.fc2.weight.div_(math.sqrt(2 * self.cfg.depth))
 
     # ---- checks ------------------------------------------------------------------------------------------
-    def check_compatible(self, tokenizer_config: Any) -> None:
-        self.cfg.check_compatible(tokenizer_config)
+    def check_compatible(self, tokenizer_config: Any, **fix: str) -> None:
+        self.cfg.check_compatible(tokenizer_config, **fix)
 
     def _check_labels(self, labels: Tensor, batch: int | None = None) -> Tensor:
         labels = torch.as_tensor(labels)
@@ -336,16 +349,18 @@ class VAR(nn.Module):
         return cfg * s / (S - 1) if S > 1 else cfg
 
     # ---- training ----------------------------------------------------------------------------------------
-    def training_loss(self, codes: Tensor, inputs: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def training_loss(self, codes: Tensor, inputs: Tensor, labels: Tensor,
+                      drop: Tensor | None = None) -> dict[str, Tensor]:
         """Cross-entropy of every code given the teacher-forcing inputs built from the same codes.
 
         Returns ``loss`` (mean of the branch cross-entropies, each averaged over all positions),
-        ``ce_per_branch`` (P,) and ``accuracy``. Labels are replaced by the null class at random in training."""
+        ``ce_per_branch`` (P,) and ``accuracy``. Rows where ``drop`` (B,) is True read the null class; without
+        it, labels are replaced by the null class at random in training."""
         c = self.cfg
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.branches, c.codes_per_branch):
             raise TextokError(f"codes must have shape (batch, {c.branches}, {c.codes_per_branch}), got "
                               f"{tuple(codes.shape)}")
-        logits = self(inputs, labels)  # (B, P, L, V)
+        logits = self(inputs, labels, drop)  # (B, P, L, V)
         logits = logits.to(_logit_dtype(logits))
         codes = codes.long().to(logits.device)
         ce = F.cross_entropy(logits.permute(0, 3, 1, 2), codes, reduction="none")  # (B, P, L)

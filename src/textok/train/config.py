@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..losses.adversarial import AdversarialConfig
 from ..models.dit import DiTConfig
 from ..models.maskgit import MaskGITConfig
+from ..models.var import VARConfig
 from ..models.registry import resolve_tokenizer_config
 
 C = TypeVar("C", bound=Config)
@@ -214,8 +215,8 @@ def _as_text(value: Any) -> str:
 
 
 # ---- generators ------------------------------------------------------------------------------------
-GENERATOR_KINDS = ("dit", "maskgit")
-DEFAULT_GENERATOR = {"dit": "dit-b", "maskgit": "maskgit-b"}
+GENERATOR_KINDS = ("dit", "maskgit", "var")
+DEFAULT_GENERATOR = {"dit": "dit-b", "maskgit": "maskgit-b", "var": "var-imagefolder-b-256"}
 
 
 def _generator_optim() -> OptimConfig:
@@ -231,13 +232,21 @@ def maskgit_optim() -> OptimConfig:
                        grad_clip=1.0)
 
 
+def var_optim() -> OptimConfig:
+    """VAR's recipe (which ImageFolder's generator trainer uses): AdamW, betas (0.9, 0.95), weight decay 0.05,
+    lr 1e-4 per 256 images, gradient clipping at 2; warm-up + cosine added here. A VAR run starts from these
+    unless its recipe or overrides say otherwise."""
+    return OptimConfig(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=1000, min_lr_ratio=0.01,
+                       grad_clip=2.0)
+
+
 @dataclasses.dataclass
 class GeneratorTrainConfig(Config):
     """What generator to train on which latents, and how long."""
 
     latents: str = ""  # a directory written by `textok extract-latents`
-    kind: str = "dit"  # "dit" (continuous tokens) | "maskgit" (discrete codes of a VQ tokenizer)
-    model: str = ""  # a DiT or MaskGIT preset or config file ("" = dit-b / maskgit-b)
+    kind: str = "dit"  # "dit" (continuous tokens) | "maskgit" (codes of a TiTok) | "var" (codes of an ImageFolder)
+    model: str = ""  # a DiT, MaskGIT or VAR preset or config file ("" = dit-b / maskgit-b / var-imagefolder-b-256)
     model_overrides: tuple[str, ...] = ()
     diffusion: str = "dit"  # DiT only: "dit" (DDPM, learned sigma) | "flow" (rectified flow) | a config file
     text: bool = False  # DiT only: text-to-image on caption embeddings (else class-conditional)
@@ -263,8 +272,8 @@ class GeneratorTrainConfig(Config):
         check_schedule(self, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "keep_last"))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
-        if self.kind == "maskgit" and self.text:
-            raise ConfigError("text=true is for the DiT (text-to-image); MaskGIT here is class-conditional only")
+        if self.kind != "dit" and self.text:
+            raise ConfigError(f"text=true is for the DiT (text-to-image); {self.kind} here is class-conditional only")
 
     @property
     def model_name(self) -> str:
@@ -279,9 +288,12 @@ def load_generator_config(config: str | None = None, overrides: Overrides = (), 
     training config.
     """
     cfg = GeneratorTrainConfig()
+    presets = {"dit": DiTConfig.presets(), "maskgit": MaskGITConfig.presets(), "var": VARConfig.presets()}
     if config:
         if config in MaskGITConfig.presets():
             cfg = dataclasses.replace(cfg, kind="maskgit", model=config)
+        elif config in VARConfig.presets():
+            cfg = dataclasses.replace(cfg, kind="var", model=config)
         elif config in DiTConfig.presets():
             cfg = dataclasses.replace(cfg, kind="dit", model=config)
         elif Path(config).is_file() and is_recipe(read_yaml(config)):
@@ -289,15 +301,15 @@ def load_generator_config(config: str | None = None, overrides: Overrides = (), 
         elif Path(config).is_file():
             cfg = dataclasses.replace(cfg, model=config)
         else:
-            names = DiTConfig.presets() + MaskGITConfig.presets()
+            names = [n for kind in presets.values() for n in kind]
             close = difflib.get_close_matches(config, names, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"--config {config!r} is neither a generator preset nor a config file; {hint}"
                               f"(presets: {', '.join(names)})")
     if kind is not None:
-        if config and kind != cfg.kind and (config in DiTConfig.presets() or config in MaskGITConfig.presets()):
+        if config and kind != cfg.kind and any(config in names for names in presets.values()):
             raise ConfigError(f"--config {config} is a {cfg.kind} preset but --kind is {kind}; drop one of them")
         cfg = dataclasses.replace(cfg, kind=kind)
-    if cfg.kind == "maskgit" and cfg.optim == _generator_optim():  # the DiT default was not chosen for it
-        cfg = dataclasses.replace(cfg, optim=maskgit_optim())
+    if cfg.kind in ("maskgit", "var") and cfg.optim == _generator_optim():  # the DiT default was not chosen for it
+        cfg = dataclasses.replace(cfg, optim=maskgit_optim() if cfg.kind == "maskgit" else var_optim())
     return with_overrides(cfg, overrides)

@@ -2,12 +2,13 @@
 directory written by :func:`textok.generate.latents.extract_latents`, never on pixels.
 
 One task per kind of generator: :class:`DiTTask` (a DiT over continuous tokens, trained by DiT's diffusion or
-by rectified flow) and :class:`MaskGITTask` (MaskGIT over the codes of a VQ tokenizer). A kind says what model
+by rectified flow), :class:`MaskGITTask` (MaskGIT over the codes of a VQ tokenizer) and :class:`VARTask` (VAR's
+next-scale prediction over an ImageFolder's multi-scale codes). A kind says what model
 config fits the latents, what its loss is and what one step feeds it; everything else is shared here.
 
 Exact resume: batches come in an order that is a pure function of the step (:func:`batch_indices`), captions
 are picked per (seed, step, image), and every random draw of a step (diffusion timesteps and noise, the CFG
-drop of the condition, MaskGIT's masks) comes from a generator seeded by (seed, step, rank).
+drop of the condition, MaskGIT's masks, VAR's label drop) comes from a generator seeded by (seed, step, rank).
 
 ``final/`` holds the EMA generator (``save_pretrained``; ``config.json`` also records the diffusion config and
 the latents' meta: normalisation statistics, the tokenizer directory, the text encoder) and a copy of the
@@ -29,8 +30,10 @@ from ..distributed import DistInfo, wrap_ddp
 from ..errors import ConfigError, TextokError
 from ..generate.latents import BANK, LatentDataset, read_meta
 from ..models.dit import DiTConfig
+from ..io import sha256_file
 from ..models.maskgit import MaskGITConfig
-from ..models.registry import GENERATORS
+from ..models.registry import GENERATORS, load_tokenizer
+from ..models.var import VARConfig
 from .checkpoint import rng_state, set_rng_state
 from .config import GeneratorTrainConfig
 from .data_source import batch_indices, pick_captions
@@ -56,6 +59,7 @@ class GeneratorTask(Task):
     shown = ("loss", "mse", "accuracy")
     loss_name = "the generator loss"
     diffusion_config: DiffusionConfig | None = None
+    logged: tuple[str, ...] = ()  # a kind's own log entries besides LOGGED
 
     def __init__(self, cfg: GeneratorTrainConfig, out: Path, info: DistInfo, progress: bool) -> None:
         super().__init__(cfg, out, info, progress)
@@ -123,7 +127,7 @@ class GeneratorTask(Task):
             loss = terms["loss"]
         finite = torch.isfinite(loss.detach())
         loss.backward()
-        logs = {k: v.detach().float() for k, v in terms.items() if k in LOGGED}
+        logs = {k: v.detach().float() for k, v in terms.items() if k in LOGGED or k in self.logged}
         return StepResult(logs, finite, batch["label"].shape[0])
 
     def save_final(self, final: Path, step: int) -> None:
@@ -186,6 +190,10 @@ class MaskGITTask(GeneratorTask):
                 f"MaskGIT needs discrete codes, but {cfg.latents} holds continuous tokens of a "
                 f"{meta.get('tokenizer_type')!r} tokenizer; extract latents with a TiTok tokenizer "
                 "(quantizer.kind=vq), or train a DiT (--kind dit)")
+        if len(meta.get("code_shape") or [meta["num_tokens"]]) != 1:
+            raise TextokError(f"MaskGIT models one flat sequence of codes per image, but {cfg.latents} holds codes of "
+                              f"shape {tuple(meta['code_shape'])} from a {meta.get('tokenizer_type')!r} tokenizer; "
+                              "train a VAR on them (--kind var)")
         return MaskGITConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)).override(
             {"num_tokens": meta["num_tokens"], "codebook_size": meta["codebook_size"],
              "num_classes": max(1, meta["num_classes"])})
@@ -198,7 +206,84 @@ class MaskGITTask(GeneratorTask):
         return batch["codes"].to(device), batch["label"].to(device).clamp_min(0), generator
 
 
-GENERATOR_TASKS: dict[str, type[GeneratorTask]] = {"dit": DiTTask, "maskgit": MaskGITTask}
+LAYOUT_KEYS = ("scales", "branches", "codebook_size", "code_dim")  # what a VAR takes from its tokenizer
+
+
+class VARTask(GeneratorTask):
+    """VAR over an ImageFolder's codes (B, P, L), class-conditional with the null class dropped in for CFG.
+
+    Teacher-forcing inputs (the area-downsampled cumulative f_hat before each scale) are computed per batch from
+    the codes by the frozen tokenizer's quantizer, not stored at extraction: they are P C floats per position
+    (64 channels x 285 positions = 73 KB per image in the paper's setting, 64 times the int16 codes), while
+    rebuilding them costs a few small convolutions per batch (under 1% of a step here)."""
+
+    def configure(self, text_dim: int) -> VARConfig:
+        cfg, meta = self.cfg, self.meta
+        layout = meta.get("code_layout")
+        if not meta.get("discrete") or not layout:
+            what = "flat codes" if meta.get("discrete") else "continuous tokens"
+            raise TextokError(f"VAR needs the multi-scale codes of an ImageFolder tokenizer, but {cfg.latents} holds "
+                              f"{what} of a {meta.get('tokenizer_type')!r} tokenizer; extract latents with an "
+                              f"ImageFolder, or train a {'MaskGIT (--kind maskgit)' if meta.get('discrete') else 'DiT (--kind dit)'}")
+        asked = VARConfig.resolve(cfg.model_name).override(list(cfg.model_overrides))
+        theirs = _Layout(tuple(layout["scales"]), layout["branches"], layout["codebook_size"], layout["code_dim"])
+        given = [o.split("=", 1)[0] for o in cfg.model_overrides if o.split("=", 1)[0] in LAYOUT_KEYS]
+        if given or cfg.model_name not in VARConfig.presets():  # the user chose a layout: it must be the tokenizer's
+            where = f"model {', '.join(given)}" if given else f"--config {cfg.model_name}"
+            asked.check_compatible(theirs, fix=f"the tokenizer is {meta['tokenizer_dir']}; drop {where} "
+                                               "(a VAR takes its layout from the latents' tokenizer)")
+        self.logged = tuple(f"metric/ce_b{p}" for p in range(theirs.branches))
+        return asked.override({"scales": list(theirs.scales), "branches": theirs.branches,
+                               "codebook_size": theirs.num_codes, "code_dim": theirs.code_dim,
+                               "num_classes": max(1, meta["num_classes"])})
+
+    def build(self, fresh: bool) -> None:
+        super().build(fresh)
+        self.quantizer = frozen_quantizer(self.meta, self.cfg.latents).to(self.info.device)
+
+    def begin(self, step: int) -> None:
+        super().begin(step)
+        self.drop_p = self.model_config.class_dropout
+
+    def loss(self, model, codes, inputs, labels, drop) -> dict[str, torch.Tensor]:
+        terms = model.training_loss(codes, inputs, labels, drop=drop)
+        ce = terms.pop("ce_per_branch")
+        return {**terms, **{f"metric/ce_b{p}": ce[p] for p in range(ce.shape[0])}}
+
+    def inputs(self, batch: dict[str, Any], step: int, generator: torch.Generator) -> tuple:
+        device = self.info.device
+        codes = batch["codes"].to(device)
+        with torch.no_grad():
+            inputs = self.quantizer.teacher_forcing_inputs(codes)
+        labels = batch["label"].to(device).clamp_min(0)
+        drop = torch.rand(codes.shape[0], generator=generator, device=generator.device).to(device) < self.drop_p
+        return codes, inputs, labels, drop
+
+
+class _Layout:
+    """A tokenizer's code layout, as :meth:`VARConfig.check_compatible` reads a quantizer config."""
+
+    def __init__(self, scales: tuple[int, ...], branches: int, num_codes: int, code_dim: int) -> None:
+        self.scales, self.branches, self.num_codes, self.code_dim = scales, branches, num_codes, code_dim
+
+
+def frozen_quantizer(meta: dict[str, Any], latents: str | Path) -> torch.nn.Module:
+    """The quantizer of the tokenizer that wrote ``latents``, frozen; refused when the tokenizer's weights changed
+    since the extraction (its codes would then mean other vectors)."""
+    tok_dir = Path(meta["tokenizer_dir"])
+    if not (tok_dir / "config.json").is_file():
+        raise TextokError(f"the tokenizer {tok_dir} that wrote {latents} is gone; a VAR's inputs are rebuilt from "
+                          "its quantizer: restore it, or extract the latents again")
+    want = meta.get("tokenizer_sha256")
+    if want and sha256_file(tok_dir / "model.safetensors") != want:
+        raise TextokError(f"the tokenizer {tok_dir} changed since {latents} was extracted from it; extract the "
+                          "latents again")
+    quantizer = load_tokenizer(tok_dir).quantizer.eval()
+    quantizer.requires_grad_(False)
+    return quantizer
+
+
+GENERATOR_TASKS: dict[str, type[GeneratorTask]] = {"dit": DiTTask, "maskgit": MaskGITTask, "var": VARTask}
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -208,4 +293,5 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return g
 
 
-__all__ = ["DiTTask", "GENERATOR_TASKS", "GeneratorTask", "MaskGITTask", "step_generator", "train_generator"]
+__all__ = ["DiTTask", "GENERATOR_TASKS", "GeneratorTask", "MaskGITTask", "VARTask", "frozen_quantizer", "step_generator",
+           "train_generator"]

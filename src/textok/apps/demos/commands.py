@@ -1,4 +1,4 @@
-"""The demos' verbs: ``demo``, ``demo-gen`` and ``demo-titok``."""
+"""The demos' verbs: ``demo``, ``demo-gen``, ``demo-titok`` and ``demo-imagefolder``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 from ...errors import TextokError
 from .generation import run_demo_gen
+from .imagefolder import run_demo_imagefolder
 from .titok import run_demo_titok
 from .tokenizers import run_demo
 
@@ -47,3 +48,22 @@ def cmd_demo_titok(args: argparse.Namespace) -> None:
             raise TextokError(f"--{name.replace('_', '-')} {value} must be positive")
     run_demo_titok(args.out, steps=args.steps, gen_steps=args.gen_steps, quick=args.quick,
                    compare=args.compare or None)
+
+
+def demo_imagefolder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo-imagefolder",
+                   help="output directory; re-running with the same --out resumes")
+    p.add_argument("--steps", type=int, default=None, help="ImageFolder training steps (default: the recipe's)")
+    p.add_argument("--gen-steps", type=int, default=None, help="VAR training steps (default 1000)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="no table beside runs/demo and runs/demo-titok (they join it when their metrics.json exists)")
+    p.add_argument("--quick", action="store_true", help="a minimal run (for tests)")
+
+
+def cmd_demo_imagefolder(args: argparse.Namespace) -> None:
+    for name in ("steps", "gen_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise TextokError(f"--{name.replace('_', '-')} {value} must be positive")
+    run_demo_imagefolder(args.out, steps=args.steps, gen_steps=args.gen_steps, quick=args.quick,
+                         compare=not args.no_compare)
