@@ -256,6 +256,7 @@ class GeneratorTrainConfig(Config):
     ema_decay: float = 0.9999
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (fully_shard) instead of DDP
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 1000

@@ -10,6 +10,10 @@ Exact resume: batches come in an order that is a pure function of the step (:fun
 are picked per (seed, step, image), and every random draw of a step (diffusion timesteps and noise, the CFG
 drop of the condition, MaskGIT's masks, VAR's label drop) comes from a generator seeded by (seed, step, rank).
 
+``fsdp=true`` (under torchrun) shards every kind's transformer blocks, its EMA and its optimizer state as the
+tokenizer loop does, through the same calls (:mod:`textok.train.fsdp`): checkpoints and ``final/`` are gathered
+whole and load into a single-process model.
+
 ``final/`` holds the EMA generator (``save_pretrained``; ``config.json`` also records the diffusion config and
 the latents' meta: normalisation statistics, the tokenizer directory, the text encoder) and a copy of the
 caption bank.
@@ -17,6 +21,7 @@ caption bank.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,11 +39,12 @@ from ..io import sha256_file
 from ..models.maskgit import MaskGITConfig
 from ..models.registry import GENERATORS, load_tokenizer
 from ..models.var import VARConfig
+from . import fsdp
 from .checkpoint import rng_state, set_rng_state
 from .config import GeneratorTrainConfig
 from .data_source import batch_indices, pick_captions
 from .ema import EMA
-from .loop import LossForward, StepResult, Task, param_groups, run_text_states, train
+from .loop import LossForward, StepResult, Task, adamw, run_text_states, train
 
 LOGGED = ("loss", "mse", "vb", "accuracy")  # the loss terms that go to the log
 
@@ -97,22 +103,23 @@ class GeneratorTask(Task):
         cfg = self.cfg
         self.model = GENERATORS[self.model_type](self.model_config).to(self.info.device)
         self.ema = EMA(self.model, cfg.ema_decay)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                           betas=cfg.optim.betas)
+        self.loss_module = LossForward(self.model, self.loss)
+        make_optimizer = functools.partial(adamw, self.model, cfg.optim)
+        self.optimizer = (fsdp.shard_training(self.loss_module, self.model, self.ema, self.info, make_optimizer)
+                          if cfg.fsdp else make_optimizer())
 
     def state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.optimizer.state_dict(),
-                "rng": rng_state()}
+        model, ema, opt = fsdp.training_state(self.model, self.ema, self.optimizer, self.sharded)
+        return {"model": model, "ema": ema, "opt": opt, "rng": rng_state()}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["opt"])
+        fsdp.restore_training(self.model, self.ema, self.optimizer, (state["model"], state["ema"], state["opt"]),
+                              self.sharded)
         set_rng_state(state["rng"])
 
     def begin(self, step: int) -> None:
         cfg, info = self.cfg, self.info
-        self.train_model = wrap_ddp(LossForward(self.model, self.loss), info)
+        self.train_model = self.loss_module if cfg.fsdp else wrap_ddp(self.loss_module, info)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.order = batch_indices(len(self.data), cfg.batch_size * info.world, info.rank, cfg.batch_size, cfg.seed,
@@ -131,13 +138,14 @@ class GeneratorTask(Task):
         return StepResult(logs, finite, batch["label"].shape[0])
 
     def save_final(self, final: Path, step: int) -> None:
-        if not self.info.is_main:
-            return
         cfg = self.cfg
+        model = fsdp.final_model(self.ema, self.info, cfg.fsdp, lambda: GENERATORS[self.model_type](self.model_config))
+        if model is None:  # not the main rank
+            return
         record = {"train_step": step, "kind": self.model_type, "text": cfg.text,
                   "diffusion": self.diffusion_config.to_dict() if self.diffusion_config is not None else None,
                   "latents_meta": {**self.meta, "latents_dir": str(Path(cfg.latents).resolve())}}
-        self.ema.model.save_pretrained(final, extra=record)
+        model.save_pretrained(final, extra=record)
         if (Path(cfg.latents) / BANK).is_file():
             shutil.copyfile(Path(cfg.latents) / BANK, final / BANK)
 

@@ -65,6 +65,9 @@ class Task:
 
     def __init__(self, cfg: Any, out: Path, info: DistInfo, progress: bool) -> None:
         self.cfg, self.out, self.info, self.progress = cfg, out, info, progress
+        # FSDP (``cfg.fsdp``): the state and the final weights are gathered over ``sharded`` by every rank
+        self.sharded: DistInfo | None = info if cfg.fsdp else None
+        self.collective = cfg.fsdp
 
     def build(self, fresh: bool) -> None:
         """Make the parts on ``self.info.device`` (``fresh``: no checkpoint will be restored into them)."""
@@ -203,6 +206,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: nn.Module, optim: Any) -> torch.optim.AdamW:
+    """The AdamW every task trains its model with (``optim``: an :class:`~textok.train.config.OptimConfig`)."""
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+
+
 def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up then cosine decay to ``base * min_ratio`` at ``total``."""
     if step < warmup:
@@ -241,5 +249,5 @@ def check_finite(bad: torch.Tensor, terms: dict[str, torch.Tensor], step: int, l
                             "Lower optim.lr or the loss weights, or use precision=fp32")
 
 
-__all__ = ["LossForward", "NonFiniteLoss", "StepResult", "Task", "check_finite", "lr_at", "param_groups",
+__all__ = ["LossForward", "NonFiniteLoss", "StepResult", "Task", "adamw", "check_finite", "lr_at", "param_groups",
            "run_text_states", "set_lr", "train"]

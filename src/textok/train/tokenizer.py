@@ -39,7 +39,7 @@ from .checkpoint import rng_state, set_rng_state
 from .config import TrainConfig
 from .data_source import BatchSource, captions_of, pick_captions
 from .ema import EMA
-from .loop import LossForward, StepResult, Task, param_groups, run_text_states, set_lr, train
+from .loop import LossForward, StepResult, Task, adamw, run_text_states, set_lr, train
 from .stages import check_stage_recipe
 
 
@@ -68,7 +68,6 @@ class TokenizerTask(Task):
         if cfg.fsdp and adv.adaptive and adv.weight > 0:
             raise TextokError("loss.adversarial.adaptive differentiates through the decoder's whole last layer, which "
                               "fsdp=true shards; set loss.adversarial.adaptive=false or fsdp=false")
-        self.collective = cfg.fsdp  # the state and the final weights are gathered by every rank
 
     # ---- parts -----------------------------------------------------------------------------------
     def build(self, fresh: bool) -> None:
@@ -81,10 +80,8 @@ class TokenizerTask(Task):
             if info.is_main:
                 print(f"starting from the weights in {cfg.init_from}")
         if cfg.fsdp:
-            fsdp.shard(self.loss_module, self.parts.model, info)
-            fsdp.shard(self.parts.ema.model, self.parts.ema.model, info)
-            self.parts.opt_g = torch.optim.AdamW(param_groups(self.parts.model, cfg.optim.weight_decay),
-                                                 lr=cfg.optim.lr, betas=cfg.optim.betas)  # over the shards
+            self.parts.opt_g = fsdp.shard_training(self.loss_module, self.parts.model, self.parts.ema, info,
+                                                   functools.partial(adamw, self.parts.model, cfg.optim))
 
     @property
     def model(self) -> nn.Module:
@@ -99,10 +96,10 @@ class TokenizerTask(Task):
         return self.parts.opt_g
 
     def state(self) -> dict[str, Any]:
-        return self.parts.state(self.info if self.cfg.fsdp else None)
+        return self.parts.state(self.sharded)
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.parts.restore(state, self.info if self.cfg.fsdp else None)
+        self.parts.restore(state, self.sharded)
 
     def begin(self, step: int) -> None:
         cfg, info = self.cfg, self.info
@@ -210,15 +207,10 @@ class TokenizerTask(Task):
         return {**super().checkpoint_meta(step), "data_position": self.source.position(step * self.cfg.grad_accum)}
 
     def save_final(self, final: Path, step: int) -> None:
-        info = self.info
-        if self.cfg.fsdp:  # gathered into a plain single-process model, written by the main rank
-            weights = fsdp.full_state(self.parts.ema.model, info)
-            if info.is_main:
-                plain = build_tokenizer(self.model_type, self.model_config)
-                plain.load_state_dict(weights)
-                plain.save_pretrained(final, extra={"train_step": step})
-        elif info.is_main:
-            self.parts.ema.model.save_pretrained(final, extra={"train_step": step})
+        model = fsdp.final_model(self.parts.ema, self.info, self.cfg.fsdp,
+                                 lambda: build_tokenizer(self.model_type, self.model_config))
+        if model is not None:  # the main rank
+            model.save_pretrained(final, extra={"train_step": step})
 
 
 # ---- the parts -----------------------------------------------------------------------------------------
@@ -245,24 +237,15 @@ class Components:
 
     def state(self, sharded: DistInfo | None = None) -> dict[str, Any]:
         """Everything to resume; ``sharded`` (an FSDP run): gathered whole, collectively, keyed as a plain model's."""
-        if sharded is not None:
-            out = {"model": fsdp.full_state(self.model, sharded), "ema": fsdp.full_state(self.ema.model, sharded),
-                   "opt_g": fsdp.optimizer_state(self.model, self.opt_g, sharded), "rng": rng_state()}
-        else:
-            out = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(),
-                   "rng": rng_state()}
+        model, ema, opt_g = fsdp.training_state(self.model, self.ema, self.opt_g, sharded)
+        out = {"model": model, "ema": ema, "opt_g": opt_g, "rng": rng_state()}
         if self.disc is not None:
             out.update(disc=self.disc.state_dict(), lecam=self.lecam.state_dict(), opt_d=self.opt_d.state_dict())
         return out
 
     def restore(self, state: dict[str, Any], sharded: DistInfo | None = None) -> None:
-        if sharded is not None:
-            fsdp.load_full_state(self.model, state["model"], sharded)
-            fsdp.load_full_state(self.ema.model, state["ema"], sharded)
-        else:
-            self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-        fsdp.load_optimizer(self.model, self.opt_g, state["opt_g"], sharded or DistInfo())
+        fsdp.restore_training(self.model, self.ema, self.opt_g, (state["model"], state["ema"], state["opt_g"]),
+                              sharded)
         if self.disc is not None:
             if "disc" not in state:
                 raise TextokError("the checkpoint has no discriminator but this run uses one; resume with the same loss config")
@@ -275,8 +258,7 @@ class Components:
 def build_components(cfg: TrainConfig, model_type: str, model_cfg, device: torch.device) -> tuple[Components, nn.Module | None]:
     """The tokenizer, its EMA and optimizer, the discriminator + LeCAM + optimizer, and the perceptual net."""
     model = build_tokenizer(model_type, model_cfg).to(device)
-    opt_g = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    parts = Components(model, EMA(model, cfg.ema_decay), opt_g)
+    parts = Components(model, EMA(model, cfg.ema_decay), adamw(model, cfg.optim))
     adv = cfg.loss.adversarial
     if adv.weight > 0:
         parts.disc = Discriminator(discriminator_config(cfg.loss.discriminator, model_cfg.image_size)).to(device)
