@@ -279,6 +279,25 @@ def test_study_generation_text_to_image_on_a_captioned_folder(tmp_path):
     assert gen["verdict"] in ("holds", "does not hold")  # one seed: never "inconclusive"
 
 
+def test_study_generation_can_be_text_to_image_on_classed_data(tmp_path, capsys):
+    """--gen-condition text on data with classes (like Flowers-102): text-to-image on held-out captions; asking
+    for classes where there are none is refused in one line."""
+    torch.set_num_threads(1)
+    recipe, gen_recipe = tmp_path / "tiny.yaml", tmp_path / "gen.yaml"
+    recipe.write_text(TINY_RECIPE)
+    gen_recipe.write_text(TINY_GEN_RECIPE)
+    out = tmp_path / "study"
+    assert main(_gen_argv(out, recipe, gen_recipe, "scenes", "--gen-seeds", "0", "--gen-condition", "text")) == 0
+    gen = json.loads((out / "results.json").read_text())["generation"]
+    assert gen["text_to_image"] and gen["settings"]["condition"].startswith("first caption")
+    assert set(gen["runs"]) == {"n2-decoder", "n2-none"}
+    from textok.apps.study.settings import GenerationSettings
+    from textok.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--gen-condition 'both'"):
+        GenerationSettings(condition="both")
+
+
 def test_generation_options_need_generation_and_a_comparable_grid(tmp_path, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)

@@ -45,6 +45,9 @@ def study_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-seeds", type=int, nargs="+", default=None, help="sampling seeds (default: 0 1)")
     g.add_argument("--gen-cfg", type=float, default=None, help="classifier-free guidance scale (default: 1.5)")
     g.add_argument("--gen-sampling-steps", type=int, default=None, help="sampler steps (default: 50)")
+    g.add_argument("--gen-condition", choices=("auto", "class", "text"), default=None,
+                   help="class-conditional, or text-to-image on each held-out image's first caption (default: auto, "
+                        "class when the data has classes)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="training overrides for every cell, e.g. batch_size=64 model.token_channels=16")
 
@@ -61,10 +64,11 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 def _generation_settings(args: argparse.Namespace) -> GenerationSettings | None:
     flags = {"tokens": "--gen-tokens", "recipe": "--gen-recipe", "steps": "--gen-steps", "samples": "--gen-samples",
-             "seeds": "--gen-seeds", "cfg_scale": "--gen-cfg", "sampling_steps": "--gen-sampling-steps"}
+             "seeds": "--gen-seeds", "cfg_scale": "--gen-cfg", "sampling_steps": "--gen-sampling-steps",
+             "condition": "--gen-condition"}
     given = {"tokens": args.gen_tokens, "recipe": args.gen_recipe, "steps": args.gen_steps,
              "samples": args.gen_samples, "seeds": tuple(args.gen_seeds) if args.gen_seeds else None,
-             "cfg_scale": args.gen_cfg, "sampling_steps": args.gen_sampling_steps}
+             "cfg_scale": args.gen_cfg, "sampling_steps": args.gen_sampling_steps, "condition": args.gen_condition}
     chosen = {k: v for k, v in given.items() if v is not None}
     if not args.generation:
         if chosen:

@@ -89,7 +89,9 @@ def run_generation(out: Path, result: dict[str, Any], settings: GenerationSettin
         raise TextokError(f"the held-out split has {len(reference)} images: too few to score generation")
     recipe = recipe_path(settings.recipe)
     classes = len(getattr(reference, "class_names", []) or [])
-    text_to_image = classes == 0
+    if settings.condition == "class" and not classes:
+        raise TextokError("--gen-condition class: the held-out images have no class labels; use text (or auto)")
+    text_to_image = settings.condition == "text" or (settings.condition == "auto" and not classes)
     sample_settings = {"samples": num, "seeds": list(settings.seeds), "sampling_steps": settings.sampling_steps,
                        "sampler": "the generator recipe's (default: euler for flow, ddpm for ddpm)",
                        "cfg_scale": settings.cfg_scale,

@@ -30,12 +30,15 @@ class GenerationSettings:
     sampling_steps: int = 50
     cfg_scale: float = 1.5  # DiT's FID-optimal guidance; the same for both tokenizers
     batch_size: int = 100
+    condition: str = "auto"  # "class", "text" (prompt = each reference image's first caption), "auto": class if any
 
     def __post_init__(self) -> None:
         if self.samples < 2:
             raise ConfigError(f"--gen-samples {self.samples}: need at least 2 samples for a Fréchet distance")
         if not self.seeds:
             raise ConfigError("--gen-seeds: give at least one sampling seed")
+        if self.condition not in ("auto", "class", "text"):
+            raise ConfigError(f"--gen-condition {self.condition!r}: choose auto, class or text")
         if self.cfg_scale < 1 or not math.isfinite(self.cfg_scale):
             raise ConfigError(f"--gen-cfg {self.cfg_scale} must be >= 1 (1 = no guidance)")
         if self.steps is not None and self.steps < 1:
