@@ -143,6 +143,13 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def flip_last_byte(path: Path) -> None:
+    """Damage a tensor's bytes without touching the safetensors header (which still parses)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 def data_folder(d: Path, lines: list[bytes | str | dict], good: int = 2, bad: int = 0) -> Path:
     """D/data with ``good`` decodable and ``bad`` garbage images (0.png, 1.png, ...) and a captions.jsonl."""
     root = d / "data"
@@ -302,6 +309,11 @@ CASES = [
          r"(?s)skipping a damaged checkpoint: .*step-0000002.*resuming from .*step-0000001",
          setup=lambda w, d: truncate(copy(w, "run", d) / "checkpoints/step-0000002/model.safetensors"),
          may_change=("run",), check=_bigger_than_its_checkpoints),
+    Case("a flipped bit in the latest checkpoint's weights: its sha256 fails, resume falls back", train(), 0,
+         r"(?s)skipping a damaged checkpoint: .*step-0000002 is corrupt \(model.safetensors does not match the "
+         r"sha256.*resuming from .*step-0000001",
+         setup=lambda w, d: flip_last_byte(copy(w, "run", d) / "checkpoints/step-0000002/model.safetensors"),
+         may_change=("run",)),
     Case("a latest checkpoint whose meta.json is garbage: resume falls back", train(), 0,
          r"resuming from .*step-0000001", may_change=("run",),
          setup=lambda w, d: (copy(w, "run", d) / "checkpoints/step-0000002/meta.json").write_text("{")),

@@ -3,8 +3,9 @@
 Layout: ``OUT/checkpoints/step-0000100/`` with one ``<name>.json`` + ``<name>.safetensors`` pair per
 component (model, EMA, optimizers, discriminator, RNG states, ...) and ``meta.json`` (step, configs). A
 directory is written under a temporary name and renamed into place, so a crash mid-save leaves the previous
-checkpoint as the latest complete one. A checkpoint damaged afterwards (a truncated copy, a bad disk) is
-skipped on resume in favour of the newest one that is intact (:meth:`CheckpointManager.latest_intact`).
+checkpoint as the latest complete one. ``meta.json`` records every file's sha256, so a checkpoint damaged
+afterwards (a truncated copy, a flipped bit on a bad disk) is skipped on resume in favour of the newest one that
+is intact (:meth:`CheckpointManager.latest_intact`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import TextokError
-from ..io import atomic_directory, check_safetensors, read_json
+from ..io import atomic_directory, check_safetensors, read_json, sha256_file
 from .state import load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -65,6 +66,11 @@ class CheckpointManager:
                     raise TextokError(f"checkpoint {path} is corrupt ({stem.name}{suffix} is missing)")
             read_json(stem.with_suffix(".json"), f"checkpoint {path} ({stem.name}.json)")
             check_safetensors(stem.with_suffix(".safetensors"), f"checkpoint {path} ({stem.name}.safetensors)")
+        sums = meta.get("sha256", {})  # absent in checkpoints written before checksums: headers only
+        for file, digest in (sums.items() if isinstance(sums, dict) else ()):
+            if sha256_file(path / file) != digest:
+                raise TextokError(f"checkpoint {path} is corrupt ({file} does not match the sha256 recorded when it "
+                                  "was written: a damaged disk or a partial copy)")
         return meta
 
     def save(self, step: int, components: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -72,7 +78,9 @@ class CheckpointManager:
         with atomic_directory(target, markers=("meta.json",)) as tmp:
             for name, obj in components.items():
                 save_state(obj, tmp / name)
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "components": sorted(components)}, indent=2))
+            sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "components": sorted(components),
+                                                       "sha256": sums}, indent=2))
         for old in self.all()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return target

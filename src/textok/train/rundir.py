@@ -155,7 +155,7 @@ def open_run(out: Path, train_config: dict[str, Any], model_type: str, model_con
                           "start the run again, or use another --out")
     if latest is not None:
         check_resume_compatible(latest, model_type, model_config, kind)
-        meta = CheckpointManager.verify(latest)
+        meta = read_json(latest / "meta.json", f"checkpoint {latest} (meta.json)")  # verified just above
         refused, allowed = resume_changes(meta.get("train_config") or {}, train_config, int(meta["step"]))
         if refused:
             raise TextokError(f"cannot resume {latest} with these settings ({'; '.join(refused)}): a resumed run "
