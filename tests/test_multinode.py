@@ -143,3 +143,54 @@ def test_fsdp_two_processes_match_ddp_and_checkpoints_load_into_one_process_mode
     assert isinstance(next(iter(fs["opt_g"]["state"])), str)  # optimizer state keyed by parameter name
     _run(tmp_path / "fsdp", [*base, "fsdp=true", "max_steps=4"], tmp_path / "t3")  # resumes from step 3
     assert CheckpointManager(tmp_path / "fsdp/checkpoints").latest().name == "step-0000004"
+
+
+def _signalled_worker(rank, world, port, out, overrides, signal_at):
+    """Rank 1 alone receives SIGTERM while fetching micro-batch ``signal_at`` (a scheduler that signals one task)."""
+    import signal
+    import threading
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from textok.train import data_source
+
+    real = data_source.BatchSource.batches
+
+    def signalled(self, start):
+        for k, batch in enumerate(real(self, start), start):
+            if rank == 1 and k == signal_at:  # to the main thread: one of gloo's threads may abort on EINTR
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            yield batch
+
+    data_source.BatchSource.batches = signalled
+    from textok.errors import Interrupted
+
+    try:
+        train_tokenizer(load_train_config("textok-tiny", overrides), out, progress=False)
+    except Interrupted as err:  # torch.multiprocessing swallows a KeyboardInterrupt: report it through a file
+        with open(f"{out}-rank{rank}.interrupted", "w") as f:
+            f.write(f"{err.signum} {err}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(shards, tmp_path):
+    """Ranks agree on stopping at the next log step: one checkpoint at that step, every rank exits interrupted
+    (none runs on into a collective the others left), and the same command resumes to the end."""
+    import torch.multiprocessing as mp
+
+    overrides = [f"data.source={shards}", "max_steps=6", *COMMON, "log_every=2", "ckpt_every=100"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_signalled_worker, args=(2, port, str(tmp_path / "r"), overrides, 2), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):  # both stop as interrupted (exit 143 from the CLI), not only the one signalled
+        report = (tmp_path / f"r-rank{rank}.interrupted").read_text()
+        assert report.startswith("15 ") and "after saving a checkpoint" in report
+    # signalled while fetching step 3's batch: seen after step 3, agreed at step 4 (the next log step)
+    assert [p.name for p in CheckpointManager(tmp_path / "r/checkpoints").all()] == ["step-0000004"]
+    assert not (tmp_path / "r/final").exists()
+    _run(tmp_path / "r", overrides, tmp_path / "resumed")
+    assert (tmp_path / "r/final/model.safetensors").is_file()
+    assert sorted(_trace(tmp_path / "resumed-rank0.jsonl")) == [4, 5]

@@ -49,6 +49,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """``flag`` of every rank OR-ed together, the same answer on all of them (one scalar all-reduce)."""
+    if not (info.enabled and dist.is_initialized()):
+        return flag
+    value = torch.tensor(float(flag), device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -37,6 +37,11 @@ class GracefulInterrupt:
         self.requested = True
         self.signum = signum
 
+    def join(self) -> None:
+        """Stop with the other processes of a multi-process run, one of which was asked to (as by SIGTERM)."""
+        if not self.requested:
+            self.requested, self.signum = True, signal.SIGTERM
+
     def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)

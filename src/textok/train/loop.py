@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..distributed import DistInfo, barrier, distributed_session
+from ..distributed import DistInfo, any_rank, barrier, distributed_session
 from ..errors import TextokError
 from ..text.store import open_text_states
 from .checkpoint import CheckpointManager
@@ -149,6 +149,10 @@ def _run(task: Task, cfg: Any, out: Path, info: DistInfo, progress: bool) -> Pat
 
             # bookkeeping: host syncs only here, every log_every steps and before a checkpoint
             stop = interrupt.requested  # read once: a signal arriving later in this step is seen at the next one
+            if info.enabled:  # every rank stops at the same step: agreed at the log steps (they sync anyway)
+                stop = (step % cfg.log_every == 0 or step == cfg.max_steps) and any_rank(stop, info)
+                if stop:
+                    interrupt.join()
             save_now = step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop
             if step % cfg.log_every == 0 or save_now:
                 check_finite(bad, logs, step, ckpts.latest(), task.loss_name)
