@@ -18,9 +18,8 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,22 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
-    """Median seconds per call, synchronised."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+from common import time_it  # noqa: E402
+from gpu_suite import cuda_graphed  # noqa: E402
+from textok.losses.adversarial import d_loss, g_loss  # noqa: E402
+from textok.models.registry import resolve_tokenizer_config  # noqa: E402
+from textok.text.embeddings import TextEmbeddings  # noqa: E402
+from textok.train.config import load_train_config  # noqa: E402
+from textok.train.tokenizer import build_components  # noqa: E402
 
 
 def launch_cost(device: torch.device, n: int) -> dict[str, float]:
@@ -54,29 +44,15 @@ def launch_cost(device: torch.device, n: int) -> dict[str, float]:
         for _ in range(n):
             x.add_(1.0)
 
-    eager = timed(many, device, warmup=1, iters=3)
+    eager = time_it(many, device, warmup=1, iters=3)
     out = {"launches": n, "eager_us_per_launch": eager / n * 1e6}
     if device.type == "cuda":
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            many()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            many()
-        out["graph_us_per_launch"] = timed(graph.replay, device, warmup=1, iters=3) / n * 1e6
+        out["graph_us_per_launch"] = time_it(cuda_graphed(many, device), device, warmup=1, iters=3) / n * 1e6
     return out
 
 
 def step_parts(device: torch.device, batch: int, smoke: bool) -> dict[str, float]:
     """The study recipe's step, one more part at a time (ms per step)."""
-    from textok.losses.adversarial import d_loss, g_loss
-    from textok.train.config import load_train_config
-    from textok.train.tokenizer import build_components
-    from textok.models.registry import resolve_tokenizer_config
-    from textok.text.embeddings import TextEmbeddings
-
     over = ["loss.adversarial.start_step=0"]
     if smoke:
         over += ["model.encoder.heads=2", "model.decoder.heads=2", "model.encoder.width=32", "model.decoder.width=32",
@@ -124,8 +100,8 @@ def step_parts(device: torch.device, batch: int, smoke: bool) -> dict[str, float
         parts.opt_d.step()
         parts.opt_d.zero_grad(set_to_none=True)
 
-    out = {"batch": batch, "l2_fwd_bwd_ms": timed(l2, device) * 1e3, "plus_perceptual_ms": timed(l2_perc, device) * 1e3,
-           "full_step_ms": timed(full, device) * 1e3}
+    ms = {"l2_fwd_bwd_ms": l2, "plus_perceptual_ms": l2_perc, "full_step_ms": full}
+    out = {"batch": batch, **{k: time_it(fn, device, 3, 10) * 1e3 for k, fn in ms.items()}}
     if device.type == "cuda":  # the same l2 forward + backward without launch overhead
         static_text = TextEmbeddings(text.states, torch.ones_like(text.mask))  # a fixed mask: a static graph
 
@@ -137,17 +113,8 @@ def step_parts(device: torch.device, batch: int, smoke: bool) -> dict[str, float
 
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                graphed_body()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            graphed_body()
-        out["l2_fwd_bwd_cuda_graph_ms"] = timed(graph.replay, device) * 1e3
-        out["l2_fwd_bwd_eager_fixed_mask_ms"] = timed(graphed_body, device) * 1e3
+        out["l2_fwd_bwd_cuda_graph_ms"] = time_it(cuda_graphed(graphed_body, device), device, 3, 10) * 1e3
+        out["l2_fwd_bwd_eager_fixed_mask_ms"] = time_it(graphed_body, device, 3, 10) * 1e3
     return out
 
 

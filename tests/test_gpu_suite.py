@@ -39,6 +39,17 @@ def test_cpu_smoke_runs_every_phase(tmp_path) -> None:
     assert "## c. Flowers-102 study at 64 px" in (out / "gpu_suite.md").read_text()
 
 
+@pytest.mark.slow
+def test_gpu_probe_cpu_smoke_measures_every_part(tmp_path) -> None:
+    """The probe (benchmarks/gpu_probe.py) uses the library's training parts: its CPU mode must keep running."""
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_probe.py", "--cpu-smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_probe.json").read_text())
+    parts = [v for part in result.values() if isinstance(part, dict) for k, v in part.items() if k.endswith("_ms")]
+    assert len(parts) >= 3 and all(v > 0 for v in parts), result
+
+
 def test_pack_prunes_minilm_exactly_and_refuses_what_does_not_travel(tmp_path, monkeypatch) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_pack
