@@ -102,6 +102,9 @@ def test_loading_another_model_type_is_refused(tiny_cfg, tmp_path):
     data = json.loads((tmp_path / "m" / "config.json").read_text())
     data["model_type"] = "dit"
     (tmp_path / "m" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(TextokError, match="config.json does not match the sha256"):  # edited after saving
+        TexTok.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "SHA256SUMS").unlink()  # what the message says to do after an edit on purpose
     with pytest.raises(CheckpointMismatchError, match="holds a 'dit' model"):
         TexTok.from_pretrained(tmp_path / "m")
     with pytest.raises(TextokError, match="config.json is missing"):

@@ -3,6 +3,11 @@
 ``config.json`` holds the model's own config plus ``model_type`` (which class wrote it) and the textok
 version. Loading checks both: a directory written by another model type, or weights whose shapes do not
 fit the requested config, fail with one line that names what differs.
+
+Saved models are what users copy around, so ``SHA256SUMS`` (the ``sha256sum`` format) records every file's
+sha256 when it is written, and every load checks the files it reads against it: a truncated copy or a flipped
+bit is named in one line instead of loading silently. A directory without ``SHA256SUMS`` (written before
+checksums, or by hand) loads unchecked.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from torch import nn
 
 from .config import Config
 from .errors import CheckpointMismatchError, TextokError
-from .io import atomic_directory, check_safetensors, read_json
+from .io import (atomic_directory, check_safetensors, check_sha256, read_json, read_sha256sums, sha256_files,
+                 write_sha256sums)
 from .version import __version__
 
 M = TypeVar("M", bound="PretrainedMixin")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+SUMS_NAME = "SHA256SUMS"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -54,10 +61,19 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise TextokError(f"{directory} is not a textok model directory: {CONFIG_NAME} is missing "
                           "(write one with save_pretrained, or point to a training run's final/ directory)")
+    check_model_file(directory, CONFIG_NAME)
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("config", {}), dict):
         raise TextokError(f"{path} is corrupt (not a textok model config); write it again with save_pretrained")
     return data
+
+
+def check_model_file(directory: str | Path, name: str) -> None:
+    """Refuse file ``name`` of a saved model when it no longer matches the sha256 its ``SHA256SUMS`` recorded."""
+    sums = read_sha256sums(directory, SUMS_NAME)
+    if sums is not None:
+        check_sha256(directory, sums, [name], fix=f"copy the model again from an intact source (if you edited {name} "
+                                                  f"yourself, delete {SUMS_NAME} to load it unchecked)")
 
 
 class PretrainedMixin:
@@ -68,7 +84,8 @@ class PretrainedMixin:
     config: Config
 
     def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically; ``extra`` adds files' metadata keys.
+        """Write ``config.json`` + ``model.safetensors`` (+ their ``SHA256SUMS``) atomically; ``extra`` adds keys
+        to ``config.json``.
 
         An existing ``directory`` is replaced only when it is a saved model (or empty); anything else is refused.
         """
@@ -77,6 +94,7 @@ class PretrainedMixin:
         with atomic_directory(directory, markers=(CONFIG_NAME,)) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps({**meta, "config": self.config.to_dict()}, indent=2) + "\n")
             save_file(state_dict_for_saving(self), str(tmp / WEIGHTS_NAME), metadata={"model_type": self.model_type})
+            write_sha256sums(tmp, sha256_files(tmp), SUMS_NAME)
         return Path(directory)
 
     @classmethod
@@ -110,6 +128,7 @@ class PretrainedMixin:
         path = directory / WEIGHTS_NAME
         if not path.is_file():
             raise TextokError(f"{path} is missing: the directory has a config but no weights")
+        check_model_file(directory, WEIGHTS_NAME)
         check_safetensors(path)
         weights = load_file(str(path), device=str(map_location))
         own = self.state_dict()

@@ -190,6 +190,49 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_files(directory: str | Path, names: list[str] | None = None) -> dict[str, str]:
+    """``{file name: hex sha256}`` of ``names`` in ``directory`` (default: every file in it), sorted by name."""
+    directory = Path(directory)
+    names = sorted(p.name for p in directory.iterdir() if p.is_file()) if names is None else sorted(names)
+    return {name: sha256_file(directory / name) for name in names}
+
+
+def check_sha256(directory: str | Path, sums: dict[str, str], names: list[str] | None = None,
+                 what: str = "", fix: str = "copy it again from an intact source") -> None:
+    """Refuse the first of ``names`` (default: every file in ``sums``) whose sha256 differs from the one
+    recorded in ``sums`` when it was written, in one line naming it. A name without a recorded sum is not checked."""
+    directory = Path(directory)
+    for name in (sorted(sums) if names is None else names):
+        digest = sums.get(name)
+        if digest is not None and (directory / name).is_file() and sha256_file(directory / name) != digest:
+            raise TextokError(f"{what or directory / name} is corrupt ({name} does not match the sha256 recorded "
+                              f"when it was written: a damaged disk or a partial copy){'; ' + fix if fix else ''}")
+
+
+def write_sha256sums(directory: str | Path, sums: dict[str, str], name: str = "SHA256SUMS") -> None:
+    """``sums`` as ``directory/NAME`` in the ``sha256sum`` format, so ``sha256sum -c NAME`` checks it too."""
+    (Path(directory) / name).write_text("".join(f"{digest}  {file}\n" for file, digest in sorted(sums.items())))
+
+
+def read_sha256sums(directory: str | Path, name: str = "SHA256SUMS") -> dict[str, str] | None:
+    """The sums of :func:`write_sha256sums` (``None`` when the file is absent); a garbled file is corrupt."""
+    path = Path(directory) / name
+    if not path.is_file():
+        return None
+    sums: dict[str, str] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = ["?"]
+    for line in filter(str.strip, lines):
+        m = re.fullmatch(r"([0-9a-f]{64}) [ *](\S.*)", line.strip())
+        if m is None or "/" in m.group(2):
+            raise TextokError(f"{path} is corrupt (a line is not '<sha256>  <file name>'); copy the directory "
+                              f"again, or delete {name} to load it unchecked")
+        sums[m.group(2)] = m.group(1)
+    return sums
+
+
 def read_json(path: str | Path, what: str = "") -> object:
     """Parse a JSON file textok wrote; a truncated or garbled one is reported as corrupt in one line."""
     path = Path(path)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import TextokError
-from ..io import atomic_directory, check_safetensors, read_json, sha256_file
+from ..io import atomic_directory, check_safetensors, check_sha256, read_json, sha256_files
 from .state import load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -67,10 +67,7 @@ class CheckpointManager:
             read_json(stem.with_suffix(".json"), f"checkpoint {path} ({stem.name}.json)")
             check_safetensors(stem.with_suffix(".safetensors"), f"checkpoint {path} ({stem.name}.safetensors)")
         sums = meta.get("sha256", {})  # absent in checkpoints written before checksums: headers only
-        for file, digest in (sums.items() if isinstance(sums, dict) else ()):
-            if sha256_file(path / file) != digest:
-                raise TextokError(f"checkpoint {path} is corrupt ({file} does not match the sha256 recorded when it "
-                                  "was written: a damaged disk or a partial copy)")
+        check_sha256(path, sums if isinstance(sums, dict) else {}, what=f"checkpoint {path}", fix="")
         return meta
 
     def save(self, step: int, components: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -78,7 +75,7 @@ class CheckpointManager:
         with atomic_directory(target, markers=("meta.json",)) as tmp:
             for name, obj in components.items():
                 save_state(obj, tmp / name)
-            sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+            sums = sha256_files(tmp)
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "components": sorted(components),
                                                        "sha256": sums}, indent=2))
         for old in self.all()[: -self.keep_last]:
