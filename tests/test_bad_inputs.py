@@ -21,6 +21,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import traceback
 import warnings
@@ -247,6 +248,69 @@ def _full_disk(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(Image.Image, "save", save)
 
 
+def edit_config(w: Path, d: Path, **config: object) -> None:
+    """A copy of the shared tokenizer whose config.json says ``config`` (valid JSON, as an edit by hand leaves it)."""
+    path = copy(w, "tok", d) / "config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "config": {**data["config"], **config}}, indent=2) + "\n")
+
+
+def linked_out(d: Path, link: str, target: Path) -> Path:
+    """D/data with two images and a captions.jsonl naming ``link``, a symbolic link to ``target``."""
+    root = data_folder(d, [*captions_for(2), {"file": link, "caption": "a linked image"}])
+    (root / link).parent.mkdir(parents=True, exist_ok=True)
+    (root / link).symlink_to(target)
+    return root
+
+
+def class_folders(d: Path) -> Path:
+    """D/data with class folders (cat/, dog/) of one image each, and no captions.jsonl."""
+    for i, cls in enumerate(("cat", "dog")):
+        (d / "data" / cls).mkdir(parents=True)
+        scene_png(d / "data" / cls / f"{i}.png", i)
+    return d / "data"
+
+
+def data_tar(d: Path, members: list[tuple[str, bytes | str]]) -> Path:
+    """D/data.tar: two scene images and a captions.jsonl, then ``members``: (name, bytes) a file, (name, str) a
+    symbolic link to that target."""
+    def add(tar: tarfile.TarFile, name: str, content: bytes | str) -> None:
+        info = tarfile.TarInfo(name)
+        if isinstance(content, str):
+            info.type, info.linkname = tarfile.SYMTYPE, content
+            tar.addfile(info)
+        else:
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+
+    png = [scene_png(d / f"tar{i}.png", i).read_bytes() for i in range(2)]
+    lines = [*captions_for(2), *({"file": n, "caption": "x"} for n, _ in members)]
+    with tarfile.open(d / "data.tar", "w") as tar:
+        for i, data in enumerate(png):
+            add(tar, f"{i}.png", data)
+        add(tar, "captions.jsonl", "\n".join(json.dumps(ln) for ln in lines).encode() + b"\n")
+        for name, content in members:
+            add(tar, name, content)
+    return d / "data.tar"
+
+
+def cut_in_a_member(path: Path) -> None:
+    """Truncate a tar in the middle of its last member's bytes (a copy that stopped part-way)."""
+    with tarfile.open(path) as tar:
+        last = tar.getmembers()[-1]
+    with open(path, "r+b") as f:
+        f.truncate(last.offset_data + last.size // 2)
+
+
+def eval_on(data: str, *extra):
+    return lambda w, d: ["eval", "reconstruction", "--model", w / "tok", "--data", d / data, "--num", "3",
+                         "--quiet", "--fd-size", "32", *extra]
+
+
+def make_shards_of(data: str, *extra):
+    return lambda w, d: ["make-shards", d / data, "--out", d / "shards", "--no-progress", *extra]
+
+
 CASES = [
     # -- never delete what textok did not write ----------------------------------------------------
     Case("extract-latents onto a folder of the user's files",
@@ -292,9 +356,9 @@ CASES = [
          setup=lambda w, d: truncate(copy(w, "tok", d) / "config.json")),
     Case("config.json holding a list", reconstruct(copied=True), 2, r"config.json is corrupt",
          setup=lambda w, d: (copy(w, "tok", d) / "config.json").write_text("[1, 2]")),
-    Case("config.json with a value of the wrong type", reconstruct(copied=True), 2,
-         r"image_size='big': expected a value of type int",
-         setup=lambda w, d: (copy(w, "tok", d) / "config.json").write_text(json.dumps(
+    Case("config.json with a value of the wrong type (edited by hand, SHA256SUMS deleted)", reconstruct(copied=True),
+         2, r"image_size='big': expected a value of type int",
+         setup=lambda w, d: (copy(w, "tok", d) / "SHA256SUMS").unlink() or (d / "tok/config.json").write_text(json.dumps(
              {**json.loads((w / "tok/config.json").read_text()),
               "config": {**json.loads((w / "tok/config.json").read_text())["config"], "image_size": "big"}}))),
     Case("latents meta.json that is garbage",
@@ -386,6 +450,60 @@ CASES = [
          setup=lambda w, d: data_folder(d, [{"file": "/etc/hostname", "caption": "x"}])),
     Case("captions.jsonl: an image without a caption", eval_data(), 2, r"has no caption",
          setup=lambda w, d: data_folder(d, [{"file": "0.png"}])),
+    # -- saved models carry checksums ------------------------------------------------------------------
+    Case("a flipped bit in a saved model's weights", reconstruct(copied=True), 2,
+         r"tok/model.safetensors is corrupt \(model.safetensors does not match the sha256",
+         setup=lambda w, d: flip_last_byte(copy(w, "tok", d) / "model.safetensors")),
+    Case("a flipped bit in a generator's weights",
+         lambda w, d: ["sample", "--generator", d / "final", "--tokenizer", w / "tok", "--steps", "1", "--n", "1",
+                       "--no-progress", "--out", d / "s.png"], 2,
+         r"final/model.safetensors is corrupt \(model.safetensors does not match the sha256",
+         setup=lambda w, d: flip_last_byte(shutil.copytree(w / "gen/final", d / "final") / "model.safetensors")),
+    Case("a saved model's config.json changed after saving", reconstruct(copied=True), 2,
+         r"config.json is corrupt \(config.json does not match the sha256.*delete SHA256SUMS",
+         setup=lambda w, d: edit_config(w, d, text_max_length=32)),
+    Case("a saved model without SHA256SUMS (older or hand-made) still loads", reconstruct(copied=True), 0, "PSNR",
+         setup=lambda w, d: (copy(w, "tok", d) / "SHA256SUMS").unlink(), may_change=("o.png",)),
+    Case("a garbled SHA256SUMS", reconstruct(copied=True), 2, r"SHA256SUMS is corrupt",
+         setup=lambda w, d: (copy(w, "tok", d) / "SHA256SUMS").write_text("not a sum\n")),
+    # -- datasets stay inside their root ---------------------------------------------------------------
+    Case("captions.jsonl: a symbolic link out of the dataset", eval_data("--num", "3"), 2,
+         r"file 'link.png' is outside the dataset \(a symbolic link leads to .*outside.png",
+         setup=lambda w, d: linked_out(d, "link.png", scene_png(d / "outside.png"))),
+    Case("captions.jsonl: a file under a linked folder out of the dataset", eval_data(), 2,
+         r"file 'sub/outside.png' is outside the dataset",
+         setup=lambda w, d: (scene_png(d / "outside.png"), data_folder(d, [{"file": "sub/outside.png", "caption": "x"}]),
+                             (d / "data/sub").symlink_to(d))),
+    Case("a symbolic link within the dataset is read", eval_data("--num", "3"), 0, "PSNR",
+         setup=lambda w, d: linked_out(d, "alias.png", Path("0.png")),
+         check=lambda w, d, out: _assert("skipped_images" not in out)),
+    Case("class folders: a symbolic link out of the dataset", eval_on("data"), 2,
+         r"file 'dog/evil.png' is outside the dataset",
+         setup=lambda w, d: (class_folders(d) / "dog/evil.png").symlink_to(w / "img.png")),
+    Case("a tar member named outside the archive", eval_on("data.tar"), 2,
+         r"member '../evil.png' is outside the archive", setup=lambda w, d: data_tar(d, [("../evil.png", b"x")])),
+    Case("a tar member linking outside the archive", eval_on("data.tar"), 2,
+         r"link 'evil.png' -> '/etc/hostname' is outside the archive",
+         setup=lambda w, d: data_tar(d, [("evil.png", "/etc/hostname")])),
+    Case("a tar member linking to another member is read", eval_on("data.tar"), 0, r"3 images",
+         setup=lambda w, d: data_tar(d, [("sub/alias.png", "../1.png")]),
+         check=lambda w, d, out: _assert("skipped_images" not in out)),
+    Case("a truncated tar", eval_on("data.tar"), 2, r"data.tar is a truncated or damaged tar archive",
+         setup=lambda w, d: cut_in_a_member(data_tar(d, []))),
+    Case("make-shards of a truncated tar", make_shards_of("data.tar"), 2, r"truncated or damaged tar archive",
+         setup=lambda w, d: cut_in_a_member(data_tar(d, [])),
+         check=lambda w, d, out: _assert(not (d / "shards").exists())),
+    Case("make-shards of a folder with a link out of it", make_shards_of("data"), 2,
+         r"file 'link.png' is outside the dataset",
+         setup=lambda w, d: linked_out(d, "link.png", w / "user/photo.png"),
+         check=lambda w, d, out: _assert(not (d / "shards").exists())),
+    Case("a shard index naming a shard outside its directory",
+         lambda w, d: ["eval", "reconstruction", "--model", w / "tok", "--data", d / "shards", "--split", "train",
+                       "--num", "1", "--quiet", "--fd-size", "32"], 2,
+         r"shard '../elsewhere.tar' is outside the shard directory",
+         setup=lambda w, d: (d / "shards").mkdir() or (d / "shards/index.json").write_text(json.dumps(
+             {"format": "textok-shards-1", "class_names": [], "splits": {"train": [
+                 {"name": "../elsewhere.tar", "count": 1}]}}))),
     # -- recipes and overrides --------------------------------------------------------------------------
     Case("a recipe that does not parse", FROM_RECIPE,
          2, r"recipe.yaml is not valid YAML", setup=lambda w, d: recipe(d, "max_steps: 2\ndata: [1,\n")),
@@ -594,6 +712,8 @@ API_CASES = [
     ("save_pretrained over a file", lambda w, d: _tiny().save_pretrained(w / "user/photo.png"), "is a file"),
     ("from_pretrained of a truncated model", lambda w, d: type(_tiny()).from_pretrained(
         (truncate(copy(w, "tok", d) / "model.safetensors"), d / "tok")[1]), "model.safetensors is corrupt"),
+    ("from_pretrained of a model with a flipped bit", lambda w, d: type(_tiny()).from_pretrained(
+        (flip_last_byte(copy(w, "tok", d) / "model.safetensors"), d / "tok")[1]), "does not match the sha256"),
     ("a config value of the wrong type", lambda w, d: type(_tiny().config).from_dict({"image_size": [16]}),
      r"image_size=\[16\]: expected a value of type int"),
     ("none for a value that cannot be none", lambda w, d: _tiny().config.override(["num_tokens=none"]),
@@ -707,3 +827,15 @@ def test_a_model_preset_as_the_training_config_trains_with_a_recipe_of_its_size(
     big = load_train_config("textok-b-256-32")
     assert resolve_tokenizer_config("textok-b-256-32")[1].image_size > CPU_MODEL_MAX_SIZE
     assert big == TrainConfig(model="textok-b-256-32")  # the paper's recipe
+
+
+def test_a_saved_model_s_sums_are_checked_by_sha256sum_too(tmp_path: Path) -> None:
+    """SHA256SUMS lists every file save_pretrained wrote, in the format `sha256sum -c` reads."""
+    model = save_textok(tmp_path / "m", "text_in_encoder=false", "text_in_decoder=false")
+    listed = sorted(line.split("  ", 1)[1] for line in (model / "SHA256SUMS").read_text().splitlines())
+    assert listed == sorted(p.name for p in model.iterdir() if p.name != "SHA256SUMS")
+    if shutil.which("sha256sum"):
+        assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=model).returncode == 0
+        flip_last_byte(model / "model.safetensors")
+        assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=model,
+                              capture_output=True).returncode != 0

@@ -10,7 +10,11 @@ Layouts understood:
   field; ``dev`` and ``val`` are the same split.
 
 A plain ``.tar`` is read member by member through a header index (only names and offsets stay in memory);
-a compressed one (``.tar.gz``, ``.tgz``) is read once into memory. For data sets too large for either, write
+a compressed one (``.tar.gz``, ``.tgz``) is read once into memory.
+
+A data set reads only what lies inside it: a file whose path, symbolic links followed, leaves the folder, and
+an archive member whose name or link target leaves the archive, are refused in one line (a link between two
+members of the archive is followed). For data sets too large for either, write
 streaming shards (``textok make-shards``, :mod:`textok.data.shards`). A file that
 cannot be decoded is skipped: the item comes back as ``None``, :func:`collate` drops it and counts it in
 ``batch["skipped"]``.
@@ -22,6 +26,7 @@ import json
 import posixpath
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +54,60 @@ class _Source:
         if root.is_dir():
             self.names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         elif root.is_file() and tarfile.is_tarfile(root):
-            with tarfile.open(root) as tar:
-                if _is_plain_tar(root):
-                    self._offsets = {_member_name(m): (m.offset_data, m.size) for m in tar if m.isfile()}
-                else:
-                    self._blobs = {}
-                    for m in tar:
-                        if m.isfile():
-                            f = tar.extractfile(m)
-                            self._blobs[_member_name(m)] = f.read() if f else b""
+            try:
+                self._index_tar(root)
+            except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+                raise TextokError(f"data {root} is a truncated or damaged tar archive ({err}); copy it again, or "
+                                  "write it anew") from None
             self.names = sorted(self._offsets if self._offsets is not None else self._blobs)
         else:
             raise TextokError(f"data {root} is neither a directory nor a tar archive")
+
+    def _index_tar(self, root: Path) -> None:
+        """Member name -> (offset, size) of a plain tar, or -> bytes of a compressed one. A link between
+        members reads its target; a name or link that leaves the archive is refused."""
+        plain = _is_plain_tar(root)
+        links: dict[str, str] = {}
+        with tarfile.open(root) as tar:
+            if plain:
+                self._offsets = {}
+            else:
+                self._blobs = {}
+            for m in tar:
+                name = _member_name(m, root)
+                if m.issym() or m.islnk():
+                    base = posixpath.dirname(name) if m.issym() else ""
+                    links[name] = _inside_archive(posixpath.join(base, m.linkname), root, f"link {name!r} -> ")
+                elif m.isfile() and plain:
+                    self._offsets[name] = (m.offset_data, m.size)
+                elif m.isfile():
+                    f = tar.extractfile(m)
+                    self._blobs[name] = f.read() if f else b""
+        table = self._offsets if plain else self._blobs
+        for name, target in links.items():
+            for _ in range(len(links)):  # a link to a link: follow it (a cycle ends unresolved)
+                target = links.get(target, target)
+            if target in table:
+                table[name] = table[target]  # type: ignore[index]
+
+    def check_inside(self, names: list[str]) -> None:
+        """Refuse a name whose file, symbolic links followed, lies outside the data folder (an archive's names
+        and links were checked when it was indexed)."""
+        if not self.root.is_dir():
+            return
+        real_root = self.root.resolve()
+        parents: dict[str, Path] = {}
+        for name in names:
+            head, _, base = name.rpartition("/")
+            if head not in parents:
+                parents[head] = (self.root / head).resolve()
+            path = parents[head] / base
+            if path.is_symlink():
+                path = path.resolve()
+            if not path.is_relative_to(real_root):
+                raise TextokError(f"data {self.root}: file {name!r} is outside the dataset (a symbolic link leads to "
+                                  f"{path}); a data set reads only files inside its folder: copy the file in instead "
+                                  "of linking to it")
 
     def read(self, name: str) -> bytes:
         if self._blobs is not None:
@@ -80,8 +127,17 @@ class _Source:
         return (self.root / name).is_file()
 
 
-def _member_name(member: tarfile.TarInfo) -> str:
-    return member.name[2:] if member.name.startswith("./") else member.name
+def _member_name(member: tarfile.TarInfo, archive: Path) -> str:
+    return _inside_archive(member.name, archive, "member ")
+
+
+def _inside_archive(name: str, archive: Path, what: str) -> str:
+    """``name`` normalised relative to the archive's root, refused when it leaves it (absolute, or ``..``)."""
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if posixpath.isabs(norm) or norm == ".." or norm.startswith("../") or re.match(r"^[A-Za-z]:", norm):
+        raise TextokError(f"data {archive}: {what}{name!r} is outside the archive; a data set reads only what lies "
+                          "inside it: write the archive with relative names and no links out of it")
+    return norm
 
 
 def _is_plain_tar(path: Path) -> bool:
@@ -120,6 +176,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             raise TextokError(f"no images of split {split!r} found in {self.root}")
         if limit is not None:
             records = records[:limit]
+        self.source.check_inside([rec["file"] for rec in records])
         self.records = records
         self.skipped = 0
 
@@ -131,6 +188,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 raise TextokError(f"captions file {path} does not exist")
             where, raw = str(path), path.read_bytes()
         elif self.source.exists("captions.jsonl"):
+            self.source.check_inside(["captions.jsonl"])
             where, raw = f"{self.root}/captions.jsonl", self.source.read("captions.jsonl")
         else:
             return None

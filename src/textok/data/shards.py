@@ -79,9 +79,18 @@ class ShardSet:
             raise TextokError(f"shard directory {self.root} has no {split!r} split (it has: {', '.join(splits) or 'none'}); "
                               "choose one of those (e.g. data.val_split=...) or add it with `textok make-shards`")
         shards, offset = [], 0
+        real_root = self.root.resolve()
         for entry in splits[self.split]:
-            shards.append(Shard(self.root / entry["name"], int(entry["count"]), offset))
-            offset += int(entry["count"])
+            try:
+                path, count = self.root / str(entry["name"]), int(entry["count"])
+            except (KeyError, TypeError, ValueError):
+                raise TextokError(f"{self.root / INDEX} is corrupt (a shard entry is not {{\"name\", \"count\"}}: "
+                                  f"{entry!r:.80}); write it again with `textok make-shards --index-only`") from None
+            if not path.resolve().is_relative_to(real_root):
+                raise TextokError(f"{self.root / INDEX}: shard {entry['name']!r} is outside the shard directory (it "
+                                  f"leads to {path.resolve()}); a data set reads only files inside it: copy the shard in")
+            shards.append(Shard(path, count, offset))
+            offset += count
         if not shards or offset == 0:
             raise TextokError(f"split {self.split!r} of {self.root} has no samples")
         missing = [s.name for s in shards if not s.path.is_file()]
