@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -302,6 +303,31 @@ def cut_in_a_member(path: Path) -> None:
         f.truncate(last.offset_data + last.size // 2)
 
 
+def nan_samples(w: Path, d: Path) -> None:
+    """D/nan.npz: float samples in [-1, 1] with one NaN; D/ref.npz: uint8 reference images."""
+    rng = np.random.default_rng(0)
+    samples = rng.uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+    samples[0, 0, 0, 0] = np.nan
+    np.savez(d / "nan.npz", samples)
+    np.savez(d / "ref.npz", rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+
+
+def full_disk_at(mp: pytest.MonkeyPatch, where: str) -> None:
+    """Writing a safetensors file whose path contains ``where`` fails as on a full disk, after half of it."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):  # noqa: ANN001
+        if where in str(filename):
+            Path(filename).write_bytes(b"\0" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(tensors, filename, metadata=metadata)
+
+    for module in ("textok.train.state", "textok.hub"):
+        mp.setattr(f"{module}.save_file", save_file)
+
+
 def eval_on(data: str, *extra):
     return lambda w, d: ["eval", "reconstruction", "--model", w / "tok", "--data", d / data, "--num", "3",
                          "--quiet", "--fd-size", "32", *extra]
@@ -315,7 +341,7 @@ CASES = [
     # -- never delete what textok did not write ----------------------------------------------------
     Case("extract-latents onto a folder of the user's files",
          lambda w, d: ["extract-latents", "--tokenizer", w / "tok", "--num", "4", "--out", w / "user", "--no-progress"],
-         2, "already holds files that textok did not write"),
+         2, "already holds files that are not a latents directory"),
     Case("extract-latents onto an image file",
          lambda w, d: ["extract-latents", "--tokenizer", w / "tok", "--num", "4", "--out", w / "user/photo.png",
                        "--no-progress"], 2, "is a file"),
@@ -358,9 +384,7 @@ CASES = [
          setup=lambda w, d: (copy(w, "tok", d) / "config.json").write_text("[1, 2]")),
     Case("config.json with a value of the wrong type (edited by hand, SHA256SUMS deleted)", reconstruct(copied=True),
          2, r"image_size='big': expected a value of type int",
-         setup=lambda w, d: (copy(w, "tok", d) / "SHA256SUMS").unlink() or (d / "tok/config.json").write_text(json.dumps(
-             {**json.loads((w / "tok/config.json").read_text()),
-              "config": {**json.loads((w / "tok/config.json").read_text())["config"], "image_size": "big"}}))),
+         setup=lambda w, d: (edit_config(w, d, image_size="big"), (d / "tok/SHA256SUMS").unlink())),
     Case("latents meta.json that is garbage",
          lambda w, d: ["train-generator", "--latents", d / "lat", "--out", d / "g", "--max-steps", "1", *SMALL_DIT],
          2, r"meta.json \(latents metadata\) is corrupt",
@@ -407,9 +431,60 @@ CASES = [
          "unknown image extension"),
     Case("sample --npz a directory", lambda w, d: sample("--npz", d, "--num", "2")(w, d), 2,
          r"--npz .* is a directory"),
+    # -- an output is never one of the inputs, nor inside one -------------------------------------------
+    Case("eval --out a model's own config.json",
+         lambda w, d: ["eval", "reconstruction", "--model", d / "tok", "--num", "2", "--quiet", "--fd-size", "32",
+                       "--out", d / "tok/config.json"], 2, r"--out .*tok/config.json lies inside --model .*tok, which "
+         r"this command reads.*choose an --out outside the inputs", setup=lambda w, d: copy(w, "tok", d)),
+    Case("eval --save-ref-stats into the samples folder",
+         lambda w, d: ["eval", "generation", "--samples", w / "user", "--ref", "scenes", "--save-ref-stats",
+                       w / "user/ref.npz"], 2, r"--save-ref-stats .*ref.npz lies inside --samples"),
+    Case("reconstruct --out inside the model", lambda w, d: reconstruct()(w, d)[:-1] + [w / "tok/grid.png"], 2,
+         r"--out .*tok/grid.png lies inside --model"),
+    Case("sample --out inside the generator", lambda w, d: sample("--out", w / "gen/final/s.png")(w, d), 2,
+         r"lies inside --generator"),
+    Case("sample --npz the same file as --out", lambda w, d: sample("--out", d / "s.png", "--npz", d / "s.png")(w, d),
+         2, r"--npz .*s.png is --out .*s.png too; give the two outputs different paths"),
+    Case("extract-latents --out inside its tokenizer",
+         lambda w, d: ["extract-latents", "--tokenizer", w / "tok", "--num", "4", "--out", w / "tok/lat",
+                       "--no-progress"], 2, r"lies inside --tokenizer"),
+    Case("extract-latents --out holding its tokenizer",
+         lambda w, d: ["extract-latents", "--tokenizer", d / "box/tok", "--num", "4", "--out", d / "box",
+                       "--no-progress"], 2, r"--out .*box holds --tokenizer .*would be replaced",
+         setup=lambda w, d: shutil.copytree(w / "tok", d / "box/tok")),
+    Case("train-tokenizer --out inside its data", lambda w, d: ["train-tokenizer", "--out", d / "data/run", *TINY_RUN,
+                                                                f"data.source={d / 'data'}"], 2,
+         r"lies inside data.source", setup=lambda w, d: data_folder(d, captions_for(2))),
+    Case("train-generator --out inside its latents",
+         lambda w, d: ["train-generator", "--latents", w / "lat", "--out", w / "lat/run", "--max-steps", "1",
+                       *SMALL_DIT], 2, r"lies inside --latents"),
+    Case("make-shards --out inside its source", lambda w, d: ["make-shards", d / "data", "--out", d / "data/shards"],
+         2, r"lies inside SOURCE", setup=lambda w, d: data_folder(d, captions_for(2))),
+    Case("make-shards --out a folder of the user's files",
+         lambda w, d: ["make-shards", d / "data", "--out", w / "user", "--no-progress"], 2,
+         r"already holds files that are not a shard directory", setup=lambda w, d: data_folder(d, captions_for(2))),
+    Case("make-shards replaces its own shards", make_shards_of("data"), 0, r"wrote .*shards/index.json",
+         setup=lambda w, d: (data_folder(d, captions_for(2)), run_cli(make_shards_of("data")(w, d))),
+         may_change=("shards",)),
+    Case("study --out a folder of the user's files", lambda w, d: ["study", "--out", w / "user", "--tokens", "4"], 2,
+         r"--out .*user already holds files that are not a textok study"),
+    Case("encode-captions --store a folder of the user's files",
+         lambda w, d: ["encode-captions", d / "data", "--store", w / "user", "--no-progress"], 2,
+         r"--store .*user already holds files that are not a text-state store",
+         setup=lambda w, d: data_folder(d, captions_for(2))),
+    Case("encode-captions --store inside its source",
+         lambda w, d: ["encode-captions", d / "data", "--store", d / "data/store", "--no-progress"], 2,
+         r"--store .*store lies inside SOURCE", setup=lambda w, d: data_folder(d, captions_for(2))),
+    Case("eval --out where the system refuses to write names --out",
+         lambda w, d: ["eval", "reconstruction", "--model", w / "tok", "--num", "2", "--quiet", "--out",
+                       "/sys/textok-results.json"], 2, r"--out /sys/textok-results.json: cannot write in /sys "
+         r"\(.*\); choose another --out"),
+    Case("extract-latents --out where the system refuses to write names --out",
+         lambda w, d: ["extract-latents", "--tokenizer", w / "tok", "--num", "4", "--out", "/sys/textok-lat",
+                       "--no-progress"], 2, r"--out /sys/textok-lat: cannot write in /sys"),
     # -- images -----------------------------------------------------------------------------------------
     Case("reconstruct --out one of its input images", lambda w, d: reconstruct()(w, d)[:-1] + [w / "img.png"], 2,
-         "is one of the input images"),
+         r"--out .*img.png is --image .*img.png, which this command reads"),
     Case("text_cache= naming a file that is not a cache",
          lambda w, d: ["train-tokenizer", "--out", d / "t", *TINY_RUN[:-2], "--max-steps", "1",
                        f"text_cache={w / 'user/notes.txt'}"], 2, r"notes.txt is not a textok text cache"),
@@ -472,7 +547,8 @@ CASES = [
          setup=lambda w, d: linked_out(d, "link.png", scene_png(d / "outside.png"))),
     Case("captions.jsonl: a file under a linked folder out of the dataset", eval_data(), 2,
          r"file 'sub/outside.png' is outside the dataset",
-         setup=lambda w, d: (scene_png(d / "outside.png"), data_folder(d, [{"file": "sub/outside.png", "caption": "x"}]),
+         setup=lambda w, d: (scene_png(d / "outside.png"),
+                             data_folder(d, [{"file": "sub/outside.png", "caption": "x"}]),
                              (d / "data/sub").symlink_to(d))),
     Case("a symbolic link within the dataset is read", eval_data("--num", "3"), 0, "PSNR",
          setup=lambda w, d: linked_out(d, "alias.png", Path("0.png")),
@@ -504,6 +580,67 @@ CASES = [
          setup=lambda w, d: (d / "shards").mkdir() or (d / "shards/index.json").write_text(json.dumps(
              {"format": "textok-shards-1", "class_names": [], "splits": {"train": [
                  {"name": "../elsewhere.tar", "count": 1}]}}))),
+    # -- the last tracebacks, and the silent ones ------------------------------------------------------
+    Case("a caption bank that is not JSON", lambda w, d: ["train-tokenizer", "--out", d / "run", *TINY_RUN,
+                                                          "--max-steps", "1", f"data.source={d / 'data'}",
+                                                          f"data.caption_bank={d / 'bank.json'}"], 2,
+         r"caption bank .*bank.json is corrupt",
+         setup=lambda w, d: (class_folders(d), (d / "bank.json").write_text("{garbage"))),
+    Case("a caption bank that is a list", lambda w, d: ["train-tokenizer", "--out", d / "run", *TINY_RUN,
+                                                        "--max-steps", "1", f"data.source={d / 'data'}",
+                                                        f"data.caption_bank={d / 'bank.json'}"], 2,
+         r"caption bank .*bank.json must be a JSON object \{class name: \[captions, ...\]\}",
+         setup=lambda w, d: (class_folders(d), (d / "bank.json").write_text('["a cat", "a dog"]'))),
+    Case("make-shards with a caption bank that is not JSON",
+         make_shards_of("data", "--caption-bank", "bank.json"), 2, r"caption bank bank.json is corrupt",
+         setup=lambda w, d: (class_folders(d), (d / "bank.json").write_bytes(b"\x00\x01")),
+         check=lambda w, d, out: _assert(not (d / "shards").exists())),
+    Case("make-shards with a caption bank of strings",
+         make_shards_of("data", "--caption-bank", "bank.json"), 2, r"must be a JSON object",
+         setup=lambda w, d: (class_folders(d), (d / "bank.json").write_text('{"cat": "a cat", "dog": "a dog"}'))),
+    Case("encode-captions: a captions.jsonl line that is not JSON",
+         lambda w, d: ["encode-captions", d / "c.jsonl", "--store", d / "store", "--no-progress"], 2,
+         r"c.jsonl line 2 is not a JSON object",
+         setup=lambda w, d: (d / "c.jsonl").write_text('{"caption": "a cat"}\n{"caption": "a dog\n')),
+    Case("encode-captions: numbers as captions",
+         lambda w, d: ["encode-captions", d / "c.jsonl", "--store", d / "store", "--no-progress"], 2,
+         r"c.jsonl line 1: 'captions' must be a list of strings",
+         setup=lambda w, d: (d / "c.jsonl").write_text('{"captions": [1, 2]}\n')),
+    Case("encode-captions --max-length 0",
+         lambda w, d: ["encode-captions", d / "c.jsonl", "--store", d / "store", "--max-length", "0"], 2,
+         r"--max-length 0 must be at least 1", setup=lambda w, d: (d / "c.jsonl").write_text('{"caption": "a"}\n')),
+    Case("make-shards --image-size 0", make_shards_of("data", "--image-size", "0"), 2,
+         r"--image-size 0 must be at least 1 pixel", setup=lambda w, d: data_folder(d, captions_for(2))),
+    Case("make-shards --image-size -8", make_shards_of("data", "--image-size", "-8"), 2,
+         r"--image-size -8 must be at least 1 pixel", setup=lambda w, d: data_folder(d, captions_for(2))),
+    Case("eval generation of samples holding NaN",
+         lambda w, d: ["eval", "generation", "--samples", d / "nan.npz", "--ref", d / "ref.npz", "--quiet",
+                       "--fd-size", "32"], 2, r"the samples hold 1 NaN or inf values", setup=nan_samples),
+    Case("a full disk while saving a checkpoint", train("--ckpt-every", "1"), 2,
+         r"no space left on the disk of .*run/checkpoints while writing step-0000003 \(No space left on device\); "
+         r"the last checkpoint, .*step-0000002, is intact",
+         patch=lambda mp: full_disk_at(mp, "/.step-0000003.tmp-"),
+         may_change=("run",), check=lambda w, d, out: _assert(
+             sorted(p.name for p in (d / "run/checkpoints").iterdir()) == ["step-0000001", "step-0000002"])),
+    Case("a full disk while writing final/", train(), 2,
+         r"no space left on the disk of .*run while writing final .*the last checkpoint, .*step-0000003, is intact",
+         patch=lambda mp: full_disk_at(mp, "/.final.tmp-"), may_change=("run",),
+         check=lambda w, d, out: _assert(not (d / "run/final").exists())),
+    Case("captions.jsonl: class names and integer ids in one file", eval_data("--num", "3"), 2,
+         r"captions line 2 \(1.png\): label 0 is an integer id, but line 1 gave a class name \('cat'\)",
+         setup=lambda w, d: data_folder(d, [{"file": "0.png", "caption": "x", "label": "cat"},
+                                            {"file": "1.png", "caption": "y", "label": 0}])),
+    Case("captions.jsonl: a listed image that does not exist is counted as missing", eval_data("--num", "3"), 0,
+         r"warning: 1 of the 3 images listed for split 'val' of .* do not exist \(first: 'gone.png'\)",
+         setup=lambda w, d: data_folder(d, [*captions_for(2), {"file": "gone.png", "caption": "x"}]),
+         check=lambda w, d, out: _assert("skipped_images" not in out)),
+    Case("make-shards of a folder listing an image that does not exist", make_shards_of("data"), 0,
+         r"warning: 1 of the 3 images listed .* do not exist", may_change=("shards",),
+         setup=lambda w, d: data_folder(d, [*captions_for(2), {"file": "gone.png", "caption": "x"}])),
+    Case("train-generator model.num_tokens that the latents decide",
+         lambda w, d: ["train-generator", "--latents", w / "lat", "--out", d / "g", "--max-steps", "1", *SMALL_DIT,
+                       "model.num_tokens=99"], 2,
+         r"model.num_tokens=99 cannot apply: training sets num_tokens to 4 from the latents"),
     # -- recipes and overrides --------------------------------------------------------------------------
     Case("a recipe that does not parse", FROM_RECIPE,
          2, r"recipe.yaml is not valid YAML", setup=lambda w, d: recipe(d, "max_steps: 2\ndata: [1,\n")),
@@ -839,3 +976,19 @@ def test_a_saved_model_s_sums_are_checked_by_sha256sum_too(tmp_path: Path) -> No
         flip_last_byte(model / "model.safetensors")
         assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=model,
                               capture_output=True).returncode != 0
+
+
+def test_class_names_get_the_same_ids_in_every_split(tmp_path: Path) -> None:
+    """Names are numbered over the whole captions.jsonl, so 'cat' is one id in train and in val even when the val
+    rows come first and name the classes in another order."""
+    from textok.data.folder import ImageCaptionFolder
+
+    rows = [{"file": "0.png", "caption": "x", "label": "dog", "split": "val"},
+            {"file": "1.png", "caption": "y", "label": "cat", "split": "val"},
+            {"file": "2.png", "caption": "z", "label": "cat", "split": "train"},
+            {"file": "3.png", "caption": "w", "label": "dog", "split": "train"}]
+    root = data_folder(tmp_path, rows, good=4)
+    train, val = (ImageCaptionFolder(root, split) for split in ("train", "val"))
+    ids = lambda data: {data.class_names[r["label"]]: r["label"] for r in data.records}  # noqa: E731
+    assert ids(train) == ids(val) == {"dog": 0, "cat": 1}
+    assert train.class_names == val.class_names

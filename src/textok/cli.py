@@ -21,6 +21,7 @@ from .apps.serve import commands as serve
 from .apps.study import commands as study
 from .commands import bench, data, evaluation, generate, models, train
 from .errors import Interrupted, TextokError
+from .io import target_of
 
 
 class Verb(NamedTuple):
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"textok {args.verb}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # the file system said no: a read-only or missing directory, a full disk, ...
-        where = f": {err.filename}" if err.filename else ""
+        where = f": {target_of(err.filename)}" if err.filename else ""  # the output, not its temporary name
         print(f"textok {args.verb}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import TextokError
 
@@ -156,19 +157,95 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def check_output_file(path: str | Path, flag: str = "--out") -> None:
-    """Refuse an output file path before any work is done for it: a directory, or a place that cannot be
-    written (a parent that is a file, a read-only folder). Missing parent folders are created when writing."""
+Inputs = Iterable[tuple[str, "str | Path | None"]]
+
+
+def check_output(path: str | Path, inputs: Inputs = (), *, flag: str = "--out", kind: str = "file",
+                 markers: tuple[str, ...] = MARKERS, what: str = "textok output", ignore: Iterable[str] = (),
+                 outputs: Inputs = ()) -> None:
+    """Refuse an output path before any work is done for it, in one line that names ``flag`` and what to do.
+
+    ``kind`` is how the verb writes it: ``"file"`` (one file, written atomically), ``"directory"`` (a directory
+    replaced atomically), ``"run"`` (a directory the verb writes into and reuses, e.g. to resume) or ``"folder"``
+    (a directory the verb adds its own named outputs to, beside whatever is there). Every kind is
+    refused when it is, or lies inside, one of ``inputs`` (``(flag, path)`` pairs; paths that do not exist, such
+    as ``scenes``, are skipped), links followed: writing there would replace what the verb reads; likewise when
+    it is one of the command's other ``outputs``. A file is
+    refused when it is a directory or cannot be written; a directory when it is a file or a folder holding
+    files textok did not write (none of ``markers``; ``ignore`` names entries that do not count), and a replaced
+    directory also when an input lies inside it.
+    """
     path = Path(path)
-    if path.is_dir():
-        raise TextokError(f"{flag} {path} is a directory; give a file name")
-    parent = path.parent
+    real = Path(os.path.realpath(path))
+    for name, other in outputs:
+        if other is not None and str(other) != "" and Path(os.path.realpath(other)) == real:
+            raise TextokError(f"{flag} {path} is {name} {other} too; give the two outputs different paths")
+    for name, given in inputs:
+        if given is None or str(given) == "" or not os.path.exists(given):
+            continue
+        source = Path(os.path.realpath(given))
+        if real == source or real.is_relative_to(source):
+            where = "is" if real == source else "lies inside"
+            raise TextokError(f"{flag} {path} {where} {name} {given}, which this command reads: writing there would "
+                              f"replace it; choose an {flag} outside the inputs")
+        if kind == "directory" and source.is_relative_to(real):
+            raise TextokError(f"{flag} {path} holds {name} {given}, which this command reads, and would be replaced "
+                              f"by the output; choose an {flag} outside the inputs")
+    if kind == "file":
+        if path.is_dir():
+            raise TextokError(f"{flag} {path} is a directory; give a file name (e.g. {flag} {path / 'NAME'})")
+    elif os.path.lexists(path):
+        if not path.is_dir():
+            raise TextokError(f"{flag} {path} is a file, not a directory; choose another {flag} (textok does not "
+                              "replace files it did not write)")
+        if path.is_symlink() and kind == "directory":
+            raise TextokError(f"{flag} {path} is a symbolic link; give the real directory or another {flag}")
+        skip = set(ignore)
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in skip and not STALE.match(p.name))
+        if kind != "folder" and foreign and not any((path / m).exists() for m in markers):
+            raise TextokError(f"{flag} {path} already holds files that are not a {what} (e.g. {foreign[0]}; no "
+                              f"{' / '.join(markers)}): choose another {flag} (an empty or new directory), or move "
+                              "those files away yourself")
+    parent = path.parent if kind == "file" or not path.exists() else path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise TextokError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TextokError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+        raise TextokError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    refused = _creation_refused(parent)
+    if refused is not None:
+        raise TextokError(f"{flag} {path}: cannot write in {parent} ({refused}); choose another {flag}")
+
+
+def _creation_refused(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory`` (read-only, permission denied, ...), or ``None``: tried for
+    real, since permission bits do not tell (root, read-only mounts, /sys). An unnamed O_TMPFILE leaves nothing
+    behind; where the file system lacks it, a temporary name is created and removed at once."""
+    try:
+        if hasattr(os, "O_TMPFILE"):
+            try:
+                os.close(os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600))
+                return None
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+        probe = directory / f".textok-probe.tmp-{_suffix()}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+        return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+def check_output_file(path: str | Path, flag: str = "--out", inputs: Inputs = (), outputs: Inputs = ()) -> None:
+    """:func:`check_output` for a file."""
+    check_output(path, inputs, flag=flag, kind="file", outputs=outputs)
+
+
+def target_of(path: str | Path) -> str:
+    """The file or directory a temporary (``.NAME.tmp-*``) or trash (``.NAME.old-*``) entry stands for, so that an
+    error names what the user asked for; any other path as it is."""
+    m = STALE.match(Path(path).name)
+    return str(Path(path).with_name(m.group("name"))) if m else str(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

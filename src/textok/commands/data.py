@@ -9,9 +9,10 @@ from pathlib import Path
 
 from ..data.factory import build_dataset
 from ..data.make_shards import index_shards, make_shards
-from ..data.shards import ShardSet, is_shard_dir, read_shard
+from ..data.shards import INDEX, ShardSet, is_shard_dir, read_shard
 from ..devices import resolve_device
 from ..errors import TextokError
+from ..io import check_output
 from ..report import print_table
 from ..text.encoders import encoder_name, load_text_encoder
 from ..text.store import TextStateStore, default_store_dir
@@ -25,8 +26,8 @@ def make_shards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-bank", default=None, help="a {class_name: [captions]} JSON for class folders")
     p.add_argument("--splits", default="train,val", help="comma-separated splits to write (those present)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--image-size", type=int, default=0,
-                   help="center-crop and resize to this many pixels, stored as JPEG (default 0: copy the bytes)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="center-crop and resize to this many pixels, stored as JPEG (default: copy the bytes)")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: a seeded shuffle)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index-only", action="store_true",
@@ -35,13 +36,20 @@ def make_shards_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_make_shards(args: argparse.Namespace) -> None:
+    if args.image_size is not None and args.image_size < 1:
+        raise TextokError(f"--image-size {args.image_size} must be at least 1 pixel (leave it out to copy the images' "
+                          "bytes as they are)")
+    if not args.index_only:
+        check_output(args.out, [("SOURCE", args.source), ("--captions", args.captions),
+                                ("--caption-bank", args.caption_bank)], kind="directory", markers=(INDEX,),
+                     what="shard directory")
     if args.index_only:
         index = index_shards(args.source)
         out = args.source
     else:
         index = make_shards(args.source, args.out, splits=tuple(s for s in args.splits.split(",") if s),
                             captions_file=args.captions, caption_bank=args.caption_bank, shard_size=args.shard_size,
-                            image_size=args.image_size, shuffle=not args.no_shuffle, seed=args.seed,
+                            image_size=args.image_size or 0, shuffle=not args.no_shuffle, seed=args.seed,
                             progress=not args.no_progress)
         out = args.out
     rows = [{"split": split, "shards": len(entries), "samples": sum(e["count"] for e in entries)}
@@ -68,11 +76,22 @@ def encode_captions_args(p: argparse.ArgumentParser) -> None:
 def caption_stream(source: str, splits: list[str]):
     """Every caption of ``source``'s splits, read without decoding images (shards: front to back)."""
     if source.endswith(".jsonl") and Path(source).is_file():
-        for line in Path(source).read_text().splitlines():
-            if line.strip():
+        for lineno, line in enumerate(Path(source).read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                caps = row.get("captions", row.get("caption"))
-                yield from ([caps] if isinstance(caps, str) else caps or [])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            if not isinstance(row, dict):
+                raise TextokError(f"{source} line {lineno} is not a JSON object (UTF-8): {line[:80]!r}; fix or remove "
+                                  "that line")
+            caps = row.get("captions", row.get("caption"))
+            caps = [caps] if isinstance(caps, str) else (caps or [])
+            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                raise TextokError(f"{source} line {lineno}: 'captions' must be a list of strings (or 'caption' one "
+                                  f"string), not {caps!r:.80}")
+            yield from caps
         return
     found = False
     for split in splits:
@@ -96,9 +115,15 @@ def caption_stream(source: str, splits: list[str]):
 
 
 def cmd_encode_captions(args: argparse.Namespace) -> None:
+    for flag in ("max_length", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise TextokError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     device = str(resolve_device(args.device))
     name = encoder_name(args.encoder)
     root = Path(args.store) if args.store else default_store_dir(name, args.max_length, args.pooled)
+    check_output(root, [("SOURCE", args.source)], flag="--store", kind="run", markers=("store.json",),
+                 what="text-state store")
+    captions = set(caption_stream(args.source, [s for s in args.splits.split(",") if s]))  # read before the encoder
     encoder = None
 
     def encode(captions):
@@ -109,7 +134,6 @@ def cmd_encode_captions(args: argparse.Namespace) -> None:
     dim = None if (root / "store.json").is_file() else load_text_encoder(args.encoder, args.max_length, device).dim
     store = TextStateStore(root, encoder=name, max_length=args.max_length, pooled=args.pooled, dim=dim,
                            dtype=args.dtype)
-    captions = set(caption_stream(args.source, [s for s in args.splits.split(",") if s]))
     before = len(store)
     encoded = store.fill(captions, encode, batch_size=args.batch_size, progress=not args.no_progress)
     size = sum(p.stat().st_size for p in store.root.iterdir() if p.is_file())

@@ -133,10 +133,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise TextokError(f"--batch-size must be at least 1; got {args.batch_size}")
     if args.num < 0:
         raise TextokError(f"--num must be 0 (all) or positive; got {args.num}")
+    inputs = [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in (
+        "model", "data", "captions_file", "caption_bank", "samples", "ref", "inception_weights", "vgg16_weights")]
     if args.out:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", inputs)
     if args.mode == "generation" and args.save_ref_stats:
-        check_output_file(args.save_ref_stats, "--save-ref-stats")
+        check_output_file(args.save_ref_stats, "--save-ref-stats", inputs, outputs=[("--out", args.out)])
     if args.mode == "reconstruction":
         run_reconstruction(args)
     else:

@@ -7,9 +7,9 @@ import argparse
 
 from ..data.images import check_output_image
 from ..errors import TextokError
-from ..generate.latents import extract_latents, read_meta
+from ..generate.latents import META as LATENTS_META, extract_latents, read_meta
 from ..generate.sampling import DEFAULT_CFG, EVAL_CFG, GenerationPipeline, sample_grid, write_npz_distributed
-from ..io import check_output_file
+from ..io import check_output, check_output_file
 from ..distributed import distributed_session
 
 
@@ -26,6 +26,8 @@ def extract_latents_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_extract_latents(args: argparse.Namespace) -> None:
+    check_output(args.out, [("--tokenizer", args.tokenizer), ("--data", args.data)], kind="directory",
+                 markers=(LATENTS_META,), what="latents directory")
     out = extract_latents(args.tokenizer, args.data, args.out, split=args.split, num=args.num,
                           batch_size=args.batch_size, seed=args.seed, device=args.device,
                           progress=not args.no_progress)
@@ -80,10 +82,11 @@ def sample_args(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     if not args.out and not args.npz:
         raise TextokError("nothing to write: give --out grid.png and/or --npz samples.npz")
+    inputs = [("--generator", args.generator), ("--tokenizer", args.tokenizer)]
     if args.out:
-        check_output_image(args.out)
+        check_output_image(args.out, inputs=inputs)
     if args.npz:
-        check_output_file(args.npz, "--npz")
+        check_output_file(args.npz, "--npz", inputs, outputs=[("--out", args.out)])
     if args.n < 1:
         raise TextokError(f"--n {args.n} must be positive")
     with distributed_session(args.device) as info:

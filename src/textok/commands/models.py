@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -42,9 +41,7 @@ def reconstruct_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    check_output_image(args.out)  # before any work
-    if Path(args.out).resolve() in {Path(p).resolve() for p in args.image}:
-        raise TextokError(f"--out {args.out} is one of the input images; write the grid to another file")
+    check_output_image(args.out, inputs=[("--model", args.model), *(("--image", p) for p in args.image)])
     if args.caption is not None:
         check_captions(args.caption)
     model = load_tokenizer(args.model).eval()

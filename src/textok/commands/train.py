@@ -8,6 +8,7 @@ from typing import Any
 from ..config import split_assignment
 from ..train.config import load_generator_config, load_train_config
 from ..train.generator import train_generator
+from ..train.rundir import check_run_directory
 from ..train.tokenizer import train_tokenizer
 
 
@@ -24,6 +25,8 @@ def train_tokenizer_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     cfg = load_train_config(args.config, with_flags(args, "max_steps", "ckpt_every"))
+    check_run_directory(args.out, [("data.source", cfg.data.source), ("data.captions_file", cfg.data.captions_file),
+                                   ("data.caption_bank", cfg.data.caption_bank), ("init_from", cfg.init_from)])
     final = train_tokenizer(cfg, args.out, progress=not args.no_progress)
     if final.is_dir():
         print(f"final EMA weights: {final}")
@@ -48,6 +51,7 @@ def train_generator_args(p: argparse.ArgumentParser) -> None:
 def cmd_train_generator(args: argparse.Namespace) -> None:
     overrides = [("latents", args.latents), *with_flags(args, "max_steps", "ckpt_every")]
     cfg = load_generator_config(args.config, overrides, kind=args.kind)
+    check_run_directory(args.out, [("--latents", cfg.latents)])
     final = train_generator(cfg, args.out, progress=not args.no_progress)
     if final.is_dir():
         print(f"final EMA generator: {final}")

@@ -15,8 +15,9 @@ a compressed one (``.tar.gz``, ``.tgz``) is read once into memory.
 A data set reads only what lies inside it: a file whose path, symbolic links followed, leaves the folder, and
 an archive member whose name or link target leaves the archive, are refused in one line (a link between two
 members of the archive is followed). For data sets too large for either, write
-streaming shards (``textok make-shards``, :mod:`textok.data.shards`). A file that
-cannot be decoded is skipped: the item comes back as ``None``, :func:`collate` drops it and counts it in
+streaming shards (``textok make-shards``, :mod:`textok.data.shards`). A listed file that does not exist is
+left out when the data set is opened, with a warning that counts them (``missing``); a file that cannot be
+decoded is skipped: the item comes back as ``None``, :func:`collate` drops it and counts it in
 ``batch["skipped"]``.
 """
 
@@ -26,6 +27,7 @@ import json
 import posixpath
 import re
 import tarfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import TextokError
+from ..io import read_json
 from .images import IMAGE_SUFFIXES, decode_image
 
 SPLIT_ALIASES = {"val": "val", "dev": "val", "valid": "val", "validation": "val", "train": "train", "test": "test"}
@@ -177,6 +180,16 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         if limit is not None:
             records = records[:limit]
         self.source.check_inside([rec["file"] for rec in records])
+        missing = [rec["file"] for rec in records if not self.source.exists(rec["file"])]
+        if missing:  # told apart from undecodable files: the fix differs (the paths, not the images)
+            if len(missing) == len(records):
+                raise TextokError(f"none of the {len(records)} images listed for split {self.split!r} of {self.root} "
+                                  f"exist (first: {missing[0]!r}); check the paths in captions.jsonl")
+            warnings.warn(f"{len(missing)} of the {len(records)} images listed for split {self.split!r} of "
+                          f"{self.root} do not exist (first: {missing[0]!r}); they are left out", stacklevel=2)
+            gone = set(missing)
+            records = [rec for rec in records if rec["file"] not in gone]
+        self.missing = len(missing)
         self.records = records
         self.skipped = 0
 
@@ -193,6 +206,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         else:
             return None
         records, labels, top_int_label = [], {}, -1
+        first_of_kind: dict[str, tuple[int, object]] = {}  # "a class name" / "an integer id" -> (line, label)
         for lineno, line_bytes in enumerate(raw.splitlines(), 1):
             try:
                 line = line_bytes.decode("utf-8")
@@ -210,8 +224,27 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 raise TextokError(f"captions line {lineno}: 'file' must be a path (a string), not {name!r}")
             name = self._inside_root(name, lineno)
             row_split = SPLIT_ALIASES.get(str(row.get("split", "")), None) or _split_of(name)
-            if type(row.get("label")) is int:  # integer ids count over every split, so all splits agree
-                top_int_label = max(top_int_label, row["label"])
+            # Labels are read over every split, so that all splits agree on the ids: class names are numbered in
+            # the order they first appear in the file; names and integer ids in one file are refused (a name
+            # numbered 0 and the id 0 would be merged into one class).
+            label = row.get("label", -1)
+            if isinstance(label, float) and label.is_integer():
+                label = int(label)
+            if isinstance(label, str):
+                first_of_kind.setdefault("a class name", (lineno, label))
+                label = labels.setdefault(label, len(labels))
+            elif isinstance(label, bool) or not isinstance(label, int):
+                raise TextokError(f"captions line {lineno} ({name}): 'label' must be a class name or an integer "
+                                  f"id, not {label!r:.80}")
+            elif label != -1:
+                first_of_kind.setdefault("an integer id", (lineno, label))
+                top_int_label = max(top_int_label, label)
+            if len(first_of_kind) == 2:
+                (kind_a, (line_a, value_a)), (kind_b, (line_b, value_b)) = sorted(
+                    first_of_kind.items(), key=lambda kv: kv[1][0])
+                raise TextokError(f"captions line {line_b} ({name}): label {value_b!r} is {kind_b}, but line {line_a} "
+                                  f"gave {kind_a} ({value_a!r}); use class names or integer ids throughout the file, "
+                                  "not both (they would be merged into the same classes)")
             if row_split is not None and row_split != self.split:
                 continue
             caps = row.get("captions", row.get("caption"))
@@ -222,14 +255,6 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             caps = [c.strip() for c in caps if c.strip()]
             if not caps:
                 raise TextokError(f"captions line {lineno} ({name}) has no caption: every image needs at least one")
-            label = row.get("label", -1)
-            if isinstance(label, str):
-                label = labels.setdefault(label, len(labels))
-            elif isinstance(label, float) and label.is_integer():
-                label = int(label)
-            elif isinstance(label, bool) or not isinstance(label, int):
-                raise TextokError(f"captions line {lineno} ({name}): 'label' must be a class name or an integer "
-                                  f"id, not {label!r:.80}")
             records.append({"file": name, "captions": caps, "label": label})
         # Class names: the names given, else the ids 0..max as strings (Flowers-102 labels 0-101).
         self.class_names = (sorted(labels, key=labels.get) if labels
@@ -266,7 +291,17 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     def _load_bank(caption_bank: str | Path | dict | None, names: list[str]) -> dict[str, list[str]]:
         if caption_bank is None:
             return {c: [_template(t, c.replace("_", " ")) for t in DEFAULT_TEMPLATES] for c in names}
-        bank = caption_bank if isinstance(caption_bank, dict) else json.loads(Path(caption_bank).read_text())
+        where = "caption bank" if isinstance(caption_bank, dict) else f"caption bank {caption_bank}"
+        if isinstance(caption_bank, dict):
+            bank = caption_bank
+        elif not Path(caption_bank).is_file():
+            raise TextokError(f"{where} does not exist: give a JSON file {{class name: [captions]}}")
+        else:
+            bank = read_json(caption_bank, where)
+        if not isinstance(bank, dict) or not all(
+                isinstance(v, list) and all(isinstance(c, str) for c in v) for v in bank.values()):
+            raise TextokError(f"{where} must be a JSON object {{class name: [captions, ...]}}, not {bank!r:.80}; "
+                              "write one list of caption strings per class folder")
         missing = [c for c in names if not bank.get(c)]
         if missing:
             raise TextokError(f"caption bank has no captions for class {missing[0]!r}: add a list of captions for it")

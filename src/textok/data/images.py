@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import TextokError
-from ..io import atomic_file, check_output_file
+from ..io import Inputs, atomic_file, check_output_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -89,10 +89,10 @@ def image_format(path: str | Path) -> str:
     return fmt
 
 
-def check_output_image(path: str | Path, flag: str = "--out") -> None:
-    """Refuse an output image path before any work: a directory, a name without an image extension, or a
-    folder that cannot be created or written."""
-    check_output_file(path, flag)
+def check_output_image(path: str | Path, flag: str = "--out", inputs: Inputs = ()) -> None:
+    """Refuse an output image path before any work: one of the ``inputs`` or inside one, a directory, a name
+    without an image extension, or a folder that cannot be created or written."""
+    check_output_file(path, flag, inputs)
     image_format(path)
 
 

@@ -78,7 +78,7 @@ def make_shards(source: str | Path, out: str | Path, *, splits: tuple[str, ...] 
     index: dict[str, Any] = {"format": FORMAT, "class_names": [], "splits": {}, "source": str(source)}
     skipped = 0
     written: set[str] = set()
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, markers=(INDEX,)) as tmp:
         for split in dict.fromkeys(SPLIT_ALIASES.get(s, s) for s in splits):
             try:
                 folder = ImageCaptionFolder(source, split=split, image_size=max(image_size, 1),

@@ -60,6 +60,10 @@ def _nchw_pm1(arr: np.ndarray | Tensor, layout: str = "auto") -> Tensor:
     if x.dtype == torch.uint8:
         return x.float().div(127.5).sub(1.0)
     if torch.is_floating_point(x):
+        if not torch.isfinite(x).all():
+            raise TextokError(f"the samples hold {int((~torch.isfinite(x)).sum())} NaN or inf values (a generator that "
+                              "diverged, or a sampler that overflowed): sample again from a finite checkpoint, in "
+                              "fp32 (--precision fp32)")
         return quantize_uint8(x.float())
     raise TextokError(f"images must be uint8 (0..255) or float in [-1, 1]; got {x.dtype}")
 

@@ -10,6 +10,7 @@ is intact (:meth:`CheckpointManager.latest_intact`).
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -23,6 +24,7 @@ from ..io import atomic_directory, check_safetensors, check_sha256, read_json, s
 from .state import load_state, save_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # what a write fails with when the disk (or the user's quota) is full
 
 
 class CheckpointManager:
@@ -72,15 +74,28 @@ class CheckpointManager:
 
     def save(self, step: int, components: dict[str, Any], meta: dict[str, Any]) -> Path:
         target = self.root / f"step-{step:07d}"
-        with atomic_directory(target, markers=("meta.json",)) as tmp:
-            for name, obj in components.items():
-                save_state(obj, tmp / name)
-            sums = sha256_files(tmp)
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "components": sorted(components),
-                                                       "sha256": sums}, indent=2))
+        try:
+            with atomic_directory(target, markers=("meta.json",)) as tmp:
+                for name, obj in components.items():
+                    save_state(obj, tmp / name)
+                sums = sha256_files(tmp)
+                (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "components": sorted(components),
+                                                           "sha256": sums}, indent=2))
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise self.disk_full(target, err) from None
         for old in self.all()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return target
+
+    def disk_full(self, target: Path, err: OSError) -> TextokError:
+        """The one line for a full disk (or quota) while writing ``target``: where, and what is still intact."""
+        last = self.latest()
+        kept = f"the last checkpoint, {last}, is intact" if last else "no checkpoint had been saved yet"
+        return TextokError(f"no space left on the disk of {target.parent} while writing {target.name} "
+                           f"({err.strerror}); {kept} and the partial write was removed: free space there and run the "
+                           "same command again to resume")
 
     @staticmethod
     def load(path: Path, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -45,6 +45,8 @@ from .config import GeneratorTrainConfig
 from .data_source import batch_indices, pick_captions
 from .ema import EMA
 from .loop import LossForward, StepResult, Task, adamw, run_text_states, train
+
+C = TypeVar("C", bound=Config)
 
 LOGGED = ("loss", "mse", "vb", "accuracy")  # the loss terms that go to the log
 
@@ -150,6 +152,19 @@ class GeneratorTask(Task):
             shutil.copyfile(Path(cfg.latents) / BANK, final / BANK)
 
 
+def set_by_training(asked: C, decided: dict[str, Any], cfg: GeneratorTrainConfig) -> C:
+    """``asked`` with the fields training decides (from the latents, the diffusion and the text settings); a
+    ``model.KEY`` override of one of them to another value is refused, since it would be replaced silently."""
+    result = asked.override(decided)
+    given = {o.split("=", 1)[0].strip() for o in cfg.model_overrides}
+    for key in sorted(given & set(decided)):
+        if getattr(asked, key) != getattr(result, key):
+            raise TextokError(f"model.{key}={getattr(asked, key)!r} cannot apply: training sets {key} to "
+                              f"{getattr(result, key)!r} from the latents {cfg.latents} and the run's settings; "
+                              f"drop model.{key}")
+    return result
+
+
 class DiTTask(GeneratorTask):
     """A DiT over continuous tokens, class-conditional or text-to-image, trained by ``cfg.diffusion``."""
 
@@ -157,9 +172,10 @@ class DiTTask(GeneratorTask):
         cfg, meta = self.cfg, self.meta
         self.diffusion_config = DiffusionConfig.resolve(cfg.diffusion)
         learn_sigma = self.diffusion_config.objective == "ddpm" and self.diffusion_config.learn_sigma
-        return DiTConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)).override(
-            {"num_tokens": meta["num_tokens"], "in_channels": meta["channels"], "learn_sigma": learn_sigma,
-             "num_classes": 0 if cfg.text else meta["num_classes"], "text_dim": text_dim if cfg.text else 0})
+        return set_by_training(DiTConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)),
+                               {"num_tokens": meta["num_tokens"], "in_channels": meta["channels"],
+                                "learn_sigma": learn_sigma, "num_classes": 0 if cfg.text else meta["num_classes"],
+                                "text_dim": text_dim if cfg.text else 0}, cfg)
 
     def build(self, fresh: bool) -> None:
         super().build(fresh)
@@ -202,9 +218,9 @@ class MaskGITTask(GeneratorTask):
             raise TextokError(f"MaskGIT models one flat sequence of codes per image, but {cfg.latents} holds codes of "
                               f"shape {tuple(meta['code_shape'])} from a {meta.get('tokenizer_type')!r} tokenizer; "
                               "train a VAR on them (--kind var)")
-        return MaskGITConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)).override(
-            {"num_tokens": meta["num_tokens"], "codebook_size": meta["codebook_size"],
-             "num_classes": max(1, meta["num_classes"])})
+        return set_by_training(MaskGITConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)),
+                               {"num_tokens": meta["num_tokens"], "codebook_size": meta["codebook_size"],
+                                "num_classes": max(1, meta["num_classes"])}, cfg)
 
     def loss(self, model, codes, labels, generator) -> dict[str, torch.Tensor]:
         return model.training_loss(codes, labels, generator=generator)

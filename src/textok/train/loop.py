@@ -25,7 +25,7 @@ from ..config import Config
 from ..distributed import DistInfo, any_rank, barrier, distributed_session
 from ..errors import TextokError
 from ..text.store import open_text_states
-from .checkpoint import CheckpointManager
+from .checkpoint import DISK_FULL, CheckpointManager
 from .ema import EMA
 from .fsdp import local_value
 from .interrupt import GracefulInterrupt
@@ -181,7 +181,12 @@ def _run(task: Task, cfg: Any, out: Path, info: DistInfo, progress: bool) -> Pat
         print(f"skipped {skipped} images that could not be decoded")
     final = out / "final"
     if step >= cfg.max_steps:
-        task.save_final(final, step)
+        try:
+            task.save_final(final, step)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            raise ckpts.disk_full(final, err) from None
     barrier(info)
     return final
 

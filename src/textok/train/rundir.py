@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from ..errors import TextokError
 from ..hub import config_diff, flatten
-from ..io import RUN_MARKER, STALE, atomic_write_text, read_json, remove_stale
+from ..io import RUN_MARKER, Inputs, atomic_write_text, check_output, read_json, remove_stale
 from .checkpoint import CheckpointManager
 
 LOCK_NAME = ".textok.lock"
@@ -41,17 +41,10 @@ def _holder(path: Path) -> dict:
         return {}
 
 
-def check_run_directory(out: str | Path) -> None:
-    """Refuse ``out`` when it is a file or a non-empty folder that is not a textok run (no train_config.json)."""
-    out = Path(out)
-    if not os.path.lexists(out):
-        return
-    if not out.is_dir():
-        raise TextokError(f"--out {out} is a file; a training run needs a directory: choose another --out")
-    foreign = [p.name for p in out.iterdir() if p.name not in EARLY_FILES and not STALE.match(p.name)]
-    if foreign and not (out / RUN_MARKER).is_file():
-        raise TextokError(f"--out {out} already holds files that are not a textok run (e.g. {sorted(foreign)[0]}; "
-                          f"no {RUN_MARKER}): choose another --out (an empty or new directory)")
+def check_run_directory(out: str | Path, inputs: Inputs = ()) -> None:
+    """Refuse ``out`` when it is a file, a non-empty folder that is not a textok run (no train_config.json), or
+    one of the run's ``inputs`` (``(name, path)`` pairs) or a place inside one."""
+    check_output(out, inputs, kind="run", markers=(RUN_MARKER,), what="textok run", ignore=EARLY_FILES)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ...errors import TextokError
+from ...io import check_output
 from .generation import run_demo_gen
 from .imagefolder import run_demo_imagefolder
 from .titok import run_demo_titok
@@ -18,6 +19,7 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    check_output(args.out, kind="folder")
     run_demo(args.out, steps=args.steps, quick=args.quick)
 
 
@@ -29,6 +31,7 @@ def demo_gen_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo_gen(args: argparse.Namespace) -> None:
+    check_output(args.out, [("--tokenizer", args.tokenizer)], kind="folder")
     run_demo_gen(args.tokenizer, args.out, steps=args.steps, quick=args.quick)
 
 
@@ -46,6 +49,7 @@ def cmd_demo_titok(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise TextokError(f"--{name.replace('_', '-')} {value} must be positive")
+    check_output(args.out, kind="folder")
     run_demo_titok(args.out, steps=args.steps, gen_steps=args.gen_steps, quick=args.quick,
                    compare=args.compare or None)
 
@@ -65,5 +69,6 @@ def cmd_demo_imagefolder(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise TextokError(f"--{name.replace('_', '-')} {value} must be positive")
+    check_output(args.out, kind="folder")
     run_demo_imagefolder(args.out, steps=args.steps, gen_steps=args.gen_steps, quick=args.quick,
                          compare=not args.no_compare)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ...errors import ConfigError
+from ...io import check_output
 from .run import run_study
 from .settings import DEFAULT_TOKENS, MODES, GenerationSettings, StudySettings
+
+STUDY_MARKERS = ("cells", "results.json")  # what makes a folder a study (cells/ appears with the first cell)
+STUDY_EARLY = ("text_cache.safetensors",)  # what a study writes before its first cell
 
 
 def study_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,9 @@ def study_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> None:
+    inputs = [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in (
+        "data", "recipe", "init_from_study", "eval_data", "inception_weights", "vgg16_weights", "gen_recipe")]
+    check_output(args.out, inputs, kind="run", markers=STUDY_MARKERS, what="textok study", ignore=STUDY_EARLY)
     settings = StudySettings(data=args.data, tokens=args.tokens, modes=args.modes, recipe=args.recipe,
                              steps=args.steps, image_size=args.image_size, val_num=args.val_num, seed=args.seed,
                              fd_size=args.fd_size, inception_weights=args.inception_weights,
