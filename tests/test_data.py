@@ -120,6 +120,69 @@ def test_mismatched_captions_give_each_image_the_next_ones_caption():
         view[3]
 
 
+def _grouped_folder(root, classes: int, per_class: int, labelled: bool = True):
+    """A val split stored class by class (like Flowers-102): per_class photos of each class in a row."""
+    (root / "val").mkdir(parents=True)
+    rows = []
+    for c in range(classes):
+        for k in range(per_class):
+            name = f"val/{c}_{k}.png"
+            Image.new("RGB", (8, 8), (20 * c, 10 * k, 0)).save(root / name)
+            row = {"file": name, "captions": [f"class {c} photo {k}"]}
+            if labelled:
+                row["label"] = c
+            rows.append(row)
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return ImageCaptionFolder(root, split="val", image_size=8)
+
+
+def test_other_swap_takes_a_caption_of_another_class_where_next_mostly_stays_in_the_class(tmp_path):
+    from textok.data.factory import MismatchedCaptions
+
+    ds = _grouped_folder(tmp_path / "set", classes=4, per_class=6)
+    label = {ds.captions_of(i)[0]: ds.label_of(i) for i in range(len(ds))}
+    nxt, other = MismatchedCaptions(ds), MismatchedCaptions(ds, swap="other", seed=3)
+    same_next = sum(label[nxt[i]["captions"][0]] == ds.label_of(i) for i in range(len(ds)))
+    assert same_next == 20  # 5 of each 6 neighbours share the class: the next-image swap is easy
+    assert other.kind == "another class"
+    for i in range(len(ds)):
+        assert torch.equal(other[i]["image"], ds[i]["image"])
+        assert label[other[i]["captions"][0]] != ds.label_of(i)
+    # deterministic for a seed, and the partners are drawn, not a fixed shift
+    again = MismatchedCaptions(ds, swap="other", seed=3)
+    assert other.partners == again.partners
+    assert len({(p - i) % len(ds) for i, p in enumerate(other.partners)}) > 2
+    # within the first num items only
+    head = MismatchedCaptions(ds, num=12, swap="other")
+    assert all(p < 12 and ds.label_of(p) != ds.label_of(i) for i, p in enumerate(head.partners))
+
+
+def test_other_swap_without_classes_takes_a_far_image(tmp_path):
+    from textok.data.factory import MismatchedCaptions, swap_partners
+
+    ds = _grouped_folder(tmp_path / "set", classes=4, per_class=6, labelled=False)
+    other = MismatchedCaptions(ds, swap="other")
+    assert other.kind == "a far, random image"
+    n = len(ds)
+    for i, p in enumerate(other.partners):
+        gap = min((p - i) % n, (i - p) % n)
+        assert gap >= n // 4
+    for num in (2, 3, 5, 100):
+        partners = swap_partners(num, None, seed=1)
+        assert all(p != i and 0 <= p < num for i, p in enumerate(partners))
+    with pytest.raises(TextokError, match="unknown caption swap"):
+        MismatchedCaptions(ds, swap="random")
+
+
+def test_scenes_have_classes_for_the_other_swap():
+    from textok.data.factory import MismatchedCaptions, build_dataset
+
+    scenes = build_dataset("scenes", "val", 16, size=30)
+    other = MismatchedCaptions(scenes, swap="other")
+    assert other.kind == "another class"
+    assert all(scenes.label_of(p) != scenes.label_of(i) for i, p in enumerate(other.partners))
+
+
 def test_decode_once_gives_the_same_items_and_keeps_bad_ones_out(tmp_path):
     from textok.data.factory import DecodedOnce, build_dataset
 

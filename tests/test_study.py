@@ -74,6 +74,12 @@ def test_study_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch,
         wrong = res["cells"][f"n{n}-both"]["metrics_wrong_caption"]
         assert wrong["PSNR"] != res["cells"][f"n{n}-both"]["metrics"]["PSNR"]  # the text changes the output
         assert "metrics_wrong_caption" not in res["cells"][f"n{n}-none"]
+        # and with a caption of another class (the scenes' classes are their main shapes)
+        other = res["cells"][f"n{n}-both"]["metrics_other_caption"]
+        assert res["cells"][f"n{n}-both"]["other_caption_kind"] == "another class"
+        assert other["PSNR"] != res["cells"][f"n{n}-both"]["metrics"]["PSNR"]
+    assert {"next image's caption", "caption of another class", "cost (another class)"} <= set(
+        res["text_reliance_table"][0])
     assert len(res["text_reliance_table"]) == 2 * len(res["primary_metrics"])
     assert "## Does the tokenizer use the text?" in report
     assert len(res["paper_table"]) == 2 * len(res["metrics"])

@@ -2,7 +2,8 @@
 
 A cell is a run directory ``OUT/cells/n{N}-{mode}/`` trained by :func:`textok.train.tokenizer.train_tokenizer`
 with the shared recipe, budget, seed and data, then evaluated on the held-out split with each image's first
-caption (and, for a text cell, with the next image's caption: does it use the text?). A cell whose ``final/``
+caption (and, for a text cell, twice more: with the next image's caption and with that of an image of another
+class, or of a far, random image when the data has no classes: does it use the text?). A cell whose ``final/``
 and ``eval.json`` exist for the same training config and evaluation settings is skipped; an interrupted one
 resumes; a finished one whose evaluation settings changed is only re-evaluated. A cell trained with another
 config is an error, never silently mixed.
@@ -30,6 +31,7 @@ from .settings import MODES
 
 MODE_LABELS = {"both": "text: both", "encoder": "text: encoder", "decoder": "text: decoder", "none": "no text"}
 REPO_ROOT = Path(__file__).resolve().parents[4]
+SWAP_SEED = 0  # which image of another class (or far away) lends its caption, the same for every cell
 SET_BY_STUDY = ("model.num_tokens", "model.text_in_encoder", "model.text_in_decoder", "text_cache", "init_from")
 # keys that do not change what a cell learns: a change in them does not invalidate a finished cell
 NOT_IDENTITY = ("text_cache", "device", "log_every", "sample_every", "ckpt_every", "keep_last", "data.val_size",
@@ -162,6 +164,9 @@ def evaluate_cell(final: Path, cfg, name: str, n: int, mode: str, val, num: int,
               "metrics": evaluate_tokenizer(model, val, **kw), "train_config": cfg.to_dict()}
     if mode != "none":  # how much does it rely on the text? the same images with another image's caption
         record["metrics_wrong_caption"] = numeric(evaluate_tokenizer(model, MismatchedCaptions(val, num), **kw))
+        other = MismatchedCaptions(val, num, swap="other", seed=SWAP_SEED)
+        record["metrics_other_caption"] = numeric(evaluate_tokenizer(model, other, **kw))
+        record["other_caption_kind"] = other.kind
     return record
 
 

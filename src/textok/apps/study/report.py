@@ -50,12 +50,17 @@ def assemble(recipe: str, base, tokens: list[int], modes: list[str], cells: dict
         wrong = c.get("metrics_wrong_caption")
         if not wrong:
             continue
+        other, kind = c.get("metrics_other_caption"), c.get("other_caption_kind", "another class")
         for metric in primary:
             right, bad = scores[name][metric], wrong[metric]
             higher = higher_is_better(metric)
-            reliance_rows.append({"cell": name, "metric": f"{metric} ({'↑' if higher else '↓'})", "right caption": right,
-                                  "another image's caption": bad,
-                                  "cost of the wrong caption": f"{relative_gain(right, bad, higher) * 100:+.1f}%"})
+            row = {"cell": name, "metric": f"{metric} ({'↑' if higher else '↓'})", "right caption": right,
+                   "next image's caption": bad,
+                   "cost (next)": f"{relative_gain(right, bad, higher) * 100:+.1f}%"}
+            if other and metric in other:
+                row[f"caption of {kind}"] = other[metric]
+                row[f"cost ({kind})"] = f"{relative_gain(right, other[metric], higher) * 100:+.1f}%"
+            reliance_rows.append(row)
     first = next(iter(cells.values()))["metrics"]
     base_dict = base.to_dict()
     per_cell = {name: {"model.num_tokens": c["tokens"], "model.text_in_encoder": c["text_in_encoder"],
@@ -163,9 +168,10 @@ def render_report(result: dict) -> str:
               markdown_table([{k: _fmt(v) for k, v in r.items()} for r in result["ablation_table"]]), ""]
     if result.get("text_reliance_table"):
         lines += ["## Does the tokenizer use the text?", "",
-                  "Each text cell scored on the same images with the next image's caption instead of its own; the "
-                  "cost is how much worse that is, as a fraction of the score with the wrong caption (0% = the text "
-                  "is ignored).", "",
+                  "Each text cell scored on the same images with another image's caption instead of its own: the "
+                  "next image's (in a set stored by class, mostly the same class), and one of another class (a "
+                  "far, random image when the data has no classes). The cost is how much worse that is, as a "
+                  "fraction of the score with the wrong caption (0% = the text is ignored).", "",
                   markdown_table([{k: _fmt(v) for k, v in r.items()} for r in result["text_reliance_table"]]), ""]
     lines += ["## Plots", ""]
     lines += [f"![{m} vs tokens](plot_{slug(m)}.png)" for m in result["metrics"]]

@@ -41,7 +41,9 @@ def run_study(out: str | Path, settings: StudySettings | None = None, progress: 
     eval_settings = {"val_split": base.data.val_split, "val_num": num, "fd_size": fd,
                      "inception_weights": s.inception_weights, "vgg16_weights": s.vgg16_weights,
                      "caption": "first caption of each image",
-                     "wrong_caption": "text cells are also scored with the next image's first caption"}
+                     "wrong_caption": "text cells are also scored with the next image's first caption",
+                     "other_caption": "and with the first caption of an image of another class (a far, random image "
+                                      "when the data has no classes)"}
     if s.eval_data is not None:
         return _evaluate_elsewhere(out, recipe, base, configs, s, size, eval_settings)
     out.mkdir(parents=True, exist_ok=True)
