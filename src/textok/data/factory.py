@@ -6,6 +6,7 @@ Why: the training loop, ``textok eval`` and the generators all name their data t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,32 @@ from .scenes import CaptionedScenes, captions_for
 from .shards import ShardSet, is_shard_dir
 
 SCENES = "scenes"
+DATA_ENV = "TEXTOK_DATA"  # the folder that relative data names (a recipe's ``flowers102-128.tar``) are found in
+
+
+def resolve_source(source: str) -> str:
+    """Where a data spec points: ``scenes``; an existing path (absolute or relative to the working directory);
+    else a name inside the folder ``$TEXTOK_DATA``. Anything else is one line naming the path and the variable."""
+    if source == SCENES or is_shard_dir(source):
+        return source
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path)
+    root = os.environ.get(DATA_ENV, "")
+    if path.is_absolute():
+        raise TextokError(f"data {source!r} not found: it is neither 'scenes' (the embedded captioned scenes) nor an "
+                          "existing folder or tar archive; pass its path (--data PATH or data.source=PATH)")
+    if not root:
+        raise TextokError(f"data {source!r} not found in the working directory, and {DATA_ENV} is not set: set "
+                          f"{DATA_ENV} to the folder that holds it, or pass its path (--data PATH or "
+                          "data.source=PATH)")
+    if not Path(root).expanduser().is_dir():
+        raise TextokError(f"{DATA_ENV}={root} is not a folder: point {DATA_ENV} at the folder that holds {source!r}")
+    found = Path(root).expanduser() / path
+    if not found.exists():
+        raise TextokError(f"data {source!r} not found in the working directory nor in {DATA_ENV}={root}: put it there "
+                          "or pass its path (--data PATH or data.source=PATH)")
+    return str(found)
 
 
 SWAPS = ("next", "other")  # the caption of the next item; of another class (or a far, random item)
@@ -210,7 +237,7 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
                               "(which carry their own captions): leave them empty")
         dataset: torch.utils.data.Dataset = CaptionedScenes(image_size, split=scene_split, size=size or None,
                                                             seed=seed)
-    elif is_shard_dir(source):
+    elif is_shard_dir(source := resolve_source(source)):
         if captions_file or caption_bank:
             raise TextokError("captions_file / caption_bank apply to image folders; shards carry their captions "
                               "(give them to `textok make-shards`): leave them empty")
@@ -223,10 +250,7 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
         head = shards.take(size)
         return DecodedOnce(head) if decode_once else head
     else:
-        root = Path(source).expanduser()
-        if not root.exists():
-            raise TextokError(f"data {source!r} is neither 'scenes' (the embedded captioned scenes) nor an "
-                              f"existing folder or tar archive")
+        root = Path(source)
         dataset = ImageCaptionFolder(root, split=split, image_size=image_size,
                                      captions_file=captions_file or None, caption_bank=caption_bank or None,
                                      limit=size or None)
@@ -237,5 +261,5 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
     return dataset
 
 
-__all__ = ["build_dataset", "class_labels", "DecodedOnce", "FirstCaptions", "MismatchedCaptions", "SCENES", "SWAPS",
+__all__ = ["DATA_ENV", "build_dataset", "resolve_source", "class_labels", "DecodedOnce", "FirstCaptions", "MismatchedCaptions", "SCENES", "SWAPS",
            "swap_partners"]
