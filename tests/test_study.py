@@ -14,7 +14,8 @@ from textok.errors import TextokError
 from textok.report import HEADER, captioned_grid, line_plot, markdown_table
 from textok.apps.study.cells import resolve_data
 from textok.apps.study.claims import compare, judge, judge_generation, verdict_lines, verdicts
-from textok.apps.study.intervals import load_cells, replicates
+from textok.apps.study.cells import cell_config
+from textok.apps.study.intervals import load_cells, replicates, seed_values
 from textok.eval.compare import relative_gain
 
 TINY_RECIPE = """
@@ -200,6 +201,33 @@ def test_verdicts_with_noise_can_be_undecided():
     assert judge(four, True, r)["C3"]["verdict"] == "holds"
     r["encoder"][1] = 3.0 + rng.normal(0, 3.0, 300)
     assert judge(four, True, r)["C3"]["verdict"] == "undecided"
+
+
+def test_replicate_studies_give_each_cell_its_values_under_other_seeds(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    configs = {(2, m): cell_config(str(recipe), 2, m, {"data.source": "scenes"}) for m in ("both", "none")}
+
+    def write(root, seed, psnr, **changes):
+        for (n, m), cfg in configs.items():
+            d = {**cfg.to_dict(), "seed": seed, **changes}
+            cell = root / "cells" / f"n{n}-{m}"
+            cell.mkdir(parents=True, exist_ok=True)
+            (cell / "eval.json").write_text(json.dumps({"train_config": d, "metrics": {
+                "PSNR": psnr[m], "num_images": 8, "skipped": {}}}))
+
+    write(tmp_path / "s1", 1, {"both": 9.0, "none": 9.5})
+    write(tmp_path / "s2", 2, {"both": 9.4, "none": 9.1})
+    values = seed_values([tmp_path / "s1", tmp_path / "s2"], configs)
+    assert values == {"both": {2: {"PSNR": [9.0, 9.4]}}, "none": {2: {"PSNR": [9.5, 9.1]}}}
+    write(tmp_path / "same", 0, {"both": 9.0, "none": 9.5})
+    with pytest.raises(TextokError, match="same seed"):
+        seed_values([tmp_path / "same"], configs)
+    write(tmp_path / "other", 1, {"both": 9.0, "none": 9.5}, max_steps=99)
+    with pytest.raises(TextokError, match="more than the seed.*max_steps"):
+        seed_values([tmp_path / "other"], configs)
+    with pytest.raises(TextokError, match="no evaluated cell"):
+        seed_values([tmp_path / "absent"], configs)
 
 
 def test_missing_data_and_study_owned_overrides_are_clear_errors(tmp_path, capsys):
