@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-# bf16 dense peak of the GPUs we report on (vendor datasheet), and the matmul ceiling measured in DESIGN.md §4.
+# bf16 dense peak of the GPUs we report on (vendor datasheet), and the measured matmul ceiling (docs/TARGETS.md).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 MEASURED_MATMUL_FLOPS = {"H100": 779e12}
 

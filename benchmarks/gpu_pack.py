@@ -14,7 +14,7 @@ tree travels to it. This writes, into ``--out`` (default ``.gpu-pack/``, ignored
   float16 (``TEXTOK_OPENNSFW_WEIGHTS``), with its feature error against float32 recorded;
 * ``manifest.json``: sizes, sha256 and the two checks.
 
-    python benchmarks/gpu_pack.py --data ../shared/data/flowers102-64.tar          # ~1 minute on 2 cores
+    python benchmarks/gpu_pack.py --data $TEXTOK_DATA/flowers102-64.tar          # ~1 minute on 2 cores
     python benchmarks/gpu_pack.py --cpu-smoke --out /tmp/pack                      # tiny: for the tests
 """
 

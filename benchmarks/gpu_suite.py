@@ -10,7 +10,7 @@ a. **correctness** (<= 90 s): the tests marked ``gpu`` (tests/test_gpu.py: bf16 
 b. **throughput and MFU** (<= 150 s): a bf16 matmul ceiling; TexTok ViT-B/16 encode and decode at 256 px
    with 64 tokens (text and no text); a full TexTok training step with all losses at ``textok-b-256-64``
    (text, no text) and an l2-only one; DiT-XL forward over 32, 64, 256 and 1024 tokens; a DiT-XL training
-   step over 32 tokens; each against its target (DESIGN.md §4). Rows run in priority order until the budget
+   step over 32 tokens; each against its target (docs/TARGETS.md). Rows run in priority order until the budget
    is spent; the rest are reported as not run.
 c. **the Flowers-102 study at 64 px** (<= 240 s): recipe ``study-flowers-gpu`` (l2 + perceptual + GAN),
    text in encoder and decoder vs none at 4 and 16 tokens, with the step count set from a measured step
@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet peaks (SXM)
 
-# Peer numbers on one H100 (DESIGN.md §4): images/s of the official code, and our targets.
+# Peer numbers on one H100 (docs/TARGETS.md, with sources): images/s of the official code, and our targets.
 TARGETS = {
     "textok_encode_text": ("≥ 2× TiTok-B/16 encoder (4,111 img/s)", 2 * 4111),
     "textok_decode_text": ("≥ 2× TiTok-B/16 decoder (4,109 img/s)", 2 * 4109),

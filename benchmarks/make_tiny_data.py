@@ -1,7 +1,7 @@
 """A tiny captioned, labelled image tar in the Flowers-102 layout, made from the embedded scenes.
 
 Why: the GPU suite's CPU smoke mode and its tests must run the real data path (a tar of JPEGs with a
-``captions.jsonl`` of ``{file, split, captions, label}``) on a machine without ``../shared/data``.
+``captions.jsonl`` of ``{file, split, captions, label}``) on a machine without the real data sets (``$TEXTOK_DATA``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ On a GPU it times every model × token count × batch in the sweep (bf16 autocas
 optionally ``torch.compile`` and CUDA graphs). On a CPU it prints the FLOP table (GFLOPs per image per
 forward, parameters) of the big models without timing them and times only a tiny DiT. MFU is reported
 against the H100's nominal dense bf16 peak (989 TFLOP/s) and against the 779 TFLOP/s bf16 matmul ceiling
-measured in DESIGN.md. FLOPs are 2 × multiply-adds (the DiT paper's "Gflops" are multiply-adds).
+measured on one (docs/TARGETS.md). FLOPs are 2 × multiply-adds (the DiT paper's "Gflops" are multiply-adds).
 
     python benchmarks/sampling.py                       # CPU: FLOP table + tiny timing, < 60 s
     python benchmarks/sampling.py --compile --cuda-graphs --batch 64,256,1024   # on an H100

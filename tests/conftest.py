@@ -11,7 +11,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_DATA = Path(os.environ["TEXTOK_DATA"]) if os.environ.get("TEXTOK_DATA") else None  # real data sets, if any
+
+
+def real_data(name: str) -> Path | None:
+    """``$TEXTOK_DATA/name`` when that exists (tests on real data skip without it)."""
+    return REAL_DATA / name if REAL_DATA is not None and (REAL_DATA / name).exists() else None
 
 
 def random_text(batch: int, length: int = 6, dim: int = 384, lengths: list[int] | None = None, seed: int = 0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED_DATA
+from conftest import real_data
 from textok.data import CaptionedScenes, ImageCaptionFolder, collate, load_image
 from textok.data.scenes import SHAPES
 from textok.errors import TextokError
@@ -100,9 +100,9 @@ def test_missing_caption_and_missing_data_are_clear(tmp_path):
         load_image(str(tmp_path / "junk.png"), 8)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "flickr8k-128.tar").is_file(), reason="../shared/data/flickr8k-128.tar absent")
+@pytest.mark.skipif(real_data("flickr8k-128.tar") is None, reason="flickr8k-128.tar is not in $TEXTOK_DATA")
 def test_real_flickr8k_has_five_captions():
-    ds = ImageCaptionFolder(SHARED_DATA / "flickr8k-128.tar", split="dev", image_size=32, limit=10)
+    ds = ImageCaptionFolder(real_data("flickr8k-128.tar"), split="dev", image_size=32, limit=10)
     item = ds[0]
     assert item["image"].shape == (3, 32, 32) and len(item["captions"]) == 5
 
@@ -118,6 +118,69 @@ def test_mismatched_captions_give_each_image_the_next_ones_caption():
         assert view[i]["captions"] == scenes[(i + 1) % 3]["captions"] != scenes[i]["captions"]
     with pytest.raises(IndexError):
         view[3]
+
+
+def _grouped_folder(root, classes: int, per_class: int, labelled: bool = True):
+    """A val split stored class by class (like Flowers-102): per_class photos of each class in a row."""
+    (root / "val").mkdir(parents=True)
+    rows = []
+    for c in range(classes):
+        for k in range(per_class):
+            name = f"val/{c}_{k}.png"
+            Image.new("RGB", (8, 8), (20 * c, 10 * k, 0)).save(root / name)
+            row = {"file": name, "captions": [f"class {c} photo {k}"]}
+            if labelled:
+                row["label"] = c
+            rows.append(row)
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return ImageCaptionFolder(root, split="val", image_size=8)
+
+
+def test_other_swap_takes_a_caption_of_another_class_where_next_mostly_stays_in_the_class(tmp_path):
+    from textok.data.factory import MismatchedCaptions
+
+    ds = _grouped_folder(tmp_path / "set", classes=4, per_class=6)
+    label = {ds.captions_of(i)[0]: ds.label_of(i) for i in range(len(ds))}
+    nxt, other = MismatchedCaptions(ds), MismatchedCaptions(ds, swap="other", seed=3)
+    same_next = sum(label[nxt[i]["captions"][0]] == ds.label_of(i) for i in range(len(ds)))
+    assert same_next == 20  # 5 of each 6 neighbours share the class: the next-image swap is easy
+    assert other.kind == "another class"
+    for i in range(len(ds)):
+        assert torch.equal(other[i]["image"], ds[i]["image"])
+        assert label[other[i]["captions"][0]] != ds.label_of(i)
+    # deterministic for a seed, and the partners are drawn, not a fixed shift
+    again = MismatchedCaptions(ds, swap="other", seed=3)
+    assert other.partners == again.partners
+    assert len({(p - i) % len(ds) for i, p in enumerate(other.partners)}) > 2
+    # within the first num items only
+    head = MismatchedCaptions(ds, num=12, swap="other")
+    assert all(p < 12 and ds.label_of(p) != ds.label_of(i) for i, p in enumerate(head.partners))
+
+
+def test_other_swap_without_classes_takes_a_far_image(tmp_path):
+    from textok.data.factory import MismatchedCaptions, swap_partners
+
+    ds = _grouped_folder(tmp_path / "set", classes=4, per_class=6, labelled=False)
+    other = MismatchedCaptions(ds, swap="other")
+    assert other.kind == "a far, random image"
+    n = len(ds)
+    for i, p in enumerate(other.partners):
+        gap = min((p - i) % n, (i - p) % n)
+        assert gap >= n // 4
+    for num in (2, 3, 5, 100):
+        partners = swap_partners(num, None, seed=1)
+        assert all(p != i and 0 <= p < num for i, p in enumerate(partners))
+    with pytest.raises(TextokError, match="unknown caption swap"):
+        MismatchedCaptions(ds, swap="random")
+
+
+def test_scenes_have_classes_for_the_other_swap():
+    from textok.data.factory import MismatchedCaptions, build_dataset
+
+    scenes = build_dataset("scenes", "val", 16, size=30)
+    other = MismatchedCaptions(scenes, swap="other")
+    assert other.kind == "another class"
+    assert all(scenes.label_of(p) != scenes.label_of(i) for i, p in enumerate(other.partners))
 
 
 def test_decode_once_gives_the_same_items_and_keeps_bad_ones_out(tmp_path):
@@ -160,3 +223,46 @@ def test_integer_labels_name_every_class_the_same_in_every_split(tmp_path):
     train, val = (ImageCaptionFolder(str(root), split=s, image_size=8) for s in ("train", "val"))
     assert train.class_names == val.class_names == ["0", "1", "2"]
     assert sorted(train[i]["label"] for i in range(len(train))) == [0, 2] and val[0]["label"] == 1
+
+
+def test_data_names_are_found_in_textok_data_and_a_missing_variable_is_named(tmp_path, monkeypatch, capsys):
+    from textok.cli import main
+    from textok.data.factory import DATA_ENV, build_dataset, resolve_source
+
+    root = tmp_path / "data"
+    _grouped_folder(root / "tiny", classes=2, per_class=2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert resolve_source("data/tiny") == "data/tiny"  # relative to the working directory
+    assert resolve_source("scenes") == "scenes"
+    with pytest.raises(TextokError, match=f"{DATA_ENV} is not set") as err:
+        resolve_source("tiny")
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv(DATA_ENV, str(root))
+    assert resolve_source("tiny") == str(root / "tiny")
+    assert len(build_dataset("tiny", "val", 8)) == 4
+    with pytest.raises(TextokError, match=f"nor in {DATA_ENV}="):
+        resolve_source("absent.tar")
+    with pytest.raises(TextokError, match="not found"):
+        resolve_source(str(tmp_path / "absent.tar"))
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(TextokError, match=f"{DATA_ENV}=.* is not a folder"):
+        resolve_source("tiny")
+    # the shipped study recipes name their data set; without the variable the study says which variable to set
+    monkeypatch.delenv(DATA_ENV)
+    assert main(["study", "--recipe", "study-flowers", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert DATA_ENV in err and "flowers102-128.tar" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(real_data("flowers102-128.tar") is None, reason="flowers102-128.tar is not in $TEXTOK_DATA")
+def test_real_flowers_next_photo_is_mostly_the_same_species_and_the_other_swap_never():
+    from textok.data.factory import MismatchedCaptions, build_dataset
+
+    dev = build_dataset(str(real_data("flowers102-128.tar")), "val", 32, captions_per_image=5)
+    n = len(dev)
+    same = sum(dev.label_of(i) == dev.label_of((i + 1) % n) for i in range(n)) / n
+    assert same > 0.8  # stored species by species
+    other = MismatchedCaptions(dev, swap="other")
+    assert other.kind == "another class"
+    assert all(dev.label_of(p) != dev.label_of(i) for i, p in enumerate(other.partners))

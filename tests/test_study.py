@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,9 @@ from textok.cli import main
 from textok.errors import TextokError
 from textok.report import HEADER, captioned_grid, line_plot, markdown_table
 from textok.apps.study.cells import resolve_data
-from textok.apps.study.claims import judge, judge_generation, verdict_lines, verdicts
+from textok.apps.study.claims import compare, judge, judge_generation, verdict_lines, verdicts
+from textok.apps.study.cells import cell_config
+from textok.apps.study.intervals import load_cells, replicates, seed_values
 from textok.eval.compare import relative_gain
 
 TINY_RECIPE = """
@@ -64,7 +67,13 @@ def test_study_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch,
     # the verdicts are recomputed here from the per-cell numbers, not copied from the run
     by_mode = {m: {n: {k: v for k, v in res["cells"][f"n{n}-{m}"]["metrics"].items() if k in res["metrics"]}
                    for n in (2, 4)} for m in ("both", "none")}
-    assert res["verdicts"] == verdict_lines(verdicts(by_mode, res["metrics"]), res["primary_metrics"])
+    arrays = load_cells(out, (2, 4), ("both", "none"))
+    assert set(arrays["n2-both"]) >= {"PSNR", "SSIM", "PSNR/next", "PSNR/other", "originals/FD-opennsfw@32",
+                                      "reconstructions/FD-opennsfw@32"} and len(arrays["n2-both"]["PSNR"]) == 8
+    assert "KID-opennsfw@32" in res["metrics"] and res["noise"]["bootstrap_replicates"] == 200
+    boot = replicates(arrays, (2, 4), ("both", "none"), res["metrics"], 200)
+    assert res["verdicts"] == verdict_lines(verdicts(by_mode, res["metrics"], boot), res["primary_metrics"])
+    assert "straddles zero is **undecided**" in (out / "report.md").read_text()
     report = (out / "report.md").read_text()
     for line in res["verdicts"]:
         assert line in report
@@ -74,6 +83,12 @@ def test_study_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch,
         wrong = res["cells"][f"n{n}-both"]["metrics_wrong_caption"]
         assert wrong["PSNR"] != res["cells"][f"n{n}-both"]["metrics"]["PSNR"]  # the text changes the output
         assert "metrics_wrong_caption" not in res["cells"][f"n{n}-none"]
+        # and with a caption of another class (the scenes' classes are their main shapes)
+        other = res["cells"][f"n{n}-both"]["metrics_other_caption"]
+        assert res["cells"][f"n{n}-both"]["other_caption_kind"] == "another class"
+        assert other["PSNR"] != res["cells"][f"n{n}-both"]["metrics"]["PSNR"]
+    assert {"next image's caption", "caption of another class", "cost (another class)"} <= set(
+        res["text_reliance_table"][0])
     assert len(res["text_reliance_table"]) == 2 * len(res["primary_metrics"])
     assert "## Does the tokenizer use the text?" in report
     assert len(res["paper_table"]) == 2 * len(res["metrics"])
@@ -145,6 +160,74 @@ def test_verdicts_follow_the_numbers():
     assert lines[0].startswith("C1") and "FD-opennsfw@64 holds" in lines[0] and "PSNR holds" in lines[0]
     assert lines[3].startswith("C4") and "not run" in lines[3]
     assert relative_gain(30.0, 25.0, True) == pytest.approx(0.2) and relative_gain(8.0, 10.0, False) == pytest.approx(0.2)
+
+
+def test_verdicts_with_noise_can_be_undecided():
+    rng = np.random.default_rng(0)
+    values = {"both": {1: 10.0, 4: 8.0}, "none": {1: 12.0, 4: 9.0}}  # an FD: text better at both N
+
+    def reps(spread):  # replicates around each value, the same noise draw for the pair at one N (paired)
+        noise = {n: rng.normal(0, spread, 500) for n in (1, 4)}
+        return {m: {n: v + noise[n] * (1 if m == "both" else -1) for n, v in per.items()} for m, per in values.items()}
+
+    firm = judge(values, higher=False)
+    assert firm["C1"]["verdict"] == "holds" and firm["C2"]["verdict"] == "holds"
+    tight = judge(values, higher=False, replicates=reps(0.05))
+    assert tight["C1"]["verdict"] == "holds" and tight["C2"]["holds"] is True
+    lo, hi = tight["C1"]["comparisons"]["1"]["interval"]
+    assert lo < -2.0 < hi < 0  # centred on the measured difference, below zero
+    wide = judge(values, higher=False, replicates=reps(2.0))
+    assert wide["C1"]["verdict"] == "undecided" and wide["C1"]["holds"] is None
+    assert "undecided at N=" in wide["C1"]["detail"] and "[" in wide["C1"]["detail"]
+    assert wide["C2"]["verdict"] == "undecided"
+    # one N decidedly worse: does not hold, whatever the other
+    worse = {"both": {1: 10.0, 4: 11.0}, "none": {1: 12.0, 4: 9.0}}
+    v = judge(worse, higher=False, replicates={m: {1: np.full(50, 0.0) + x[1] + rng.normal(0, 3, 50),
+                                                   4: np.full(50, x[4])} for m, x in worse.items()})
+    assert v["C1"]["verdict"] == "does not hold"
+    # training seeds that disagree in sign make a comparison undecided; seeds that agree leave it decided
+    assert compare(10.0, 12.0, False, seeds=[-1.5, -0.5])["outcome"] == "better"
+    assert compare(10.0, 12.0, False, seeds=[+0.5])["outcome"] == "undecided"
+    seeds = {"both": {1: {"FD": [12.5]}, 4: {"FD": [8.5]}}, "none": {1: {"FD": [12.0]}, 4: {"FD": [9.5]}}}
+    cells = {m: {n: {"FD-x": v} for n, v in per.items()} for m, per in values.items()}
+    seeded = verdicts(cells, ["FD-x"], seeds={m: {n: {"FD-x": d["FD"]} for n, d in per.items()}
+                                               for m, per in seeds.items()})
+    assert seeded["FD-x"]["C1"]["verdict"] == "undecided"  # at N=1 the second seed has text worse
+    assert "per seed -2/+0.5" in seeded["FD-x"]["C1"]["detail"]
+    # C3 at one N: a link whose interval straddles zero makes it undecided, not "fails"
+    four = {"both": {1: 4.0}, "encoder": {1: 3.0}, "decoder": {1: 2.0}, "none": {1: 1.0}}  # PSNR-like
+    noise = rng.normal(0, 0.1, 300)
+    r = {m: {1: v[1] + noise} for m, v in four.items()}
+    assert judge(four, True, r)["C3"]["verdict"] == "holds"
+    r["encoder"][1] = 3.0 + rng.normal(0, 3.0, 300)
+    assert judge(four, True, r)["C3"]["verdict"] == "undecided"
+
+
+def test_replicate_studies_give_each_cell_its_values_under_other_seeds(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    configs = {(2, m): cell_config(str(recipe), 2, m, {"data.source": "scenes"}) for m in ("both", "none")}
+
+    def write(root, seed, psnr, **changes):
+        for (n, m), cfg in configs.items():
+            d = {**cfg.to_dict(), "seed": seed, **changes}
+            cell = root / "cells" / f"n{n}-{m}"
+            cell.mkdir(parents=True, exist_ok=True)
+            (cell / "eval.json").write_text(json.dumps({"train_config": d, "metrics": {
+                "PSNR": psnr[m], "num_images": 8, "skipped": {}}}))
+
+    write(tmp_path / "s1", 1, {"both": 9.0, "none": 9.5})
+    write(tmp_path / "s2", 2, {"both": 9.4, "none": 9.1})
+    values = seed_values([tmp_path / "s1", tmp_path / "s2"], configs)
+    assert values == {"both": {2: {"PSNR": [9.0, 9.4]}}, "none": {2: {"PSNR": [9.5, 9.1]}}}
+    write(tmp_path / "same", 0, {"both": 9.0, "none": 9.5})
+    with pytest.raises(TextokError, match="same seed"):
+        seed_values([tmp_path / "same"], configs)
+    write(tmp_path / "other", 1, {"both": 9.0, "none": 9.5}, max_steps=99)
+    with pytest.raises(TextokError, match="more than the seed.*max_steps"):
+        seed_values([tmp_path / "other"], configs)
+    with pytest.raises(TextokError, match="no evaluated cell"):
+        seed_values([tmp_path / "absent"], configs)
 
 
 def test_missing_data_and_study_owned_overrides_are_clear_errors(tmp_path, capsys):

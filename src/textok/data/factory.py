@@ -6,9 +6,11 @@ Why: the training loop, ``textok eval`` and the generators all name their data t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import TextokError
@@ -17,20 +19,94 @@ from .scenes import CaptionedScenes, captions_for
 from .shards import ShardSet, is_shard_dir
 
 SCENES = "scenes"
+DATA_ENV = "TEXTOK_DATA"  # the folder that relative data names (a recipe's ``flowers102-128.tar``) are found in
+
+
+def resolve_source(source: str) -> str:
+    """Where a data spec points: ``scenes``; an existing path (absolute or relative to the working directory);
+    else a name inside the folder ``$TEXTOK_DATA``. Anything else is one line naming the path and the variable."""
+    if source == SCENES or is_shard_dir(source):
+        return source
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path)
+    root = os.environ.get(DATA_ENV, "")
+    if path.is_absolute():
+        raise TextokError(f"data {source!r} not found: it is neither 'scenes' (the embedded captioned scenes) nor an "
+                          "existing folder or tar archive; pass its path (--data PATH or data.source=PATH)")
+    if not root:
+        raise TextokError(f"data {source!r} not found in the working directory, and {DATA_ENV} is not set: set "
+                          f"{DATA_ENV} to the folder that holds it, or pass its path (--data PATH or "
+                          "data.source=PATH)")
+    if not Path(root).expanduser().is_dir():
+        raise TextokError(f"{DATA_ENV}={root} is not a folder: point {DATA_ENV} at the folder that holds {source!r}")
+    found = Path(root).expanduser() / path
+    if not found.exists():
+        raise TextokError(f"data {source!r} not found in the working directory nor in {DATA_ENV}={root}: put it there "
+                          "or pass its path (--data PATH or data.source=PATH)")
+    return str(found)
+
+
+SWAPS = ("next", "other")  # the caption of the next item; of another class (or a far, random item)
+
+
+def class_labels(dataset: Any, num: int) -> list[int] | None:
+    """The class ids of items 0..num-1 read without loading images, or None when the data has no classes
+    (no ``label_of``, an item without a class, or fewer than two classes)."""
+    label_of = getattr(dataset, "label_of", None)
+    if label_of is None:
+        return None
+    labels = [int(label_of(i)) for i in range(num)]
+    if min(labels) < 0 or len(set(labels)) < 2:
+        return None
+    return labels
+
+
+def swap_partners(num: int, labels: list[int] | None = None, seed: int = 0) -> list[int]:
+    """For each item 0..num-1, whose caption it is scored with in the "other" swap.
+
+    With class ``labels``: an item drawn uniformly from the other classes. Without: an item drawn uniformly
+    from those at least a quarter of the set away (cyclically), so that a set stored in runs of similar photos
+    (a species, a photographer's session) never swaps within a run. Deterministic for a ``seed``.
+    """
+    if num < 2:
+        raise TextokError("mismatched captions need at least 2 images")
+    rng = np.random.default_rng(seed)
+    if labels is not None:
+        by_class: dict[int, list[int]] = {}
+        for i, c in enumerate(labels[:num]):
+            by_class.setdefault(c, []).append(i)
+        others = {c: np.asarray([i for i in range(num) if labels[i] != c]) for c in by_class}
+        return [int(rng.choice(others[labels[i]])) for i in range(num)]
+    low, high = max(1, -(-num // 4)), max(1, num - -(-num // 4))  # offsets in [ceil(num/4), num - ceil(num/4)]
+    return [(i + int(rng.integers(low, high + 1))) % num for i in range(num)]
 
 
 class MismatchedCaptions(torch.utils.data.Dataset):
-    """The first ``num`` items of a captioned dataset, each with the captions of the next one (cyclically).
+    """The first ``num`` items of a captioned dataset, each with the captions of another one.
 
     Why: evaluating a text tokenizer with another image's caption measures how much it relies on the text
-    (the drop from the right caption); a tokenizer that ignores its text loses nothing.
+    (the drop from the right caption); a tokenizer that ignores its text loses nothing. ``swap="next"`` takes
+    the next item's captions (cyclically); in a set grouped by class that is mostly a photo of the same class,
+    whose caption fits nearly as well. ``swap="other"`` takes those of an item of another class when the data
+    has classes, else of a far, random item (:func:`swap_partners`); ``kind`` says which it was.
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, num: int | None = None) -> None:
+    def __init__(self, dataset: torch.utils.data.Dataset, num: int | None = None, swap: str = "next",
+                 seed: int = 0) -> None:
+        if swap not in SWAPS:
+            raise TextokError(f"unknown caption swap {swap!r}: choose one of {', '.join(SWAPS)}")
         self.dataset = dataset
         self.num = min(len(dataset), num or len(dataset))  # type: ignore[arg-type]
         if self.num < 2:
             raise TextokError("mismatched captions need at least 2 images")
+        if swap == "next":
+            self.partners = [(i + 1) % self.num for i in range(self.num)]
+            self.kind = "next image"
+        else:
+            labels = class_labels(dataset, self.num)
+            self.partners = swap_partners(self.num, labels, seed)
+            self.kind = "another class" if labels is not None else "a far, random image"
 
     def __len__(self) -> int:
         return self.num
@@ -41,7 +117,7 @@ class MismatchedCaptions(torch.utils.data.Dataset):
         item = self.dataset[index]
         if item is None:
             return None
-        return {**item, "captions": list(self.dataset.captions_of((index + 1) % self.num))}  # type: ignore[attr-defined]
+        return {**item, "captions": list(self.dataset.captions_of(self.partners[index]))}  # type: ignore[attr-defined]
 
 
 class FirstCaptions(torch.utils.data.Dataset):
@@ -161,7 +237,7 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
                               "(which carry their own captions): leave them empty")
         dataset: torch.utils.data.Dataset = CaptionedScenes(image_size, split=scene_split, size=size or None,
                                                             seed=seed)
-    elif is_shard_dir(source):
+    elif is_shard_dir(source := resolve_source(source)):
         if captions_file or caption_bank:
             raise TextokError("captions_file / caption_bank apply to image folders; shards carry their captions "
                               "(give them to `textok make-shards`): leave them empty")
@@ -174,10 +250,7 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
         head = shards.take(size)
         return DecodedOnce(head) if decode_once else head
     else:
-        root = Path(source).expanduser()
-        if not root.exists():
-            raise TextokError(f"data {source!r} is neither 'scenes' (the embedded captioned scenes) nor an "
-                              f"existing folder or tar archive")
+        root = Path(source)
         dataset = ImageCaptionFolder(root, split=split, image_size=image_size,
                                      captions_file=captions_file or None, caption_bank=caption_bank or None,
                                      limit=size or None)
@@ -188,4 +261,5 @@ def build_dataset(source: str, split: str, image_size: int, *, size: int = 0, ca
     return dataset
 
 
-__all__ = ["build_dataset", "DecodedOnce", "FirstCaptions", "MismatchedCaptions", "SCENES"]
+__all__ = ["DATA_ENV", "build_dataset", "resolve_source", "class_labels", "DecodedOnce", "FirstCaptions", "MismatchedCaptions", "SCENES", "SWAPS",
+           "swap_partners"]

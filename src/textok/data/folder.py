@@ -324,6 +324,10 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         """The captions of item ``index`` without decoding its image."""
         return self.records[index]["captions"]
 
+    def label_of(self, index: int) -> int:
+        """The class id of item ``index`` (-1 = none) without decoding its image."""
+        return int(self.records[index]["label"])
+
     def caption_bank(self) -> dict[int, list[str]]:
         bank: dict[int, list[str]] = {}
         for rec in self.records:

@@ -252,6 +252,10 @@ class CaptionedScenes(torch.utils.data.Dataset):
         """The captions of item ``index`` without rendering it."""
         return captions_for(self.scene(index))
 
+    def label_of(self, index: int) -> int:
+        """The class (main shape) of item ``index`` without rendering it."""
+        return self.scene(index).label
+
     def caption_bank(self) -> dict[int, list[str]]:
         """Per-class captions of this split (use the train split's bank for generation)."""
         bank: dict[int, list[str]] = {k: [] for k in range(len(SHAPES))}

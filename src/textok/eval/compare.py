@@ -12,15 +12,15 @@ import math
 from ..errors import TextokError
 
 HIGHER_IS_BETTER = ("PSNR", "SSIM", "IS")
-LOWER_IS_BETTER = ("FID", "rFID", "gFID", "LPIPS")  # and every Fréchet distance "FD-<network>"
+LOWER_IS_BETTER = ("FID", "rFID", "gFID", "LPIPS", "KID", "rKID")  # and every "FD-<network>", "KID-<network>"
 
 
 def higher_is_better(metric: str) -> bool:
-    """PSNR, SSIM and IS: higher is better; FID, rFID, gFID, FD-<network> and LPIPS: lower is better."""
+    """PSNR, SSIM and IS: higher is better; FID, rFID, gFID, FD-<network>, KID, KID-<network> and LPIPS: lower."""
     base = metric.split("@")[0]
     if base in HIGHER_IS_BETTER:
         return True
-    if base in LOWER_IS_BETTER or base.startswith("FD-"):
+    if base in LOWER_IS_BETTER or base.startswith(("FD-", "KID-")):
         return False
     raise TextokError(f"metric {metric!r} has no known direction (higher: {', '.join(HIGHER_IS_BETTER)}; lower: "
                       f"{', '.join(LOWER_IS_BETTER)}, FD-<network>)")

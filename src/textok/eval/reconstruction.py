@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +37,7 @@ from ..errors import ConfigError, TextokError
 from ..losses.perceptual import LPIPS
 from .features import FeatureExtractor, build_fd_extractor, maybe_inception, metric_name, quantize_uint8
 from .fid import FeatureSet, fd_between
+from .kid import kernel_distance
 from .image_metrics import psnr, ssim_pm1
 
 VGG16_ENV = "TEXTOK_VGG16_WEIGHTS"
@@ -104,6 +106,13 @@ def reconstruct_batches(model: nn.Module, dataset: Any, *, num: int | None = Non
         model.train(was_training)
 
 
+def kid_metric_name(fd_metric: str) -> str:
+    """The KID beside a Fréchet distance: ``FD-opennsfw@64`` -> ``KID-opennsfw@64``, ``rFID`` -> ``rKID``."""
+    if fd_metric.startswith("FD-"):
+        return "KID-" + fd_metric[3:]
+    return fd_metric.replace("FID", "KID")
+
+
 def _fd_note(name: str, size: int | None = None) -> str:
     at = f" at {size} px input" if size else ""
     return (f"Fréchet distance (originals vs reconstructions) in {name} features{at}; "
@@ -114,12 +123,17 @@ def _fd_note(name: str, size: int | None = None) -> str:
 def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None, batch_size: int = 32,
                        device: str | torch.device = "cpu", inception_weights: str | None = None,
                        vgg16_weights: str | None = None, fd_networks: Sequence[str | FeatureExtractor] = ("opennsfw",),
-                       progress: bool = True, fd_size: int = 224, quantize: bool = True) -> dict[str, Any]:
+                       progress: bool = True, fd_size: int = 224, quantize: bool = True, kid: bool = False,
+                       per_image: bool = False) -> dict[str, Any]:
     """Reconstruction metrics of ``model`` on the first ``num`` items of ``dataset`` (see the module doc).
 
     ``fd_networks``: names (``"opennsfw"``) or :class:`FeatureExtractor` objects for ``FD-<name>``.
     The model is moved to ``device``. Returns a flat dict: metric name -> float, ``num_images``,
     ``skipped`` (metric -> why it was not computed) and ``metric_notes`` (metric -> what it is).
+    ``kid``: also ``KID-<name>`` (``KID`` for rFID's Inception) beside each Fréchet distance (:mod:`.kid`; it keeps
+    every feature in memory). ``per_image``: also ``per_image`` (metric -> float64 array of per-image PSNR/SSIM)
+    and ``features`` (FD metric -> ``(originals, reconstructions)`` float64 arrays), for paired bootstrap
+    intervals (:mod:`.bootstrap`).
     """
     device = torch.device(device)
     model.to(device)
@@ -164,6 +178,10 @@ def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None
         if isinstance(ext, nn.Module):
             ext.to(device).eval()
 
+    keep = kid or per_image
+    kept: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {name: ([], []) for name, _ in extractors}
+    per_psnr: list[np.ndarray] = []
+    per_ssim: list[np.ndarray] = []
     psnr_sum = ssim_sum = lpips_sum = 0.0
     n = skipped_items = 0
     ssim_ok = True
@@ -176,18 +194,27 @@ def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None
         if b == 0:  # every item of this batch failed to decode
             continue
         n += b
-        psnr_sum += float(psnr(recon, x).sum())
+        image_psnr = psnr(recon, x)
+        psnr_sum += float(image_psnr.sum())
+        if per_image:
+            per_psnr.append(image_psnr.double().cpu().numpy())
         if ssim_ok and min(x.shape[-2:]) < SSIM_MIN_SIDE:
             ssim_ok = False
             skipped["SSIM"] = f"images of {x.shape[-2]}x{x.shape[-1]} are smaller than the 11x11 SSIM window"
         if ssim_ok:
-            ssim_sum += float(ssim_pm1(recon, x).sum())
+            image_ssim = ssim_pm1(recon, x)
+            ssim_sum += float(image_ssim.sum())
+            if per_image:
+                per_ssim.append(image_ssim.double().cpu().numpy())
         if lpips is not None:
             lpips_sum += float(lpips(recon, x).double().sum())
         for name, ext in extractors:
             feats = ext(torch.cat([x, recon]))
             stats[name][0].update(feats[:b])
             stats[name][1].update(feats[b:])
+            if keep:
+                kept[name][0].append(feats[:b].double().cpu().numpy())
+                kept[name][1].append(feats[b:].double().cpu().numpy())
     if n == 0:
         raise TextokError(f"none of the {skipped_items} evaluated images could be decoded")
     result["num_images"] = n
@@ -209,9 +236,23 @@ def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None
         result[name] = fd_between(real, rec)
         if n < real.mu.shape[0]:
             notes[name] += f"; only {n} images for {real.mu.shape[0]}-d features: a biased, noisy estimate"
+        if keep:
+            originals, recons = np.concatenate(kept[name][0]), np.concatenate(kept[name][1])
+            if per_image:
+                result.setdefault("features", {})[name] = (originals, recons)
+            if kid:
+                kid_name = kid_metric_name(name)
+                result[kid_name] = kernel_distance(originals, recons)[0]
+                notes[kid_name] = (f"kernel distance (unbiased MMD², cubic polynomial kernel) between originals and "
+                                   f"reconstructions in the features of {name}; unbiased at any number of images; "
+                                   "unscaled (papers often quote it x1000)")
+    if per_image:
+        result["per_image"] = {"PSNR": np.concatenate(per_psnr)}
+        if ssim_ok:
+            result["per_image"]["SSIM"] = np.concatenate(per_ssim)
     result["skipped"] = skipped
     result["metric_notes"] = notes
     return result
 
 
-__all__ = ["evaluate_tokenizer", "maybe_lpips", "reconstruct_batches"]
+__all__ = ["evaluate_tokenizer", "kid_metric_name", "maybe_lpips", "reconstruct_batches"]

@@ -40,8 +40,8 @@ from ..errors import ConfigError
 from ..hub import PretrainedMixin
 from .vit import MLP, Attention, CrossAttention, attention_mask, sincos_1d
 
-# Peak dense bf16 throughput of one H100 SXM (nominal, datasheet) and the bf16 matmul ceiling measured
-# in DESIGN.md; MFU is reported against the nominal peak unless stated otherwise.
+# Peak dense bf16 throughput of one H100 SXM (nominal, datasheet) and the measured bf16 matmul ceiling
+# (docs/TARGETS.md, with sources); MFU is reported against the nominal peak unless stated otherwise.
 H100_BF16_PEAK_FLOPS = 989e12
 H100_BF16_MEASURED_FLOPS = 779e12
 

@@ -2,7 +2,8 @@
 
 A cell is a run directory ``OUT/cells/n{N}-{mode}/`` trained by :func:`textok.train.tokenizer.train_tokenizer`
 with the shared recipe, budget, seed and data, then evaluated on the held-out split with each image's first
-caption (and, for a text cell, with the next image's caption: does it use the text?). A cell whose ``final/``
+caption (and, for a text cell, twice more: with the next image's caption and with that of an image of another
+class, or of a far, random image when the data has no classes: does it use the text?). A cell whose ``final/``
 and ``eval.json`` exist for the same training config and evaluation settings is skipped; an interrupted one
 resumes; a finished one whose evaluation settings changed is only re-evaluated. A cell trained with another
 config is an error, never silently mixed.
@@ -16,20 +17,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...data.factory import MismatchedCaptions, build_dataset
+import numpy as np
+from safetensors.numpy import load as load_numpy, save as save_numpy
+
+from ...data.factory import MismatchedCaptions, build_dataset, resolve_source
 from ...devices import resolve_device
 from ...config import split_assignment
 from ...errors import ConfigError, TextokError
 from ...eval.reconstruction import evaluate_tokenizer
 from ...hub import config_diff, flatten
-from ...io import atomic_write_text
+from ...io import atomic_write_bytes, atomic_write_text
 from ...models.registry import load_tokenizer
 from ...train.config import RECIPES, Overrides, TrainConfig, load_train_config
 from ...train.tokenizer import train_tokenizer
 from .settings import MODES
 
 MODE_LABELS = {"both": "text: both", "encoder": "text: encoder", "decoder": "text: decoder", "none": "no text"}
-REPO_ROOT = Path(__file__).resolve().parents[4]
+PER_IMAGE = "per_image.safetensors"  # a cell's per-image metrics and features, for the bootstrap intervals
+SWAP_SEED = 0  # which image of another class (or far away) lends its caption, the same for every cell
 SET_BY_STUDY = ("model.num_tokens", "model.text_in_encoder", "model.text_in_decoder", "text_cache", "init_from")
 # keys that do not change what a cell learns: a change in them does not invalidate a finished cell
 NOT_IDENTITY = ("text_cache", "device", "log_every", "sample_every", "ckpt_every", "keep_last", "data.val_size",
@@ -41,18 +46,9 @@ def cell_name(tokens: int, mode: str) -> str:
 
 
 def resolve_data(source: str) -> str:
-    """``scenes`` or an existing path (absolute, relative to the working directory, or to the repository)."""
-    if source == "scenes":
-        return source
-    p = Path(source).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
-    for c in candidates:
-        if c.exists():
-            return str(c.resolve())
-    where = " or ".join(str(c) for c in candidates)
-    hint = (" (the shared data folder ../shared/data is absent on this machine)" if "shared/data" in source else "")
-    raise TextokError(f"data {source!r} not found at {where}{hint}: pass --data PATH to an image folder/tar with "
-                      "captions, or --data scenes for the embedded captioned scenes")
+    """``scenes``, or the absolute path of an existing folder/tar (given, or found in ``$TEXTOK_DATA``)."""
+    found = resolve_source(source)
+    return found if found == "scenes" else str(Path(found).resolve())
 
 
 def study_recipe(recipe: str | None, data: str | None) -> str:
@@ -132,7 +128,7 @@ def run_cell(run: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_s
                               "use another --out, the original options, or delete that cell's directory")
     cached = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     finished = (final / "model.safetensors").is_file()
-    if finished and cached is not None and cached.get("eval") == eval_settings:
+    if finished and cached is not None and cached.get("eval") == eval_settings and (run / PER_IMAGE).is_file():
         print(f"{counter} {name}: done (cached in {eval_path})")
         return cached
     seconds = (cached or {}).get("train_seconds")
@@ -145,25 +141,53 @@ def run_cell(run: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_s
         if not (final / "model.safetensors").is_file():
             raise TextokError(f"training of cell {name} stopped before max_steps; run the same command again to resume")
     print(f"{counter} {name}: evaluating on {num} held-out images")
-    record = evaluate_cell(final, cfg, name, n, mode, val, num, eval_settings)
+    record = evaluate_cell(final, cfg, name, n, mode, val, num, eval_settings, run / PER_IMAGE)
     record["train_seconds"] = seconds
     atomic_write_text(eval_path, json.dumps(record, indent=2, default=str))
     return record
 
 
-def evaluate_cell(final: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_settings: dict) -> dict[str, Any]:
-    """One cell's metrics on ``val`` with each image's caption and, for text cells, with the next image's."""
+def evaluate_cell(final: Path, cfg, name: str, n: int, mode: str, val, num: int, eval_settings: dict,
+                  arrays: Path) -> dict[str, Any]:
+    """One cell's metrics on ``val`` with each image's caption and, for text cells, with the next image's and with
+    one of another class (or a far image); the per-image values and features behind them go to ``arrays``
+    (:func:`save_per_image`) for the bootstrap intervals."""
     model = load_tokenizer(final).eval()
     kw = {"num": num, "batch_size": 64, "device": resolve_device(cfg.device), "fd_size": eval_settings["fd_size"],
           "inception_weights": eval_settings["inception_weights"], "vgg16_weights": eval_settings["vgg16_weights"],
-          "progress": False}
+          "progress": False, "kid": True, "per_image": True}
+    right = evaluate_tokenizer(model, val, **kw)
+    per_image = {k: v for k, v in right.pop("per_image").items()}
+    for metric, (originals, recons) in right.pop("features").items():
+        per_image[f"originals/{metric}"], per_image[f"reconstructions/{metric}"] = originals, recons
     record = {"cell": name, "tokens": n, "mode": mode, "text_in_encoder": MODES[mode][0],
-              "text_in_decoder": MODES[mode][1], "eval": eval_settings,
-              "metrics": evaluate_tokenizer(model, val, **kw), "train_config": cfg.to_dict()}
+              "text_in_decoder": MODES[mode][1], "eval": eval_settings, "metrics": right,
+              "train_config": cfg.to_dict()}
     if mode != "none":  # how much does it rely on the text? the same images with another image's caption
-        record["metrics_wrong_caption"] = numeric(evaluate_tokenizer(model, MismatchedCaptions(val, num), **kw))
+        for key, swap in (("next", MismatchedCaptions(val, num)),
+                          ("other", MismatchedCaptions(val, num, swap="other", seed=SWAP_SEED))):
+            wrong = evaluate_tokenizer(model, swap, **kw)
+            per_image.update({f"{metric}/{key}": v for metric, v in wrong.pop("per_image").items()})
+            wrong.pop("features")
+            record["metrics_wrong_caption" if key == "next" else "metrics_other_caption"] = numeric(wrong)
+            if key == "other":
+                record["other_caption_kind"] = swap.kind
+    save_per_image(arrays, per_image)
     return record
 
 
-__all__ = ["MODE_LABELS", "base_overrides", "cell_changes", "cell_config", "cell_name", "evaluate_cell", "held_out",
+def save_per_image(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Per-image metrics and features of one cell as safetensors (float64), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save_numpy({k: np.ascontiguousarray(v, np.float64) for k, v in arrays.items()}))
+
+
+def load_per_image(path: Path) -> dict[str, np.ndarray] | None:
+    """What :func:`save_per_image` wrote, or None when the cell has none (evaluated before it existed)."""
+    if not path.is_file():
+        return None
+    return dict(load_numpy(path.read_bytes()))
+
+
+__all__ = ["MODE_LABELS", "PER_IMAGE", "load_per_image", "save_per_image", "base_overrides", "cell_changes", "cell_config", "cell_name", "evaluate_cell", "held_out",
            "identity", "numeric", "resolve_data", "run_cell", "study_recipe"]

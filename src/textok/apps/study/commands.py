@@ -7,7 +7,7 @@ import argparse
 from ...errors import ConfigError
 from ...io import check_output
 from .run import run_study
-from .settings import DEFAULT_TOKENS, MODES, GenerationSettings, StudySettings
+from .settings import DEFAULT_BOOTSTRAP, DEFAULT_TOKENS, MODES, GenerationSettings, StudySettings
 
 STUDY_MARKERS = ("cells", "results.json")  # what makes a folder a study (cells/ appears with the first cell)
 STUDY_EARLY = ("text_cache.safetensors",)  # what a study writes before its first cell
@@ -37,6 +37,12 @@ def study_args(p: argparse.ArgumentParser) -> None:
                    help="train nothing: score the finished cells on another captioned folder/tar (resized to the "
                         "cells' image size) and write OUT/eval-<name>/report.md")
     p.add_argument("--eval-split", default="val", help="the split of --eval-data to score (default: val)")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="R",
+                   help="paired bootstrap resamplings of the evaluation images for the verdicts' intervals "
+                        f"(default {DEFAULT_BOOTSTRAP}; 0 = none: every verdict decided by the point values)")
+    p.add_argument("--replicate", action="append", default=[], metavar="DIR",
+                   help="a finished study of the same cells with another training seed (--seed); repeatable: a "
+                        "comparison whose sign differs between the seeds is undecided")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("generation (claim C4)")
     g.add_argument("--generation", action="store_true",
@@ -65,7 +71,8 @@ def cmd_study(args: argparse.Namespace) -> None:
                              fd_size=args.fd_size, inception_weights=args.inception_weights,
                              vgg16_weights=args.vgg16_weights, overrides=args.overrides,
                              generation=_generation_settings(args), init_from_study=args.init_from_study,
-                             eval_data=args.eval_data, eval_split=args.eval_split)
+                             eval_data=args.eval_data, eval_split=args.eval_split, bootstrap=args.bootstrap,
+                             replicates=tuple(args.replicate))
     run_study(args.out, settings, progress=not args.no_progress)
 
 

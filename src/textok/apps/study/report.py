@@ -10,26 +10,35 @@ from typing import Any
 
 import torch
 
-from ...eval.compare import higher_is_better, is_better, relative_gain
+from ...eval.bootstrap import LEVEL
+from ...eval.compare import higher_is_better, relative_gain
 from ...eval.reconstruction import reconstruct_batches
 from ...io import atomic_write_text
 from ...models.registry import load_tokenizer
 from ...report import captioned_grid, line_plot, markdown_table, print_table
 from .cells import MODE_LABELS, cell_name, numeric
-from .claims import ORDER_C3, primary_metrics, token_list, verdict_lines, verdicts, word
+from .claims import ORDER_C3, describe, primary_metrics, token_list, verdict_lines, verdicts, word
+from .intervals import FD_REPS, SWAPS, replicates, swap_costs
 
 GRID_ORDER = ("none", "decoder", "encoder", "both")
 GRID_IMAGES = 6
+OUTCOME_WORDS = {"better": "yes", "worse": "no", "undecided": "undecided"}
 
 
 def assemble(recipe: str, base, tokens: list[int], modes: list[str], cells: dict[str, dict],
-             eval_settings: dict) -> dict[str, Any]:
+             eval_settings: dict, arrays: dict[str, dict] | None = None, reps: int = 0,
+             seeds: dict[str, dict[int, dict[str, list[float]]]] | None = None) -> dict[str, Any]:
     """The content of ``results.json``: tables and verdicts from the per-cell metrics (``base``: the shared
-    training config)."""
+    training config). ``arrays`` (each cell's per-image values, :func:`.intervals.load_cells`) and ``reps`` > 0:
+    paired bootstrap intervals; ``seeds``: the cells' values under other training seeds. Either lets a verdict
+    be "undecided"."""
     scores = {name: numeric(c["metrics"]) for name, c in cells.items()}
     metrics = [k for k in next(iter(scores.values())) if all(k in m for m in scores.values())]
     by_mode = {m: {n: scores[cell_name(n, m)] for n in tokens} for m in modes}
-    claims = verdicts(by_mode, metrics)
+    noisy = bool(arrays) and reps > 0
+    boot = replicates(arrays, tokens, modes, metrics, reps) if noisy else None
+    swaps = swap_costs(arrays, reps) if noisy else {}
+    claims = verdicts(by_mode, metrics, boot, seeds)
     primary = primary_metrics(metrics)
     paper_rows, ablation_rows = [], []
     for metric in metrics:
@@ -38,9 +47,11 @@ def assemble(recipe: str, base, tokens: list[int], modes: list[str], cells: dict
         for n in tokens:
             if "both" in modes and "none" in modes:
                 t, b = by_mode["both"][n][metric], by_mode["none"][n][metric]
+                c1 = claims[metric]["C1"]["comparisons"][str(n)]
                 paper_rows.append({"metric": label, "tokens": n, "no text": b, "text (both)": t,
                                    "relative gain": f"{relative_gain(t, b, higher) * 100:+.1f}%",
-                                   "text better": "yes" if is_better(t, b, higher) else "no"})
+                                   "text − no text [95%]": describe(c1),
+                                   "text better": OUTCOME_WORDS[c1["outcome"]]})
             row = {"metric": label, "tokens": n}
             row.update({MODE_LABELS[m]: by_mode[m][n][metric] for m in ORDER_C3 if m in modes})
             row["best"] = MODE_LABELS[(max if higher else min)((m for m in modes), key=lambda m: by_mode[m][n][metric])]
@@ -50,12 +61,19 @@ def assemble(recipe: str, base, tokens: list[int], modes: list[str], cells: dict
         wrong = c.get("metrics_wrong_caption")
         if not wrong:
             continue
+        other, kind = c.get("metrics_other_caption"), c.get("other_caption_kind", "another class")
         for metric in primary:
             right, bad = scores[name][metric], wrong[metric]
             higher = higher_is_better(metric)
-            reliance_rows.append({"cell": name, "metric": f"{metric} ({'↑' if higher else '↓'})", "right caption": right,
-                                  "another image's caption": bad,
-                                  "cost of the wrong caption": f"{relative_gain(right, bad, higher) * 100:+.1f}%"})
+            row = {"cell": name, "metric": f"{metric} ({'↑' if higher else '↓'})", "right caption": right,
+                   "next image's caption": bad,
+                   "cost (next)": f"{relative_gain(right, bad, higher) * 100:+.1f}%"}
+            if other and metric in other:
+                row[f"caption of {kind}"] = other[metric]
+                row[f"cost ({kind})"] = f"{relative_gain(right, other[metric], higher) * 100:+.1f}%"
+            for swap, o in swaps.get(name, {}).get(metric, {}).items():
+                row[f"right − {SWAPS[swap].replace('another class', kind)} [95%]"] = describe(o)
+            reliance_rows.append(row)
     first = next(iter(cells.values()))["metrics"]
     base_dict = base.to_dict()
     per_cell = {name: {"model.num_tokens": c["tokens"], "model.text_in_encoder": c["text_in_encoder"],
@@ -68,7 +86,10 @@ def assemble(recipe: str, base, tokens: list[int], modes: list[str], cells: dict
         "model": base.model, "eval": eval_settings, "metrics": metrics, "primary_metrics": primary,
         "higher_is_better": {m: higher_is_better(m) for m in metrics},
         "paper_table": paper_rows, "ablation_table": ablation_rows, "claims": claims,
-        "text_reliance_table": reliance_rows,
+        "text_reliance_table": reliance_rows, "swap_costs": swaps,
+        "noise": {"bootstrap_replicates": reps if noisy else 0, "level": LEVEL,
+                  "seeds": sorted({len(v) for per_n in (seeds or {}).values() for per_m in per_n.values()
+                                   for v in per_m.values()})},
         "verdicts": verdict_lines(claims, primary), "generation": "not run",
         "metric_notes": first.get("metric_notes", {}), "skipped": first.get("skipped", {}),
         "train_config": base_dict, "cell_overrides": per_cell,
@@ -147,12 +168,24 @@ def render_report(result: dict) -> str:
            f"`{Path(cfg['init_from']).parents[2]}`." if cfg.get("init_from") else ""), "",
         "## Claims (verdicts computed from the numbers below)", "",
     ]
+    noise = result.get("noise", {})
+    if noise.get("bootstrap_replicates"):
+        lines += [f"Each comparison has a {noise['level']:.0%} interval from {noise['bootstrap_replicates']} paired "
+                  f"bootstrap resamplings of the evaluation images (the same resamplings for every cell; Fréchet "
+                  f"distances over the first {min(FD_REPS, noise['bootstrap_replicates'])}); a claim that "
+                  "rests on a comparison whose interval straddles zero is **undecided**."
+                  + (" Training seeds: a comparison whose sign differs between the seeds of the replicate studies is "
+                     "undecided too." if noise.get("seeds") else "")
+                  + " The intervals hold the noise of the evaluation images, not of training.", ""]
+    else:
+        lines += ["No noise estimates (cells evaluated without per-image values, or --bootstrap 0): every verdict "
+                  "is decided by the point values of one training run.", ""]
     lines += [f"- {v}" for v in result["verdicts"]]
     lines += ["", "Per metric:", ""]
     rows = []
     for metric in result["metrics"]:
         c = result["claims"][metric]
-        rows.append({"metric": metric, **{cid: f"{word(c[cid]['holds'])}" for cid in ("C1", "C2", "C3")},
+        rows.append({"metric": metric, **{cid: word(c[cid]) for cid in ("C1", "C2", "C3")},
                      "C3 holds at N": token_list(c["C3"].get("holds_at", [])) or "—"})
     lines += [markdown_table(rows), ""]
     if result["paper_table"]:
@@ -163,9 +196,10 @@ def render_report(result: dict) -> str:
               markdown_table([{k: _fmt(v) for k, v in r.items()} for r in result["ablation_table"]]), ""]
     if result.get("text_reliance_table"):
         lines += ["## Does the tokenizer use the text?", "",
-                  "Each text cell scored on the same images with the next image's caption instead of its own; the "
-                  "cost is how much worse that is, as a fraction of the score with the wrong caption (0% = the text "
-                  "is ignored).", "",
+                  "Each text cell scored on the same images with another image's caption instead of its own: the "
+                  "next image's (in a set stored by class, mostly the same class), and one of another class (a "
+                  "far, random image when the data has no classes). The cost is how much worse that is, as a "
+                  "fraction of the score with the wrong caption (0% = the text is ignored).", "",
                   markdown_table([{k: _fmt(v) for k, v in r.items()} for r in result["text_reliance_table"]]), ""]
     lines += ["## Plots", ""]
     lines += [f"![{m} vs tokens](plot_{slug(m)}.png)" for m in result["metrics"]]

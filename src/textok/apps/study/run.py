@@ -9,9 +9,10 @@ from ...data.factory import build_dataset
 from ...devices import resolve_device
 from ...errors import TextokError
 from ...models.registry import resolve_tokenizer_config
-from .cells import (base_overrides, cell_config, cell_name, evaluate_cell, held_out, resolve_data, run_cell,
+from .cells import (PER_IMAGE, base_overrides, cell_config, cell_name, evaluate_cell, held_out, resolve_data, run_cell,
                     study_recipe)
 from .claims import verdict_lines
+from .intervals import load_cells, seed_values
 from .generation import check_settings, run_generation, sample_grid_png
 from .report import GRID_ORDER, assemble, print_summary, slug, write_report
 from .settings import StudySettings
@@ -41,7 +42,11 @@ def run_study(out: str | Path, settings: StudySettings | None = None, progress: 
     eval_settings = {"val_split": base.data.val_split, "val_num": num, "fd_size": fd,
                      "inception_weights": s.inception_weights, "vgg16_weights": s.vgg16_weights,
                      "caption": "first caption of each image",
-                     "wrong_caption": "text cells are also scored with the next image's first caption"}
+                     "wrong_caption": "text cells are also scored with the next image's first caption",
+                     "other_caption": "and with the first caption of an image of another class (a far, random image "
+                                      "when the data has no classes)",
+                     "per_image": "PSNR/SSIM per image and the FD features kept in cells/<cell>/per_image.safetensors",
+                     "kid": "KID beside every Fréchet distance"}
     if s.eval_data is not None:
         return _evaluate_elsewhere(out, recipe, base, configs, s, size, eval_settings)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +56,9 @@ def run_study(out: str | Path, settings: StudySettings | None = None, progress: 
         name = cell_name(n, mode)
         cells[name] = run_cell(out / "cells" / name, cfg, name, n, mode, val, num, eval_settings, progress,
                                f"[{i}/{len(configs)}]")
-    result = assemble(recipe, base, list(s.tokens), list(s.modes), cells, eval_settings)
+    seeds = seed_values(s.replicates, configs) if s.replicates else None
+    arrays = load_cells(out, s.tokens, s.modes)
+    result = assemble(recipe, base, list(s.tokens), list(s.modes), cells, eval_settings, arrays, s.bootstrap, seeds)
     device = resolve_device(base.device)
     if s.generation is not None:
         reference = held_out(base, size, s.generation.samples)
@@ -89,8 +96,10 @@ def _evaluate_elsewhere(out: Path, recipe: str, base, configs: dict, s: StudySet
     for i, ((n, mode), cfg) in enumerate(configs.items(), 1):
         name = cell_name(n, mode)
         print(f"[{i}/{len(configs)}] {name}: scoring on {num} images of {s.eval_data} ({s.eval_split})")
-        cells[name] = evaluate_cell(out / "cells" / name / "final", cfg, name, n, mode, other, num, settings)
-    result = assemble(recipe, base, list(s.tokens), list(s.modes), cells, settings)
+        cells[name] = evaluate_cell(out / "cells" / name / "final", cfg, name, n, mode, other, num, settings,
+                                    dest / "cells" / name / PER_IMAGE)
+    arrays = load_cells(dest, s.tokens, s.modes)
+    result = assemble(recipe, base, list(s.tokens), list(s.modes), cells, settings, arrays, s.bootstrap)
     result["evaluated_on"] = source
     finals = {m: out / "cells" / cell_name(s.tokens[0], m) / "final" for m in GRID_ORDER if m in s.modes}
     write_report(dest, result, finals, other, resolve_device(base.device))

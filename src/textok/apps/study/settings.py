@@ -16,6 +16,7 @@ MODES: dict[str, tuple[bool, bool]] = {  # text mode -> (text_in_encoder, text_i
 }
 DEFAULT_TOKENS = (16, 32, 64, 128)
 DEFAULT_GENERATOR_RECIPE = "study-dit"
+DEFAULT_BOOTSTRAP = 200
 
 
 @dataclasses.dataclass
@@ -52,6 +53,8 @@ class StudySettings:
     ``None`` means "the recipe's" (data, steps, image size, held-out images, seed, FD input size).
     ``init_from_study``: every cell starts from the same cell of that finished study (a second training stage).
     ``eval_data``: train nothing; score the finished cells on the ``eval_split`` of another captioned set.
+    ``bootstrap``: resamplings for the intervals that let a verdict be "undecided"; ``replicates``: finished
+    studies of the same cells trained with other seeds, whose values join each comparison (the seed spread).
     """
 
     data: str | None = None  # "scenes" or a captioned folder/tar
@@ -70,6 +73,8 @@ class StudySettings:
     init_from_study: str | None = None
     eval_data: str | None = None
     eval_split: str = "val"
+    bootstrap: int = DEFAULT_BOOTSTRAP  # paired bootstrap resamplings of the evaluation images (0 = no intervals)
+    replicates: tuple[str, ...] = ()  # finished studies of the same grid with other training seeds
 
     def __post_init__(self) -> None:
         self.tokens = tuple(sorted(dict.fromkeys(int(n) for n in self.tokens)))
@@ -81,9 +86,12 @@ class StudySettings:
                               f"choose from {', '.join(MODES)}")
         if not self.tokens or min(self.tokens) < 1:
             raise ConfigError(f"token counts must be positive integers; got {list(self.tokens)}")
+        self.replicates = tuple(self.replicates)
+        if self.bootstrap < 0 or self.bootstrap == 1:
+            raise ConfigError(f"--bootstrap {self.bootstrap}: give the number of resamplings (e.g. 200), or 0 for none")
         if self.eval_data is not None and self.generation is not None:
             raise ConfigError("--eval-data scores the trained cells on other images; it does not run C4: drop "
                               "--generation")
 
 
-__all__ = ["DEFAULT_TOKENS", "GenerationSettings", "MODES", "StudySettings"]
+__all__ = ["DEFAULT_BOOTSTRAP", "DEFAULT_TOKENS", "GenerationSettings", "MODES", "StudySettings"]
