@@ -567,7 +567,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "gpu-suite")))
     p.add_argument("--pack", type=Path, default=ROOT / ".gpu-pack", help="made by benchmarks/gpu_pack.py")
     p.add_argument("--phases", default="abdc", help="which phases to run, in this order (subset of 'abdc')")
-    p.add_argument("--budgets", default=None, help="seconds for phases a,b,c,d (default 60,150,270,60; generous with "
+    p.add_argument("--budgets", default=None, help="seconds for phases a,b,c,d (default 60,150,540,60: c takes what is "
+                   "left before the deadline; generous with "
                    "--cpu-smoke, whose rows must all run however loaded the CPU is)")
     p.add_argument("--deadline", type=float, default=None,
                    help="the whole suite stops starting work after this (default 540 s; 1800 with --cpu-smoke)")
@@ -584,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    default_budgets = "600,600,600,600" if smoke else "60,150,270,60"
+    default_budgets = "600,600,600,600" if smoke else "60,150,540,60"
     budgets = dict(zip("abcd", (float(v) for v in (args.budgets or default_budgets).split(","))))
     clock = Clock(args.deadline if args.deadline is not None else (1800 if smoke else 540))
     t_start = time.time()

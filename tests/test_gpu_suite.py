@@ -4,6 +4,7 @@ same pack (pruned float16 MiniLM, float16 open_nsfw, a gzip tar) that travels to
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_make_gpu_smoke_runs_every_phase(tmp_path) -> None:
     """``make gpu-smoke`` (with this interpreter, without rebuilding the venv) runs all four phases tiny."""
     out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: ~2.5 minutes, also beside the other test workers
     proc = subprocess.run(["make", "-s", "-o", ".venv/.installed", "gpu-smoke", f"BIN={Path(sys.executable).parent}",
-                           f"GPU_SMOKE_OUT={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           f"GPU_SMOKE_OUT={out}"], cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "==== GPU suite summary ====" in proc.stdout
     files = sorted(p.name for p in out.iterdir())

@@ -32,7 +32,8 @@ def fp8_supported(device: torch.device | str) -> bool:
 def _rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
     """(M, K) -> e4m3 values and the (M, 1) float32 scales that restore them (x ~ q * scale)."""
     scale = x.detach().abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / E4M3_MAX
-    return (x.float() / scale).to(E4M3), scale
+    # the clamp keeps a rounding overshoot of the largest entry from casting to NaN (e4m3fn has no infinity)
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 class FP8Linear(nn.Module):
