@@ -57,8 +57,9 @@ gpu-pack: $(STAMP)
 gpu-suite: $(STAMP)
 	$(BIN)/python benchmarks/gpu_suite.py --pack .gpu-pack --out runs/gpu-suite
 
+GPU_SMOKE_OUT ?= runs/gpu-smoke
 gpu-smoke: $(STAMP)
-	$(BIN)/python benchmarks/gpu_suite.py --cpu-smoke --out runs/gpu-smoke
+	$(BIN)/python benchmarks/gpu_suite.py --cpu-smoke --out $(GPU_SMOKE_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

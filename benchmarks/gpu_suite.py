@@ -1,10 +1,10 @@
 """The GPU suite: everything worth measuring on a lent GPU, in one command that fits one device call.
 
 A lent H100 gives 15 minutes in all (start, transfers and idle included; one command at most 10 minutes).
-Three phases run in one command, each within its own time budget and a global deadline, each failing on its
-own (a broken phase is reported, the next one still runs):
+Four phases run in one command (in the order a, b, d, c), each within its own time budget and a global deadline,
+each failing on its own (a broken phase is reported, the next one still runs); docs/GPU.md says what they measure:
 
-a. **correctness** (<= 90 s): the tests marked ``gpu`` (tests/test_gpu.py: bf16 autocast against float32
+a. **correctness** (<= 60 s): the tests marked ``gpu`` (tests/test_gpu.py: bf16 autocast against float32
    for TexTok, TiTok, DiT and MaskGIT; torch.compile against eager; CUDA-graph sampling against the eager
    loop; exact resume of a checkpoint written on the GPU; an NCCL process group of one).
 b. **throughput and MFU** (<= 150 s): a bf16 matmul ceiling; TexTok ViT-B/16 encode and decode at 256 px
@@ -12,13 +12,17 @@ b. **throughput and MFU** (<= 150 s): a bf16 matmul ceiling; TexTok ViT-B/16 enc
    (text, no text) and an l2-only one; DiT-XL forward over 32, 64, 256 and 1024 tokens; a DiT-XL training
    step over 32 tokens; each against its target (docs/TARGETS.md). Rows run in priority order until the budget
    is spent; the rest are reported as not run.
-c. **the Flowers-102 study at 64 px** (<= 240 s): recipe ``study-flowers-gpu`` (l2 + perceptual + GAN),
-   text in encoder and decoder vs none at 4 and 16 tokens, with the step count set from a measured step
-   time so the four cells fit the budget; report, grid and plot.
+   Phase b also runs the fast paths (unmasked attention, FP8 blocks, a larger batch, the compiled
+   channels_last training step) and the per-part MFU table of the step (benchmarks/step_parts.py).
+d. **speed headlines** (<= 60 s, benchmarks/gpu_headlines.py): samples/s end to end of MaskGIT over TiTok
+   codes, DiT over TexTok tokens and VAR over ImageFolder codes beside a FLOP-matched DiT-XL/2.
+c. **the Flowers-102 study at 64 px** (the time left, ~250 s; benchmarks/gpu_study.py): two cells, text in
+   the decoder vs none at N=8, l2 + perceptual then the GAN once they reconstruct, with the steps planned
+   from measured step times; verdicts beside the CPU recipe's seed spread.
 
 It writes at most 8 files to ``--out`` (``$OUT`` on the device machine): ``gpu_suite.json``,
-``gpu_suite.md``, ``correctness.log``, ``study_report.md``, ``study_results.json``, ``study_grid.png``,
-``study_plot.png``; the summary table is printed last.
+``gpu_suite.md``, ``correctness.log``, ``study_stage{1,2}.md`` and ``study_stage{1,2}_grid.png``; the summary
+table is printed last.
 
 What travels (the device tool carries the working tree, at most 64 MiB): the repository (~3.5 MiB) and
 ``.gpu-pack/`` (~51 MiB), made here first by ``python benchmarks/gpu_pack.py``: Flowers-102 at 64 px
@@ -28,7 +32,8 @@ wheels or any weights. The command, with ``carry: [".gpu-pack"]`` and a 600 s li
 
     PYTHONPATH=src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --pack .gpu-pack --out $OUT
 
-On a CPU, ``--cpu-smoke`` runs every phase at tiny sizes in about a minute (tests/test_gpu_suite.py does).
+On a CPU, ``--cpu-smoke`` (``make gpu-smoke``) runs every phase at tiny sizes in about two minutes
+(tests/test_gpu_suite.py does).
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from gpu_headlines import phase_headlines, render as render_headlines  # noqa: E402
+from gpu_study import phase_study, render as render_study  # noqa: E402
+
 NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet peaks (SXM)
 
 # Peer numbers on one H100 (docs/TARGETS.md, with sources): images/s of the official code, and our targets.
@@ -81,6 +89,7 @@ class Sizes:
     matmul: int = 8192
     tok_preset: str = "textok-b-256-64"
     tok_batch: int = 256
+    tok_big_batch: int = 1024  # the batch that fills the card (the _big rows)
     step_batch: int = 64
     text_len: int = 32
     dit: str = "dit-xl"
@@ -88,18 +97,16 @@ class Sizes:
     dit_step_batch: int = 256
     iters: int = 10
     warmup: int = 3
-    study_tokens: tuple[int, ...] = (4, 16)
-    study_modes: tuple[str, ...] = ("both", "none")
     study_overrides: tuple[str, ...] = ()
-    study_max_steps: int = 3000
-    calib_steps: int = 60
+    calib_steps: int = 40  # one short run measures both stages' step time (benchmarks/gpu_study.py)
     step_overrides: tuple[str, ...] = ()  # training config of the tokenizer-step rows (default: all losses at 224)
+    step_perceptual_size: int = 224  # of the step-parts table
 
     @classmethod
     def smoke(cls) -> "Sizes":
-        return cls(matmul=128, tok_preset="textok-tiny", tok_batch=4, step_batch=4, text_len=6, dit="dit-tiny",
-                   dit_batches={16: 4}, dit_step_batch=4, iters=2, warmup=1, study_tokens=(2,),
-                   study_modes=("decoder", "none"), study_max_steps=4, calib_steps=4,
+        return cls(matmul=128, tok_preset="textok-tiny", tok_batch=4, tok_big_batch=8, step_batch=4, text_len=6,
+                   dit="dit-tiny", dit_batches={16: 4}, dit_step_batch=4, iters=2, warmup=1, calib_steps=4,
+                   step_perceptual_size=32,
                    step_overrides=("loss.perceptual_size=32",),
                    study_overrides=("model.patch_size=16", "model.encoder.heads=2", "model.encoder.width=32",
                                     "model.encoder.depth=1", "model.decoder.heads=2", "model.decoder.width=32",
@@ -221,6 +228,14 @@ def phase_correctness(out: Path, budget: float, smoke: bool) -> dict[str, Any]:
 
 
 # ---- phase b -------------------------------------------------------------------------------------------------
+# variants of a row that answer to the same target (fast paths, the mask kept, another batch)
+TARGET_OF = {f"textok_{side}_{text}{suffix}": f"textok_{side}_{text}"
+             for side in ("encode", "decode") for text in ("text", "notext")
+             for suffix in ("_fp8", "_masked", "_big", "_fp8_big")}
+TARGET_OF.update({"textok_step_all_text_fast": "textok_step_all_text",
+                  "textok_step_all_notext_fast": "textok_step_all_notext",
+                  "textok_step_all_text_fast_native": "textok_step_all_text"})
+
 def _row(name: str, images_per_s: float, flops_per_image: float, peak: float | None, ceiling: float | None,
          **extra: Any) -> dict[str, Any]:
     row = {"row": name, "images_per_s": round(images_per_s, 1), "gflop_per_image": round(flops_per_image / 1e9, 3),
@@ -229,8 +244,9 @@ def _row(name: str, images_per_s: float, flops_per_image: float, peak: float | N
         row["mfu"] = round(images_per_s * flops_per_image / peak, 4)
     if ceiling:
         row["mfu_of_measured_ceiling"] = round(images_per_s * flops_per_image / ceiling, 4)
-    if name in TARGETS and peak:  # targets are for the GPU they were measured on
-        what, value = TARGETS[name]
+    target = TARGET_OF.get(name, name)
+    if target in TARGETS and peak:  # targets are for the GPU they were measured on
+        what, value = TARGETS[target]
         row["target"] = what
         row["meets_target"] = images_per_s >= value
     row.update(extra)
@@ -245,8 +261,13 @@ def bench_matmul(sizes: Sizes, device: torch.device) -> float:
     return 2 * n**3 / s
 
 
-def bench_tokenizer(sizes: Sizes, device: torch.device, side: str, text: bool, compiled: bool) -> tuple[float, float, dict]:
-    """images/s and FLOPs/image of TexTok encode or decode, bf16 weights, inference mode (+ compile, graphs)."""
+def bench_tokenizer(sizes: Sizes, device: torch.device, side: str, text: bool, compiled: bool, fp8: bool = False,
+                    masked: bool = False, batch: int | None = None) -> tuple[float, float, dict]:
+    """images/s and FLOPs/image of TexTok encode or decode, bf16 weights, inference mode (+ compile, graphs).
+
+    The captions are unpadded (``TextEmbeddings.dense``: attention without a mask) unless ``masked`` keeps the
+    key-padding mask as a padded batch would (the H200 run's path); ``fp8``: the blocks' matmuls in e4m3."""
+    from textok.models.fp8 import fp8_supported, use_fp8_linears
     from textok.models.textok import TexTok, TexTokConfig
     from textok.text.embeddings import TextEmbeddings
 
@@ -255,9 +276,13 @@ def bench_tokenizer(sizes: Sizes, device: torch.device, side: str, text: bool, c
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = TexTok(cfg).to(device, dtype).eval()
-    B, L = sizes.tok_batch, sizes.text_len
+    B, L = batch or sizes.tok_batch, sizes.text_len
     emb = TextEmbeddings(torch.randn(B, L, cfg.text_dim, device=device, dtype=dtype),
-                         torch.ones(B, L, dtype=torch.bool, device=device)) if text else None
+                         torch.ones(B, L, dtype=torch.bool, device=device), not masked) if text else None
+    if fp8:
+        if device.type == "cuda" and not fp8_supported(device):
+            raise RuntimeError(f"{torch.cuda.get_device_name(device)} has no FP8 matmuls (compute capability < 8.9)")
+        use_fp8_linears(model)
     images = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype) * 2 - 1
     z = torch.randn(B, cfg.num_tokens, cfg.token_channels, device=device, dtype=dtype)
     if compiled:
@@ -280,19 +305,36 @@ def bench_tokenizer(sizes: Sizes, device: torch.device, side: str, text: bool, c
             + (2 * L * cfg.text_dim * cfg.decoder.width if text else 0)
     fn = cuda_graphed(call, device) if compiled else call
     s = seconds_per_call(fn, device, sizes.warmup, sizes.iters)
-    return B / s, flops, {"batch": B, "precision": str(dtype).replace("torch.", ""), "compile": compiled,
-                          "cuda_graph": compiled and device.type == "cuda"}
+    precision = str(dtype).replace("torch.", "") + (" + fp8 blocks" if fp8 else "")
+    return B / s, flops, {"batch": B, "precision": precision, "compile": compiled,
+                          "cuda_graph": compiled and device.type == "cuda", "attention_mask": masked}
 
 
-def bench_tokenizer_step(sizes: Sizes, device: torch.device, text: bool, losses: str) -> tuple[float, float, dict]:
-    """A full tokenizer training step as the loop takes it (benchmarks/train_step.py), FLOPs counted over it."""
+def bench_tokenizer_step(sizes: Sizes, device: torch.device, text: bool, losses: str, fast: bool = False,
+                         native: bool = False) -> tuple[float, float, dict]:
+    """A full tokenizer training step as the loop takes it (benchmarks/train_step.py), FLOPs counted over it.
+    ``fast``: the tokenizer's loss forward compiled, the discriminator and perceptual net channels_last and
+    compiled; ``native``: the perceptual loss at the images' own size instead of 224 px."""
     from train_step import bench
 
+    compiled = fast and device.type == "cuda"  # inductor on a CPU would spend the smoke run compiling C++
+    extra = (("loss.channels_last=true", f"loss.compile_nets={str(compiled).lower()}") if fast else ()) + \
+        (("loss.perceptual_size=0",) if native else ())
     row = bench(sizes.tok_preset, sizes.step_batch, text, sizes.text_len, sizes.iters, "bf16" if device.type == "cuda"
-                else "fp32", False, losses, device, sizes.step_overrides)
+                else "fp32", compiled, losses, device, sizes.step_overrides + extra)
     flops = row["GFLOP/img (step)"] * 1e9
-    return row["images/s"], flops, {"batch": sizes.step_batch, "precision": row["precision"], "compile": False,
+    return row["images/s"], flops, {"batch": sizes.step_batch, "precision": row["precision"], "compile": compiled,
+                                    "channels_last": fast, "perceptual_size": "image" if native else "224",
                                     "params_M": row["params_M"]}
+
+
+def bench_step_parts(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """MFU per part of the fast full step (benchmarks/step_parts.py)."""
+    from step_parts import measure
+
+    compiled = device.type == "cuda"
+    return measure(sizes.tok_preset, sizes.step_batch, True, sizes.text_len, sizes.iters, device,
+                   sizes.step_perceptual_size, channels_last=True, compile_nets=compiled, compile_model=compiled)
 
 
 def bench_dit_forward(sizes: Sizes, device: torch.device, tokens: int, batch: int) -> tuple[float, float, dict]:
@@ -354,16 +396,30 @@ def phase_throughput(sizes: Sizes, device: torch.device, budget: float) -> dict[
     except Exception as err:  # noqa: BLE001 - a row's failure is reported, the phase goes on
         result["errors"]["matmul"] = f"{type(err).__name__}: {err}"
     n32 = min(sizes.dit_batches)
-    plan: list[tuple[str, Callable[[], tuple[float, float, dict]]]] = [
+    plan: list[tuple[str, Callable[[], tuple[float, float, dict]] | None]] = [
         ("dit_xl_fwd_32", lambda: bench_dit_forward(sizes, device, n32, sizes.dit_batches[n32])),
         ("textok_encode_text", lambda: bench_tokenizer(sizes, device, "encode", True, True)),
         ("textok_decode_text", lambda: bench_tokenizer(sizes, device, "decode", True, True)),
-        ("textok_step_all_text", lambda: bench_tokenizer_step(sizes, device, True, "all")),
-        ("dit_xl_step_32", lambda: bench_dit_step(sizes, device, n32)),
-        ("textok_step_all_notext", lambda: bench_tokenizer_step(sizes, device, False, "all")),
+        ("textok_encode_text_fp8", lambda: bench_tokenizer(sizes, device, "encode", True, True, fp8=True)),
+        ("textok_decode_text_fp8", lambda: bench_tokenizer(sizes, device, "decode", True, True, fp8=True)),
+        ("textok_step_all_text_fast", lambda: bench_tokenizer_step(sizes, device, True, "all", fast=True)),
         ("textok_step_l2_notext", lambda: bench_tokenizer_step(sizes, device, False, "l2")),
+        ("step_parts", None),  # MFU per part of the fast step: its own table
+        ("textok_step_all_text", lambda: bench_tokenizer_step(sizes, device, True, "all")),
+        ("textok_encode_text_fp8_big", lambda: bench_tokenizer(sizes, device, "encode", True, True, fp8=True,
+                                                               batch=sizes.tok_big_batch)),
+        ("textok_decode_text_fp8_big", lambda: bench_tokenizer(sizes, device, "decode", True, True, fp8=True,
+                                                               batch=sizes.tok_big_batch)),
+        ("textok_encode_text_masked", lambda: bench_tokenizer(sizes, device, "encode", True, True, masked=True)),
+        ("textok_decode_text_masked", lambda: bench_tokenizer(sizes, device, "decode", True, True, masked=True)),
+        ("dit_xl_step_32", lambda: bench_dit_step(sizes, device, n32)),
+        ("textok_step_all_text_fast_native", lambda: bench_tokenizer_step(sizes, device, True, "all", fast=True,
+                                                                          native=True)),
+        ("textok_encode_notext_fp8", lambda: bench_tokenizer(sizes, device, "encode", False, True, fp8=True)),
+        ("textok_decode_notext_fp8", lambda: bench_tokenizer(sizes, device, "decode", False, True, fp8=True)),
         ("textok_encode_notext", lambda: bench_tokenizer(sizes, device, "encode", False, True)),
         ("textok_decode_notext", lambda: bench_tokenizer(sizes, device, "decode", False, True)),
+        ("textok_step_all_notext", lambda: bench_tokenizer_step(sizes, device, False, "all")),
         ("textok_encode_text_eager", lambda: bench_tokenizer(sizes, device, "encode", True, False)),
         ("textok_decode_text_eager", lambda: bench_tokenizer(sizes, device, "decode", True, False)),
     ] + [(f"dit_xl_fwd_{n}", (lambda n=n, b=b: bench_dit_forward(sizes, device, n, b)))
@@ -374,6 +430,9 @@ def phase_throughput(sizes: Sizes, device: torch.device, budget: float) -> dict[
             continue
         t0 = time.time()
         try:
+            if run is None:
+                result["step_parts"] = bench_step_parts(sizes, device)
+                continue
             ips, flops, extra = run()
             result["rows"].append(_row(name, ips, flops, peak, ceiling, seconds=round(time.time() - t0, 1), **extra))
         except Exception as err:  # noqa: BLE001
@@ -394,57 +453,9 @@ def _pack_paths(pack: Path) -> dict[str, Path]:
     return {"data": data, "minilm": pack / "minilm-flowers", "opennsfw": pack / "open_nsfw.safetensors"}
 
 
-def _calibrate(recipe: str, common: list[str], sizes: Sizes, work: Path, tokens: int, mode: str) -> float:
-    """Seconds per training step of the most expensive cell, measured over a short run (text cache warmed)."""
-    from textok.apps.study.cells import cell_config
-    from textok.train.tokenizer import train_tokenizer
-
-    steps = sizes.calib_steps
-    cfg = cell_config(recipe, tokens, mode, common + [f"max_steps={steps}", "loss.adversarial.start_step=0",
-                                                      "log_every=1", f"ckpt_every={steps}"])
-    train_tokenizer(cfg, work / "calibration", progress=False)
-    log = [json.loads(line) for line in (work / "calibration" / "log.jsonl").read_text().splitlines()]
-    tail = log[len(log) // 2:] or log
-    rate = sum(e["images_per_s"] for e in tail) / len(tail)
-    return cfg.batch_size / rate
-
-
-def phase_study(sizes: Sizes, pack: Path, out: Path, budget: float, smoke: bool) -> dict[str, Any]:
-    from textok.apps.study import StudySettings, run_study
-
-    t0 = time.time()
-    paths = _pack_paths(pack)
-    work = Path(tempfile.mkdtemp(prefix="textok-study-"))
-    recipe = "study-flowers-gpu"
-    common = [f"data.source={paths['data']}", f"model.text_encoder=hf:{paths['minilm']}", *sizes.study_overrides]
-    # the calibration run warms the study's own text cache (the study sets text_cache to OUT/text_cache...)
-    calib = common + [f"text_cache={work / 'study' / 'text_cache.safetensors'}"]
-    seconds_per_step = _calibrate(recipe, calib, sizes, work, max(sizes.study_tokens), sizes.study_modes[0])
-    cells = len(sizes.study_tokens) * len(sizes.study_modes)
-    left = budget - (time.time() - t0)
-    eval_seconds = 8.0 if not smoke else 1.0  # per cell: 819 dev photos, right and wrong captions, FD features
-    per_cell = (0.85 * left - 10.0) / cells - eval_seconds  # 15% margin, 10 s for the report
-    steps = max(sizes.calib_steps, min(sizes.study_max_steps, int(per_cell / seconds_per_step) // 50 * 50))
-    if smoke:
-        steps = sizes.study_max_steps
-    overrides = common + [f"max_steps={steps}", f"loss.adversarial.start_step={int(0.3 * steps)}"]
-    print(f"study: {seconds_per_step * 1e3:.1f} ms/step measured -> {steps} steps per cell, {cells} cells")
-    settings = StudySettings(tokens=sizes.study_tokens, modes=sizes.study_modes, recipe=recipe, overrides=overrides)
-    result = run_study(work / "study", settings, progress=False)
-    for src, dst in (("report.md", "study_report.md"), ("results.json", "study_results.json"),
-                     ("grid.png", "study_grid.png")):
-        if (work / "study" / src).is_file():
-            shutil.copy(work / "study" / src, out / dst)
-    primary = result["primary_metrics"][0] if result.get("primary_metrics") else None
-    plot = work / "study" / f"plot_{primary}.png" if primary else None
-    plots = sorted((work / "study").glob("plot_*.png"))
-    if plots:
-        shutil.copy(plot if plot and plot.is_file() else plots[0], out / "study_plot.png")
-    return {"seconds": round(time.time() - t0, 1), "ms_per_step_measured": round(seconds_per_step * 1e3, 2),
-            "steps_per_cell": steps, "cells": cells, "paper_table": result.get("paper_table"),
-            "ablation_table": result.get("ablation_table"), "text_reliance_table": result.get("text_reliance_table"),
-            "verdicts": result.get("verdicts"), "train_seconds": {k: c.get("train_seconds")
-                                                                  for k, c in result.get("cells", {}).items()}}
+def phase_study_c(sizes: Sizes, pack: Path, out: Path, budget: float, smoke: bool) -> dict[str, Any]:
+    """Phase c (benchmarks/gpu_study.py): two cells, ℓ2 + perceptual, then the GAN once they reconstruct."""
+    return phase_study(_pack_paths(pack), out, budget, smoke, sizes.study_overrides, sizes.calib_steps)
 
 
 # ---- report --------------------------------------------------------------------------------------------------
@@ -489,26 +500,27 @@ def render(summary: dict[str, Any]) -> str:
                       "multiply-adds of the matmuls (a training step's counted over the whole step).", ""]
             lines += _table(b["rows"], ["row", "batch", "precision", "compile", "images_per_s", "gflop_per_image",
                                         "tflop_per_s", "mfu", "target", "meets_target"]) + [""]
+            parts = b.get("step_parts")
+            if parts:
+                lines += [f"MFU per part of the fast training step ({parts['preset']}, batch {parts['batch']}, perceptual at "
+                          f"{parts['perceptual_size']} px; benchmarks/step_parts.py): {parts['images_per_s']} images/s.", ""]
+                lines += _table(parts["rows"], ["part", "ms", "GFLOP/img", "TFLOP/s", "MFU"]) + [""]
             if b["not_run"]:
                 lines += [f"Not run (budget spent): {', '.join(b['not_run'])}.", ""]
             for k, v in b["errors"].items():
                 lines += [f"- error in {k}: {v}"]
             lines += [""]
+    d = summary["phases"].get("d")
+    if d:
+        lines += ["## d. speed headlines: samples/s end to end", ""]
+        lines += [f"failed to run: {d['error']}", ""] if "error" in d else render_headlines(d)
     c = summary["phases"].get("c")
     if c:
         lines += ["## c. Flowers-102 study at 64 px", ""]
         if "error" in c:
             lines += [f"failed to run: {c['error']}", ""]
         else:
-            lines += [f"{c['cells']} cells of {c['steps_per_cell']} steps (measured {c['ms_per_step_measured']} ms per "
-                      f"step); {c['seconds']} s in all. Full report: study_report.md.", ""]
-            if c.get("paper_table"):
-                cols = list(c["paper_table"][0])
-                lines += _table(c["paper_table"], cols) + [""]
-            if c.get("text_reliance_table"):
-                cols = list(c["text_reliance_table"][0])
-                lines += _table(c["text_reliance_table"], cols) + [""]
-            lines += [f"- {v}" for v in c.get("verdicts") or []] + [""]
+            lines += render_study(c)
     return "\n".join(lines) + "\n"
 
 
@@ -527,30 +539,36 @@ def print_summary(summary: dict[str, Any]) -> None:
     b = summary["phases"].get("b", {})
     if b.get("rows"):
         print(f"  matmul ceiling {b.get('matmul_ceiling_tflops')} TFLOP/s")
-        print(f"  {'row':28s} {'img/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}  target")
+        print(f"  {'row':34s} {'img/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}  target")
         for r in b["rows"]:
             mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
             ok = "" if "meets_target" not in r else ("met" if r["meets_target"] else "MISSED")
-            print(f"  {r['row']:28s} {r['images_per_s']:10.1f} {r['tflop_per_s']:8.2f} {mfu:>6s}  {ok} {r.get('target', '')}")
+            print(f"  {r['row']:34s} {r['images_per_s']:10.1f} {r['tflop_per_s']:8.2f} {mfu:>6s}  {ok} {r.get('target', '')}")
+        for part in b.get("step_parts", {}).get("rows", []):
+            print(f"  step part {part['part']:36s} {part['ms']:9.2f} ms  {part['MFU']}")
         if b.get("not_run"):
             print(f"  not run: {', '.join(b['not_run'])}")
         for k, v in b.get("errors", {}).items():
             print(f"  error {k}: {v}")
+    d = summary["phases"].get("d", {})
+    for q in d.get("ratios", []):
+        print(f"  headline {q['row']} / {q['against']}: {q['ratio']}x (paper: {q['paper'] or '-'})")
     c = summary["phases"].get("c", {})
-    if c.get("verdicts"):
-        print(f"  study: {c['cells']} cells x {c['steps_per_cell']} steps")
-        for row in c.get("paper_table") or []:
-            print("   ", {k: _fmt(v, k) for k, v in row.items()})
-        for row in c.get("text_reliance_table") or []:
-            print("   ", {k: _fmt(v, k) for k, v in row.items()})
+    for name, st in c.get("stages", {}).items():
+        v = st.get("verdict")
+        print(f"  study {name}: " + (st.get("skipped", "") if v is None else
+              f"{st['steps']} steps, PSNR gain {v['PSNR_gain_dB']:+.3f} dB ({v['PSNR']}), FD gain "
+              f"{v['FD_gain_relative']:+.1%} ({v['FD']}), swap cost {v['cells']['decoder']['swap_cost_PSNR_dB']:.3f} dB, "
+              f"decided: {v['decided']}"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "gpu-suite")))
     p.add_argument("--pack", type=Path, default=ROOT / ".gpu-pack", help="made by benchmarks/gpu_pack.py")
-    p.add_argument("--phases", default="abc", help="which phases to run (subset of 'abc')")
-    p.add_argument("--budgets", default=None, help="seconds for phases a,b,c (default 90,150,240; generous with "
+    p.add_argument("--phases", default="abdc", help="which phases to run, in this order (subset of 'abdc')")
+    p.add_argument("--budgets", default=None, help="seconds for phases a,b,c,d (default 60,150,540,60: c takes what is "
+                   "left before the deadline; generous with "
                    "--cpu-smoke, whose rows must all run however loaded the CPU is)")
     p.add_argument("--deadline", type=float, default=None,
                    help="the whole suite stops starting work after this (default 540 s; 1800 with --cpu-smoke)")
@@ -567,8 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    default_budgets = "600,600,600" if smoke else "90,150,240"
-    budgets = dict(zip("abc", (float(v) for v in (args.budgets or default_budgets).split(","))))
+    default_budgets = "600,600,600,600" if smoke else "60,150,540,60"
+    budgets = dict(zip("abcd", (float(v) for v in (args.budgets or default_budgets).split(","))))
     clock = Clock(args.deadline if args.deadline is not None else (1800 if smoke else 540))
     t_start = time.time()
     summary: dict[str, Any] = {
@@ -587,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pack = args.pack
     if (pack / "open_nsfw.safetensors").is_file():  # the perceptual loss and FD features of phases b and c
         os.environ["TEXTOK_OPENNSFW_WEIGHTS"] = str((pack / "open_nsfw.safetensors").resolve())
-    for key in "abc":
+    for key in "abdc":  # phase c plans its steps from the time left, so it runs last
         if key not in args.phases:
             continue
         budget = clock.budget(budgets[key])
@@ -601,8 +619,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res = phase_correctness(args.out, budget, smoke)
             elif key == "b":
                 res = phase_throughput(sizes, device, budget)
+            elif key == "d":
+                res = phase_headlines(device, budget, smoke)
             else:
-                res = phase_study(sizes, pack, args.out, budget, smoke)
+                res = phase_study_c(sizes, pack, args.out, budget, smoke)
         except Exception as err:  # noqa: BLE001 - reported; the next phase still runs
             traceback.print_exc()
             res = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}

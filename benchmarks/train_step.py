@@ -32,7 +32,7 @@ from textok.train.tokenizer import build_components, discriminator_losses, gener
 
 def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precision: str, compile_: bool,
           losses: str, device: torch.device, extra_overrides: tuple[str, ...] = ()) -> dict:
-    overrides = [f"precision={precision}", "loss.adversarial.start_step=0", *extra_overrides]
+    overrides = [f"precision={precision}", "loss.adversarial.start_step=0"]
     if not text:
         overrides += ["model.text_in_encoder=false", "model.text_in_decoder=false"]
     if losses == "l2":
@@ -41,7 +41,7 @@ def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precis
         loss = TrainConfig().loss
         overrides += [f"loss.perceptual={loss.perceptual}", f"loss.perceptual_size={loss.perceptual_size}",
                       f"loss.adversarial.weight={loss.adversarial.weight}"]
-    cfg = load_train_config(preset, overrides)
+    cfg = load_train_config(preset, [*overrides, *extra_overrides])  # the caller's overrides win
     model_type, model_cfg = resolve_tokenizer_config(cfg.model, cfg.model_overrides)
     torch.manual_seed(0)
     parts, perceptual = build_components(cfg, model_type, model_cfg, device)
@@ -52,7 +52,7 @@ def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precis
     emb = None
     if model_cfg.uses_text:
         emb = TextEmbeddings(torch.randn(batch, text_len, model_cfg.text_dim, device=device),
-                             torch.ones(batch, text_len, dtype=torch.bool, device=device))
+                             torch.ones(batch, text_len, dtype=torch.bool, device=device), dense=True)
 
     def step() -> None:
         with autocast_for(device, cfg.precision):

@@ -130,7 +130,8 @@ class TexTokEncoder(nn.Module):
         if self.text_proj is not None:
             assert text is not None
             parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
-            key_padding = torch.cat([text.mask.new_ones(B, self.num_patches + self.num_tokens), text.mask], dim=1)
+            if not text.dense:  # no padded caption: no mask (the same attention, a faster kernel)
+                key_padding = torch.cat([text.mask.new_ones(B, self.num_patches + self.num_tokens), text.mask], dim=1)
         h = self.transformer(torch.cat(parts, dim=1), key_padding)
         return self.to_tokens(h[:, self.num_patches : self.num_patches + self.num_tokens])
 
@@ -159,7 +160,8 @@ class TexTokDecoder(nn.Module):
         if self.text_proj is not None:
             assert text is not None
             parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
-            key_padding = torch.cat([text.mask.new_ones(B, P + self.cfg.num_tokens), text.mask], dim=1)
+            if not text.dense:
+                key_padding = torch.cat([text.mask.new_ones(B, P + self.cfg.num_tokens), text.mask], dim=1)
         return self.transformer(torch.cat(parts, dim=1), key_padding)[:, :P]
 
     def forward(self, z: Tensor, text: TextEmbeddings | None) -> Tensor:

@@ -12,10 +12,16 @@ from ..errors import TextokError
 
 @dataclasses.dataclass
 class TextEmbeddings:
-    """Per-token states ``(B, L, D)`` and a mask ``(B, L)`` (True = a real token, False = padding)."""
+    """Per-token states ``(B, L, D)`` and a mask ``(B, L)`` (True = a real token, False = padding).
+
+    ``dense``: True when no position is padding, so attention may skip the mask (a faster kernel, the same
+    result). It is read from the mask while the mask is on the CPU (batches are built there) and carried along by
+    :meth:`to`; for a mask made on a GPU it stays ``None`` (unknown: the mask is used) rather than cost a sync.
+    """
 
     states: Tensor
     mask: Tensor
+    dense: bool | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.states.dim() != 3:
@@ -25,6 +31,8 @@ class TextEmbeddings:
                 f"text mask shape {tuple(self.mask.shape)} does not match states {tuple(self.states.shape[:2])}"
             )
         self.mask = self.mask.bool()
+        if self.dense is None and self.mask.device.type == "cpu":
+            self.dense = bool(self.mask.all())
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -34,7 +42,7 @@ class TextEmbeddings:
         return self.states.shape[-1]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextEmbeddings":
-        return TextEmbeddings(self.states.to(device=device, dtype=dtype), self.mask.to(device=device))
+        return TextEmbeddings(self.states.to(device=device, dtype=dtype), self.mask.to(device=device), self.dense)
 
     def __getitem__(self, index: int | slice | Tensor) -> "TextEmbeddings":
         if isinstance(index, int):

@@ -69,11 +69,15 @@ class LossConfig(Config):
     l2_weight: float = 1.0
     perceptual: str = "opennsfw"  # "opennsfw" (offline default) | "lpips-vgg" (needs local VGG16 weights) | "none"
     perceptual_weight: float = 0.1
-    perceptual_size: int = 224  # input size of the open_nsfw feature network
+    perceptual_size: int = 224  # input size of the open_nsfw feature network (0: the images' own size, no resize)
     vgg16_weights: str = ""  # for lpips-vgg; else $TEXTOK_VGG16_WEIGHTS
     adversarial: AdversarialConfig = field(default_factory=lambda: AdversarialConfig(weight=0.1, start_step=20000))
     discriminator: str = "auto"  # a DiscriminatorConfig preset, or "auto" (StyleGAN sized to the images)
     d_every: int = 1  # discriminator update every k generator steps
+    # The discriminator's and perceptual network's convolutions: channels_last memory format (the GPU's fast
+    # layout for convolutions) and torch.compile (in place); both off by default (the eager NCHW numerics)
+    channels_last: bool = False
+    compile_nets: bool = False
     # Text grounding: w * relu(margin - (l2 with another image's caption - l2 with its own)), the same tokens
     # decoded twice; it pushes the decoder to read its caption (TexTok with text in the decoder only).
     text_contrast_weight: float = 0.0
@@ -120,6 +124,8 @@ class TrainConfig(Config):
                                        "keep_last"), non_negative=("sample_every",))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
+        if self.loss.perceptual_size < 0:
+            raise ConfigError(f"loss.perceptual_size={self.loss.perceptual_size} must be >= 0 (0: the images' own size)")
         if self.loss.d_every < 1:
             raise ConfigError(f"loss.d_every={self.loss.d_every} must be at least 1 (a discriminator update every "
                               "k steps)")

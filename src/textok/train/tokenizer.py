@@ -267,9 +267,14 @@ def build_components(cfg: TrainConfig, model_type: str, model_cfg, device: torch
                                         weight_decay=cfg.optim.weight_decay)
     perceptual = None
     if cfg.loss.perceptual != "none" and cfg.loss.perceptual_weight > 0:
-        kwargs = ({"size": cfg.loss.perceptual_size} if cfg.loss.perceptual == "opennsfw"
+        kwargs = ({"size": cfg.loss.perceptual_size or None} if cfg.loss.perceptual == "opennsfw"
                   else {"vgg16_weights": cfg.loss.vgg16_weights or None})
         perceptual = build_perceptual(cfg.loss.perceptual, **kwargs).to(device)
+    for net in (parts.disc, perceptual):
+        if net is not None and cfg.loss.channels_last:
+            net.to(memory_format=torch.channels_last)
+        if net is not None and cfg.loss.compile_nets:
+            net.compile()  # in place: the state dict keeps its keys
     return parts, perceptual
 
 
