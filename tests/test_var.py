@@ -38,7 +38,7 @@ def model(fold: bool = True, seed: int = 0) -> VAR:
     would hide a leak through attention)."""
     torch.manual_seed(seed)
     m = VAR(VARConfig(scales=SCALES, branches=2, codebook_size=12, code_dim=3, num_classes=5, width=16, depth=2,
-                      heads=2, fold=fold)).double().eval()
+                      heads=2, fold=fold, drop_path=0.0)).double().eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -58,7 +58,8 @@ def test_paper_generator_size():
     with torch.device("meta"):
         m = VAR(cfg)
     blocks, total = m.num_block_params(), m.num_params()
-    assert blocks == 17 * (18 * 1088**2 + 15 * 1088)  # qkv 3, proj 1, MLP 8, adaLN 6 (x D^2) + biases
+    # qkv 3, proj 1, MLP 8, adaLN 6 (x D^2) + biases + the attention's per-head log-temperature
+    assert blocks == 17 * (18 * 1088**2 + 15 * 1088 + 17)
     assert abs(blocks / 362e6 - 1) < 0.002  # the paper's "362M" is the transformer blocks
     assert 370e6 < total < 380e6  # + class table, positions, the 2 x 4096 head and its adaLN: 375.3M
     cfg.check_compatible(ImageFolderConfig.preset("imagefolder-b-256"))
@@ -220,3 +221,97 @@ def test_top_k_top_p_sampling():
     assert set(sample_top_k_top_p(logits, top_p=0.8, generator=g).tolist()) == {1, 3}
     assert set(sample_top_k_top_p(logits, top_p=0.1, generator=g).tolist()) == {1}
     assert set(sample_top_k_top_p(logits, generator=g).tolist()) == {0, 1, 2, 3, 4}
+
+
+# ---- VAR's attention, stochastic depth, weight decay ----------------------------------------------------------
+def test_attention_is_vars_attn_l2_norm():
+    """q and k l2-normalised per head, q times exp(min(s_h, log 100)) with s_h learned from log 4, softmax scale 1
+    (VAR's attn_l2_norm, in all three references); qk_norm (RMSNorm, 1/sqrt(d) kept) is another function."""
+    from textok.models.var import CachedAttention
+
+    torch.manual_seed(0)
+    attn = CachedAttention(16, 2, l2_norm=True).double()
+    assert torch.allclose(attn.log_scale, torch.full((2,), math.log(4.0), dtype=torch.float64))
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    mask = torch.tril(torch.ones(5, 5, dtype=torch.bool))
+
+    def reference(log_scale: torch.Tensor) -> torch.Tensor:
+        q, k, v = attn.qkv(x).view(3, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        temp = log_scale.clamp(max=math.log(100)).exp()[None, :, None, None]
+        logits = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)) * temp
+        out = logits.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        return attn.proj(out.transpose(1, 2).reshape(3, 5, 16))
+
+    assert torch.allclose(attn(x, mask), reference(attn.log_scale), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        attn.log_scale.copy_(torch.tensor([1.0, 9.0]))  # log 100 = 4.6: the second head is capped at 100
+    assert torch.allclose(attn(x, mask), reference(torch.tensor([1.0, math.log(100)], dtype=torch.float64)),
+                          rtol=1e-10, atol=1e-12)
+    plain = CachedAttention(16, 2, qk_norm=True).double()
+    plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "log_scale"}, strict=False)
+    assert not torch.allclose(plain(x, mask), attn(x, mask), atol=1e-3)
+
+
+def test_presets_use_vars_attention_and_stochastic_depth():
+    for name in VARConfig.presets():
+        cfg = VARConfig.preset(name)
+        assert cfg.attn_l2_norm and not cfg.qk_norm, name
+        assert math.isclose(cfg.drop_path_rate, 0.1 * cfg.depth / 24), name
+    cfg = VARConfig.preset("var-s-32")
+    m = VAR(cfg)
+    rates = [b.drop_path for b in m.blocks]
+    assert rates[0] == 0.0 and math.isclose(rates[-1], 0.1 * 4 / 24)  # linear over the blocks, as VAR's
+    assert all(b.attn.log_scale is not None for b in m.blocks)
+    with pytest.raises(ConfigError, match="attn_l2_norm and qk_norm"):
+        VARConfig(qk_norm=True)
+    with pytest.raises(ConfigError, match="drop_path"):
+        VARConfig(drop_path=1.5)
+
+
+def test_stochastic_depth_drops_whole_samples_in_training_only():
+    from textok.models.var import drop_path
+
+    x = torch.ones(4000, 3, 2, dtype=torch.float64)
+    out = drop_path(x, 0.25, torch.Generator().manual_seed(0))
+    kept = out[:, 0, 0] != 0
+    assert torch.all(out[kept] == 1 / 0.75) and torch.all(out[~kept] == 0)  # per sample, rescaled
+    assert abs(kept.double().mean().item() - 0.75) < 0.03
+    torch.manual_seed(0)
+    m = VAR(VARConfig(scales=SCALES, branches=2, codebook_size=12, code_dim=3, num_classes=5, width=16, depth=3,
+                      heads=2, drop_path=0.5)).double()
+    q, codes, labels = quantizer(), random_codes(8), torch.arange(8) % 5
+    inputs = q.teacher_forcing_inputs(codes)
+    keep = torch.zeros(8, dtype=torch.bool)
+    m.train()
+    a = m.training_loss(codes, inputs, labels, keep, torch.Generator().manual_seed(1))["loss"]
+    b = m.training_loss(codes, inputs, labels, keep, torch.Generator().manual_seed(1))["loss"]
+    c = m.training_loss(codes, inputs, labels, keep, torch.Generator().manual_seed(2))["loss"]
+    assert a.item() == b.item() and a.item() != c.item()  # drawn from the step's generator
+    m.eval()
+    assert m.training_loss(codes, inputs, labels, keep)["loss"].item() == m.training_loss(codes, inputs, labels,
+                                                                                          keep)["loss"].item()
+
+
+def test_level_embedding_and_temperatures_are_not_weight_decayed():
+    from textok.train.loop import param_groups
+
+    m = VAR(VARConfig.preset("var-tiny"))
+    decayed, free = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    free_names = {names[id(p)] for p in free["params"]}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert "level_embed.weight" in free_names and "pos_embed" in free_names and "pos_start" in free_names
+    assert {f"blocks.{i}.attn.log_scale" for i in range(2)} <= free_names
+    assert "class_embed.weight" in decayed_names and "blocks.0.attn.qkv.weight" in decayed_names  # as VAR's
+
+
+def test_a_config_saved_before_vars_attention_keeps_plain_attention(tmp_path):
+    torch.manual_seed(0)
+    cfg = VARConfig.preset("var-tiny").override({"attn_l2_norm": False, "drop_path": 0.0})
+    VAR(cfg).save_pretrained(tmp_path / "old")
+    record = json.loads((tmp_path / "old/config.json").read_text())
+    for key in ("attn_l2_norm", "drop_path"):
+        del record["config"][key]
+    (tmp_path / "old/config.json").write_text(json.dumps(record))
+    old = VAR.from_pretrained(tmp_path / "old")
+    assert not old.cfg.attn_l2_norm and old.cfg.drop_path_rate == 0.0

@@ -14,6 +14,15 @@ in the paper). ``fold=False`` is the ablation: the branches are serialized, each
 branch 0's pn^2 positions then branch 1's (P L positions, the same S steps); each position embeds its own
 branch's C channels plus a branch embedding and is read out by its branch's slice of the same head.
 
+Attention is VAR's ``attn_l2_norm`` (``attn_l2_norm=True``, the default, as in VAR and both ImageFolder
+releases): queries and keys are l2-normalised per head, the queries multiplied by exp(s_h), s_h a learned
+per-head log-scale that starts at log 4 and is clamped at log 100, and the softmax takes the logits as they are
+(scale 1, not 1/sqrt(d)). So a logit is a cosine similarity times a learned temperature between 4 and 100.
+``attn_l2_norm=False`` is plain 1/sqrt(d) attention (``qk_norm`` adds RMSNorm on q and k: a different
+normalisation, with the 1/sqrt(d) scale kept). Stochastic depth as VAR's: block i drops its residual branches
+per sample with probability ``drop_path`` i / (depth - 1) in training (VAR: 0.1 depth / 24 at the last
+block, the default).
+
 Conditioning. A class embedding (num_classes + 1 rows; the last is the null class, used with probability
 ``class_dropout`` in training, for classifier-free guidance) is the start token and, through SiLU + a linear
 layer per block, the adaLN shift / scale / gate of every block and of the head (VAR's AdaLNSelfAttn /
@@ -54,7 +63,9 @@ class VARConfig(Config):
     mlp_ratio: float = 4.0
     fold: bool = True
     class_dropout: float = 0.1
-    qk_norm: bool = False
+    attn_l2_norm: bool = True  # VAR's attention: l2-normalised q, k, learned per-head temperature, softmax scale 1
+    qk_norm: bool = False  # RMSNorm on q and k with the 1/sqrt(d) scale (not VAR's; exclusive with attn_l2_norm)
+    drop_path: float | None = None  # stochastic depth of the last block (None: VAR's 0.1 x depth / 24)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -66,6 +77,25 @@ class VARConfig(Config):
             raise ConfigError(f"VAR width {self.width} is not divisible by heads {self.heads}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"class_dropout must lie in [0, 1), got {self.class_dropout}")
+        if self.attn_l2_norm and self.qk_norm:
+            raise ConfigError("attn_l2_norm and qk_norm are two ways to normalise queries and keys; set one of them "
+                              "false")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path must lie in [0, 1) (or be null for VAR's 0.1 x depth / 24), got "
+                              f"{self.drop_path}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = True, prefix: str = "") -> "VARConfig":
+        """A config saved before ``attn_l2_norm`` and ``drop_path`` existed described plain attention and no
+        stochastic depth: it keeps that meaning (so its weights still load)."""
+        if isinstance(data, dict) and "attn_l2_norm" not in data:
+            data = {**data, "attn_l2_norm": False, "drop_path": data.get("drop_path", 0.0)}
+        return super().from_dict(data, strict=strict, prefix=prefix)
+
+    @property
+    def drop_path_rate(self) -> float:
+        """Stochastic depth of the last block; block i of D drops with rate i / (D - 1) times this."""
+        return 0.1 * self.depth / 24 if self.drop_path is None else self.drop_path
 
     def to_dict(self) -> dict[str, Any]:
         """Scales as a list, as JSON stores them (so a saved and a live config compare equal)."""
@@ -138,34 +168,66 @@ class KVCache:
         return self.k, self.v
 
 
+MAX_LOG_SCALE = math.log(100.0)  # VAR's cap on the per-head attention temperature
+
+
 class CachedAttention(Attention):
-    """textok's SDPA attention with a mask and an optional KV cache."""
+    """textok's SDPA attention with a mask, an optional KV cache and, with ``l2_norm``, VAR's attn_l2_norm:
+    logits = exp(min(s_h, log 100)) cos(q, k), softmax scale 1, s_h learned per head from log 4."""
+
+    def __init__(self, width: int, heads: int, qk_norm: bool = False, l2_norm: bool = False) -> None:
+        super().__init__(width, heads, qk_norm)
+        # (heads,): one dimension, so the optimizer leaves it out of weight decay (VAR's `scale_mul`)
+        self.log_scale = nn.Parameter(torch.full((heads,), math.log(4.0))) if l2_norm else None
 
     def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        scale = None
+        if self.log_scale is not None:
+            q = F.normalize(q, dim=-1) * self.log_scale.clamp_max(MAX_LOG_SCALE).exp().to(q.dtype)[:, None, None]
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.extend(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
-class VARBlock(nn.Module):
-    """adaLN block: x + g1 * attn(mod(LN(x))); x + g2 * mlp(mod(LN(x))), shift/scale/gate from SiLU(c)."""
+def drop_path(x: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
+    """Stochastic depth: each sample's residual branch ``x`` (B, ...) is zeroed with probability ``rate`` and
+    the kept ones scaled by 1 / (1 - rate) (timm's and VAR's drop_path, training only)."""
+    if rate <= 0.0:
+        return x
+    keep = 1.0 - rate
+    draw = torch.rand(x.shape[0], generator=generator, device=generator.device if generator is not None else x.device)
+    mask = (draw.to(x.device) < keep).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return x * mask / keep
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool) -> None:
+
+class VARBlock(nn.Module):
+    """adaLN block: x + g1 * attn(mod(LN(x))); x + g2 * mlp(mod(LN(x))), shift/scale/gate from SiLU(c); in
+    training each residual branch is dropped per sample with probability ``drop_path``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, attn_l2_norm: bool = False,
+                 drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = CachedAttention(width, heads, qk_norm)
+        self.attn = CachedAttention(width, heads, qk_norm, attn_l2_norm)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(width, int(width * mlp_ratio))
         self.ada = nn.Linear(width, 6 * width)
+        self.drop_path = drop_path
 
-    def forward(self, x: Tensor, c_act: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, c_act: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c_act).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), mask, cache)
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        rate = self.drop_path if self.training else 0.0
+        x = x + drop_path(gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), mask, cache), rate,
+                          generator)
+        return x + drop_path(gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2)), rate, generator)
 
 
 def sample_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
@@ -200,6 +262,9 @@ class VAR(PretrainedMixin, nn.Module):
 
     config_class = VARConfig
     model_type = "var"
+    # parameter names the optimizer leaves out of weight decay beyond biases, norms and position tables (VAR's
+    # nowd list: the level embedding is a 2-D table)
+    no_weight_decay = ("level_embed",)
 
     def __init__(self, cfg: VARConfig) -> None:
         super().__init__()
@@ -215,7 +280,10 @@ class VAR(PretrainedMixin, nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, offsets[-1], D))  # one per (scale, cell), shared by branches
         self.level_embed = nn.Embedding(S, D)
         self.branch_embed = None if cfg.fold else nn.Embedding(P, D)
-        self.blocks = nn.ModuleList(VARBlock(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
+        last = cfg.drop_path_rate  # VAR's rule: linear in the block index, 0 at the first block
+        rates = [last * i / (cfg.depth - 1) if cfg.depth > 1 else last for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(VARBlock(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, cfg.attn_l2_norm, rate)
+                                    for rate in rates)
         self.head_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.head_ada = nn.Linear(D, 2 * D)
         self.head = nn.Linear(D, P * cfg.codebook_size)  # branch p's logits: rows p V .. (p+1) V - 1
@@ -314,8 +382,10 @@ class VAR(PretrainedMixin, nn.Module):
             labels = labels.masked_fill(drop.to(labels.device), self.cfg.num_classes)
         return self.class_embed(labels)
 
-    def forward(self, inputs: Tensor, labels: Tensor, drop: Tensor | None = None) -> Tensor:
-        """Teacher-forcing inputs (B, L - pn_0^2, P C), labels (B,) -> logits (B, P, L, V), one forward."""
+    def forward(self, inputs: Tensor, labels: Tensor, drop: Tensor | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """Teacher-forcing inputs (B, L - pn_0^2, P C), labels (B,) -> logits (B, P, L, V), one forward.
+        ``generator`` draws the stochastic depth in training (the global RNG without it)."""
         self._check_inputs(inputs)
         labels = self._check_labels(labels, inputs.shape[0])
         c = self.condition(labels, drop)
@@ -325,7 +395,7 @@ class VAR(PretrainedMixin, nn.Module):
                        for s in range(self.cfg.num_scales)], dim=1)
         c_act = F.silu(c)
         for block in self.blocks:
-            h = block(h, c_act, self.mask)
+            h = block(h, c_act, self.mask, generator=generator)
         per = 1 if self.cfg.fold else self.cfg.branches
         blocks = h.split([per * pn * pn for pn in self.cfg.scales], dim=1)
         return torch.cat([self._scale_logits(blk, c_act) for blk in blocks], dim=2)
@@ -349,18 +419,19 @@ class VAR(PretrainedMixin, nn.Module):
         return cfg * s / (S - 1) if S > 1 else cfg
 
     # ---- training ----------------------------------------------------------------------------------------
-    def training_loss(self, codes: Tensor, inputs: Tensor, labels: Tensor,
-                      drop: Tensor | None = None) -> dict[str, Tensor]:
+    def training_loss(self, codes: Tensor, inputs: Tensor, labels: Tensor, drop: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Cross-entropy of every code given the teacher-forcing inputs built from the same codes.
 
         Returns ``loss`` (mean of the branch cross-entropies, each averaged over all positions),
         ``ce_per_branch`` (P,) and ``accuracy``. Rows where ``drop`` (B,) is True read the null class; without
-        it, labels are replaced by the null class at random in training."""
+        it, labels are replaced by the null class at random in training. ``generator`` draws the stochastic
+        depth."""
         c = self.cfg
         if codes.dim() != 3 or tuple(codes.shape[1:]) != (c.branches, c.codes_per_branch):
             raise TextokError(f"codes must have shape (batch, {c.branches}, {c.codes_per_branch}), got "
                               f"{tuple(codes.shape)}")
-        logits = self(inputs, labels, drop)  # (B, P, L, V)
+        logits = self(inputs, labels, drop, generator)  # (B, P, L, V)
         logits = logits.to(_logit_dtype(logits))
         codes = codes.long().to(logits.device)
         ce = F.cross_entropy(logits.permute(0, 3, 1, 2), codes, reduction="none")  # (B, P, L)

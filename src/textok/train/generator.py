@@ -269,8 +269,8 @@ class VARTask(GeneratorTask):
         super().begin(step)
         self.drop_p = self.model_config.class_dropout
 
-    def loss(self, model, codes, inputs, labels, drop) -> dict[str, torch.Tensor]:
-        terms = model.training_loss(codes, inputs, labels, drop=drop)
+    def loss(self, model, codes, inputs, labels, drop, generator) -> dict[str, torch.Tensor]:
+        terms = model.training_loss(codes, inputs, labels, drop=drop, generator=generator)
         ce = terms.pop("ce_per_branch")
         return {**terms, **{f"metric/ce_b{p}": ce[p] for p in range(ce.shape[0])}}
 
@@ -281,7 +281,7 @@ class VARTask(GeneratorTask):
             inputs = self.quantizer.teacher_forcing_inputs(codes)
         labels = batch["label"].to(device).clamp_min(0)
         drop = torch.rand(codes.shape[0], generator=generator, device=generator.device).to(device) < self.drop_p
-        return codes, inputs, labels, drop
+        return codes, inputs, labels, drop, generator
 
 
 class _Layout:

@@ -206,12 +206,15 @@ class LossForward(nn.Module):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, embeddings/position tables and learned tokens (1D or (1,L,D))."""
+    """No weight decay on biases, norms, embeddings/position tables and learned tokens (1D or (1,L,D)), nor on
+    the parameters whose names hold one of the model's ``no_weight_decay`` fragments."""
     decay, no_decay = [], []
+    skip = tuple(getattr(model, "no_weight_decay", ()))
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or "pos" in name or "token" in name.split(".")[-1] else decay).append(p)
+        exempt = p.dim() < 2 or "pos" in name or "token" in name.split(".")[-1] or any(k in name for k in skip)
+        (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
