@@ -232,6 +232,64 @@ def test_maskgit_on_titok_codes(pipeline, tmp_path, capsys):
     assert "continuous tokens" in _err(capsys)
 
 
+def test_npz_samples_in_fp32_by_default(pipeline, tmp_path, monkeypatch, capsys):
+    """FID samples (`sample --npz`) are drawn in fp32 unless --precision says otherwise (DiT's FID sampler);
+    the grid keeps "auto" (bf16 autocast on a GPU)."""
+    seen: list[tuple[int, str]] = []
+    real = GenerationPipeline.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append((kwargs.get("n") or 0, kwargs["precision"]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationPipeline, "generate", spy)
+    gen, tok = str(pipeline / "run/final"), str(pipeline / "tok")
+    base = ["sample", "--generator", gen, "--tokenizer", tok, "--steps", "2", "--class", "1", "--no-progress"]
+    assert main([*base, "--n", "2", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "s.npz"),
+                 "--num", "3"]) == 0
+    assert seen == [(2, "auto"), (3, "fp32")]
+    assert "in fp32" in capsys.readouterr().out
+    seen.clear()
+    assert main([*base, "--npz", str(tmp_path / "b.npz"), "--num", "3", "--precision", "bf16"]) == 0
+    assert seen == [(3, "bf16")]
+    help_text = " ".join(_help(["sample", "--help"]).split())
+    assert "fp32 for --npz" in help_text
+
+
+def _help(argv) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(argv)
+    return out.getvalue()
+
+
+def test_maskgit_sampling_defaults_come_from_the_saved_generator(tmp_path, monkeypatch):
+    """`sample` draws a MaskGIT with the sampler stored in its config (TiTok's per-model settings), not one
+    sampler for every model: steps, guidance and the rest reach MaskGIT.generate from the saved config."""
+    from textok.models.maskgit import MaskGIT, MaskGITConfig
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    TiTok(TiTokConfig.preset("titok-tiny")).save_pretrained(tmp_path / "titok")
+    assert main(["extract-latents", "--tokenizer", str(tmp_path / "titok"), "--num", "16", "--out",
+                 str(tmp_path / "lat"), "--no-progress"]) == 0
+    assert main(["train-generator", "--latents", str(tmp_path / "lat"), "--out", str(tmp_path / "run"),
+                 "--config", "maskgit-b-128", "--max-steps", "1", "--no-progress", "batch_size=8",
+                 "model.transformer.width=32", "model.transformer.depth=1", "model.transformer.heads=2"]) == 0
+    record = json.loads((tmp_path / "run/final/config.json").read_text())
+    assert record["config"]["sampler"] == MaskGITConfig.preset("maskgit-b-128").sampler.to_dict()
+    calls: list[int] = []
+    real = MaskGIT.forward
+    monkeypatch.setattr(MaskGIT, "forward", lambda self, ids, labels: calls.append(ids.shape[0]) or real(self, ids, labels))
+    pipe = GenerationPipeline(tmp_path / "run/final", tmp_path / "titok")
+    assert pipe.default_cfg() == pipe.default_cfg(for_eval=True) == 6.9
+    pipe.generate([0, 1], seed=0)
+    assert len(calls) == 64 and all(b == 4 for b in calls[1:])  # S-128's 64 steps, guided after the first
+
+
 @pytest.mark.filterwarnings("ignore:a caption has")
 def test_text_tokenizer_and_text_to_image(tiny_t5_dir, tmp_path):
     """A text tokenizer: latents encoded with the first caption; class samples decode with bank captions;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -48,14 +49,14 @@ def test_generate_follows_schedule_and_ends_unmasked():
     seen: list[list[int]] = []
     handle = m.register_forward_pre_hook(lambda mod, args: seen.append((args[0] == m.mask_id).sum(1).tolist()))
     labels = torch.tensor([0, 1, 2, 1])
-    out = m.generate(labels, steps=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    out = m.generate(labels, steps=8, temperature=1.0, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
     handle.remove()
     counts = masked_counts(32, 8, m.config.mask_schedule)
     # Input of step s holds the masked count left by step s-1 (all N at step 0), for every sample.
     assert seen == [[n] * 4 for n in [32] + counts[:-1]]
     assert out.shape == (4, 32) and out.dtype == torch.int64
     assert out.min() >= 0 and out.max() < 64
-    again = m.generate(labels, steps=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    again = m.generate(labels, steps=8, temperature=1.0, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
 
 
@@ -209,7 +210,7 @@ def test_loss_falls_and_greedy_generation_reproduces_memorised_sequences():
     assert losses[0] > 3.0 and last < 0.6, (losses[0], last)  # starts near ln(32) = 3.47
     m.eval()
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    for kw in (dict(), dict(guidance_scale=3.0, guidance_schedule="linear")):
+    for kw in (dict(guidance_scale=1.0), dict(guidance_scale=3.0, guidance_schedule="linear")):
         gen = m.generate(labels, steps=8, temperature=0.0, choice_temperature=0.0, **kw)
         for i in range(len(labels)):
             assert (gen[i] == seqs[cls == labels[i]]).all(1).any(), (i, kw)
@@ -274,3 +275,116 @@ def test_maskgit_runs_start_from_titoks_optimiser() -> None:
     tuned = load_generator_config("maskgit-tiny", ["optim.lr=1e-3"]).optim
     assert tuned.lr == 1e-3 and tuned.betas == titok.betas  # an override changes only what it names
     assert load_generator_config("dit-tiny").optim.betas == (0.9, 0.999)  # DiT keeps DiT's
+
+
+# ---- TiTok's sampler: annealing, power-cosine guidance, per-model defaults -----------------------------
+def titok_reference_sample(m: MaskGIT, labels: torch.Tensor, steps: int, temperature: float, w: float,
+                           decay: str, power: float, noise) -> torch.Tensor:
+    """1d-tokenizer's MaskGIT sampling loop with softmax-temperature annealing (its FID sampler), restated
+    from its description: guidance cond + w (cond - uncond) (constant / linear) or uncond + w' (cond - uncond)
+    with power-cosine w'; logits / (0.5 + 0.8 (1 - r)); Gumbel noise at temperature T (1 - r) for the pick and
+    the confidence; re-mask the floor(N arccos(r) / (pi/2)) least confident (at least 1, fewer than masked)."""
+    N, mask_id = m.config.num_tokens, m.mask_id
+    ids = torch.full((labels.shape[0], N), mask_id, dtype=torch.long)
+    null = torch.full_like(labels, m.null_class)
+    cfg = 0.0 if decay != "constant" else w
+    for step in range(steps):
+        r = (step + 1) / steps
+        temp = temperature * (1 - r)
+        is_mask = ids == mask_id
+        cond, uncond = m(ids, labels).double(), m(ids, null).double()
+        if decay == "power-cosine":
+            cfg = (w - 1) * (1 - math.cos((step / steps) ** power * math.pi)) / 2 + 1
+            logits = uncond + (cond - uncond) * cfg
+        else:
+            logits = cond + (cond - uncond) * cfg
+        logits = logits / (0.5 + 0.8 * (1 - r))
+        sampled = (logits + temp * noise(logits.shape).double()).argmax(-1)
+        picked = logits.gather(-1, sampled[..., None]).squeeze(-1)
+        sampled = torch.where(is_mask, sampled, ids)
+        picked = torch.where(is_mask, picked, torch.full_like(picked, math.inf))
+        mask_len = max(1, min(int(is_mask.sum(1).min()) - 1, math.floor(N * math.acos(r) / (math.pi / 2))))
+        confidence = picked + temp * noise(picked.shape).double()
+        cut = confidence.sort(dim=-1).values[:, mask_len - 1:mask_len]
+        ids = sampled if step == steps - 1 else torch.where(confidence <= cut, mask_id, sampled)
+        if decay == "linear":
+            cfg = r * w
+    return ids
+
+
+def _shared_noise(monkeypatch, seed: int):
+    """The same Gumbel draws, in call order, for textok's sampler and the reference loop."""
+    import textok.models.maskgit as maskgit_module
+
+    def source():
+        g = torch.Generator().manual_seed(seed)
+
+        def draw(shape, *args, **kwargs):
+            u = torch.rand(shape, generator=g, dtype=torch.float64)
+            return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+        return draw
+
+    monkeypatch.setattr(maskgit_module, "_gumbel", source())
+    return source()
+
+
+@pytest.mark.parametrize("preset, ref", [
+    ("maskgit-b", dict(steps=8, temperature=9.5, w=4.5, decay="linear", power=3.0)),     # TiTok-L-32
+    ("maskgit-b-64", dict(steps=8, temperature=11.0, w=3.0, decay="linear", power=3.0)),  # TiTok-B-64
+    ("maskgit-b-128", dict(steps=64, temperature=2.8, w=6.9, decay="power-cosine", power=3.0)),  # TiTok-S-128
+])
+def test_stored_sampler_reproduces_titoks_fid_sampler(preset, ref, monkeypatch):
+    """Each preset stores TiTok's sampler for that model (1d-tokenizer's inference configs with its FID script's
+    softmax-temperature annealing); generate() with no options follows it token for token."""
+    sampler = MaskGITConfig.preset(preset).sampler
+    n = 128 if preset == "maskgit-b-128" else 32
+    torch.manual_seed(0)
+    m = MaskGIT(MaskGITConfig(num_tokens=n, codebook_size=48, num_classes=3, sampler=sampler,
+                              transformer=ViTConfig(width=32, depth=1, heads=2))).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)  # sharp, label-dependent logits, so guidance and annealing change the picks
+    labels = torch.tensor([0, 1, 2, 1])
+    reference_noise = _shared_noise(monkeypatch, seed=7)
+    with torch.no_grad():
+        got = m.generate(labels)
+        want = titok_reference_sample(m, labels, noise=reference_noise, **ref)
+    assert torch.equal(got, want)
+    _shared_noise(monkeypatch, seed=7)
+    with torch.no_grad():
+        plain = m.generate(labels, softmax_annealing=False)
+    assert not torch.equal(plain, got)  # annealing changes what is sampled
+
+
+def test_power_cosine_guidance_ramp_and_exponent():
+    from textok.models.maskgit import guidance_at
+
+    for g in (0.0, 0.125, 0.5, 0.875):
+        assert math.isclose(guidance_at("power-cosine", 6.9, g, 3.0), 1 + 5.9 * (1 - math.cos(math.pi * g**3)) / 2)
+        assert math.isclose(guidance_at("cosine", 6.9, g), guidance_at("power-cosine", 6.9, g, 1.0))
+        assert math.isclose(guidance_at("linear", 4.0, g), 1 + 3.0 * g)
+    assert guidance_at("power-cosine", 6.9, 0.5, 3.0) < guidance_at("power-cosine", 6.9, 0.5, 1.0)
+    with pytest.raises(ConfigError, match="guidance_exponent"):
+        MaskGITConfig().override(["sampler.guidance_exponent=3"])  # with the linear schedule it would do nothing
+    with pytest.raises(TextokError, match="guidance_exponent"):
+        tiny().generate(torch.tensor([0]), guidance_schedule="linear", guidance_exponent=2.0)
+
+
+def test_sampler_is_saved_with_the_model_and_generate_uses_it(tmp_path):
+    cfg = MaskGITConfig(num_tokens=8, codebook_size=32, num_classes=2, transformer=ViTConfig(width=32, depth=1, heads=2))
+    cfg = cfg.override(["sampler.steps=5", "sampler.guidance_scale=2.0", "sampler.guidance_schedule=constant"])
+    torch.manual_seed(0)
+    MaskGIT(cfg).save_pretrained(tmp_path / "g")
+    m = MaskGIT.from_pretrained(tmp_path / "g").eval()
+    assert m.config.sampler == cfg.sampler and m.config.sampler.softmax_annealing
+    batches: list[int] = []
+    handle = m.register_forward_pre_hook(lambda mod, args: batches.append(args[0].shape[0]))
+    m.generate(torch.tensor([0, 1, 1]))
+    handle.remove()
+    assert batches == [6] * 5  # 5 stored steps, each guided (cond + uncond in one batch)
+    # a model saved before samplers were stored keeps the sampler it was drawn with (no softmax annealing)
+    record = json.loads((tmp_path / "g/config.json").read_text())
+    del record["config"]["sampler"]
+    (tmp_path / "g/config.json").write_text(json.dumps(record))
+    old = MaskGIT.from_pretrained(tmp_path / "g")
+    assert not old.config.sampler.softmax_annealing and old.config.sampler.steps == 8

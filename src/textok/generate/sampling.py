@@ -38,16 +38,18 @@ from ..text.banks import CaptionBank
 from ..text.encoders import load_text_encoder
 from .latents import BANK, tokenizer_is_discrete
 
-# Guidance w in uncond + w (cond - uncond). For pictures: DiT's visualisation scale, TiTok's sampler (its 4.5 in
-# cond + 4.5 (cond - uncond) is w = 5.5). For FID (`sample --npz`): DiT's evaluation scale 1.5, TiTok's sampler.
-# VAR ramps guidance over the scales, (1 + t) cond - t uncond with t = cfg s / (S - 1): w = 1 + t at the last
-# scale, so the paper's cfg 3.25 is w = 4.25 here (for both).
+# Guidance w in uncond + w (cond - uncond). For pictures: DiT's visualisation scale; for FID (`sample --npz`):
+# DiT's evaluation scale 1.5. A MaskGIT samples with the guidance stored in its config (TiTok's per-model
+# sampler, :class:`~textok.models.maskgit.MaskGITSamplerConfig`: L-32's 4.5 in cond + 4.5 (cond - uncond) is
+# w = 5.5, the value below, for both). VAR ramps guidance over the scales, (1 + t) cond - t uncond with
+# t = cfg s / (S - 1): w = 1 + t at the last scale, so the paper's cfg 3.25 is w = 4.25 here (for both).
 DEFAULT_CFG = {"dit": 4.0, "maskgit": 5.5, "var": 4.25}
 EVAL_CFG = {"dit": 1.5, "maskgit": 5.5, "var": 4.25}
-DEFAULT_MASKGIT_STEPS = 8
-SAMPLING_OPTIONS = {"maskgit": ("temperature", "temperature_schedule", "guidance_schedule"),
+SAMPLING_OPTIONS = {"maskgit": ("temperature", "temperature_schedule", "softmax_annealing", "guidance_schedule",
+                                "guidance_exponent"),
                     "var": ("top_k", "top_p")}  # (the paper's VAR sampler: top_k 750, top_p 0.95)
 VAR_DEFAULTS = {"top_k": 750, "top_p": 0.95}
+NPZ_PRECISION = "fp32"  # `sample --npz` (FID samples) runs in fp32 unless told otherwise, as DiT's FID sampler
 
 
 class GenerationPipeline:
@@ -72,6 +74,13 @@ class GenerationPipeline:
         self._text_encoder = None
 
     # ---- what this generator accepts ---------------------------------------------------------------
+    def default_cfg(self, for_eval: bool = False) -> float:
+        """The guidance used when none is given: a MaskGIT's stored sampler's, else the kind's (picture or
+        FID) default."""
+        if self.kind == "maskgit":
+            return float(self.model.config.sampler.guidance_scale)
+        return (EVAL_CFG if for_eval else DEFAULT_CFG)[self.kind]
+
     @property
     def num_classes(self) -> int:
         return int(self.model.config.num_classes)
@@ -186,10 +195,11 @@ class GenerationPipeline:
         ``cuda_graph``: replay the DiT's step from a CUDA graph (GPU only). ``precision``: "auto" (bf16 autocast
         on a GPU), "bf16" or "fp32" (for evaluation runs). ``exclude_captions[i]``: captions sample i is not
         decoded with (see :meth:`decoder_captions`). ``options``: the kind's own sampler options (MaskGIT:
-        ``temperature``, ``temperature_schedule``, ``guidance_schedule``, see :meth:`MaskGIT.generate`; VAR:
+        ``temperature``, ``temperature_schedule``, ``softmax_annealing``, ``guidance_schedule``,
+        ``guidance_exponent``, each defaulting to the model's stored sampler, see :meth:`MaskGIT.generate`; VAR:
         ``top_k``, ``top_p``, default 750 and 0.95 as in the paper, see :meth:`VAR.generate`).
         """
-        cfg_scale = DEFAULT_CFG[self.kind] if cfg_scale is None else float(cfg_scale)
+        cfg_scale = self.default_cfg() if cfg_scale is None else float(cfg_scale)
         self.check_request(labels, prompts, cfg_scale)
         B = len(labels) if labels is not None else len(prompts) if prompts is not None else int(n or 0)
         if B < 1:
@@ -225,8 +235,7 @@ class GenerationPipeline:
         elif self.kind == "maskgit":
             y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
             with autocast_for(self.device, precision):
-                codes = self.model.generate(y, steps or DEFAULT_MASKGIT_STEPS, guidance_scale=cfg_scale, generator=g,
-                                            **options)
+                codes = self.model.generate(y, steps, guidance_scale=cfg_scale, generator=g, **options)
             images = self.tok.decode_codes(codes, dec_text)
         else:
             kwargs: dict[str, Any] = {}
@@ -376,4 +385,4 @@ def sample_grid(pipe: GenerationPipeline, out: str | Path, labels: list[int] | N
 
 
 __all__ = ["GenerationPipeline", "sample_grid", "write_npz", "write_npz_distributed", "to_uint8_nhwc", "DEFAULT_CFG",
-           "EVAL_CFG"]
+           "EVAL_CFG", "NPZ_PRECISION"]

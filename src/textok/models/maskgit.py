@@ -15,9 +15,24 @@ Mask schedule ``gamma(t)``: a decreasing map [0,1] -> [0,1] with gamma(0)=1, gam
   unmasks more early in sampling than arccos.
 
 Training and sampling follow TiTok's released generator: cross-entropy with label smoothing 0.1 on every
-position, masked positions weighted 1 and unmasked ones 0.1; sampling with Gumbel-noised raw logits for both
-the choice of each token and the confidence that decides which tokens stay masked, a temperature annealed
-linearly from 9.5 to 0 and guidance ramped linearly over the steps (:meth:`MaskGIT.generate`).
+position, masked positions weighted 1 and unmasked ones 0.1; sampling with Gumbel-noised logits for both
+the choice of each token and the confidence that decides which tokens stay masked, a Gumbel temperature
+annealed linearly to 0, the logits divided by 0.5 + 0.8 (1 - t) (TiTok's softmax-temperature annealing, on in
+its FID sampler) and guidance ramped over the steps (:meth:`MaskGIT.generate`).
+
+Sampler defaults are stored with the model (``MaskGITConfig.sampler``, saved in its config.json), so
+``textok sample`` draws a B-64 generator with B-64's settings. The presets carry TiTok's per-model settings
+from 1d-tokenizer's inference configs: ``maskgit-b`` (TiTok-L-32: 8 steps, temperature 9.5, guidance 4.5
+linear), ``maskgit-b-64`` (TiTok-B-64: 8 steps, temperature 11.0, guidance 3.0 linear), ``maskgit-b-128``
+(TiTok-S-128: 64 steps, temperature 2.8, guidance 6.9 power-cosine with exponent 3). TiTok's linear and
+constant guidance is cond + w (cond - uncond), stored here as uncond + (w + 1)(cond - uncond); its
+power-cosine guidance is uncond + w (cond - uncond), stored as is.
+
+Backbone. The transformer is textok's pre-LN ViT stack (``vit.Transformer``: LayerNorm before attention and MLP,
+tanh-GELU, no dropout). TiTok's generators are not: L-32 and B-64 use a post-LN BERT (LayerNorm after each
+residual add and on the embeddings, erf-GELU, dropout 0.1 on hidden states and attention), S-128 a U-ViT of
+width 1024 and depth 20. The presets reproduce their sizes for L-32 and B-64 (width 768, depth 24, 16 heads)
+and their samplers, not their weights' layout.
 """
 
 from __future__ import annotations
@@ -37,7 +52,52 @@ from .vit import LearnedPosEmbed, Transformer, ViTConfig, init_vit_weights, tran
 
 MASK_SCHEDULES = ("cosine", "arccos")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
-GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine", "power-cosine")  # cosine = power-cosine, exponent 1
+
+
+@dataclasses.dataclass
+class MaskGITSamplerConfig(Config):
+    """How this generator samples unless told otherwise (see :meth:`MaskGIT.generate`); stored with the model.
+
+    The default is TiTok-L-32's FID sampler (1d-tokenizer's ``titok_l32.yaml`` with ``sample_imagenet_titok.py``)."""
+
+    steps: int = 8
+    temperature: float = 9.5  # Gumbel noise scale at the first step (TiTok's randomize_temperature)
+    temperature_schedule: str = "linear"
+    softmax_annealing: bool = True  # logits / (0.5 + 0.8 (1 - t)): TiTok's softmax_temperature_annealing
+    guidance_scale: float = 5.5  # w in uncond + w (cond - uncond); TiTok's linear 4.5 is 5.5 here
+    guidance_schedule: str = "linear"
+    guidance_exponent: float = 1.0  # power-cosine's exponent p: 1 + (w - 1)(1 - cos(pi g^p)) / 2
+
+    def __post_init__(self) -> None:
+        try:
+            check_sampler(self.steps, self.temperature, self.temperature_schedule, self.guidance_scale,
+                          self.guidance_schedule, self.guidance_exponent)
+        except TextokError as err:
+            raise ConfigError(f"sampler: {err}") from None
+
+
+def check_sampler(steps: int, temperature: float, temperature_schedule: str, guidance_scale: float,
+                  guidance_schedule: str, guidance_exponent: float, choice_temperature: float | None = None) -> None:
+    """Refuse sampler settings that cannot work, in one line each."""
+    if steps < 1:
+        raise TextokError(f"steps must be >= 1, got {steps}")
+    if temperature < 0 or (choice_temperature is not None and choice_temperature < 0):
+        raise TextokError(f"temperatures must be >= 0, got temperature={temperature} "
+                          f"choice_temperature={choice_temperature}")
+    if temperature_schedule not in TEMPERATURE_SCHEDULES:
+        raise TextokError(f"temperature_schedule {temperature_schedule!r} is unknown; "
+                          f"use one of {', '.join(TEMPERATURE_SCHEDULES)}")
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise TextokError(f"guidance_schedule {guidance_schedule!r} is unknown; "
+                          f"use one of {', '.join(GUIDANCE_SCHEDULES)}")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
+        raise TextokError(f"guidance_scale {guidance_scale} must be >= 1 (1 = no guidance)")
+    if not guidance_exponent > 0:
+        raise TextokError(f"guidance_exponent must be > 0, got {guidance_exponent}")
+    if guidance_exponent != 1.0 and guidance_schedule not in ("cosine", "power-cosine"):
+        raise TextokError(f"guidance_exponent {guidance_exponent} shapes the power-cosine guidance schedule only; "
+                          f"set guidance_schedule=power-cosine or drop the exponent (schedule: {guidance_schedule})")
 
 
 @dataclasses.dataclass
@@ -52,6 +112,7 @@ class MaskGITConfig(Config):
     label_smoothing: float = 0.1  # TiTok's generator
     unmasked_loss_weight: float = 0.1  # weight of the unmasked positions' cross-entropy (masked ones: 1)
     mask_schedule: str = "arccos"  # "arccos" (TiTok's released code) or "cosine" (MaskGIT paper)
+    sampler: MaskGITSamplerConfig = dataclasses.field(default_factory=MaskGITSamplerConfig)
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:
@@ -70,6 +131,14 @@ class MaskGITConfig(Config):
             known = ", ".join(MASK_SCHEDULES)
             raise ConfigError(f"mask_schedule {self.mask_schedule!r} is unknown; use one of {known}")
 
+    @classmethod
+    def from_dict(cls, data: dict, *, strict: bool = True, prefix: str = "") -> "MaskGITConfig":
+        """A config saved before the sampler was stored with the model sampled without softmax annealing: it
+        keeps that sampler."""
+        if isinstance(data, dict) and "sampler" not in data:
+            data = {**data, "sampler": {"softmax_annealing": False}}
+        return super().from_dict(data, strict=strict, prefix=prefix)
+
 
 @MaskGITConfig.register_preset("maskgit-tiny")
 def _maskgit_tiny() -> MaskGITConfig:
@@ -79,24 +148,30 @@ def _maskgit_tiny() -> MaskGITConfig:
     )
 
 
-def _maskgit_b(num_tokens: int) -> MaskGITConfig:
-    # TiTok's generator: BERT-style, width 768, 24 layers, 16 heads, MLP 3072, 4096 codes, ImageNet classes.
-    return MaskGITConfig(num_tokens=num_tokens, codebook_size=4096, num_classes=1000)
+def _maskgit_b(num_tokens: int, sampler: MaskGITSamplerConfig) -> MaskGITConfig:
+    # TiTok's L-32 / B-64 generator size: width 768, 24 layers, 16 heads, MLP 3072, 4096 codes, ImageNet classes
+    # (a pre-LN ViT here, a post-LN BERT there; see the module docstring).
+    return MaskGITConfig(num_tokens=num_tokens, codebook_size=4096, num_classes=1000, sampler=sampler)
 
 
 @MaskGITConfig.register_preset("maskgit-b")
 def _maskgit_b32() -> MaskGITConfig:
-    return _maskgit_b(32)
+    """TiTok-L-32's generator and sampler (titok_l32.yaml: 8 steps, temperature 9.5, guidance 4.5 linear)."""
+    return _maskgit_b(32, MaskGITSamplerConfig())
 
 
 @MaskGITConfig.register_preset("maskgit-b-64")
 def _maskgit_b64() -> MaskGITConfig:
-    return _maskgit_b(64)
+    """TiTok-B-64's generator and sampler (titok_b64.yaml: 8 steps, temperature 11.0, guidance 3.0 linear)."""
+    return _maskgit_b(64, MaskGITSamplerConfig(temperature=11.0, guidance_scale=4.0))
 
 
 @MaskGITConfig.register_preset("maskgit-b-128")
 def _maskgit_b128() -> MaskGITConfig:
-    return _maskgit_b(128)
+    """TiTok-S-128's sampler (titok_s128.yaml: 64 steps, temperature 2.8, guidance 6.9 power-cosine, exponent 3)
+    on the B-size backbone (TiTok's S-128 generator is a U-ViT of width 1024, depth 20)."""
+    return _maskgit_b(128, MaskGITSamplerConfig(steps=64, temperature=2.8, guidance_scale=6.9,
+                                                guidance_schedule="power-cosine", guidance_exponent=3.0))
 
 
 def mask_ratio(t: Tensor | float, schedule: str = "cosine") -> Tensor:
@@ -126,15 +201,16 @@ def masked_counts(num_tokens: int, steps: int, schedule: str = "cosine") -> list
     return counts
 
 
-def _schedule_value(kind: str, start: float, end: float, t: float, allowed: tuple[str, ...], what: str) -> float:
-    """Interpolate from ``start`` (t=0) to ``end`` (t=1): constant -> end, linear, or half-cosine ease."""
-    if kind == "constant":
-        return end
-    if kind == "linear":
-        return start + (end - start) * t
-    if kind == "cosine":
-        return start + (end - start) * (1.0 - math.cos(math.pi * t)) / 2.0
-    raise TextokError(f"{what} {kind!r} is unknown; use one of {', '.join(allowed)}")
+def guidance_at(schedule: str, scale: float, g: float, exponent: float = 1.0) -> float:
+    """The guidance w at progress ``g`` in [0, 1): ``constant`` w; ``linear`` 1 + (w - 1) g; ``power-cosine``
+    (and ``cosine``) 1 + (w - 1)(1 - cos(pi g^exponent)) / 2."""
+    if schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * g
+    if schedule in ("cosine", "power-cosine"):
+        return 1.0 + (scale - 1.0) * (1.0 - math.cos(math.pi * g**exponent)) / 2.0
+    raise TextokError(f"guidance_schedule {schedule!r} is unknown; use one of {', '.join(GUIDANCE_SCHEDULES)}")
 
 
 def _gumbel(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -270,45 +346,53 @@ class MaskGIT(PretrainedMixin, nn.Module):
     def generate(
         self,
         labels: Tensor,
-        steps: int = 8,
+        steps: int | None = None,
         *,
-        temperature: float = 9.5,
-        temperature_schedule: Literal["constant", "linear", "cosine"] = "linear",
+        temperature: float | None = None,
+        temperature_schedule: Literal["constant", "linear", "cosine"] | None = None,
         choice_temperature: float | None = None,
-        guidance_scale: float = 1.0,
-        guidance_schedule: Literal["constant", "linear", "cosine"] = "linear",
+        softmax_annealing: bool | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: Literal["constant", "linear", "cosine", "power-cosine"] | None = None,
+        guidance_exponent: float | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Iterative parallel decoding from a fully masked sequence -> codes (B, N) int64 in [0, K).
 
-        Step s (progress t = (s+1)/steps) predicts every masked token: it takes the argmax of the guided logits
-        plus Gumbel noise scaled by the step's temperature (sampling at that temperature; 0 = argmax), scores
-        the pick by its **raw logit** plus Gumbel noise scaled by ``choice_temperature * (1 - t)``, and re-masks
-        the least confident so that :func:`masked_counts` tokens remain masked. Already-decoded tokens are never
-        re-masked. (A raw logit is not a log-probability: log-softmax subtracts a logsumexp that differs from
-        position to position, so the two rank positions differently; TiTok's code ranks raw logits.)
+        Every option left ``None`` takes this model's stored sampler (``config.sampler``: TiTok's per-model
+        settings for the presets, see the module docstring).
+
+        Step s (progress t = (s+1)/steps) predicts every masked token: the guided logits, divided by
+        0.5 + 0.8 (1 - t) with ``softmax_annealing``, plus Gumbel noise scaled by the step's temperature give
+        the pick (sampling at that temperature; 0 = argmax); the pick is scored by its logit plus Gumbel noise
+        scaled by ``choice_temperature * (1 - t)``, and the least confident are re-masked so that
+        :func:`masked_counts` tokens remain masked. Already-decoded tokens are never re-masked. (A logit is not
+        a log-probability: log-softmax subtracts a logsumexp that differs from position to position, so the
+        two rank positions differently; TiTok's code ranks logits.)
 
         * ``temperature_schedule``: ``linear`` = temperature * (1 - t) (TiTok's annealing; the last step is
           greedy), ``constant`` (MaskGIT) or ``cosine`` = temperature * cos(pi/2 * t).
         * ``choice_temperature``: the confidence noise; ``None`` = the same as ``temperature`` (TiTok).
         * ``guidance_schedule`` (w = ``guidance_scale``, progress g = s/steps as in TiTok's code, so the
           first step is unguided for the increasing schedules): ``linear`` 1 + (w-1) g, ``constant`` w,
-          ``cosine`` 1 + (w-1)(1 - cos(pi g))/2. Scale 1 is the plain conditional model.
-
-        The defaults are TiTok's sampler (randomize_temperature 9.5, linear guidance); its guidance formula is
-        cond + w (cond - uncond), so TiTok's w = 4.5 is ``guidance_scale=5.5`` here.
+          ``power-cosine`` 1 + (w-1)(1 - cos(pi g^p))/2 with p = ``guidance_exponent`` (MDT's schedule, TiTok
+          S-128 uses p = 3; ``cosine`` is the same schedule). Scale 1 is the plain conditional model.
         """
+        sc = self.config.sampler
+        steps = sc.steps if steps is None else steps
+        temperature = sc.temperature if temperature is None else temperature
+        temperature_schedule = temperature_schedule or sc.temperature_schedule
+        softmax_annealing = sc.softmax_annealing if softmax_annealing is None else softmax_annealing
+        guidance_scale = sc.guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_schedule is None:
+            guidance_schedule = sc.guidance_schedule
+            exponent = sc.guidance_exponent if guidance_exponent is None else guidance_exponent
+        else:  # a schedule chosen here does not inherit the stored one's exponent
+            exponent = 1.0 if guidance_exponent is None else guidance_exponent
         if choice_temperature is None:
             choice_temperature = temperature
-        if temperature < 0 or choice_temperature < 0:
-            raise TextokError(f"temperatures must be >= 0, got temperature={temperature} "
-                              f"choice_temperature={choice_temperature}")
-        if temperature_schedule not in TEMPERATURE_SCHEDULES:
-            raise TextokError(f"temperature_schedule {temperature_schedule!r} is unknown; "
-                              f"use one of {', '.join(TEMPERATURE_SCHEDULES)}")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise TextokError(f"guidance_schedule {guidance_schedule!r} is unknown; "
-                              f"use one of {', '.join(GUIDANCE_SCHEDULES)}")
+        check_sampler(steps, temperature, temperature_schedule, guidance_scale, guidance_schedule, exponent,
+                      choice_temperature)
         device = self.head.weight.device
         labels = self._check_labels(labels).to(device)
         counts = masked_counts(self.config.num_tokens, steps, self.config.mask_schedule)
@@ -322,9 +406,10 @@ class MaskGIT(PretrainedMixin, nn.Module):
                 temp = temperature * (1.0 - t)
             else:
                 temp = temperature * math.cos(math.pi / 2 * t)
-            scale = _schedule_value(guidance_schedule, 1.0, guidance_scale, s / steps, GUIDANCE_SCHEDULES,
-                                    "guidance_schedule")
+            scale = guidance_at(guidance_schedule, guidance_scale, s / steps, exponent)
             logits = self.guided_logits(ids, labels, scale)
+            if softmax_annealing:
+                logits = logits / (0.5 + 0.8 * (1.0 - t))
             is_mask = ids == self.mask_id
             if temp > 0:
                 sampled = (logits / temp + _gumbel(logits.shape, device, generator)).argmax(-1)
@@ -335,7 +420,7 @@ class MaskGIT(PretrainedMixin, nn.Module):
             if keep_masked == 0:
                 ids = sampled
                 continue
-            conf = logits.gather(-1, sampled[..., None]).squeeze(-1)  # raw logits, as TiTok ranks them
+            conf = logits.gather(-1, sampled[..., None]).squeeze(-1)  # logits, as TiTok ranks them
             noise_scale = choice_temperature * (1.0 - t)
             if noise_scale > 0:
                 conf = conf + noise_scale * _gumbel(conf.shape, device, generator)
@@ -358,6 +443,8 @@ class MaskGIT(PretrainedMixin, nn.Module):
 
 __all__ = [
     "MaskGITConfig",
+    "MaskGITSamplerConfig",
+    "guidance_at",
     "MaskGIT",
     "mask_ratio",
     "masked_counts",
