@@ -269,7 +269,7 @@ def test_presets_use_vars_attention_and_stochastic_depth():
 
 
 def test_stochastic_depth_drops_whole_samples_in_training_only():
-    from textok.models.var import drop_path
+    from textok.models.vit import drop_path
 
     x = torch.ones(4000, 3, 2, dtype=torch.float64)
     out = drop_path(x, 0.25, torch.Generator().manual_seed(0))

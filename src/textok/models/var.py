@@ -45,7 +45,7 @@ from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
 from .dit import modulate
 from .multiscale import PAPER_SCALES
-from .vit import MLP, Attention
+from .vit import MLP, Attention, drop_path
 
 
 @dataclasses.dataclass
@@ -194,17 +194,6 @@ class CachedAttention(Attention):
             k, v = cache.extend(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
-
-
-def drop_path(x: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
-    """Stochastic depth: each sample's residual branch ``x`` (B, ...) is zeroed with probability ``rate`` and
-    the kept ones scaled by 1 / (1 - rate) (timm's and VAR's drop_path, training only)."""
-    if rate <= 0.0:
-        return x
-    keep = 1.0 - rate
-    draw = torch.rand(x.shape[0], generator=generator, device=generator.device if generator is not None else x.device)
-    mask = (draw.to(x.device) < keep).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return x * mask / keep
 
 
 class VARBlock(nn.Module):

@@ -101,6 +101,17 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
+def drop_path(x: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
+    """Stochastic depth: each sample's residual branch ``x`` (B, ...) is zeroed with probability ``rate`` and
+    the kept ones scaled by 1 / (1 - rate) (timm's and VAR's drop_path, training only)."""
+    if rate <= 0.0:
+        return x
+    keep = 1.0 - rate
+    draw = torch.rand(x.shape[0], generator=generator, device=generator.device if generator is not None else x.device)
+    mask = (draw.to(x.device) < keep).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return x * mask / keep
+
+
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
@@ -233,6 +244,7 @@ __all__ = [
     "Attention",
     "CrossAttention",
     "MLP",
+    "drop_path",
     "Block",
     "Transformer",
     "PatchEmbed",
