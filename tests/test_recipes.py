@@ -3,12 +3,19 @@ augmentation as a data setting (exact resume with it on)."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from textok.data.augment import augment, load_size
+from textok.errors import ConfigError
+from textok.models.registry import resolve_tokenizer_config
 from textok.train.config import load_train_config
-from textok.train.tokenizer import generator_losses
+from textok.train.tokenizer import build_components, generator_losses, train_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,3 +38,82 @@ def test_titok_stage2_l2_is_the_references_mse_on_unit_range_images():
     _, terms, _ = generator_losses(model, None, None, images, None, cfg)
     reference = 1.0 * F.mse_loss((recon + 1) / 2, (images + 1) / 2)
     assert torch.allclose(terms["l2"].double(), reference, rtol=1e-6)
+
+
+# ---- ImageFolder's recipe ------------------------------------------------------------------------------
+def test_imagefolder_preset_trains_with_the_references_recipe(monkeypatch):
+    """imagefolder-b-256 as the --config: lxa9867/ImageFolder's MSVR10P2 setting, not TexTok's defaults."""
+    monkeypatch.delenv("TEXTOK_VGG16_WEIGHTS", raising=False)
+    cfg = load_train_config("imagefolder-b-256")
+    o, loss, adv = cfg.optim, cfg.loss, cfg.loss.adversarial
+    assert cfg.model == "imagefolder-b-256"
+    assert math.isclose(o.lr_for(1024), 2.4e-4) and math.isclose(o.lr_for(256), 6e-5)  # 2.4e-4 x batch / 1024
+    assert math.isclose(o.lr_for(256) / o.lr * o.d_lr, 2e-4)  # the discriminator's 8e-4 scales alike
+    assert o.betas == (0.9, 0.95) and o.weight_decay == 0.0 and o.d_weight_decay == 5e-4
+    assert math.isclose(o.lr * o.min_lr_ratio, 5e-5, rel_tol=1e-3)
+    assert loss.l2_weight == 1.0 and loss.perceptual == "auto" and loss.perceptual_weight == 1.0
+    assert adv.kind == "hinge" and adv.weight == 0.5 and adv.adaptive and adv.lecam_weight == 1e-3
+    assert adv.start_at(cfg.max_steps) == 70_000 and adv.start_at(1000) == 280  # 28 % of any run's length
+    assert not adv.active(279, 1000) and adv.active(280, 1000)
+    assert cfg.ema_decay == 0.9999 and cfg.data.crop_min == 0.8 and cfg.data.flip
+    # LPIPS at 1.0 where VGG16 weights are given; open_nsfw at 0.1 replaces it otherwise
+    assert loss.resolved_perceptual() == ("opennsfw", pytest.approx(0.1))
+    assert load_train_config("imagefolder-b-256", ["loss.vgg16_weights=/x/vgg16.pth"]).loss.resolved_perceptual() \
+        == ("lpips-vgg", 1.0)
+    monkeypatch.setenv("TEXTOK_VGG16_WEIGHTS", "/x/vgg16.pth")
+    assert loss.resolved_perceptual() == ("lpips-vgg", 1.0)
+    # the CPU presets keep the CPU recipe
+    assert load_train_config("imagefolder-s-32").loss.perceptual != "auto"
+    with pytest.raises(ConfigError, match="start_step.*start_fraction"):
+        load_train_config("imagefolder-b-256", ["loss.adversarial.start_step=100"])
+
+
+def test_batch_scaled_lr_and_discriminator_weight_decay_reach_the_optimizers(tmp_path):
+    """lr_batch scales the peak lr to the run's global batch (batch_size x grad_accum x processes), and the
+    discriminator's AdamW gets d_weight_decay."""
+    base = ["batch_size=4", "grad_accum=2", "data.train_size=16", "data.val_size=4", "log_every=1", "sample_every=0",
+            "optim.warmup_steps=0", "optim.min_lr_ratio=1", "optim.lr=1e-3", "optim.lr_batch=32", "max_steps=2",
+            "ckpt_every=2", "model.text_in_encoder=false", "model.text_in_decoder=false", "loss.perceptual=none",
+            "loss.adversarial.weight=0.1", "loss.adversarial.start_step=0", "optim.d_weight_decay=0.005"]
+    cfg = load_train_config("textok-tiny", base)
+    train_tokenizer(cfg, tmp_path, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(math.isclose(e["lr"], 1e-3 * 8 / 32) for e in log)
+    parts, _ = build_components(cfg, *resolve_tokenizer_config(cfg.model, cfg.model_overrides), torch.device("cpu"))
+    assert parts.opt_d.param_groups[0]["weight_decay"] == 0.005
+
+
+# ---- augmentation ---------------------------------------------------------------------------------------
+def test_random_crops_and_flips():
+    L, S = 20, 16
+    ramp = torch.arange(L, dtype=torch.float32).view(1, 1, 1, L).expand(64, 3, L, L) / L * 2 - 1  # x position
+    out = augment(ramp, S, crop_min=0.8, flip=True, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, S, S)
+    again = augment(ramp, S, crop_min=0.8, flip=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # a pure function of the generator
+    rising = out[:, 0, 0, -1] > out[:, 0, 0, 0]
+    assert 20 < int(rising.sum()) < 44  # about half are mirrored
+    spans = (out[:, 0, 0, :].max(1).values - out[:, 0, 0, :].min(1).values)
+    assert spans.min() < spans.max() - 0.1  # crops of different sizes (wider crops span more of the ramp)
+    assert torch.equal(augment(ramp[:, :, :S, :S], S), ramp[:, :, :S, :S])  # nothing asked: unchanged
+    flipped = augment(ramp[:, :, :S, :S], S, flip=True, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(f, r) or torch.equal(f, r.flip(-1)) for f, r in zip(flipped, ramp[:, :, :S, :S]))
+    assert load_size(16, 0.8) == 20 and load_size(256, 0.8) == 320 and load_size(16, 1.0) == 16
+    with pytest.raises(ConfigError, match="crop_min"):
+        load_train_config("textok-tiny", ["data.crop_min=0"])
+
+
+def test_resume_is_bit_exact_with_augmentation(tmp_path):
+    """2N steps == N steps, stop, resume to 2N, with random crops and flips on; and the augmentation changes
+    what is trained."""
+    base = ["batch_size=4", "data.train_size=16", "data.val_size=4", "log_every=1", "sample_every=0",
+            "optim.warmup_steps=2", "optim.lr=1e-3", "model.text_in_encoder=false", "model.text_in_decoder=false",
+            "loss.perceptual=none", "loss.adversarial.weight=0", "ckpt_every=2"]
+    aug = ["data.crop_min=0.8", "data.flip=true"]
+    train_tokenizer(load_train_config("textok-tiny", [*base, *aug, "max_steps=4"]), tmp_path / "a", progress=False)
+    train_tokenizer(load_train_config("textok-tiny", [*base, *aug, "max_steps=2"]), tmp_path / "b", progress=False)
+    train_tokenizer(load_train_config("textok-tiny", [*base, *aug, "max_steps=4"]), tmp_path / "b", progress=False)
+    train_tokenizer(load_train_config("textok-tiny", [*base, "max_steps=4"]), tmp_path / "c", progress=False)
+    a, b, c = (load_file(str(tmp_path / run / "final/model.safetensors")) for run in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

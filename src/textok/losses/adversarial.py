@@ -34,6 +34,7 @@ class AdversarialConfig(Config):
     kind: str = "hinge"  # "hinge" | "non-saturating"
     weight: float = 0.1  # generator-loss weight (multiplied by the adaptive weight when adaptive=True)
     start_step: int = 0  # the GAN terms are off before this step (reconstruction warm-up)
+    start_fraction: float = 0.0  # > 0: off before this fraction of max_steps instead (ImageFolder: 0.28)
     lecam_weight: float = 0.001  # 0 disables LeCAM
     lecam_decay: float = 0.999
     adaptive: bool = False  # VQGAN: scale the GAN term by ||grad rec|| / ||grad gan|| at the decoder's last layer
@@ -48,14 +49,23 @@ class AdversarialConfig(Config):
             raise ConfigError(f"lecam_decay must be in [0, 1), got {self.lecam_decay}")
         if self.start_step < 0:
             raise ConfigError(f"start_step must be >= 0, got {self.start_step}")
+        if not 0.0 <= self.start_fraction < 1.0:
+            raise ConfigError(f"start_fraction must lie in [0, 1), got {self.start_fraction}")
+        if self.start_fraction > 0 and self.start_step > 0:
+            raise ConfigError(f"adversarial start_step={self.start_step} and start_fraction={self.start_fraction} both "
+                              "say when the GAN starts; set one of them to 0")
         if self.r1_weight < 0 or self.r1_every < 1:
             raise ConfigError(f"r1_weight must be >= 0 and r1_every >= 1, got {self.r1_weight} and {self.r1_every}")
         if self.adaptive_max <= 0:
             raise ConfigError(f"adaptive_max must be > 0, got {self.adaptive_max}")
 
-    def active(self, step: int) -> bool:
-        """Whether the adversarial terms are switched on at ``step``."""
-        return self.weight > 0 and step >= self.start_step
+    def start_at(self, max_steps: int) -> int:
+        """The first step with the adversarial terms in a run of ``max_steps``."""
+        return round(self.start_fraction * max_steps) if self.start_fraction > 0 else self.start_step
+
+    def active(self, step: int, max_steps: int = 0) -> bool:
+        """Whether the adversarial terms are switched on at ``step`` of a run of ``max_steps``."""
+        return self.weight > 0 and step >= self.start_at(max_steps)
 
     def r1_at(self, d_step: int) -> bool:
         """Whether discriminator update number ``d_step`` adds the (lazy) R1 penalty."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from ..config import Config, read_yaml, split_assignment
+from ..data.augment import check_crop
 from ..errors import ConfigError
 from ..losses.adversarial import AdversarialConfig
 from ..models.dit import DiTConfig
@@ -41,6 +43,11 @@ class DataConfig(Config):
     workers: int = 0  # DataLoader worker processes (shards: one reading stream per worker)
     shuffle_buffer: int = 1000  # shards: samples per shuffle window of each reading stream (memory: that many encoded images)
     decode_once: bool = False  # decode every image once and keep the pixels in memory (small data sets, fast GPUs)
+    # Training augmentation (never for extraction or evaluation; see data/augment.py): random crops of a square of
+    # side in [crop_min, 1] x the image's centre square, resized to the model's size (1 = the centre crop alone;
+    # ImageFolder's recipe: 0.8), and left-right flips with probability 0.5
+    crop_min: float = 1.0
+    flip: bool = False
 
 
 @dataclasses.dataclass
@@ -52,6 +59,12 @@ class OptimConfig(Config):
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     grad_clip: float = 1.0  # 0 disables clipping
     d_lr: float = 1e-4  # discriminator learning rate
+    d_weight_decay: float | None = None  # the discriminator's weight decay (None: weight_decay)
+    lr_batch: int = 0  # > 0: lr and d_lr are given for this global batch and scale linearly to the run's
+
+    def lr_for(self, global_batch: int) -> float:
+        """The peak learning rate of a run whose optimizer step sees ``global_batch`` images (``lr_batch``)."""
+        return self.lr * global_batch / self.lr_batch if self.lr_batch > 0 else self.lr
 
     def __post_init__(self) -> None:
         if not (self.lr >= 0 and self.d_lr >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
@@ -59,6 +72,9 @@ class OptimConfig(Config):
                               f"grad_clip ({self.grad_clip}) must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if self.lr_batch < 0 or (self.d_weight_decay is not None and self.d_weight_decay < 0):
+            raise ConfigError(f"optim: lr_batch ({self.lr_batch}) and d_weight_decay ({self.d_weight_decay}) must be "
+                              ">= 0")
         if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ConfigError(f"optim: min_lr_ratio ({self.min_lr_ratio}) must lie in [0, 1] and warmup_steps "
                               f"({self.warmup_steps}) be >= 0")
@@ -67,7 +83,9 @@ class OptimConfig(Config):
 @dataclasses.dataclass
 class LossConfig(Config):
     l2_weight: float = 1.0
-    perceptual: str = "opennsfw"  # "opennsfw" (offline default) | "lpips-vgg" (needs local VGG16 weights) | "none"
+    # "opennsfw" (offline default) | "lpips-vgg" (needs local VGG16 weights) | "none" | "auto" (lpips-vgg when
+    # VGG16 weights are given, here or in $TEXTOK_VGG16_WEIGHTS, else opennsfw at OPENNSFW_FOR_LPIPS x the weight)
+    perceptual: str = "opennsfw"
     perceptual_weight: float = 0.1
     perceptual_size: int = 224  # input size of the open_nsfw feature network (0: the images' own size, no resize)
     vgg16_weights: str = ""  # for lpips-vgg; else $TEXTOK_VGG16_WEIGHTS
@@ -82,6 +100,21 @@ class LossConfig(Config):
     # decoded twice; it pushes the decoder to read its caption (TexTok with text in the decoder only).
     text_contrast_weight: float = 0.0
     text_contrast_margin: float = 0.01
+
+
+    def resolved_perceptual(self) -> tuple[str, float]:
+        """The perceptual loss this config trains with and its weight (``auto`` resolved)."""
+        if self.perceptual != "auto":
+            return self.perceptual, self.perceptual_weight
+        if self.vgg16_weights or os.environ.get(VGG16_ENV):
+            return "lpips-vgg", self.perceptual_weight
+        return "opennsfw", self.perceptual_weight * OPENNSFW_FOR_LPIPS
+
+
+VGG16_ENV = "TEXTOK_VGG16_WEIGHTS"
+# perceptual=auto without VGG16 weights: open_nsfw replaces LPIPS at this fraction of its weight, the weight
+# textok's other recipes give open_nsfw (0.1 beside l2 1.0); it is not calibrated against LPIPS
+OPENNSFW_FOR_LPIPS = 0.1
 
 
 @dataclasses.dataclass
@@ -129,6 +162,7 @@ class TrainConfig(Config):
         if self.loss.d_every < 1:
             raise ConfigError(f"loss.d_every={self.loss.d_every} must be at least 1 (a discriminator update every "
                               "k steps)")
+        check_crop(self.data.crop_min)
         if self.data.workers < 0:
             raise ConfigError(f"data.workers={self.data.workers} must be 0 (load in the main process) or more")
 
@@ -167,11 +201,18 @@ CPU_MODEL_MAX_SIZE = 64
 CPU_RECIPE = "demo"
 
 
+# A larger model of a family with a recipe of its own trains with it: ImageFolder with its reference's recipe.
+FAMILY_RECIPES = {"imagefolder": "imagefolder"}
+
+
 def recipe_for_model(model: str, model_overrides: list[str] = ()) -> TrainConfig:
-    """The training recipe for tokenizer preset or model file ``model`` (see ``CPU_MODEL_MAX_SIZE``)."""
-    _, model_cfg = resolve_tokenizer_config(model, model_overrides)  # an unknown preset fails here, naming it
+    """The training recipe for tokenizer preset or model file ``model`` (see ``CPU_MODEL_MAX_SIZE`` and
+    ``FAMILY_RECIPES``)."""
+    model_type, model_cfg = resolve_tokenizer_config(model, model_overrides)  # an unknown preset fails here
     if model_cfg.image_size <= CPU_MODEL_MAX_SIZE:
         return dataclasses.replace(TrainConfig.from_file(RECIPES / f"{CPU_RECIPE}.yaml"), model=model)
+    if model_type in FAMILY_RECIPES:
+        return dataclasses.replace(TrainConfig.from_file(RECIPES / f"{FAMILY_RECIPES[model_type]}.yaml"), model=model)
     return TrainConfig(model=model)
 
 

@@ -127,12 +127,13 @@ def _run(task: Task, cfg: Any, out: Path, info: DistInfo, progress: bool) -> Pat
     bar = progress_bar(progress and info.is_main, cfg.max_steps, step, f"train {out.name} ({task.model_type})")
 
     optim = cfg.optim
+    peak_lr = optim.lr_for(cfg.batch_size * getattr(cfg, "grad_accum", 1) * info.world)
     bad = torch.zeros((), dtype=torch.bool, device=info.device)  # any non-finite loss since the last check
     skipped = 0
     t0, seen = time.time(), 0
     with GracefulInterrupt() as interrupt:
         while step < cfg.max_steps:
-            lr = lr_at(step, optim.lr, optim.warmup_steps, cfg.max_steps, optim.min_lr_ratio)
+            lr = lr_at(step, peak_lr, optim.warmup_steps, cfg.max_steps, optim.min_lr_ratio)
             set_lr(task.optimizer, lr)
             result = task.step(step, lr)
             logs = result.logs

@@ -108,7 +108,7 @@ def check_resume_compatible(latest: Path, model_type: str, model_config: dict[st
 # discriminator's shape with its weights). Everything else may change on resume and is reported.
 FIXED_ON_RESUME = ("batch_size", "grad_accum", "seed", "data.source", "data.train_size", "data.seed",
                    "data.captions_file", "data.caption_bank", "data.captions_per_image", "optim.betas",
-                   "optim.weight_decay", "loss.discriminator")
+                   "optim.weight_decay", "optim.d_weight_decay", "loss.discriminator")
 
 
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], step: int) -> tuple[list[str], list[str]]:

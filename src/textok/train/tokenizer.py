@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.augment import augment, augment_generator, load_size
 from ..data.factory import build_dataset
 from ..data.folder import collate
 from ..data.images import save_image
@@ -109,7 +110,9 @@ class TokenizerTask(Task):
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         d, size = cfg.data, self.model_config.image_size
-        train_set = build_dataset(d.source, "train", size, size=d.train_size, captions_file=d.captions_file,
+        self.augmenting = d.crop_min < 1.0 or d.flip
+        train_set = build_dataset(d.source, "train", load_size(size, d.crop_min), size=d.train_size,
+                                  captions_file=d.captions_file,
                                   caption_bank=d.caption_bank, seed=d.seed, captions_per_image=d.captions_per_image,
                                   decode_once=d.decode_once)
         val_set = build_dataset(d.source, d.val_split, size, size=d.val_size, captions_file=d.captions_file,
@@ -136,14 +139,18 @@ class TokenizerTask(Task):
     # ---- one step --------------------------------------------------------------------------------
     def step(self, step: int, lr: float) -> StepResult:
         cfg, info, device = self.cfg, self.info, self.info.device
-        gan_on = self.parts.disc is not None and cfg.loss.adversarial.active(step)
+        gan_on = self.parts.disc is not None and cfg.loss.adversarial.active(step, cfg.max_steps)
         logs: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=device)
         images_seen = skipped = 0
         for k in range(cfg.grad_accum):  # the tokenizer's gradient, over grad_accum micro-batches
             batch = next(self.micro)
             skipped += batch["skipped"]
-            images = batch["image"].to(device, non_blocking=True)
+            images = batch["image"]
+            if self.augmenting:
+                images = augment(images, self.model_config.image_size, cfg.data.crop_min, cfg.data.flip,
+                                 augment_generator(cfg.seed, step, k, info.rank))
+            images = images.to(device, non_blocking=True)
             text = self._text_for(batch, step)
             if text is not None and cfg.text_dropout > 0:
                 text = text.without(dropped_rows(len(text), cfg.text_dropout, cfg.seed, step, k, info.rank))
@@ -263,13 +270,15 @@ def build_components(cfg: TrainConfig, model_type: str, model_cfg, device: torch
     if adv.weight > 0:
         parts.disc = Discriminator(discriminator_config(cfg.loss.discriminator, model_cfg.image_size)).to(device)
         parts.lecam = LeCAM(adv.lecam_decay).to(device)
+        d_wd = cfg.optim.weight_decay if cfg.optim.d_weight_decay is None else cfg.optim.d_weight_decay
         parts.opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.betas,
-                                        weight_decay=cfg.optim.weight_decay)
+                                        weight_decay=d_wd)
     perceptual = None
-    if cfg.loss.perceptual != "none" and cfg.loss.perceptual_weight > 0:
-        kwargs = ({"size": cfg.loss.perceptual_size or None} if cfg.loss.perceptual == "opennsfw"
+    name, weight = cfg.loss.resolved_perceptual()
+    if name != "none" and weight > 0:
+        kwargs = ({"size": cfg.loss.perceptual_size or None} if name == "opennsfw"
                   else {"vgg16_weights": cfg.loss.vgg16_weights or None})
-        perceptual = build_perceptual(cfg.loss.perceptual, **kwargs).to(device)
+        perceptual = build_perceptual(name, **kwargs).to(device)
     for net in (parts.disc, perceptual):
         if net is not None and cfg.loss.channels_last:
             net.to(memory_format=torch.channels_last)
@@ -320,7 +329,7 @@ def generator_losses(train_model: nn.Module, disc: nn.Module | None, perceptual:
     extra = dict(extra)
     terms = {"l2": F.mse_loss(recon.float(), images) * cfg.loss.l2_weight}
     if perceptual is not None:
-        terms["perceptual"] = perceptual(recon.float(), images).mean() * cfg.loss.perceptual_weight
+        terms["perceptual"] = perceptual(recon.float(), images).mean() * cfg.loss.resolved_perceptual()[1]
     if disc is not None:
         adv = cfg.loss.adversarial
         with frozen(disc):
