@@ -117,3 +117,68 @@ def test_resume_is_bit_exact_with_augmentation(tmp_path):
     a, b, c = (load_file(str(tmp_path / run / "final/model.safetensors")) for run in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+# ---- ImageFolder's semantic InfoNCE across processes -------------------------------------------------------
+def _semantic_setup():
+    """A tiny ImageFolder with a semantic branch (a small frozen random teacher in place of open_nsfw), a batch
+    of 8 images, the quantized maps as leaves, and which rows quantizer dropout kept."""
+    from textok.models.imagefolder import ImageFolder, ImageFolderConfig
+
+    torch.manual_seed(0)
+    model = ImageFolder(ImageFolderConfig.preset("imagefolder-tiny").override(
+        ["semantic_teacher=opennsfw", "semantic_branches=all"])).train()
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 1024)).requires_grad_(False)
+    object.__setattr__(model, "_teacher", teacher)
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+    zq = torch.randn(8, model.config.num_tokens, model.config.token_channels, generator=g)
+    rows = torch.tensor([True, True, False, True, True, True, True, False])
+    return model, images, zq, rows
+
+
+def _semantic_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, images, zq, rows = _semantic_setup()
+        half = slice(rank * 4, rank * 4 + 4)
+        mine = zq[half].clone().requires_grad_(True)
+        loss = model.semantic_loss(images[half], mine, rows[half])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "zq_grad": mine.grad, "proj_grad": model.semantic_proj.weight.grad},
+                   f"{out}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_semantic_info_nce_gathers_every_process_with_gradient(tmp_path):
+    """Two gloo processes, each with half the batch: each computes the one-process loss over the whole batch,
+    and their gradients, averaged as DDP averages them, are the one-process gradients (negatives x world size,
+    as the reference's gather_with_grad)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model, images, zq, rows = _semantic_setup()
+    whole = zq.clone().requires_grad_(True)
+    want = model.semantic_loss(images, whole, rows)
+    want.backward()
+    local = _semantic_setup()[0].semantic_loss(images[:4], zq[:4], rows[:4])  # what each process saw before
+    assert not math.isclose(float(local.detach()), float(want.detach()), rel_tol=1e-3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_semantic_worker, args=(2, port, str(tmp_path / "r")), nprocs=2, start_method="spawn")
+    got = [torch.load(tmp_path / f"r-rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in range(2):
+        assert torch.allclose(got[r]["loss"], want.detach(), rtol=1e-5)
+    zq_grad = torch.cat([got[0]["zq_grad"], got[1]["zq_grad"]]) / 2  # DDP's average over the processes
+    assert torch.allclose(zq_grad, whole.grad, rtol=1e-4, atol=1e-7)
+    proj_grad = (got[0]["proj_grad"] + got[1]["proj_grad"]) / 2
+    assert torch.allclose(proj_grad, model.semantic_proj.weight.grad, rtol=1e-4, atol=1e-7)

@@ -44,6 +44,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, ...) of every process, concatenated in rank order (W B, ...), differentiable: each process's
+    rows get the sum of the gradients every process sends them (``torch.distributed.nn``'s all_gather), so a
+    loss every process computes over the gathered batch, averaged over the processes by DDP, trains as the
+    one-process loss over the whole batch. Returns ``x`` itself without a process group. Every process must
+    call it, with the same shape."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn import functional as dist_nn  # lazy: only collective training needs it
+
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.barrier()

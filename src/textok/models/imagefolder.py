@@ -11,7 +11,8 @@ Built from TexTok's encoder and decoder (no second ViT)::
 The latent tokens carry a 2D position embedding of their grid cell (shared by the branches, initialised
 with 2D sin-cos) plus a learned per-branch embedding. One branch (the last, "branch 2" in the paper) is
 semantically regularized: the spatial mean of its quantized map vs a frozen teacher's global feature
-(linearly projected to C), a symmetric InfoNCE over the batch on l2-normalised features, weight 0.1; rows
+(linearly projected to C), a symmetric InfoNCE over the global batch (every process's rows, gathered with
+gradient) on l2-normalised features, weight 0.1; rows
 whose quantizer dropout removed scales are left out. Teachers: ``none``, ``opennsfw`` (open_nsfw's 1024-d
 pooled feature: the one pretrained image network available offline, a supervised ResNet-50 and far less
 semantic than DINOv2) or ``dinov2:<local file>`` (the paper's teacher; no weights ship offline). The teacher is
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import gather_with_grad
 from ..errors import ConfigError, TextokError
 from ..nets.opennsfw import OpenNSFW
 from .dinov2 import load_dinov2
@@ -330,14 +332,18 @@ class ImageFolder(TexTok):
 
     def semantic_loss(self, images: Tensor, zq: Tensor, rows: Tensor) -> Tensor:
         """InfoNCE between the projected teacher feature and the mean quantized map of the regularized
-        branch(es), over ``rows`` (B,) bool. Unweighted."""
+        branch(es), over ``rows`` (B,) bool, with every process's rows as negatives in training. Unweighted."""
         teacher = self.teacher(images.device)
         with torch.no_grad():
             target = teacher(images.float()).float()
         target = self.semantic_proj(target)
         C, P = self.config.quantizer.code_dim, self.num_branches
         branches = range(P) if self.config.semantic_branches == "all" else [P - 1]
-        losses = [symmetric_info_nce(zq[..., p * C:(p + 1) * C].mean(1), target, rows,
+        # In training under data parallelism the negatives are every process's rows, gathered with gradient
+        # (the reference's gather_with_grad): every process computes the loss of the whole global batch.
+        gather = gather_with_grad if self.training else (lambda x: x)
+        target, rows = gather(target), gather(rows.to(torch.uint8)).bool()
+        losses = [symmetric_info_nce(gather(zq[..., p * C:(p + 1) * C].mean(1)), target, rows,
                                      self.config.semantic_logit_scale) for p in branches]
         return sum(losses) / len(losses)
 
