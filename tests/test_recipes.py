@@ -56,6 +56,7 @@ def test_imagefolder_preset_trains_with_the_references_recipe(monkeypatch):
     assert adv.start_at(cfg.max_steps) == 70_000 and adv.start_at(1000) == 280  # 28 % of any run's length
     assert not adv.active(279, 1000) and adv.active(280, 1000)
     assert cfg.ema_decay == 0.9999 and cfg.data.crop_min == 0.8 and cfg.data.flip
+    assert adv.diffaug and adv.diffaug_cutout == 0.2  # DiffAugment before the (StyleGAN) discriminator
     # LPIPS at 1.0 where VGG16 weights are given; open_nsfw at 0.1 replaces it otherwise
     assert loss.resolved_perceptual() == ("opennsfw", pytest.approx(0.1))
     assert load_train_config("imagefolder-b-256", ["loss.vgg16_weights=/x/vgg16.pth"]).loss.resolved_perceptual() \
@@ -182,3 +183,54 @@ def test_semantic_info_nce_gathers_every_process_with_gradient(tmp_path):
     assert torch.allclose(zq_grad, whole.grad, rtol=1e-4, atol=1e-7)
     proj_grad = (got[0]["proj_grad"] + got[1]["proj_grad"]) / 2
     assert torch.allclose(proj_grad, model.semantic_proj.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+# ---- DiffAugment before the discriminator ---------------------------------------------------------------
+def test_diffaugment_parts():
+    from textok.losses.diffaug import diff_augment
+
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    assert torch.equal(diff_augment(x, g()), diff_augment(x, g()))  # a pure function of the generator
+    assert not torch.equal(diff_augment(x, g()), diff_augment(x, torch.Generator().manual_seed(4)))
+    # translation alone: each image shifted by whole pixels, at most 2 (1/8 of 16) each way, zeros shifted in
+    moved = diff_augment(x, g(), cutout=0, color=False)
+    for img, out in zip(x, moved):
+        padded = F.pad(img, (2, 2, 2, 2))
+        assert any(torch.equal(out, padded[:, 2 - dy:18 - dy, 2 - dx:18 - dx]) for dy in range(-2, 3)
+                   for dx in range(-2, 3))
+    # colour alone, on grey images: brightness + U(-0.5, 0.5) (saturation and contrast leave flat grey alone)
+    grey = torch.full((32, 3, 16, 16), 0.1, dtype=torch.float64)
+    shifted = diff_augment(grey, g(), cutout=0, translation=0) - grey
+    assert torch.allclose(shifted, shifted[:, :1, :1, :1].expand_as(shifted))
+    assert shifted.abs().max() <= 0.5 and shifted.std() > 0.1
+    # cutout alone: one zeroed square of round(0.2 x 16) = 3 px a side per image (clipped at the border)
+    holes = diff_augment(torch.ones(32, 3, 16, 16, dtype=torch.float64), g(), translation=0, color=False) == 0
+    assert torch.all(holes.sum((1, 2, 3)) <= 3 * 9) and torch.all(holes.sum((1, 2, 3)) > 0)
+    assert holes.sum().item() > 32 * 3 * 4  # most squares lie inside
+    # differentiable in the images (the generator's pass goes through it)
+    leaf = x.clone().requires_grad_(True)
+    diff_augment(leaf, g()).square().sum().backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+
+
+def test_resume_is_bit_exact_with_diffaugment(tmp_path, monkeypatch):
+    """DiffAugment reaches both passes through the discriminator in training, and a run with it (and the GAN,
+    crops and flips) resumes bit for bit."""
+    import textok.train.tokenizer as tok_module
+
+    calls = []
+    real = tok_module.diff_augment
+    monkeypatch.setattr(tok_module, "diff_augment", lambda x, **kw: calls.append(x.shape[0]) or real(x, **kw))
+    base = ["batch_size=4", "data.train_size=16", "data.val_size=4", "log_every=1", "sample_every=0",
+            "optim.warmup_steps=2", "optim.lr=1e-3", "model.text_in_encoder=false", "model.text_in_decoder=false",
+            "loss.perceptual=none", "loss.adversarial.weight=0.1", "loss.adversarial.start_step=0",
+            "loss.adversarial.diffaug=true", "data.crop_min=0.8", "data.flip=true", "ckpt_every=2"]
+    train_tokenizer(load_train_config("textok-tiny", [*base, "max_steps=4"]), tmp_path / "a", progress=False)
+    assert calls == [4, 4, 4] * 4  # per step: the generator's pass, then real and fake in the discriminator's
+    train_tokenizer(load_train_config("textok-tiny", [*base, "max_steps=2"]), tmp_path / "b", progress=False)
+    train_tokenizer(load_train_config("textok-tiny", [*base, "max_steps=4"]), tmp_path / "b", progress=False)
+    for part in ("model", "disc"):
+        a = load_file(str(tmp_path / "a/checkpoints/step-0000004" / f"{part}.safetensors"))
+        b = load_file(str(tmp_path / "b/checkpoints/step-0000004" / f"{part}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), part

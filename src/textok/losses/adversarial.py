@@ -41,6 +41,8 @@ class AdversarialConfig(Config):
     adaptive_max: float = 1e4  # clamp of that ratio
     r1_weight: float = 0.0  # gamma/2 of the R1 penalty on real images; 0 disables it
     r1_every: int = 16  # lazy R1 (StyleGAN2): every k discriminator steps, scaled by k
+    diffaug: bool = False  # DiffAugment (losses/diffaug.py) on every image the discriminator sees (ImageFolder)
+    diffaug_cutout: float = 0.2  # its cutout square's side, as a fraction of the image's
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -56,6 +58,8 @@ class AdversarialConfig(Config):
                               "say when the GAN starts; set one of them to 0")
         if self.r1_weight < 0 or self.r1_every < 1:
             raise ConfigError(f"r1_weight must be >= 0 and r1_every >= 1, got {self.r1_weight} and {self.r1_every}")
+        if not 0.0 <= self.diffaug_cutout < 1.0:
+            raise ConfigError(f"diffaug_cutout must lie in [0, 1), got {self.diffaug_cutout}")
         if self.adaptive_max <= 0:
             raise ConfigError(f"adaptive_max must be > 0, got {self.adaptive_max}")
 

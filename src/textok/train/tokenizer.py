@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from ..distributed import DistInfo, wrap_ddp
 from ..errors import TextokError
 from ..hub import read_config_json
 from ..losses.adversarial import LeCAM, adaptive_weight, d_loss, g_loss, r1_penalty
+from ..losses.diffaug import diff_augment
 from ..losses.perceptual import build_perceptual
 from ..models.discriminator import Discriminator, DiscriminatorConfig
 from ..models.registry import build_tokenizer, resolve_tokenizer_config
@@ -162,7 +163,8 @@ class TokenizerTask(Task):
                 self.train_model.set_requires_gradient_sync(last_micro)
             with sync, autocast_for(device, cfg.precision):
                 recon, terms, extra = generator_losses(self.train_model, self.parts.disc if gan_on else None,
-                                                       self.perceptual, images, text, cfg, self.last_layer, wrong)
+                                                       self.perceptual, images, text, cfg, self.last_layer, wrong,
+                                                       self._disc_aug(step, k, "generator"))
                 loss = sum(terms.values())
             finite &= torch.isfinite(loss.detach())
             (loss / cfg.grad_accum).backward()
@@ -175,7 +177,8 @@ class TokenizerTask(Task):
             opt_d.zero_grad(set_to_none=True)
             with autocast_for(device, cfg.precision):
                 d_terms = discriminator_losses(self.disc_model, self.parts.lecam, images, recon, cfg,
-                                               r1=cfg.loss.adversarial.r1_at(step // cfg.loss.d_every))
+                                               r1=cfg.loss.adversarial.r1_at(step // cfg.loss.d_every),
+                                               disc_aug=self._disc_aug(step, 0, "discriminator"))
                 d_total = sum(d_terms.values())
             finite &= torch.isfinite(d_total.detach())
             d_total.backward()
@@ -184,6 +187,16 @@ class TokenizerTask(Task):
             logs.update({f"{k}_loss": v.detach() for k, v in d_terms.items()})
             logs["d_updates"] = torch.ones(())
         return StepResult(logs, finite, images_seen, skipped)
+
+    def _disc_aug(self, step: int, micro: int, side: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """DiffAugment for one pass through the discriminator (``loss.adversarial.diffaug``), drawing from a
+        generator seeded by the pass's position, so a resumed run draws the same augmentations."""
+        adv = self.cfg.loss.adversarial
+        if not adv.diffaug:
+            return None
+        g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 1_019 + micro * 107 + self.info.rank
+                                           + (0 if side == "generator" else 500_009)) % (2**63 - 1))
+        return functools.partial(diff_augment, generator=g, cutout=adv.diffaug_cutout)
 
     def _text_for(self, batch: dict, step: int, train: bool = True):
         if self.text is None:
@@ -317,13 +330,14 @@ def tokenizer_losses(model: nn.Module, images: torch.Tensor, text, wrong_text=No
 
 def generator_losses(train_model: nn.Module, disc: nn.Module | None, perceptual: nn.Module | None,
                      images: torch.Tensor, text, cfg: TrainConfig, last_layer: torch.Tensor | None = None,
-                     wrong_text=None):
+                     wrong_text=None, disc_aug: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """(reconstruction, weighted loss terms, the model's extra outputs) for one tokenizer update.
 
     ``disc`` is the plain discriminator module (not its DDP wrapper): its parameters are frozen for this
     pass, so the generator's backward reaches the reconstruction through it but never writes into its
     ``.grad``. ``last_layer`` (the decoder's output weight) is needed for ``loss.adversarial.adaptive``;
-    ``wrong_text`` (another image's caption per image) for the text-grounding term.
+    ``wrong_text`` (another image's caption per image) for the text-grounding term. ``disc_aug`` (DiffAugment)
+    transforms the reconstructions before the discriminator sees them.
     """
     recon, extra = train_model(images, text) if wrong_text is None else train_model(images, text, wrong_text)
     extra = dict(extra)
@@ -333,7 +347,7 @@ def generator_losses(train_model: nn.Module, disc: nn.Module | None, perceptual:
     if disc is not None:
         adv = cfg.loss.adversarial
         with frozen(disc):
-            gan = g_loss(disc(recon), adv.kind)
+            gan = g_loss(disc(disc_aug(recon) if disc_aug is not None else recon), adv.kind)
         weight: float | torch.Tensor = adv.weight
         if adv.adaptive:
             if last_layer is None:
@@ -348,12 +362,15 @@ def generator_losses(train_model: nn.Module, disc: nn.Module | None, perceptual:
 
 
 def discriminator_losses(disc: nn.Module, lecam: LeCAM | None, images: torch.Tensor, recon: torch.Tensor,
-                         cfg: TrainConfig, r1: bool = False) -> dict[str, torch.Tensor]:
+                         cfg: TrainConfig, r1: bool = False,
+                         disc_aug: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Weighted discriminator terms: the GAN loss on real vs (detached) reconstructions, LeCAM, and (when
-    ``r1``) the lazy R1 penalty on the real images, scaled by its interval as in StyleGAN2."""
+    ``r1``) the lazy R1 penalty on the real images, scaled by its interval as in StyleGAN2. ``disc_aug``
+    (DiffAugment) transforms the real images and the reconstructions, each with its own draws."""
     adv = cfg.loss.adversarial
     real_in = images.detach().requires_grad_(True) if r1 else images
-    real, fake = disc(real_in), disc(recon.detach())
+    aug = disc_aug if disc_aug is not None else (lambda x: x)
+    real, fake = disc(aug(real_in)), disc(aug(recon.detach()))
     terms = {"d": d_loss(real, fake, adv.kind)}
     if lecam is not None and adv.lecam_weight > 0:
         terms["lecam"] = lecam(real.float(), fake.float()) * adv.lecam_weight
