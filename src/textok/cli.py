@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 from .apps.demos import commands as demos
 from .apps.serve import commands as serve
 from .apps.study import commands as study
-from .commands import bench, data, evaluation, generate, models, train
+from .commands import bench, convert, data, evaluation, generate, models, train
 from .errors import Interrupted, TextokError
 from .io import target_of
 
@@ -41,6 +41,8 @@ VERBS: dict[str, Verb] = {
                              "scenes, reconstructions per scale prefix, samples per class",
                              demos.demo_imagefolder_args, demos.cmd_demo_imagefolder),
     "info": Verb("show the presets, or a parameter table per part of one preset", models.info_args, models.cmd_info),
+    "convert": Verb("convert a published checkpoint (TiTok, ...) into a textok model directory that every verb loads",
+                    convert.convert_args, convert.cmd_convert),
     "train-tokenizer": Verb("train (or resume) a tokenizer; final EMA weights go to OUT/final",
                             train.train_tokenizer_args, train.cmd_train_tokenizer),
     "reconstruct": Verb("encode and decode images with a trained tokenizer", models.reconstruct_args,

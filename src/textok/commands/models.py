@@ -8,13 +8,15 @@ import torch
 
 from ..data.images import check_output_image, load_image, save_image
 from ..errors import TextokError
+from ..hub import CONFIG_NAME
 from ..models.registry import TOKENIZERS, build_tokenizer, load_tokenizer, resolve_tokenizer_config
 from ..report import print_table
 from ..text.encoders import check_captions
 
 
 def info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("preset", nargs="?", help="a tokenizer preset (omit to list them all)")
+    p.add_argument("preset", nargs="?", help="a tokenizer preset, config file or model directory (omit to list the "
+                   "presets)")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -22,7 +24,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         for model_cls in TOKENIZERS.values():
             print(f"{model_cls.__name__} presets:", ", ".join(model_cls.config_class.presets()))
         return
-    model_type, cfg = resolve_tokenizer_config(args.preset)
+    spec = Path(args.preset) / CONFIG_NAME if Path(args.preset).is_dir() else args.preset
+    model_type, cfg = resolve_tokenizer_config(str(spec))
     with torch.device("meta"):
         model = build_tokenizer(model_type, cfg)
     counts = model.num_parameters()

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
-from .vit import LearnedPosEmbed, Transformer, ViTConfig, init_vit_weights, transformer_flops
+from .vit import GELU_KINDS, LearnedPosEmbed, Transformer, ViTConfig, init_vit_weights, transformer_flops
 
 MASK_SCHEDULES = ("cosine", "arccos")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
@@ -113,8 +113,28 @@ class MaskGITConfig(Config):
     unmasked_loss_weight: float = 0.1  # weight of the unmasked positions' cross-entropy (masked ones: 1)
     mask_schedule: str = "arccos"  # "arccos" (TiTok's released code) or "cosine" (MaskGIT paper)
     sampler: MaskGITSamplerConfig = dataclasses.field(default_factory=MaskGITSamplerConfig)
+    # Transformer layout options that published generators (1d-tokenizer's, read by textok.convert) were trained
+    # with; the defaults are textok's pre-norm ViT. Left out of to_dict() while they hold their defaults.
+    norm_pre: bool = False  # a LayerNorm over the embedded sequence (BERT's embedding LayerNorm)
+    post_norm: bool = False  # BERT's post-norm blocks (and no final LayerNorm)
+    long_skips: bool = False  # U-ViT long skip connections (an odd transformer depth)
+    norm_eps: float = 1e-6
+    gelu: str = "tanh"  # "tanh" or "none" (exact)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Config.to_dict`, without the layout options that hold their defaults."""
+        data = super().to_dict()
+        for name, default in MASKGIT_LAYOUT_DEFAULTS.items():
+            if data.get(name) == default:
+                data.pop(name)
+        return data
 
     def __post_init__(self) -> None:
+        if self.gelu not in GELU_KINDS or not self.norm_eps > 0:
+            raise ConfigError(f"gelu must be one of {', '.join(GELU_KINDS)} and norm_eps > 0 (got {self.gelu!r}, "
+                              f"{self.norm_eps})")
+        if self.long_skips and self.transformer.depth % 2 == 0:
+            raise ConfigError(f"long_skips (a U-ViT) needs an odd transformer.depth, got {self.transformer.depth}")
         if self.num_tokens < 1:
             raise ConfigError(f"num_tokens must be >= 1, got {self.num_tokens}")
         if self.codebook_size < 2:
@@ -138,6 +158,10 @@ class MaskGITConfig(Config):
         if isinstance(data, dict) and "sampler" not in data:
             data = {**data, "sampler": {"softmax_annealing": False}}
         return super().from_dict(data, strict=strict, prefix=prefix)
+
+
+MASKGIT_LAYOUT_DEFAULTS: dict[str, Any] = {"norm_pre": False, "post_norm": False, "long_skips": False,
+                                           "norm_eps": 1e-6, "gelu": "tanh"}
 
 
 @MaskGITConfig.register_preset("maskgit-tiny")
@@ -231,7 +255,8 @@ class MaskGIT(PretrainedMixin, nn.Module):
         self.tok_embed = nn.Embedding(cfg.codebook_size + 1, d)  # id codebook_size = [MASK]
         self.class_embed = nn.Embedding(cfg.num_classes + 1, d)  # id num_classes = null class (CFG)
         self.pos_embed = LearnedPosEmbed(cfg.num_tokens + 1, d)  # class token + image tokens
-        self.transformer = Transformer(cfg.transformer)
+        self.transformer = Transformer(cfg.transformer, cfg.norm_eps, cfg.gelu, cfg.norm_pre, cfg.post_norm,
+                                       cfg.long_skips)
         self.head = nn.Linear(d, cfg.codebook_size)  # untied from tok_embed
         init_vit_weights(self)
         nn.init.trunc_normal_(self.tok_embed.weight, std=0.02)

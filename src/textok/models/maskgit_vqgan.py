@@ -48,6 +48,9 @@ class MaskGITVQGANConfig(Config):
     z_channels: int = 256  # code vector width
     num_codes: int = 1024
     norm_groups: int = 32  # GroupNorm groups (the published model: 32)
+    # False: decoder and codebook only (a converted TiTok checkpoint carries no VQGAN encoder; it decodes,
+    # and cannot run stage 1, which needs the VQGAN's codes of images)
+    with_encoder: bool = True
 
     def __post_init__(self) -> None:
         if not self.channel_mult or min(self.channel_mult) < 1 or self.hidden_channels < 1 or self.norm_groups < 1:
@@ -183,7 +186,7 @@ class MaskGITVQGAN(nn.Module):
         super().__init__()
         self.config = config = config or MaskGITVQGANConfig()
         config.check()
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config) if config.with_encoder else None
         self.decoder = Decoder(config)
         self.quantize = _Codebook(config.num_codes, config.z_channels)
 
@@ -212,6 +215,9 @@ class MaskGITVQGAN(nn.Module):
     def encode_to_codes(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) in [-1, 1] -> codes (B, H/f, W/f) int64 in [0, num_codes)."""
         self._check_images(images)
+        if self.encoder is None:
+            raise TextokError("this MaskGIT-VQGAN has no encoder (vqgan.with_encoder=false: it came without one); "
+                              "it decodes codes but cannot encode images")
         z = self.encoder((images + 1) / 2)
         B, C, h, w = z.shape
         flat = z.float().permute(0, 2, 3, 1).reshape(-1, C)

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
 from ..text.embeddings import TextEmbeddings
 from ..text.encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
-from .vit import PatchEmbed, Transformer, ViTConfig, init_vit_weights, transformer_flops, unpatchify, vit_size
+from .vit import GELU_KINDS, PatchEmbed, Transformer, ViTConfig, init_vit_weights, transformer_flops, unpatchify, vit_size
 
 TextInput = list[str] | tuple[str, ...] | TextEmbeddings | None
 
@@ -52,12 +53,38 @@ class TexTokConfig(Config):
     text_dim: int = 384  # width of the text encoder's states (384 MiniLM, 2048 T5-XL, 4096 T5-XXL)
     text_max_length: int = 64  # captions are truncated to this many text tokens (with a warning)
     text_pooled: bool = False  # one text token per caption (the masked mean of its states) instead of one per word
+    # Layout options that published checkpoints (1d-tokenizer's TiTok family, read by textok.convert) were
+    # trained with; the defaults are textok's own layout. Left out of to_dict() while they hold their defaults.
+    class_token: bool = False  # one learned token (with its position) before the patches, dropped from outputs
+    norm_pre: bool = False  # a LayerNorm over the whole input sequence before the first block
+    norm_eps: float = 1e-6  # every LayerNorm of both transformers
+    gelu: str = "tanh"  # "tanh" (approximate) or "none" (exact erf GELU)
+    legacy_token_layout: bool = False  # encoder head reads the (N, width) outputs as a (width, N) array
+    pixel_conv: bool = False  # a 3x3 conv on the decoder's unpatchified image
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.num_tokens < 1 or self.token_channels < 1:
             raise ConfigError("num_tokens and token_channels must be positive")
+        if self.gelu not in GELU_KINDS:
+            raise ConfigError(f"gelu={self.gelu!r} is not one of {', '.join(GELU_KINDS)}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Config.to_dict`, without the layout options that hold their defaults (so configs written
+        before those options existed compare equal)."""
+        data = super().to_dict()
+        for name, default in LAYOUT_DEFAULTS.items():
+            if data.get(name) == default:
+                data.pop(name)
+        return data
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the patches in both sequences (the class token)."""
+        return int(self.class_token)
 
     @property
     def uses_text(self) -> bool:
@@ -70,6 +97,10 @@ class TexTokConfig(Config):
     @property
     def num_patches(self) -> int:
         return self.grid**2
+
+
+LAYOUT_DEFAULTS: dict[str, Any] = {"class_token": False, "norm_pre": False, "norm_eps": 1e-6, "gelu": "tanh",
+                                   "legacy_token_layout": False, "pixel_conv": False}
 
 
 def _register_presets() -> None:
@@ -115,8 +146,10 @@ class TexTokEncoder(nn.Module):
         self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
         self.latent_pos = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
         self.text_proj = nn.Linear(cfg.text_dim, D) if cfg.text_in_encoder else None
-        self.transformer = Transformer(cfg.encoder)
+        self.class_token = nn.Parameter(torch.randn(1, 1, D) * D**-0.5) if cfg.class_token else None
+        self.transformer = Transformer(cfg.encoder, cfg.norm_eps, cfg.gelu, cfg.norm_pre)
         self.to_tokens = nn.Linear(D, cfg.token_channels)
+        self.legacy_token_layout = cfg.legacy_token_layout
 
     def latent_inputs(self) -> Tensor:
         """The (1, N, D) latent tokens as they enter the transformer (ImageFolder overrides the positions)."""
@@ -126,14 +159,19 @@ class TexTokEncoder(nn.Module):
         B = images.shape[0]
         images = images.to(self.patch_pos.dtype)  # float64 / float16 input to a float32 model (autocast still applies)
         parts = [self.patch_embed(images) + self.patch_pos, self.latent_inputs().expand(B, -1, -1)]
+        if self.class_token is not None:
+            parts.insert(0, self.class_token.expand(B, -1, -1))
+        start = self.num_patches + len(parts) - 2
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
             parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
             if not text.dense:  # no padded caption: no mask (the same attention, a faster kernel)
-                key_padding = torch.cat([text.mask.new_ones(B, self.num_patches + self.num_tokens), text.mask], dim=1)
-        h = self.transformer(torch.cat(parts, dim=1), key_padding)
-        return self.to_tokens(h[:, self.num_patches : self.num_patches + self.num_tokens])
+                key_padding = torch.cat([text.mask.new_ones(B, start + self.num_tokens), text.mask], dim=1)
+        h = self.transformer(torch.cat(parts, dim=1), key_padding)[:, start : start + self.num_tokens]
+        if self.legacy_token_layout:  # the (B, N, width) memory read as (B, width, N), column n = token n
+            h = h.reshape(B, -1, self.num_tokens).transpose(1, 2)
+        return self.to_tokens(h)
 
 
 class TexTokDecoder(nn.Module):
@@ -148,25 +186,32 @@ class TexTokDecoder(nn.Module):
         self.token_proj = nn.Linear(cfg.token_channels, D)
         self.latent_pos = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
         self.text_proj = nn.Linear(cfg.text_dim, D) if cfg.text_in_decoder else None
-        self.transformer = Transformer(cfg.decoder)
+        self.class_token = nn.Parameter(torch.randn(1, 1, D) * D**-0.5) if cfg.class_token else None
+        self.transformer = Transformer(cfg.decoder, cfg.norm_eps, cfg.gelu, cfg.norm_pre)
         self.to_pixels = nn.Linear(D, cfg.patch_size**2 * 3)
+        self.pixel_conv = nn.Conv2d(3, 3, 3, padding=1) if cfg.pixel_conv else None
 
     def features(self, z: Tensor, text: TextEmbeddings | None) -> Tensor:
         """The transformer's outputs at the P patch positions (B, P, width), before the output head."""
         B, P = z.shape[0], self.cfg.num_patches
         z = z.to(self.patch_pos.dtype)
         parts = [(self.mask_token + self.patch_pos).expand(B, -1, -1), self.token_proj(z) + self.latent_pos]
+        if self.class_token is not None:
+            parts.insert(0, self.class_token.expand(B, -1, -1))
+        start = len(parts) - 2
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
             parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
             if not text.dense:
-                key_padding = torch.cat([text.mask.new_ones(B, P + self.cfg.num_tokens), text.mask], dim=1)
-        return self.transformer(torch.cat(parts, dim=1), key_padding)[:, :P]
+                key_padding = torch.cat([text.mask.new_ones(B, start + P + self.cfg.num_tokens), text.mask], dim=1)
+        return self.transformer(torch.cat(parts, dim=1), key_padding)[:, start : start + P]
 
     def forward(self, z: Tensor, text: TextEmbeddings | None) -> Tensor:
         g = self.cfg.grid
-        return unpatchify(self.to_pixels(self.features(z, text)), self.cfg.patch_size, g, g)
+        images = unpatchify(self.to_pixels(self.features(z, text)), self.cfg.patch_size, g, g)
+        return images if self.pixel_conv is None else self.pixel_conv(images)
+
 
 
 # Pixels further than this outside [-1, 1] are not a rounding overshoot: the images were scaled another way.

@@ -70,7 +70,14 @@ class TiTokConfig(TexTokConfig):
             raise ConfigError(f"stage {self.stage!r} is not one of {', '.join(STAGES)}")
         if not self.uses_vqgan:
             return
-        if not self.vqgan_weights:
+        if not self.vqgan.with_encoder:
+            if self.stage == "proxy-codes":
+                raise ConfigError("stage=proxy-codes learns the VQGAN's codes of images, so it needs the VQGAN's "
+                                  "encoder (vqgan.with_encoder=true and vqgan_weights)")
+            if self.vqgan_weights:
+                raise ConfigError("vqgan.with_encoder=false: the VQGAN's decoder comes from the saved model, so "
+                                  "leave vqgan_weights empty")
+        elif not self.vqgan_weights:
             raise ConfigError(f"stage={self.stage} needs the MaskGIT-VQGAN weights: set vqgan_weights=/path/to/"
                               f"{PUBLISHED_FILE} (model.vqgan_weights=... on the command line; a local file, "
                               "not bundled)")
@@ -221,7 +228,7 @@ class TiTok(TexTok):
             self.decoder = ProxyCodeDecoder(config, config.vqgan.num_codes)
             init_vit_weights(self.decoder)
             self.vqgan = MaskGITVQGAN(config.vqgan)
-            if load_vqgan:
+            if load_vqgan and config.vqgan_weights:
                 self.vqgan.load_file(config.vqgan_weights)
                 self._vqgan_file = config.vqgan_weights
             self.vqgan.requires_grad_(False).eval()  # never trained: its parameters stay out of the optimizer

@@ -112,44 +112,84 @@ def drop_path(x: Tensor, rate: float, generator: torch.Generator | None = None) 
     return x * mask / keep
 
 
+GELU_KINDS = ("tanh", "none")  # F.gelu's ``approximate``: textok's default, and the exact erf form
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int) -> None:
+    def __init__(self, width: int, hidden: int, gelu: str = "tanh") -> None:
         super().__init__()
+        if gelu not in GELU_KINDS:
+            raise ConfigError(f"gelu {gelu!r} is not one of {', '.join(GELU_KINDS)}")
+        self.gelu = gelu
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)); x + mlp(LN(x))."""
+    """Pre-norm transformer block: x + attn(LN(x)); x + mlp(LN(x)). With ``post_norm``, BERT's order:
+    LN(x + attn(x)); LN(x + mlp(x)).
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False) -> None:
+    ``norm_eps`` and ``gelu`` default to textok's choices; converted checkpoints set the ones their
+    weights were trained with (CLIP-style ViTs: 1e-5 and the exact GELU; BERT: 1e-12)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 norm_eps: float = 1e-6, gelu: str = "tanh", post_norm: bool = False) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.post_norm = post_norm
+        self.norm1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads, qk_norm)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.norm2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), gelu)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, mask))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
 
 
 class Transformer(nn.Module):
-    """A stack of blocks and a final LayerNorm."""
+    """A stack of blocks and a final LayerNorm (and, with ``norm_pre``, a LayerNorm of the input: CLIP's
+    ``ln_pre``, which TiTok's published checkpoints carry, or BERT's embedding LayerNorm). Post-norm blocks
+    (BERT) end normalised, so they have no final LayerNorm (``norm`` is the identity).
 
-    def __init__(self, cfg: ViTConfig) -> None:
+    ``long_skips`` makes it a U-ViT (Bao et al. 2023): an odd number of blocks, the first half's outputs kept
+    and fed, last first, into the second half, each through ``skips[j]`` = Linear(2 width -> width) of the
+    concatenation [x, kept]."""
+
+    def __init__(self, cfg: ViTConfig, norm_eps: float = 1e-6, gelu: str = "tanh", norm_pre: bool = False,
+                 post_norm: bool = False, long_skips: bool = False) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        if long_skips and cfg.depth % 2 == 0:
+            raise ConfigError(f"a U-ViT (long skips) has an odd number of blocks (in, middle, out); depth={cfg.depth}")
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=norm_eps) if norm_pre else None
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, norm_eps, gelu, post_norm)
+                                    for _ in range(cfg.depth))
+        self.skips = (nn.ModuleList(nn.Linear(2 * cfg.width, cfg.width) for _ in range(cfg.depth // 2))
+                      if long_skips else None)
+        self.norm = nn.Identity() if post_norm else nn.LayerNorm(cfg.width, eps=norm_eps)
 
     def forward(self, x: Tensor, key_padding: Tensor | None = None) -> Tensor:
         """``key_padding``: (B, L) bool, True for real tokens; ``None`` when every token is real."""
         mask = attention_mask(key_padding)
-        for block in self.blocks:
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
+        if self.skips is None:
+            for block in self.blocks:
+                x = block(x, mask)
+            return self.norm(x)
+        half = len(self.skips)
+        kept = []
+        for block in self.blocks[:half]:
             x = block(x, mask)
+            kept.append(x)
+        x = self.blocks[half](x, mask)
+        for block, skip in zip(self.blocks[half + 1:], self.skips):
+            x = block(skip(torch.cat([x, kept.pop()], dim=-1)), mask)
         return self.norm(x)
 
 
@@ -245,6 +285,7 @@ __all__ = [
     "CrossAttention",
     "MLP",
     "drop_path",
+    "GELU_KINDS",
     "Block",
     "Transformer",
     "PatchEmbed",

@@ -1,0 +1,47 @@
+"""``textok convert``: a published checkpoint -> a textok model directory (the library: :mod:`textok.convert`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..convert import FORMATS, convert, load_manifest
+
+
+def formats_help() -> str:
+    """The --help epilog: every format, its published variants, and what it becomes."""
+    lines = ["formats (--from):"]
+    for name, fmt in FORMATS.items():
+        published = [v for v in load_manifest(name).values() if not v.test_only]
+        lines.append(f"  {name}: {fmt.summary}")
+        lines.append(f"      variants: {', '.join(v.name for v in published)}")
+    return "\n".join(lines)
+
+
+def convert_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = formats_help()
+    p.add_argument("--from", dest="fmt", required=True, choices=sorted(FORMATS), metavar="FORMAT",
+                   help=f"the checkpoint's source layout: {', '.join(FORMATS)}")
+    p.add_argument("source", help="the published checkpoint file (.bin/.pth/.pt/.safetensors) or the folder holding it")
+    p.add_argument("--out", required=True, help="the textok model directory to write (refused if it holds anything "
+                   "other than a saved model)")
+    p.add_argument("--tokenizer", default=None, help="generators: the converted tokenizer directory whose codes "
+                   "the generator models (recorded as the one `textok sample` decodes with)")
+    p.add_argument("--variant", default=None, help="insist on one published variant (default: the one whose keys "
+                   "and shapes the file has)")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    done = convert(args.fmt, args.source, args.out, variant=args.variant, tokenizer=args.tokenizer)
+    params = sum(p.numel() for p in done.model.parameters())
+    print(f"{args.source}: {done.format} {done.variant.name} -> {done.directory} "
+          f"({type(done.model).__name__}, {params / 1e6:.1f}M parameters)")
+    if FORMATS[args.fmt].kind == "tokenizer":
+        print(f"evaluate it: textok eval reconstruction --model {done.directory} --data DIR")
+        return
+    sampler = FORMATS[args.fmt].sampler(done.variant)  # type: ignore[misc]
+    print(f"sample it: textok sample --generator {done.directory} --class 0 --steps {sampler['steps']} "
+          f"--cfg {sampler['cfg']} --temperature {sampler['temperature']} --guidance-schedule "
+          f"{sampler['guidance_schedule']} --out samples.png")
+    if "note" in sampler:
+        print(f"note: {sampler['note']}")

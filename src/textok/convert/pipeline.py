@@ -1,0 +1,89 @@
+"""``convert``: a published checkpoint -> a textok model directory (``config.json`` + ``model.safetensors``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import TextokError
+from ..hub import read_config_json
+from .checkpoint import read_published, weights_file
+from .formats import FORMATS
+from .manifest import Variant, load_manifest, match_variant
+
+
+@dataclasses.dataclass
+class Converted:
+    """What :func:`convert` wrote."""
+
+    directory: Path
+    format: str
+    variant: Variant
+    model: nn.Module
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise TextokError(f"unknown format {fmt!r}: --from takes one of {', '.join(FORMATS)}")
+
+
+def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None = None,
+            tokenizer: str | Path | None = None) -> Converted:
+    """Read ``source`` (a published checkpoint of ``fmt``, or the folder holding it), check its keys and shapes
+    against the committed manifest, and write the equivalent textok model to ``out`` with ``save_pretrained``.
+
+    ``variant`` forces one of the manifest's layouts (by default the one the file matches exactly). A generator
+    needs ``tokenizer``: the (converted) tokenizer directory whose codes it models, recorded as the one
+    ``textok sample`` decodes with. The output's ``config.json`` records where the weights came from under
+    ``converted_from``: format, variant, file, its sha256 and the release's published settings."""
+    check_format(fmt)
+    spec = FORMATS[fmt]
+    if spec.kind == "generator" and tokenizer is None:
+        raise TextokError(f"--from {fmt} is a generator: give --tokenizer DIR, the converted tokenizer whose codes "
+                          "it models (textok convert --from titok ... --out DIR)")
+    file = weights_file(source)
+    state = read_published(file)
+    chosen = match_variant(state, load_manifest(fmt), str(file), variant)
+    model = spec.build(state, chosen)
+    record: dict[str, Any] = {"format": fmt, "variant": chosen.name, "file": file.name, "sha256": sha256_of(file),
+                              "published_settings": chosen.settings}
+    extra: dict[str, Any] = {"converted_from": record}
+    if spec.kind == "generator":
+        assert tokenizer is not None and spec.sampler is not None
+        record["textok_sampler"] = spec.sampler(chosen)
+        extra["latents_meta"] = generator_record(model, Path(tokenizer))
+    directory = model.save_pretrained(out, extra=extra)  # type: ignore[operator]
+    return Converted(Path(directory), fmt, chosen, model)
+
+
+def generator_record(model: nn.Module, tokenizer: Path) -> dict[str, Any]:
+    """The ``latents_meta`` a trained generator carries, for a converted one: the tokenizer it samples for,
+    checked to make the codes it models."""
+    data = read_config_json(tokenizer)
+    kind = data.get("model_type")
+    tok = data.get("config", {})
+    c = model.config  # type: ignore[attr-defined]
+    num_tokens = tok.get("num_tokens")
+    codes = tok.get("quantizer", {}).get("num_codes")
+    if kind != "titok" or (num_tokens, codes) != (c.num_tokens, c.codebook_size):
+        raise TextokError(f"--tokenizer {tokenizer} is a {kind} of {num_tokens} tokens over {codes} codes, but this "
+                          f"generator models {c.num_tokens} tokens over {c.codebook_size} codes; give the converted "
+                          "TiTok it was released with")
+    return {"tokenizer_dir": str(tokenizer.resolve()), "tokenizer_type": kind, "discrete": True,
+            "num_tokens": c.num_tokens, "codebook_size": c.codebook_size, "num_classes": c.num_classes,
+            "code_shape": [c.num_tokens]}
+
+
+__all__ = ["Converted", "convert", "check_format"]
