@@ -1,5 +1,8 @@
 """``save_pretrained`` / ``from_pretrained`` in the Hugging Face layout: ``config.json`` + ``model.safetensors``.
 
+``from_pretrained`` (and every loader above it) also takes a Hub name ``org/name``, read from the local Hub
+cache only; ``push_to_hub`` uploads a model with a model card (:mod:`textok.hub_repo`).
+
 ``config.json`` holds the model's own config plus ``model_type`` (which class wrote it) and the textok
 version. Loading checks both: a directory written by another model type, or weights whose shapes do not
 fit the requested config, fail with one line that names what differs.
@@ -13,6 +16,7 @@ checksums, or by hand) loads unchecked.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -22,6 +26,7 @@ from torch import nn
 
 from .config import Config
 from .errors import CheckpointMismatchError, TextokError
+from .hub_repo import push_folder, resolve_model_dir
 from .io import (atomic_directory, check_safetensors, check_sha256, read_json, read_sha256sums, sha256_files,
                  write_sha256sums)
 from .version import __version__
@@ -56,7 +61,7 @@ def state_dict_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def read_config_json(directory: str | Path) -> dict[str, Any]:
-    directory = Path(directory)
+    directory = resolve_model_dir(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise TextokError(f"{directory} is not a textok model directory: {CONFIG_NAME} is missing "
@@ -97,6 +102,16 @@ class PretrainedMixin:
             write_sha256sums(tmp, sha256_files(tmp), SUMS_NAME)
         return Path(directory)
 
+    def push_to_hub(self, repo_id: str, *, training_data: str = "", metrics: dict[str, float] | None = None,
+                    private: bool = False, token: str | None = None) -> str:
+        """Upload this model to the Hub repository ``repo_id``: ``config.json`` + ``model.safetensors`` as
+        ``save_pretrained`` writes them and a model card (``README.md``). Returns the commit's URL. (A saved
+        directory with its training records: :func:`textok.hub_repo.push_folder`.)"""
+        with tempfile.TemporaryDirectory(prefix="textok-save-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            return push_folder(folder, repo_id, training_data=training_data, metrics=metrics, private=private,
+                               token=token)
+
     @classmethod
     def read_config(cls, directory: str | Path) -> Config:
         data = read_config_json(directory)
@@ -123,7 +138,7 @@ class PretrainedMixin:
                      map_location: str | torch.device = "cpu") -> None:
         """Load ``model.safetensors`` into this model; shape/key mismatches name the config fields that differ."""
         assert isinstance(self, nn.Module)
-        directory = Path(directory)
+        directory = resolve_model_dir(directory)
         saved_config = saved_config or type(self).read_config(directory)
         path = directory / WEIGHTS_NAME
         if not path.is_file():

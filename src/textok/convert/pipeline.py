@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from ..errors import TextokError
 from ..hub import read_config_json
+from ..io import sha256_file
 from .checkpoint import read_published, weights_file
 from .formats import FORMATS
 from .manifest import Variant, load_manifest, match_variant
@@ -24,14 +24,6 @@ class Converted:
     format: str
     variant: Variant
     model: nn.Module
-
-
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_format(fmt: str) -> None:
@@ -57,7 +49,7 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
     state = read_published(file)
     chosen = match_variant(state, load_manifest(fmt), str(file), variant)
     model = spec.build(state, chosen)
-    record: dict[str, Any] = {"format": fmt, "variant": chosen.name, "file": file.name, "sha256": sha256_of(file),
+    record: dict[str, Any] = {"format": fmt, "variant": chosen.name, "file": file.name, "sha256": sha256_file(file),
                               "published_settings": chosen.settings}
     extra: dict[str, Any] = {"converted_from": record}
     if spec.kind == "generator":
