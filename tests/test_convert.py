@@ -263,3 +263,21 @@ def test_long_skips_need_an_odd_depth():
     with pytest.raises(ConfigError, match="odd transformer.depth"):
         MaskGITConfig.preset("maskgit-tiny").override(["long_skips=true"])
     assert not {"long_skips", "post_norm", "norm_pre"} & set(MaskGITConfig.preset("maskgit-b").to_dict())
+
+
+def test_output_is_never_the_source_or_another_projects_model(tmp_path):
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    torch.save(random_checkpoint("titok"), snapshot / "pytorch_model.bin")
+    (snapshot / "config.json").write_text('{"model": {"vq_model": {}}}')  # 1d-tokenizer's own config
+    before = sorted(p.name for p in snapshot.iterdir())
+    with pytest.raises(TextokError, match="which this command reads"):
+        convert("titok", snapshot, snapshot)
+    other = tmp_path / "other_snapshot"
+    other.mkdir()
+    (other / "config.json").write_text('{"architectures": ["Foo"]}')
+    with pytest.raises(TextokError, match="config.json that textok did not write"):
+        convert("titok", snapshot, other)
+    assert sorted(p.name for p in snapshot.iterdir()) == before and (other / "config.json").is_file()
+    convert("titok", snapshot, tmp_path / "fresh")
+    convert("titok", snapshot, tmp_path / "fresh")  # textok's own output is replaced

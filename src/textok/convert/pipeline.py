@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..errors import TextokError
-from ..hub import read_config_json
-from ..io import sha256_file
+from ..hub import CONFIG_NAME, read_config_json
+from ..io import check_output, sha256_file
 from .checkpoint import read_published, weights_file
 from .formats import FORMATS
 from .manifest import Variant, load_manifest, match_variant
@@ -45,6 +46,9 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
     if spec.kind == "generator" and tokenizer is None:
         raise TextokError(f"--from {fmt} is a generator: give --tokenizer DIR, the converted tokenizer whose codes "
                           "it models (textok convert --from titok ... --out DIR)")
+    check_output(out, [("SOURCE", source), ("--tokenizer", tokenizer)], kind="directory", markers=(CONFIG_NAME,),
+                 what="textok model")
+    _check_not_foreign_model(Path(out))
     file = weights_file(source)
     state = read_published(file)
     chosen = match_variant(state, load_manifest(fmt), str(file), variant)
@@ -58,6 +62,19 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
         extra["latents_meta"] = generator_record(model, Path(tokenizer))
     directory = model.save_pretrained(out, extra=extra)  # type: ignore[operator]
     return Converted(Path(directory), fmt, chosen, model)
+
+
+def _check_not_foreign_model(out: Path) -> None:
+    """A folder with another project's config.json (a Hub snapshot) is not a textok model to replace."""
+    config = out / CONFIG_NAME
+    if out.is_dir() and config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            data = None
+        if not isinstance(data, dict) or "textok_version" not in data:
+            raise TextokError(f"--out {out} holds a config.json that textok did not write (another project's model?); "
+                              "choose a new --out")
 
 
 def generator_record(model: nn.Module, tokenizer: Path) -> dict[str, Any]:
