@@ -221,11 +221,12 @@ def test_maskgit_converts_and_samples(converted_titok, tmp_path, capsys, variant
     code, out, err = run(["convert", "--from", "titok-maskgit", path, "--out", out_dir, "--tokenizer",
                           converted_titok], capsys)
     assert code == 0, err
-    assert "textok sample --generator" in out and "--cfg 3.0" in out  # the release's w = 2 is textok's 3
+    assert "textok sample --generator" in out and "guidance 3.0" in out  # the release's w = 2 is textok's 3
     model, record = load_generator(out_dir)
     assert record["latents_meta"]["tokenizer_dir"] == str(converted_titok.resolve())
     assert model.config.long_skips == (variant == "tiny-test-uvit")
     assert model.config.post_norm == (variant == "tiny-test")
+    assert (model.config.sampler.steps, model.config.sampler.guidance_scale) == (4, 3.0)
     code, out, err = run(["sample", "--generator", out_dir, "--class", 1, "--n", 2, "--steps", 4,
                           "--out", tmp_path / "s.png"], capsys)
     assert code == 0 and (tmp_path / "s.png").is_file(), err

@@ -40,8 +40,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print(f"evaluate it: textok eval reconstruction --model {done.directory} --data DIR")
         return
     sampler = FORMATS[args.fmt].sampler(done.variant)  # type: ignore[misc]
-    print(f"sample it: textok sample --generator {done.directory} --class 0 --steps {sampler['steps']} "
-          f"--cfg {sampler['cfg']} --temperature {sampler['temperature']} --guidance-schedule "
-          f"{sampler['guidance_schedule']} --out samples.png")
-    if "note" in sampler:
-        print(f"note: {sampler['note']}")
+    print(f"sample it: textok sample --generator {done.directory} --class 0 --out samples.png (its stored sampler is "
+          f"the release's: {sampler['steps']} steps, guidance {sampler['guidance_scale']} "
+          f"{sampler['guidance_schedule']}, temperature {sampler['temperature']})")

@@ -13,11 +13,13 @@ same. BERT's position and token-type-0 embeddings are one sum here (every token 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..models.maskgit import MaskGIT, MaskGITConfig
+from ..models.maskgit import MaskGIT, MaskGITConfig, MaskGITSamplerConfig
 from ..models.vit import ViTConfig
 from .manifest import Variant
 
@@ -33,7 +35,8 @@ def maskgit_config(variant: Variant) -> MaskGITConfig:
     g = variant.settings
     width, heads, hidden = g["hidden_size"], g["num_attention_heads"], g["intermediate_size"]
     common = dict(num_tokens=g["image_seq_len"], codebook_size=g["codebook_size"], num_classes=g["condition_num_classes"],
-                  class_dropout=g["class_label_dropout"], mask_schedule="arccos", gelu="none")
+                  class_dropout=g["class_label_dropout"], mask_schedule="arccos", gelu="none",
+                  sampler=MaskGITSamplerConfig(**textok_sampler(variant)))
     if g["model_type"] == "ViT":
         vit = ViTConfig(width=width, depth=g["num_hidden_layers"], heads=heads, mlp_ratio=hidden / width)
         return MaskGITConfig(transformer=vit, norm_pre=True, post_norm=True, norm_eps=1e-12, **common)
@@ -101,19 +104,16 @@ def build_maskgit(state: dict[str, Tensor], variant: Variant) -> MaskGIT:
     return model.eval()
 
 
-def textok_sampler(variant: Variant) -> dict[str, object]:
-    """The release's sampler settings in ``textok sample`` terms. Its linear / constant guidance is
-    cond + w (cond - uncond), textok's uncond + w' (cond - uncond): w' = w + 1; its power-cosine guidance is
-    already uncond + w (cond - uncond), ramped from 1 to w."""
+def textok_sampler(variant: Variant) -> dict[str, Any]:
+    """The release's FID sampler (its config with 1d-tokenizer's sample_imagenet_titok.py: softmax temperature
+    annealing on) as textok's stored sampler. Its linear / constant guidance is cond + w (cond - uncond), textok's
+    uncond + w' (cond - uncond): w' = w + 1; its power-cosine guidance is already uncond + w (cond - uncond)."""
     g = variant.settings
     power = g["guidance_decay"] == "power-cosine"
-    out: dict[str, object] = {"steps": g["num_steps"], "temperature": g["randomize_temperature"],
-                              "cfg": g["guidance_scale"] if power else g["guidance_scale"] + 1,
-                              "guidance_schedule": "cosine" if power else g["guidance_decay"]}
-    if power:
-        out["note"] = (f"the release ramps guidance by (1 - cos(pi (s/steps)^{g.get('guidance_scale_pow')})) / 2; "
-                       "textok's cosine schedule is the exponent-1 case")
-    return out
+    return {"steps": g["num_steps"], "temperature": g["randomize_temperature"], "temperature_schedule": "linear",
+            "softmax_annealing": True, "guidance_scale": g["guidance_scale"] if power else g["guidance_scale"] + 1,
+            "guidance_schedule": g["guidance_decay"],
+            "guidance_exponent": g.get("guidance_scale_pow", 3.0) if power else 1.0}
 
 
 __all__ = ["build_maskgit", "maskgit_config", "maskgit_state", "textok_sampler"]
