@@ -125,7 +125,8 @@ def verdict(text_cell: dict[str, Any], none_cell: dict[str, Any], spread: dict[s
     """PSNR, FD and the swap cost of each cell, and whether text in the decoder is decided better or worse."""
     mt, mn = text_cell["metrics"], none_cell["metrics"]
     fd = next(k for k in mt if k.startswith("FD-"))
-    wrong = text_cell.get("metrics_wrong_caption", {})
+    wrong = text_cell.get("metrics_wrong_caption", {})  # the next image's caption
+    other = text_cell.get("metrics_other_caption", {})  # a caption of another class (where the study scores one)
     d_psnr = mt["PSNR"] - mn["PSNR"]
     d_fd = (mn[fd] - mt[fd]) / mn[fd]  # > 0: text lowers the distance
 
@@ -136,7 +137,8 @@ def verdict(text_cell: dict[str, Any], none_cell: dict[str, Any], spread: dict[s
 
     return {
         "cells": {"decoder": {"PSNR": mt["PSNR"], fd: mt[fd], "swap_cost_PSNR_dB": mt["PSNR"] - wrong.get("PSNR", mt["PSNR"]),
-                              "swap_cost_FD_relative": (wrong[fd] - mt[fd]) / mt[fd] if fd in wrong else None},
+                              "swap_cost_FD_relative": (wrong[fd] - mt[fd]) / mt[fd] if fd in wrong else None,
+                              "swap_cost_other_class_PSNR_dB": mt["PSNR"] - other["PSNR"] if "PSNR" in other else None},
                   "none": {"PSNR": mn["PSNR"], fd: mn[fd]}},
         "PSNR_gain_dB": d_psnr, "FD_gain_relative": d_fd,
         "PSNR": call(d_psnr, spread["PSNR_dB"]), "FD": call(d_fd, spread["FD_relative"]),

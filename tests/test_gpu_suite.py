@@ -58,7 +58,7 @@ def test_make_gpu_smoke_runs_every_phase(tmp_path) -> None:
 def test_gpu_probe_cpu_smoke_measures_every_part(tmp_path) -> None:
     """The probe (benchmarks/gpu_probe.py) uses the library's training parts: its CPU mode must keep running."""
     proc = subprocess.run([sys.executable, "benchmarks/gpu_probe.py", "--cpu-smoke", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_probe.json").read_text())
     parts = [v for part in result.values() if isinstance(part, dict) for k, v in part.items() if k.endswith("_ms")]
