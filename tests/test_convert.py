@@ -282,3 +282,88 @@ def test_output_is_never_the_source_or_another_projects_model(tmp_path):
     assert sorted(p.name for p in snapshot.iterdir()) == before and (other / "config.json").is_file()
     convert("titok", snapshot, tmp_path / "fresh")
     convert("titok", snapshot, tmp_path / "fresh")  # textok's own output is replaced
+
+
+# ---- TA-TiTok ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 1-layer CLIP text tower (context 8, width 16) with a letter-level BPE vocabulary,
+    saved like a real one: the shape of the manifest's TA-TiTok test size."""
+    import string
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("tiny_clip")
+    letters = list(string.ascii_lowercase)
+    vocab = {t: i for i, t in enumerate(letters + [c + "</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"])}
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=8).save_pretrained(d)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(0)
+    CLIPTextModel(cfg).save_pretrained(d)
+    return d
+
+
+def test_clip_encoder_returns_the_full_context(tiny_clip_dir):
+    from textok.text.encoders import load_text_encoder
+
+    emb = load_text_encoder(f"clip:{tiny_clip_dir}", 8).encode(["a red", "blue sky"])
+    assert emb.states.shape == (2, 8, 16) and bool(emb.mask.all())
+    # padding is id 0 after the end token, as open_clip pads: the states there are those of token 0
+    enc = load_text_encoder(f"clip:{tiny_clip_dir}", 8)
+    ids = torch.tensor([[52, 26, 53, 0, 0, 0, 0, 0]])  # <start> "a</w>" <end>, then zeros
+    with torch.no_grad():
+        direct = enc.model(input_ids=ids).last_hidden_state
+    one = enc.encode(["a"]).states
+    torch.testing.assert_close(one, direct)
+
+
+@pytest.mark.parametrize("variant", ["tiny-test", "tiny-test-vae"])
+def test_tatitok_converts_and_decodes_with_captions(tmp_path, capsys, tiny_clip_dir, variant):
+    path = tmp_path / "tatitok.bin"
+    torch.save(random_checkpoint("tatitok", variant), path)
+    out_dir = tmp_path / "tatitok"
+    code, out, err = run(["convert", "--from", "tatitok", path, "--out", out_dir, "--text-encoder",
+                          f"clip:{tiny_clip_dir}"], capsys)
+    assert code == 0, err
+    model = load_tokenizer(out_dir).eval()
+    c = model.config
+    assert c.text_in_decoder and not c.text_in_encoder and c.text_positions == 8 and c.text_dim == 16
+    assert c.quantizer.kind == ("vq" if variant == "tiny-test" else "kl")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(images)
+        right = model.decode(z, ["red bird", "blue sky"])
+        swapped = model.decode(z, ["blue sky", "red bird"])
+    assert right.shape == images.shape and not torch.allclose(right, swapped)  # the text reaches the pixels
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(img)
+    code, out, err = run(["reconstruct", "--model", out_dir, "--image", img, "--caption", "a red bird",
+                          "--out", tmp_path / "r.png"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("variant", [n for n, v in load_manifest("tatitok").items() if not v.test_only])
+def test_published_tatitok_layouts_map_exactly(variant):
+    v = load_manifest("tatitok")[variant]
+    state = {k: torch.empty(shape, device="meta") for k, shape in v.keys.items()}
+    config = titok_config(v, "clip:/clip-vit-large-patch14-336")
+    mapped = titok_state(state, config)
+    with torch.device("meta"):
+        model = TiTok(config, load_vqgan=False)
+    assert {k: tuple(t.shape) for k, t in mapped.items()} == {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    assert config.text_positions == 77 and config.text_dim == 768
+
+
+def test_tatitok_needs_its_text_encoder(tmp_path, titok_file):
+    path = tmp_path / "tatitok.bin"
+    torch.save(random_checkpoint("tatitok"), path)
+    with pytest.raises(ConfigError, match="give --text-encoder clip:"):
+        convert("tatitok", path, tmp_path / "o")
+    with pytest.raises(TextokError, match="has no text: drop --text-encoder"):
+        convert("titok", titok_file, tmp_path / "o", text_encoder="clip:/x")

@@ -27,12 +27,15 @@ def convert_args(p: argparse.ArgumentParser) -> None:
                    "other than a saved model)")
     p.add_argument("--tokenizer", default=None, help="generators: the converted tokenizer directory whose codes "
                    "the generator models (recorded as the one `textok sample` decodes with)")
+    p.add_argument("--text-encoder", default=None, help="TA-TiTok: its CLIP text tower as a textok text encoder "
+                   "spec, clip:/path/to/a local openai/clip-vit-large-patch14-336")
     p.add_argument("--variant", default=None, help="insist on one published variant (default: the one whose keys "
                    "and shapes the file has)")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    done = convert(args.fmt, args.source, args.out, variant=args.variant, tokenizer=args.tokenizer)
+    done = convert(args.fmt, args.source, args.out, variant=args.variant, tokenizer=args.tokenizer,
+                   text_encoder=args.text_encoder)
     params = sum(p.numel() for p in done.model.parameters())
     print(f"{args.source}: {done.format} {done.variant.name} -> {done.directory} "
           f"({type(done.model).__name__}, {params / 1e6:.1f}M parameters)")

@@ -33,13 +33,14 @@ def check_format(fmt: str) -> None:
 
 
 def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None = None,
-            tokenizer: str | Path | None = None) -> Converted:
+            tokenizer: str | Path | None = None, text_encoder: str | None = None) -> Converted:
     """Read ``source`` (a published checkpoint of ``fmt``, or the folder holding it), check its keys and shapes
     against the committed manifest, and write the equivalent textok model to ``out`` with ``save_pretrained``.
 
     ``variant`` forces one of the manifest's layouts (by default the one the file matches exactly). A generator
     needs ``tokenizer``: the (converted) tokenizer directory whose codes it models, recorded as the one
-    ``textok sample`` decodes with. The output's ``config.json`` records where the weights came from under
+    ``textok sample`` decodes with. A text-conditioned tokenizer (TA-TiTok) needs ``text_encoder``, the textok
+    spec of its text tower (``clip:/local/dir``). The output's ``config.json`` records where the weights came from under
     ``converted_from``: format, variant, file, its sha256 and the release's published settings."""
     check_format(fmt)
     spec = FORMATS[fmt]
@@ -52,7 +53,9 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
     file = weights_file(source)
     state = read_published(file)
     chosen = match_variant(state, load_manifest(fmt), str(file), variant)
-    model = spec.build(state, chosen)
+    if text_encoder is not None and not spec.text_encoder:
+        raise TextokError(f"--from {fmt} has no text: drop --text-encoder")
+    model = spec.build(state, chosen, **({"text_encoder": text_encoder} if spec.text_encoder else {}))
     record: dict[str, Any] = {"format": fmt, "variant": chosen.name, "file": file.name, "sha256": sha256_file(file),
                               "published_settings": chosen.settings}
     extra: dict[str, Any] = {"converted_from": record}

@@ -61,6 +61,7 @@ class TexTokConfig(Config):
     gelu: str = "tanh"  # "tanh" (approximate) or "none" (exact erf GELU)
     legacy_token_layout: bool = False  # encoder head reads the (N, width) outputs as a (width, N) array
     pixel_conv: bool = False  # a 3x3 conv on the decoder's unpatchified image
+    text_positions: int = 0  # >0: learned positions added to exactly that many projected text tokens (TA-TiTok)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -71,6 +72,8 @@ class TexTokConfig(Config):
             raise ConfigError(f"gelu={self.gelu!r} is not one of {', '.join(GELU_KINDS)}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.text_positions < 0 or (self.text_positions and self.text_pooled):
+            raise ConfigError(f"text_positions={self.text_positions} must be >= 0, and cannot go with text_pooled")
 
     def to_dict(self) -> dict[str, Any]:
         """As :meth:`Config.to_dict`, without the layout options that hold their defaults (so configs written
@@ -100,7 +103,7 @@ class TexTokConfig(Config):
 
 
 LAYOUT_DEFAULTS: dict[str, Any] = {"class_token": False, "norm_pre": False, "norm_eps": 1e-6, "gelu": "tanh",
-                                   "legacy_token_layout": False, "pixel_conv": False}
+                                   "legacy_token_layout": False, "pixel_conv": False, "text_positions": 0}
 
 
 def _register_presets() -> None:
@@ -146,6 +149,7 @@ class TexTokEncoder(nn.Module):
         self.latent_tokens = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
         self.latent_pos = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
         self.text_proj = nn.Linear(cfg.text_dim, D) if cfg.text_in_encoder else None
+        self.text_pos = _text_pos(cfg, D) if cfg.text_in_encoder else None
         self.class_token = nn.Parameter(torch.randn(1, 1, D) * D**-0.5) if cfg.class_token else None
         self.transformer = Transformer(cfg.encoder, cfg.norm_eps, cfg.gelu, cfg.norm_pre)
         self.to_tokens = nn.Linear(D, cfg.token_channels)
@@ -165,7 +169,7 @@ class TexTokEncoder(nn.Module):
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
-            parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
+            parts.append(_project_text(self.text_proj, self.text_pos, text, self.patch_pos.dtype))
             if not text.dense:  # no padded caption: no mask (the same attention, a faster kernel)
                 key_padding = torch.cat([text.mask.new_ones(B, start + self.num_tokens), text.mask], dim=1)
         h = self.transformer(torch.cat(parts, dim=1), key_padding)[:, start : start + self.num_tokens]
@@ -186,6 +190,7 @@ class TexTokDecoder(nn.Module):
         self.token_proj = nn.Linear(cfg.token_channels, D)
         self.latent_pos = nn.Parameter(torch.randn(1, cfg.num_tokens, D) * D**-0.5)
         self.text_proj = nn.Linear(cfg.text_dim, D) if cfg.text_in_decoder else None
+        self.text_pos = _text_pos(cfg, D) if cfg.text_in_decoder else None
         self.class_token = nn.Parameter(torch.randn(1, 1, D) * D**-0.5) if cfg.class_token else None
         self.transformer = Transformer(cfg.decoder, cfg.norm_eps, cfg.gelu, cfg.norm_pre)
         self.to_pixels = nn.Linear(D, cfg.patch_size**2 * 3)
@@ -202,7 +207,7 @@ class TexTokDecoder(nn.Module):
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
-            parts.append(self.text_proj(text.states.to(self.patch_pos.dtype)))
+            parts.append(_project_text(self.text_proj, self.text_pos, text, self.patch_pos.dtype))
             if not text.dense:
                 key_padding = torch.cat([text.mask.new_ones(B, start + P + self.cfg.num_tokens), text.mask], dim=1)
         return self.transformer(torch.cat(parts, dim=1), key_padding)[:, start : start + P]
@@ -212,6 +217,24 @@ class TexTokDecoder(nn.Module):
         images = unpatchify(self.to_pixels(self.features(z, text)), self.cfg.patch_size, g, g)
         return images if self.pixel_conv is None else self.pixel_conv(images)
 
+
+
+def _text_pos(cfg: TexTokConfig, width: int) -> nn.Parameter | None:
+    """Learned positions of the text tokens (``text_positions`` > 0), or None."""
+    if not cfg.text_positions:
+        return None
+    return nn.Parameter(torch.randn(1, cfg.text_positions, width) * width**-0.5)
+
+
+def _project_text(proj: nn.Linear, pos: nn.Parameter | None, text: TextEmbeddings, dtype: torch.dtype) -> Tensor:
+    """Text states projected to the transformer's width, plus their learned positions when the model has them."""
+    states = proj(text.states.to(dtype))
+    if pos is None:
+        return states
+    if states.shape[1] != pos.shape[1]:
+        raise TextokError(f"this model takes exactly {pos.shape[1]} text tokens per caption (it learned their "
+                          f"positions), got {states.shape[1]}; use its text encoder (a fixed-length one, e.g. clip:)")
+    return states + pos
 
 
 # Pixels further than this outside [-1, 1] are not a rounding overshoot: the images were scaled another way.

@@ -6,6 +6,10 @@
   paper (T5-XL at 256 px, T5-XXL at 512 px). Nothing is downloaded: the directory must hold the weights
   and the tokenizer.
 * ``hf:/path/to/dir``: any other transformers encoder (``AutoModel``) from a local directory.
+* ``clip:/path/to/dir``: a CLIP text tower (``CLIPTextModel``, e.g. a saved openai/clip-vit-large-patch14-336) as
+  open_clip runs it for TA-TiTok: every caption padded to the full context (``text_max_length``, 77) with id 0
+  after its end token, causal attention only, and all positions returned (the mask is all true: a model trained
+  on these states attends to the padding too).
 
 Encoders are frozen and run without gradients; :func:`load_text_encoder` caches one instance per spec so a
 model that is given plain strings loads its encoder once, lazily.
@@ -64,14 +68,14 @@ class HFTextEncoder:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         # lazily: transformers is heavy (seconds to import) and only a text encoder needs it; the offline
         # switches above must be set before its first import
-        from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+        from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            model_cls = T5EncoderModel if kind == "t5" else AutoModel
+            model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel}.get(kind, AutoModel)
             self.model = model_cls.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
@@ -108,10 +112,20 @@ class HFTextEncoder:
                 stacklevel=2,
             )
             self._warned_truncation = True
+        if self.kind == "clip":
+            return self._encode_full_context(captions)
         batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         states = self.model(**batch).last_hidden_state.float()
         return TextEmbeddings(states, batch["attention_mask"].bool())
+
+    def _encode_full_context(self, captions: list[str]) -> TextEmbeddings:
+        """CLIP as open_clip runs it: ids padded with 0 to the full context, no padding mask, every state."""
+        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 0).to(self.device)
+        states = self.model(input_ids=ids).last_hidden_state.float()
+        return TextEmbeddings(states, torch.ones(ids.shape, dtype=torch.bool, device=self.device))
 
     __call__ = encode
 
@@ -139,19 +153,22 @@ def encoder_name(spec: str) -> str:
     if spec == "minilm":
         return "minilm"
     kind, _, path = spec.partition(":")
-    if kind in ("t5", "hf") and path:
+    if kind in ("t5", "hf", "clip") and path:
         return f"{kind}:{Path(path).resolve()}"
-    raise TextokError(f"unknown text encoder {spec!r}: use 'minilm', 't5:/path/to/t5-dir' or 'hf:/path/to/dir'")
+    raise TextokError(f"unknown text encoder {spec!r}: use 'minilm', 't5:/path/to/t5-dir', 'hf:/path/to/dir' or "
+                      "'clip:/path/to/clip-dir'")
 
 
 @functools.lru_cache(maxsize=4)
 def load_text_encoder(spec: str = DEFAULT_TEXT_ENCODER, max_length: int = 64, device: str = "cpu") -> HFTextEncoder:
-    """``"minilm"`` | ``"t5:/dir"`` | ``"hf:/dir"`` -> a frozen encoder (one instance per spec, reused)."""
+    """``"minilm"`` | ``"t5:/dir"`` | ``"hf:/dir"`` | ``"clip:/dir"`` -> a frozen encoder (one instance per spec,
+    reused)."""
     if spec == "minilm":
         return HFTextEncoder(minilm_path(), kind="bert", max_length=max_length, device=device, name="minilm")
     if ":" in spec:
         kind, path = spec.split(":", 1)
-        if kind in ("t5", "hf"):
-            return HFTextEncoder(path, kind="t5" if kind == "t5" else "auto", max_length=max_length, device=device,
+        if kind in ("t5", "hf", "clip"):
+            return HFTextEncoder(path, kind="auto" if kind == "hf" else kind, max_length=max_length, device=device,
                                  name=f"{kind}:{Path(path).resolve()}")
-    raise TextokError(f"unknown text encoder {spec!r}: use 'minilm', 't5:/path/to/t5-dir' or 'hf:/path/to/dir'")
+    raise TextokError(f"unknown text encoder {spec!r}: use 'minilm', 't5:/path/to/t5-dir', 'hf:/path/to/dir' or "
+                      "'clip:/path/to/clip-dir'")
