@@ -206,7 +206,8 @@ def check_output(path: str | Path, inputs: Inputs = (), *, flag: str = "--out", 
             raise TextokError(f"{flag} {path} already holds files that are not a {what} (e.g. {foreign[0]}; no "
                               f"{' / '.join(markers)}): choose another {flag} (an empty or new directory), or move "
                               "those files away yourself")
-    parent = path.parent if kind == "file" or not path.exists() else path
+    # where the first file is created: beside a file or a replaced directory (its temporary), inside a run or folder
+    parent = path if kind in ("run", "folder") and path.is_dir() else path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
