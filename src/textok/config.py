@@ -11,6 +11,7 @@ derive from :class:`Config`, which gives them:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -254,6 +255,17 @@ def split_assignment(text: str) -> tuple[str, str]:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
+
+
+def port_number(text: str) -> int:
+    """A TCP port from the command line (an ``argparse`` type): 0 (any free port) to 65535, else one line."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0 (any free port) to 65535")
+    return port
 
 
 def _unknown_key_message(cls: type, key: str, names: list[str], full_key: str | None = None) -> str:

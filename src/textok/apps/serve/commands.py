@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ...config import port_number
 from .app import ServeApp
 from .server import is_loopback, make_server
 
@@ -14,7 +15,7 @@ def serve_args(p: argparse.ArgumentParser) -> None:
                    help="a tokenizer directory (save_pretrained / a run's final/); repeat to compare several")
     p.add_argument("--generator", metavar="DIR", help="a generator directory (train-generator's final/) to sample from")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
+    p.add_argument("--port", type=port_number, default=7860, help="port (0 = any free port)")
     p.add_argument("--verbose", action="store_true", help="log every request")
 
 
