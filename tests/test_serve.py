@@ -6,13 +6,22 @@ The browser test (test_serve_browser.py) drives the page; this file checks what 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from importlib import resources
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -24,6 +33,7 @@ from textok.apps.serve import ServeApp, make_server
 from textok.apps.serve.pictures import to_uint8
 from textok.cli import build_parser
 from textok.data.scenes import CaptionedScenes
+from textok.errors import TextokError
 from textok.models.registry import load_tokenizer
 
 
@@ -33,6 +43,7 @@ def served(tmp_path_factory):
     paths = make_models(tmp_path_factory.mktemp("serve"))
     app = ServeApp([paths["text"], paths["notext"], paths["bad"]], paths["generator"])
     server = make_server(app, "127.0.0.1", 0)
+    app.test_server = server  # the tests that shorten its deadlines reach it here
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.url, app, paths
@@ -40,9 +51,12 @@ def served(tmp_path_factory):
     server.server_close()
 
 
-def request(url: str, data: bytes | dict | None = None) -> tuple[int, dict]:
+def request(url: str, data: bytes | dict | None = None, method: str | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict]:
     body = json.dumps(data).encode() if isinstance(data, dict) else data
-    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    kind = {"Content-Type": "application/json"} if isinstance(data, dict) or (body or b"").startswith(b"{") else {}
+    req = urllib.request.Request(url, data=body, method=method or ("POST" if body is not None else "GET"),
+                                 headers={**kind, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as res:
             return res.status, json.loads(res.read())
@@ -62,7 +76,8 @@ def from_data_url(url: str) -> np.ndarray:
 
 
 def by_name(results: list[dict]) -> dict[str, dict]:
-    return {r["name"]: r for r in results}
+    """Results by their directory's last folder (the page's names carry the parent folder too)."""
+    return {Path(r["directory"]).name: r for r in results}
 
 
 def test_the_verb_is_registered_with_its_options():
@@ -158,8 +173,14 @@ def test_models_added_from_the_page(served, tmp_path):
     status, out = request(url + "api/models", {"directory": str(paths["generator"])})
     assert status == 400 and "not a tokenizer" in out["error"]
     count = len(app.models)
-    status, out = request(url + "api/models", {"directory": str(paths["notext"])})
-    assert status == 200 and out["name"] == "notext" and len(app.models) == count + 1
+    status, out = request(url + "api/models", {"directory": str(paths["notext"]) + "/../notext/"})
+    assert status == 200 and out["already_loaded"] and len(app.models) == count  # the same directory: one model
+    other = tmp_path / "run2" / "notext"
+    load_tokenizer(paths["notext"]).save_pretrained(other)
+    status, out = request(url + "api/models", {"directory": str(other)})
+    assert status == 200 and not out["already_loaded"] and len(app.models) == count + 1
+    names = [m["name"] for m in request(url + "api/info")[1]["models"]]
+    assert len(set(names)) == len(names) and out["name"] in names  # two `notext` folders, told apart
     app.models.pop()
 
 
@@ -172,10 +193,12 @@ def test_samples_follow_seed_and_refuse_bad_requests(served):
     assert np.abs(from_data_url(a["images"][1]).astype(int) - to_uint8(expected[1]).astype(int)).max() <= 1
     assert request(url + "api/generate", req)[1]["images"] == a["images"]
     assert request(url + "api/generate", {**req, "seed": 5})[1]["images"] != a["images"]
-    for bad, words in (({**req, "cfg": 0.5}, "must be >= 1"), ({**req, "n": 99}, "1 to 8"), ({**req, "label": 99}, "out of range"),
-                       ({**req, "seed": "x"}, "whole numbers")):
+    for bad, words in (({**req, "cfg": 0.5}, "must be >= 1"), ({**req, "label": 99}, "out of range")):
         status, out = request(url + "api/generate", bad)
         assert status == 400 and words in out["error"], out
+    for bad, field in (({**req, "n": 99}, "n"), ({**req, "seed": "x"}, "seed"), ({**req, "n": 0}, "n")):
+        status, out = request(url + "api/generate", bad)
+        assert status == 422 and out["fields"] == [field] and f"'{field}'" in out["error"], out
 
 
 def test_unexpected_errors_are_one_line_and_the_server_keeps_running(served, monkeypatch, capsys):
@@ -221,9 +244,188 @@ def test_discrete_tokenizers_count_codes_in_bits(tmp_path):
 
 
 def test_a_port_in_use_is_a_one_line_error(served):
-    from textok.errors import TextokError
-
     url, app, _ = served
     port = int(url.rstrip("/").rsplit(":", 1)[1])
     with pytest.raises(TextokError, match=f"cannot listen on 127.0.0.1:{port}.*another --port"):
         make_server(app, "127.0.0.1", port)
+
+
+# ---- issue 23: a maintained stack, typed bodies, only the user's own page, bounded ---------------------------
+def test_wrong_json_types_are_refused_naming_the_field_never_500(served):
+    url, _, _ = served
+    for path, body, field in (("api/reconstruct", {"scene": "1", "caption": "x"}, "scene"),
+                              ("api/reconstruct", {"scene": 1, "caption": 5}, "caption"),
+                              ("api/reconstruct", {"scene": 1, "caption": ["x"]}, "caption"),
+                              ("api/reconstruct", {"scene": 1, "colour": "red"}, "colour"),
+                              ("api/generate", {"label": 0, "n": "4"}, "n"),
+                              ("api/generate", {"label": 0, "n": True}, "n"),
+                              ("api/generate", {"label": 0, "cfg": "x"}, "cfg"),
+                              ("api/models", {"directory": 3}, "directory")):
+        status, out = request(url + path, body)
+        assert status == 422 and field in out["fields"] and f"'{field}'" in out["error"], (body, out)
+    for body, words in ((b"[1, 2]", "JSON object"), (b"{not json", "not valid JSON")):
+        status, out = request(url + "api/reconstruct", body, headers={"Content-Type": "application/json"})
+        assert status == 400 and words in out["error"], out
+
+
+def test_unknown_paths_and_methods_are_answered_in_json(served):
+    url, _, _ = served
+    for method in ("PUT", "DELETE", "PATCH"):
+        status, out = request(url + "api/reconstruct", {"scene": 1}, method=method)
+        assert status == 405 and f"{method} is not allowed" in out["error"] and out["allowed"] == "POST"
+    status, out = request(url + "api/info", b"{}", method="POST")
+    assert status == 405 and "POST is not allowed" in out["error"]
+    conn = http.client.HTTPConnection(urlparse(url).hostname, urlparse(url).port, timeout=30)
+    conn.request("BREW", "/api/info")
+    res = conn.getresponse()
+    assert res.status == 405 and json.loads(res.read())["error"].startswith("BREW is not allowed")
+    conn.close()
+    assert request(url + "static/../../etc/passwd")[0] == 404
+    assert request(url + "static/secret.py")[0] == 404
+
+
+def test_only_this_machines_names_and_own_page_can_drive_it(served):
+    """DNS rebinding (a foreign name in Host) reads nothing; another site's page (a foreign Origin) changes nothing."""
+    url, app, paths = served
+    port = urlparse(url).port
+    count = len(app.models)
+    load = {"directory": str(paths["notext"])}
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.example", ""):
+        for path, body in (("api/info", None), ("", None), ("api/models", load), ("api/reconstruct", {"scene": 1})):
+            status, out = request(url + path, body, headers={"Host": host})
+            assert status == 403 and "addressed to this machine" in out["error"], (host, path, out)
+    for origin in ("http://attacker.example", f"http://attacker.example:{port}", "null", f"http://127.0.0.1:{port + 1}",
+                   f"https://127.0.0.1:{port}"):
+        for path, body in (("api/models", load), ("api/reconstruct", {"scene": 1, "caption": "x"}),
+                           ("api/upload", png_bytes(Image.new("RGB", (8, 8))))):
+            status, out = request(url + path, body, headers={"Origin": origin})
+            assert status == 403 and "may not change this server" in out["error"], (origin, path, out)
+    status, out = request(url + "api/info", headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 403
+    assert len(app.models) == count
+    for host, origin in ((f"localhost:{port}", f"http://localhost:{port}"), (f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"),
+                         (f"[::1]:{port}", f"http://[::1]:{port}")):
+        status, out = request(url + "api/reconstruct", {"scene": 1, "caption": "x"}, headers={"Host": host, "Origin": origin})
+        assert status == 200, (host, out)
+    assert request(url + "api/info", headers={"Sec-Fetch-Site": "same-origin"})[0] == 200
+
+
+def test_a_wildcard_bind_accepts_ip_literals_but_no_names():
+    from textok.apps.serve.guard import Guard
+
+    guard = Guard(None, "0.0.0.0", 7860, {}, 1, 1.0)
+    assert guard.host_allowed("192.168.1.20") and guard.host_allowed("localhost")
+    assert not guard.host_allowed("attacker.example") and not guard.host_allowed("")
+    assert guard.origin_allowed("http://192.168.1.20:7860") and not guard.origin_allowed("http://192.168.1.20:80")
+    local = Guard(None, "127.0.0.1", 7860, {}, 1, 1.0)
+    assert not local.host_allowed("192.168.1.20") and local.host_allowed("127.0.0.2")
+
+
+def test_bodies_are_size_limited_and_slow_clients_time_out(served, monkeypatch):
+    url, app, _ = served
+    status, out = request(url + "api/reconstruct", b"{" + b" " * (41 * 2**20) + b"}")
+    assert status == 413 and "MB" in out["error"]
+    host, port = urlparse(url).hostname, urlparse(url).port
+    conn = http.client.HTTPConnection(host, port, timeout=30)  # chunked: no Content-Length to refuse up front
+    conn.request("POST", "/api/upload", body=iter([b"x" * 2**20] * 21), encode_chunked=True,
+                 headers={"Content-Type": "application/octet-stream"})
+    res = conn.getresponse()
+    assert res.status == 413 and "MB" in json.loads(res.read())["error"]
+    conn.close()
+
+    from textok.apps.serve import server as server_module
+
+    served_server = app.test_server
+    monkeypatch.setattr(served_server.asgi, "body_timeout", 0.5)
+    with socket.create_connection((host, port), timeout=30) as sock:  # a body that never finishes
+        sock.sendall(f"POST /api/reconstruct HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n\r\n{{\"scene\"".encode())
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
+    monkeypatch.setattr(server_module, "HEADER_TIMEOUT", 0.5)
+    with socket.create_connection((host, port), timeout=30) as sock:  # connects and never sends a request
+        t0 = time.monotonic()
+        sock.sendall(b"GET /api/info HTTP/1.1\r\nHo")
+        assert sock.recv(4096) == b"" and time.monotonic() - t0 < 20  # closed by the server
+    assert request(url + "api/info")[0] == 200
+
+
+def test_captions_and_sample_counts_are_checked_before_any_work(served, monkeypatch):
+    url, app, _ = served
+    from textok.apps.serve import app as app_module
+
+    def no_work(*a, **k):
+        raise AssertionError("the text encoder ran for a request that should have been refused")
+
+    monkeypatch.setattr(app_module, "load_text_encoder", no_work)
+    long = "a red circle " * 200
+    status, out = request(url + "api/reconstruct", {"scene": 1, "caption": long})
+    assert status == 422 and out["fields"] == ["caption"]
+    with pytest.raises(TextokError, match="limit is 2000"):
+        app.reconstruct({"scene": 1}, long)
+    with pytest.raises(TextokError, match="1 to 8 samples"):
+        app.generate(label=0, n=0)  # 0 is refused, not turned into the default
+
+
+def test_loaded_models_are_capped_and_deduplicated(tmp_path, monkeypatch, served):
+    from textok.apps.serve import app as app_module
+
+    _, _, paths = served
+    same = [paths["notext"], str(paths["notext"]) + "/", paths["notext"].parent / "." / "notext"]
+    assert len(ServeApp(same).models) == 1
+    monkeypatch.setattr(app_module, "MAX_MODELS", 2)
+    with pytest.raises(TextokError, match="at most 2"):
+        ServeApp([paths["text"], paths["notext"], tmp_path])
+    capped = ServeApp([paths["text"], paths["notext"]])
+    load_tokenizer(paths["notext"]).save_pretrained(tmp_path / "third")
+    with pytest.raises(TextokError, match="2 tokenizers are loaded"):
+        capped.add_model(str(tmp_path / "third"))
+    assert capped.add_model(str(paths["text"]))["already_loaded"] and len(capped.models) == 2
+
+
+def test_models_run_outside_the_lock_and_requests_run_in_parallel(served, monkeypatch):
+    """Two reconstructions are inside a model at the same time, and the model list stays free meanwhile."""
+    url, app, _ = served
+    model = next(m for m in app.models if m.model is not None and not m.model.config.uses_text).model
+    both_inside = threading.Barrier(2, timeout=30)
+    list_free = []
+    encode = model.encode
+
+    def slow_encode(*a, **k):
+        both_inside.wait()  # raises BrokenBarrierError unless a second request gets here meanwhile
+        list_free.append(app.lock.acquire(timeout=5))
+        app.lock.release()
+        return encode(*a, **k)
+
+    monkeypatch.setattr(model, "encode", slow_encode)
+    answers = []
+    threads = [threading.Thread(target=lambda i=i: answers.append(request(url + "api/reconstruct", {"scene": i, "caption": "x"})))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [a[0] for a in answers] == [200, 200] and list_free == [True, True]
+    assert all("recon" in r for a in answers for r in a[1]["results"] if Path(r["directory"]).name == "notext")
+
+
+def _serve_process(model: Path) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-c", "import sys; from textok.cli import main; sys.exit(main())", "serve", "--port", "0",
+           "--model", str(model)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        if "ready at " in line:
+            return proc, line.split("ready at ", 1)[1].split()[0]
+    raise AssertionError("textok serve did not start:\n" + "".join(log))
+
+
+def test_sigterm_and_ctrl_c_exit_143_and_130(served):
+    _, _, paths = served
+    running = [_serve_process(paths["notext"]) for _ in range(2)]
+    for (proc, url), sig, code in zip(running, (signal.SIGTERM, signal.SIGINT), (143, 130)):
+        assert request(url + "api/info")[0] == 200
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code, proc.stdout.read()

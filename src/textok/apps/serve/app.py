@@ -1,14 +1,16 @@
 """What the page asks for, without HTTP: load tokenizers and a generator, reconstruct, swap captions, sample.
 
 Every method returns plain JSON-ready dicts and raises :class:`TextokError` (one line, shown on the page) for
-anything the user can fix. Model work is serialised by one lock: the models are small, requests are short,
-and torch already uses the cores for one request.
+anything the user can fix. Requests run in parallel: one lock guards only the list of loaded models (held to
+copy it or add to it, never while a model runs), and a second serialises text encoding, because a Hugging Face
+tokenizer is not safe to call from two threads at once.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import io
 import math
@@ -35,6 +37,8 @@ MAX_PIXELS = 50_000_000  # larger images are refused (decoding them would take s
 WORK_SIZE = 512  # uploads are center-cropped and resized to at most this square; each model resizes again
 SCENE_SPLIT = "test"  # the embedded scenes offered on the page: held out from training
 MAX_SAMPLES = 8
+MAX_MODELS = 8  # tokenizers loaded at once (each holds its weights in memory; the page shows them side by side)
+MAX_CAPTION_CHARS = 2000  # longer captions are refused before any work (encoders keep 64-512 tokens anyway)
 TEXT_CACHE = 256  # captions whose text states are kept between requests
 NOT_AN_IMAGE = "that file is not an image this page can read (PNG, JPEG, WebP, GIF, BMP or TIFF): choose an image file"
 
@@ -50,9 +54,41 @@ def _db(value: float) -> float | None:
 
 
 def model_name(directory: str | Path) -> str:
-    """``runs/demo/textok/final`` -> ``textok/final``: the run's name is the informative part."""
+    """``runs/demo/textok/final`` -> ``demo/textok/final``: the run's name is the informative part, and the
+    folder above it tells two runs of the same recipe apart."""
     parts = Path(directory).resolve().parts
-    return "/".join(parts[-2:]) if parts[-1] in ("final", "latest", "ema") and len(parts) > 1 else parts[-1]
+    return _suffix(parts, 3 if parts[-1] in ("final", "latest", "ema") else 2)
+
+
+def _suffix(parts: tuple[str, ...], keep: int) -> str:
+    return "/".join(parts[-keep:]) if len(parts) > keep else "/".join(parts[1:]) or parts[-1]
+
+
+def distinct_names(directories: list[str]) -> list[str]:
+    """:func:`model_name` of each directory, lengthened (more parent folders) until no two are the same."""
+    parts = [Path(d).resolve().parts for d in directories]
+    names = [model_name(d) for d in directories]
+    for _ in range(max((len(p) for p in parts), default=0)):
+        clash = {n for n in names if names.count(n) > 1}
+        if not clash:
+            break
+        names = [_suffix(p, n.count("/") + 2) if n in clash else n for p, n in zip(parts, names)]
+    return names
+
+
+def same_directory(a: str | Path, b: str | Path) -> bool:
+    """Two spellings of one directory (relative, with ``..`` or through a symlink) are the same model."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return str(a) == str(b)
+
+
+def check_caption(caption: str, what: str = "caption") -> str:
+    caption = (caption or "").strip()
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise TextokError(f"the {what} has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS}: shorten it")
+    return caption
 
 
 def describe_tokens(model: Any) -> dict[str, Any]:
@@ -81,8 +117,9 @@ class LoadedModel:
     model: Any = None
     error: str | None = None
 
-    def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": model_name(self.directory), "directory": self.directory, "error": self.error}
+    def info(self, name: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": name or model_name(self.directory), "directory": self.directory,
+                               "error": self.error}
         if self.model is not None:
             c = self.model.config
             out.update(kind=getattr(self.model, "model_type", "textok"), image_size=c.image_size,
@@ -107,8 +144,16 @@ class ServeApp:
 
     def __init__(self, models: list[str | Path], generator: str | Path | None = None,
                  allow_model_paths: bool = True) -> None:
-        self.lock = threading.Lock()
-        self.models = [load_model(d) for d in models]
+        self.lock = threading.Lock()  # guards self.models (copy it or add to it; never held while a model runs)
+        self.text_lock = threading.Lock()  # text encoding and its cache: a HF tokenizer is not thread-safe
+        self.scene_lock = threading.Lock()
+        unique: list[str] = []
+        for d in map(str, models):
+            if not any(same_directory(d, u) for u in unique):
+                unique.append(d)
+        if len(unique) > MAX_MODELS:
+            raise TextokError(f"{len(unique)} tokenizers given; the page shows at most {MAX_MODELS}: drop some --model")
+        self.models = [load_model(d) for d in unique]
         self.allow_model_paths = allow_model_paths
         self.pipe = None
         self.generator_dir = str(generator) if generator else None
@@ -133,35 +178,60 @@ class ServeApp:
             gen = {"name": model_name(p.generator_dir), "kind": p.kind, "classes": names[: p.num_classes],
                    "text_to_image": p.is_text_to_image, "cfg": DEFAULT_CFG[p.kind],
                    "tokenizer": model_name(p.tokenizer_dir), "max_samples": MAX_SAMPLES}
-        return {"models": [m.info() for m in self.models], "generator": gen, "generator_dir": self.generator_dir,
+        return {"models": self.model_infos(), "generator": gen, "max_models": MAX_MODELS, "generator_dir": self.generator_dir,
                 "generator_error": self.generator_error, "scene_count": len(self._scene_set(128)),
                 "max_upload_bytes": MAX_UPLOAD_BYTES, "allow_model_paths": self.allow_model_paths}
 
+    def loaded(self) -> list[LoadedModel]:
+        """A snapshot of the model list (requests work on it without holding the lock)."""
+        with self.lock:
+            return list(self.models)
+
+    def model_infos(self) -> list[dict[str, Any]]:
+        models = self.loaded()
+        return [m.info(n) for m, n in zip(models, distinct_names([m.directory for m in models]))]
+
+    def _known(self, directory: str) -> LoadedModel | None:
+        return next((m for m in self.models if m.model is not None and same_directory(m.directory, directory)), None)
+
     def add_model(self, directory: str) -> dict[str, Any]:
+        """Load one more tokenizer; one already loaded (any spelling of its path) is answered, not loaded twice."""
         if not self.allow_model_paths:
             raise TextokError("loading models from the page is off when the server listens beyond this machine")
         directory = (directory or "").strip()
         if not directory:
             raise TextokError("type the path of a tokenizer directory (config.json + model.safetensors)")
         with self.lock:
-            loaded = load_model(directory)
+            known = self._known(directory)
+            if known is None and sum(m.model is not None for m in self.models) >= MAX_MODELS:
+                raise TextokError(f"{MAX_MODELS} tokenizers are loaded, the most this page holds: restart "
+                                  "`textok serve` with the ones to compare")
+        if known is None:
+            loaded = load_model(directory)  # slow: outside the lock, so requests go on meanwhile
             if loaded.error:
                 raise TextokError(loaded.error)
-            self.models.append(loaded)
-        return loaded.info()
+            with self.lock:  # a second request may have loaded it (or filled the list) meanwhile
+                known = self._known(directory)
+                if known is None:
+                    if sum(m.model is not None for m in self.models) >= MAX_MODELS:
+                        raise TextokError(f"{MAX_MODELS} tokenizers are loaded, the most this page holds")
+                    self.models.append(loaded)
+        infos = self.model_infos()
+        mine = known or loaded
+        return {**next(i for i, m in zip(infos, self.loaded()) if m is mine), "already_loaded": known is not None}
 
     # ---- images ----------------------------------------------------------------------------------------
     def _scene_set(self, size: int) -> CaptionedScenes:
-        if size not in self._scenes:
-            self._scenes[size] = CaptionedScenes(image_size=size, split=SCENE_SPLIT)
-        return self._scenes[size]
+        with self.scene_lock:
+            if size not in self._scenes:
+                self._scenes[size] = CaptionedScenes(image_size=size, split=SCENE_SPLIT)
+            return self._scenes[size]
 
     def scenes(self, start: int = 0, count: int = 12) -> list[dict[str, Any]]:
         """Thumbnails (128 px) and captions of embedded held-out scenes ``start .. start + count``."""
-        with self.lock:
-            data = self._scene_set(128)
-            start = int(start) % len(data)
-            items = [data[i] for i in range(start, min(len(data), start + max(1, min(int(count), 48))))]
+        data = self._scene_set(128)
+        start = int(start) % len(data)
+        items = [data[i] for i in range(start, min(len(data), start + max(1, min(int(count), 48))))]
         return [{"index": it["index"], "image": png_data_url(to_uint8(it["image"])), "captions": it["captions"]}
                 for it in items]
 
@@ -222,45 +292,49 @@ class ServeApp:
     def _text(self, config: Any, caption: str, notes: list[str]):
         """The caption's text states, remembered across requests (encoding one costs more than the models)."""
         key = (config.text_encoder, config.text_max_length, caption)
-        if key in self._text_cache:
-            self._text_cache.move_to_end(key)
-            emb, warned = self._text_cache[key]
-        else:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                emb = load_text_encoder(config.text_encoder, config.text_max_length).encode([caption])
-            warned = [_one_line(w.message) for w in caught if "caption" in str(w.message)]
-            self._text_cache[key] = (emb, warned)
-            if len(self._text_cache) > TEXT_CACHE:
-                self._text_cache.popitem(last=False)
+        with self.text_lock:
+            if key in self._text_cache:
+                self._text_cache.move_to_end(key)
+                emb, warned = self._text_cache[key]
+            else:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    emb = load_text_encoder(config.text_encoder, config.text_max_length).encode([caption])
+                warned = [_one_line(w.message) for w in caught if "caption" in str(w.message)]
+                self._text_cache[key] = (emb, warned)
+                if len(self._text_cache) > TEXT_CACHE:
+                    self._text_cache.popitem(last=False)
         notes.extend(w for w in warned if w not in notes)
         return emb
 
     def reconstruct(self, source: dict[str, Any], caption: str = "", swap_caption: str = "") -> dict[str, Any]:
         """Every loaded tokenizer encodes the image (with the caption where it reads text) and decodes it;
         with ``swap_caption``, the same tokens are decoded again with that caption."""
-        caption, swap_caption = (caption or "").strip(), (swap_caption or "").strip()
-        if not any(m.model is not None for m in self.models):
+        caption, swap_caption = check_caption(caption), check_caption(swap_caption, "swap caption")
+        models = self.loaded()
+        names = distinct_names([m.directory for m in models])
+        loaded_models = [(m, n) for m, n in zip(models, names) if m.model is not None]
+        if not loaded_models:
             raise TextokError("no tokenizer is loaded: start `textok serve --model DIR` or add one below")
         t0 = time.perf_counter()
         results: list[dict[str, Any]] = []
-        with self.lock, torch.inference_mode():
-            loaded_models = [m for m in self.models if m.model is not None]
+        with torch.inference_mode():
             # A bad image is one message for the page, raised here before any model runs.
-            images = {s: self.source_image(source, s) for s in {m.model.config.image_size for m in loaded_models}}
-            for loaded in loaded_models:
+            images = {s: self.source_image(source, s) for s in {m.model.config.image_size for m, _ in loaded_models}}
+            for loaded, name in loaded_models:
                 try:
                     image = images[loaded.model.config.image_size]
-                    results.append(self._reconstruct_one(loaded, image, caption, swap_caption))
+                    results.append(self._reconstruct_one(loaded, name, image, caption, swap_caption))
                 except TextokError as err:  # this model cannot serve the request (e.g. it needs a caption)
-                    results.append({**loaded.info(), "message": _one_line(err)})
+                    results.append({**loaded.info(name), "message": _one_line(err)})
         scale = max([r["diff_max"] for r in results if "diff_max" in r] or [0.0])
         for r in results:
             if "recon_tensor" in r:  # one colour scale for all the heat maps, so they compare side by side
                 r["heat"], _ = heat_map(r.pop("recon_tensor"), r.pop("original_tensor"), scale)
         return {"results": results, "heat_scale": scale, "ms": round((time.perf_counter() - t0) * 1000, 1)}
 
-    def _reconstruct_one(self, loaded: LoadedModel, image: torch.Tensor, caption: str, swap: str) -> dict[str, Any]:
+    def _reconstruct_one(self, loaded: LoadedModel, name: str, image: torch.Tensor, caption: str,
+                         swap: str) -> dict[str, Any]:
         model, c = loaded.model, loaded.model.config
         notes: list[str] = []
         if c.uses_text and not caption:
@@ -273,7 +347,7 @@ class ServeApp:
         recon = model.decode(z, emb).float().clamp(-1, 1)
         ms = (time.perf_counter() - t0) * 1000
         top = float((recon[0] - image[0]).abs().mean(0).max()) * 127.5  # in 0-255 levels, as heat_map measures
-        out = {**loaded.info(), "original": png_data_url(to_uint8(image[0])), "recon": png_data_url(to_uint8(recon[0])),
+        out = {**loaded.info(name), "original": png_data_url(to_uint8(image[0])), "recon": png_data_url(to_uint8(recon[0])),
                "psnr": _db(psnr(recon, image)), "diff_max": top, "tokens_picture": token_picture(z[0]),
                "token_shape": list(z.shape[1:]), "model_ms": round(ms, 1), "notes": notes,
                "recon_tensor": recon[0], "original_tensor": image[0]}
@@ -294,35 +368,31 @@ class ServeApp:
                 "change_mean": round(change, 2), "change_max": round(top, 1)}
 
     # ---- generation --------------------------------------------------------------------------------------
-    def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Class- or prompt-conditional samples: ``{"label" | "prompt", "n", "seed", "cfg", "steps"}``."""
+    def generate(self, label: int | None = None, prompt: str | None = None, n: int = 4, seed: int = 0,
+                 cfg: float | None = None, steps: int | None = None) -> dict[str, Any]:
+        """``n`` class- or prompt-conditional samples (``n`` is 1 .. MAX_SAMPLES: 0 is refused, not replaced)."""
         if self.pipe is None:
             raise TextokError(self.generator_error or "no generator is loaded: start with --generator DIR")
         p = self.pipe
-        try:
-            n = int(request.get("n") or 4)
-            seed = int(request.get("seed") or 0)
-            cfg = float(request["cfg"]) if request.get("cfg") not in (None, "") else None
-            steps = int(request["steps"]) if request.get("steps") not in (None, "") else None
-        except (TypeError, ValueError):
-            raise TextokError("samples, seed and steps must be whole numbers and guidance a number") from None
         if not 1 <= n <= MAX_SAMPLES:
-            raise TextokError(f"ask for 1 to {MAX_SAMPLES} samples")
+            raise TextokError(f"ask for 1 to {MAX_SAMPLES} samples (n={n})")
         if steps is not None and not 1 <= steps <= 1000:
             raise TextokError("steps must be between 1 and 1000 (empty: the generator's default)")
+        if not 0 <= seed < 2**63:
+            raise TextokError("the seed must be a whole number from 0 to 2^63 - 1")
         labels = prompts = None
         if p.is_text_to_image:
-            prompt = str(request.get("prompt") or "").strip()
+            prompt = check_caption(prompt or "", "prompt")
             if not prompt:
                 raise TextokError("this generator is text-to-image: type a prompt")
             prompts = [prompt] * n
         elif p.num_classes:
-            try:
-                labels = [int(request.get("label"))] * n
-            except (TypeError, ValueError):
-                raise TextokError("choose a class") from None
+            if label is None:
+                raise TextokError("choose a class")
+            labels = [int(label)] * n
         t0 = time.perf_counter()
-        with self.lock, torch.inference_mode():
+        reads_text = p.is_text_to_image or p.decoder_needs_text  # its text encoder is shared and not thread-safe
+        with (self.text_lock if reads_text else contextlib.nullcontext()), torch.inference_mode():
             images = p.generate(labels, prompts, n=n, steps=steps, cfg_scale=cfg, seed=seed)
             captions = p.decoder_captions(labels, prompts, seed, 0, n)
         return {"images": [png_data_url(to_uint8(x)) for x in images], "captions": captions,
@@ -337,4 +407,5 @@ class ServeApp:
             pass
 
 
-__all__ = ["ServeApp", "LoadedModel", "load_model", "describe_tokens", "model_name", "MAX_UPLOAD_BYTES"]
+__all__ = ["ServeApp", "LoadedModel", "load_model", "describe_tokens", "model_name", "distinct_names",
+           "MAX_UPLOAD_BYTES", "MAX_MODELS", "MAX_CAPTION_CHARS", "MAX_SAMPLES"]

@@ -1,4 +1,8 @@
-"""The ``textok serve`` verb: load the models, warm up, print the address, serve until Ctrl-C."""
+"""The ``textok serve`` verb: load the models, warm up, print the address, serve until Ctrl-C or SIGTERM.
+
+The requests in flight finish first; then the signal goes on to the CLI, which exits 130 / 143 like every
+verb.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import sys
 
 from ...config import port_number
 from .app import ServeApp
-from .server import is_loopback, make_server
+from .guard import is_loopback
+from .server import make_server
 
 
 def serve_args(p: argparse.ArgumentParser) -> None:
@@ -35,8 +40,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"textok serve: ready at {server.url} (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
     return 0

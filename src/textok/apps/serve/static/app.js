@@ -169,8 +169,18 @@ async function addModel() {
 // ---- samples ---------------------------------------------------------------------------------------------
 async function sample() {
   const g = state.info.generator;
-  const req = { seed: $("gen-seed").value, cfg: $("gen-cfg").value, steps: $("gen-steps").value, n: $("gen-n").value };
-  if (g.text_to_image) req.prompt = $("gen-prompt").value; else req.label = $("gen-class").value;
+  const num = (id, whole) => {  // the server takes JSON numbers; an empty box is null (its default)
+    const v = $(id).value.trim();
+    if (v === "") return null;
+    const x = Number(v);
+    if (!Number.isFinite(x) || (whole && !Number.isInteger(x))) throw new Error(`${$(id).dataset.what || id}: type a ${whole ? "whole " : ""}number`);
+    return x;
+  };
+  let req;
+  try {
+    req = { seed: num("gen-seed", true) ?? 0, cfg: num("gen-cfg", false), steps: num("gen-steps", true), n: num("gen-n", true) ?? 4 };
+  } catch (e) { say(e.message); return; }
+  if (g.text_to_image) req.prompt = $("gen-prompt").value; else if (g.classes.length) req.label = Number($("gen-class").value);
   try {
     const data = await postJSON("/api/generate", req, "sampling");
     $("samples").replaceChildren(...data.images.map((src, i) =>
