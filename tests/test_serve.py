@@ -106,7 +106,10 @@ def test_info_lists_the_models_and_why_one_did_not_load(served):
     assert models["text"]["text"] == "text in encoder + decoder" and models["notext"]["text"] == "no text"
     assert models["text"]["tokens"] == {"count": 4, "bits": 4 * 4 * 32, "what": "4 tokens × 4 float32 values"}
     assert "config.json is corrupt" in models["broken"]["error"] and "\n" not in models["broken"]["error"]
-    assert info["generator"]["classes"][:2] == ["circle", "square"] and info["generator"]["kind"] == "dit"
+    gen = info["generators"][0]
+    assert gen["classes"][:2] == ["circle", "square"] and gen["kind"] == "dit"
+    assert gen["tokenizer"] == models["notext"]["name"] and gen["tokenizer_loaded"]  # its samples go beside it
+    assert info["legends"]["heat"][0] == "#000004" and info["legends"]["tokens"][2] == "#f7f7f7"
 
 
 def test_reconstruction_is_the_librarys_and_follows_the_caption(served):
@@ -125,6 +128,7 @@ def test_reconstruction_is_the_librarys_and_follows_the_caption(served):
     mse = float(((recon - scene["image"][None]) ** 2).mean())
     assert got["text"]["psnr"] == pytest.approx(10 * np.log10(4 / mse), abs=0.02)
     assert got["text"]["token_shape"] == [4, 4] and got["text"]["tokens_picture"].startswith("data:image/png")
+    assert got["text"]["tokens_peak"] == pytest.approx(float(z.abs().max()), rel=1e-5)  # the legend's range
     assert "cannot change" in got["notext"]["swap"]["message"]
 
     _, again = request(url + "api/reconstruct", {"scene": 5, "caption": "a green square on stripes"})
@@ -139,6 +143,7 @@ def test_empty_caption_is_refused_by_text_models_only(served):
     status, out = request(url + "api/reconstruct", {"scene": 1, "caption": "   "})
     got = by_name(out["results"])
     assert status == 200 and "type a caption" in got["text"]["message"] and "recon" not in got["text"]
+    assert got["text"]["needs_caption"]  # the page waits for a caption instead of showing an error
     assert got["notext"]["recon"].startswith("data:image/png")
 
 
@@ -340,7 +345,10 @@ def test_bodies_are_size_limited_and_slow_clients_time_out(served, monkeypatch):
     with socket.create_connection((host, port), timeout=30) as sock:  # a body that never finishes
         sock.sendall(f"POST /api/reconstruct HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: 100\r\n\r\n{{\"scene\"".encode())
-        answer = sock.recv(4096).decode()
+        answer = b""
+        while b"did not arrive" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    answer = answer.decode()
     assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in answer
     monkeypatch.setattr(server_module, "HEADER_TIMEOUT", 0.5)
     with socket.create_connection((host, port), timeout=30) as sock:  # connects and never sends a request
@@ -429,3 +437,28 @@ def test_sigterm_and_ctrl_c_exit_143_and_130(served):
         assert request(url + "api/info")[0] == 200
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == code, proc.stdout.read()
+
+
+# ---- the page's names and generators ------------------------------------------------------------------------
+def test_two_runs_of_one_recipe_get_different_names():
+    from textok.apps.serve.names import distinct_names
+
+    assert distinct_names(["/r/demo/textok/final", "/r/demo2/textok/final"]) == ["demo/textok/final", "demo2/textok/final"]
+    assert distinct_names(["/a/x/textok/final", "/b/x/textok/final", "/b/x/baseline/final"]) == \
+        ["a/x/textok/final", "b/x/textok/final", "x/baseline/final"]
+    assert distinct_names(["/runs/t1", "/runs/t2"]) == ["runs/t1", "runs/t2"]
+
+
+def test_a_generator_per_tokenizer_and_one_that_does_not_load(served, tmp_path):
+    _, _, paths = served
+    app = ServeApp([paths["text"], paths["notext"]], [paths["generator"], tmp_path / "nothing"])
+    gens = app.info()["generators"]
+    names = by_name(app.info()["models"])
+    assert gens[0]["tokenizer"] == names["notext"]["name"] and gens[0]["index"] == 0
+    assert gens[1]["error"] and "\n" not in gens[1]["error"] and gens[1]["index"] == 1
+    out = app.generate(generator=0, label=1, n=2, steps=2)
+    assert len(out["images"]) == 2
+    with pytest.raises(TextokError, match="did not load"):
+        app.generate(generator=1, label=1, n=2)
+    with pytest.raises(TextokError, match="does not exist"):
+        app.generate(generator=2, label=1, n=2)

@@ -1,8 +1,9 @@
 """``textok serve`` in a real browser: headless Chromium (Debian's ``chromium``) driven by Playwright.
 
 Starts the verb as a user would (``textok serve --model ... --port 0`` in a subprocess), then loads the page,
-uploads an image, types captions, runs them and checks the reconstructions, the caption swap, a bad upload and
-a sample. Nothing is downloaded: Playwright drives the system browser (never ``playwright install``), and every
+uploads an image, types captions, runs them and checks the reconstructions (one named column per model, the PSNR
+summary row, colour legends, download buttons), the caption swap, a bad upload and samples from a generator per
+tokenizer. Nothing is downloaded: Playwright drives the system browser (never ``playwright install``), and every
 request the page makes to another host is blocked and fails the test.
 
 Skipped, with the reason, where Playwright or the browser is missing; under CI (``CI=true``; ``.ci/run``
@@ -58,14 +59,16 @@ def browser():
 def server(tmp_path_factory, browser):
     env_models = [m for m in os.environ.get("TEXTOK_SERVE_MODELS", "").split(",") if m]
     root = tmp_path_factory.mktemp("serve-browser")
-    paths = make_models(root, generator=not env_models)
+    paths = make_models(root, generator=not env_models, text_generator=not env_models)
     models = env_models or [str(paths["text"]), str(paths["notext"])]
-    generator = os.environ.get("TEXTOK_SERVE_GENERATOR") or (str(paths["generator"]) if "generator" in paths else None)
+    generators = [g for g in os.environ.get("TEXTOK_SERVE_GENERATOR", "").split(",") if g] or \
+        [str(paths[k]) for k in ("generator_text", "generator") if k in paths]
     cmd = [sys.executable, "-c", "import sys; from textok.cli import main; sys.exit(main())", "serve", "--port", "0",
            "--model", str(paths["bad"])]
     for m in models:
         cmd += ["--model", m]
-    cmd += ["--generator", generator] if generator else []
+    for g in generators:
+        cmd += ["--generator", g]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue[str | None] = queue.Queue()
@@ -85,7 +88,7 @@ def server(tmp_path_factory, browser):
             log.append(line)
             if "ready at " in line:
                 url = line.split("ready at ", 1)[1].split()[0]
-        yield url, [model_name(m) for m in models], root
+        yield url, [model_name(m) for m in models], len(generators)
     except queue.Empty:
         pytest.fail("textok serve did not start:\n" + "".join(log))
     finally:
@@ -101,7 +104,7 @@ def _scene_png(path: Path, index: int = 7) -> str:
 
 
 def test_the_page_in_chromium(browser, server, tmp_path):
-    url, names, root = server
+    url, names, generators = server
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     elsewhere: list[str] = []
 
@@ -124,6 +127,10 @@ def test_the_page_in_chromium(browser, server, tmp_path):
     page.set_input_files("#upload", str(tmp_path / "scene.png"))
     page.wait_for_selector(f"{plain_card} img.recon")
     assert "center-cropped" not in page.inner_text("#working-notes") and "96×96" in page.inner_text("#working-notes")
+    # After an upload the caption box waits for the user (focused), not a red refusal from the text model.
+    page.wait_for_function("() => document.activeElement && document.activeElement.id === 'caption'", timeout=10_000)
+    assert page.is_visible(f"{text_card} .wait") and not page.query_selector(f"{text_card} .msg")
+    assert "describe the image" in page.inner_text("#message") and "note" in page.get_attribute("#message", "class")
 
     page.fill("#caption", caption)
     page.click("#run")
@@ -131,6 +138,27 @@ def test_the_page_in_chromium(browser, server, tmp_path):
     first = page.get_attribute(f"{text_card} img.recon", "src")
     plain = page.get_attribute(f"{plain_card} img.recon", "src")
     assert first.startswith("data:image/png;base64,") and "dB" in page.inner_text(text_card)
+
+    # One column per model, named apart, with kind and tokens; side by side; a PSNR row above them.
+    titles = page.eval_on_selector_all(".card h3", "hs => hs.map(h => h.textContent)")
+    assert len(set(titles)) == len(titles) and len(titles) >= 3, titles
+    boxes = [page.locator(sel).bounding_box() for sel in (text_card, plain_card)]
+    assert abs(boxes[0]["y"] - boxes[1]["y"]) < 2 and boxes[0]["x"] != boxes[1]["x"]  # columns, not rows
+    assert "textok" in page.inner_text(f"{text_card} .meta") and "bits per image" in page.inner_text(f"{text_card} .meta")
+    for sel, name in ((text_card, names[0]), (plain_card, names[1])):
+        psnr_cell = page.inner_text(f"#summary td[data-model='{name}']")
+        assert psnr_cell.endswith("dB") and psnr_cell in page.inner_text(f"{sel} figcaption >> nth=1")
+        assert page.locator(f"{sel} img.recon").bounding_box()["width"] >= 140  # bigger pictures (were 112 px)
+        # colour legends: the heat map's scale and the tokens' range, drawn with the pictures' own colours
+        assert page.locator(f"{sel} .heat-legend .bar").evaluate("b => getComputedStyle(b).backgroundImage").startswith("linear-gradient")
+        assert "levels" in page.inner_text(f"{sel} .heat-legend") and "0" in page.inner_text(f"{sel} .tokens-legend")
+    with page.expect_download() as download:
+        page.click(f"{text_card} figure:has(img.recon) a.download")
+    assert download.value.suggested_filename.endswith("-reconstruction.png")
+    saved = tmp_path / "downloaded.png"
+    download.value.save_as(saved)
+    with Image.open(saved) as im:  # the model's own pixels, at its size
+        assert im.format == "PNG" and im.width == page.locator(f"{text_card} img.recon").evaluate("i => i.naturalWidth")
 
     page.fill("#caption", "A small black ring at the top left on a plain white background.")
     page.click("#run")
@@ -150,7 +178,12 @@ def test_the_page_in_chromium(browser, server, tmp_path):
         page.fill("#gen-n", "4")
         page.fill("#gen-steps", "10")
         page.click("#sample")
-        page.wait_for_selector("#samples img.sample >> nth=3", timeout=60_000)
+        page.wait_for_selector(f"#samples [data-generator='{generators - 1}'] img.sample >> nth=3", timeout=60_000)
+        for g in range(generators):  # a column of samples for every generator, named by its tokenizer
+            assert page.locator(f"#samples [data-generator='{g}'] img.sample").count() == 4
+        if not os.environ.get("TEXTOK_SERVE_MODELS"):
+            sample_titles = page.eval_on_selector_all("#samples h3", "hs => hs.map(h => h.textContent)")
+            assert sorted(sample_titles) == sorted(names[:2]), sample_titles
 
     shot = page.screenshot(full_page=True)
     with Image.open(io.BytesIO(shot)) as im:
@@ -175,7 +208,7 @@ def test_the_page_in_chromium(browser, server, tmp_path):
 
     page.fill("#caption", "")
     page.click("#run")
-    page.wait_for_selector(f"{text_card} .msg")
+    page.wait_for_selector(f"{text_card} .wait")
     assert "type a caption" in page.inner_text(text_card) and page.is_visible(f"{plain_card} img.recon")
     assert not errors, errors
     assert not elsewhere, f"the page tried to reach other hosts: {elsewhere}"

@@ -1,4 +1,4 @@
-"""What the page asks for, without HTTP: load tokenizers and a generator, reconstruct, swap captions, sample.
+"""What the page asks for, without HTTP: load tokenizers and generators, reconstruct, swap captions, sample.
 
 Every method returns plain JSON-ready dicts and raises :class:`TextokError` (one line, shown on the page) for
 anything the user can fix. Requests run in parallel: one lock guards only the list of loaded models (held to
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import io
 import math
@@ -25,70 +24,27 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ...data.images import decode_image
-from ...data.scenes import SHAPES, CaptionedScenes
+from ...data.scenes import CaptionedScenes
 from ...errors import TextokError
-from ...generate.sampling import DEFAULT_CFG, GenerationPipeline
+from ...generate.sampling import GenerationPipeline
 from ...models.registry import load_tokenizer
 from ...text.encoders import load_text_encoder
-from .pictures import heat_map, png_data_url, psnr, to_uint8, token_picture
+from .generators import MAX_CAPTION_CHARS, MAX_SAMPLES, LoadedGenerator, check_caption, load_generator
+from .names import distinct_names, model_name, one_line, same_directory
+from .pictures import heat_map, legend_colours, png_data_url, psnr, to_uint8, token_picture
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # larger files are refused before decoding
 MAX_PIXELS = 50_000_000  # larger images are refused (decoding them would take seconds and gigabytes)
 WORK_SIZE = 512  # uploads are center-cropped and resized to at most this square; each model resizes again
 SCENE_SPLIT = "test"  # the embedded scenes offered on the page: held out from training
-MAX_SAMPLES = 8
 MAX_MODELS = 8  # tokenizers loaded at once (each holds its weights in memory; the page shows them side by side)
-MAX_CAPTION_CHARS = 2000  # longer captions are refused before any work (encoders keep 64-512 tokens anyway)
 TEXT_CACHE = 256  # captions whose text states are kept between requests
 NOT_AN_IMAGE = "that file is not an image this page can read (PNG, JPEG, WebP, GIF, BMP or TIFF): choose an image file"
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _db(value: float) -> float | None:
     """PSNR for JSON: rounded; None when infinite (identical images)."""
     return round(value, 2) if math.isfinite(value) else None
-
-
-def model_name(directory: str | Path) -> str:
-    """``runs/demo/textok/final`` -> ``demo/textok/final``: the run's name is the informative part, and the
-    folder above it tells two runs of the same recipe apart."""
-    parts = Path(directory).resolve().parts
-    return _suffix(parts, 3 if parts[-1] in ("final", "latest", "ema") else 2)
-
-
-def _suffix(parts: tuple[str, ...], keep: int) -> str:
-    return "/".join(parts[-keep:]) if len(parts) > keep else "/".join(parts[1:]) or parts[-1]
-
-
-def distinct_names(directories: list[str]) -> list[str]:
-    """:func:`model_name` of each directory, lengthened (more parent folders) until no two are the same."""
-    parts = [Path(d).resolve().parts for d in directories]
-    names = [model_name(d) for d in directories]
-    for _ in range(max((len(p) for p in parts), default=0)):
-        clash = {n for n in names if names.count(n) > 1}
-        if not clash:
-            break
-        names = [_suffix(p, n.count("/") + 2) if n in clash else n for p, n in zip(parts, names)]
-    return names
-
-
-def same_directory(a: str | Path, b: str | Path) -> bool:
-    """Two spellings of one directory (relative, with ``..`` or through a symlink) are the same model."""
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return str(a) == str(b)
-
-
-def check_caption(caption: str, what: str = "caption") -> str:
-    caption = (caption or "").strip()
-    if len(caption) > MAX_CAPTION_CHARS:
-        raise TextokError(f"the {what} has {len(caption)} characters; the limit is {MAX_CAPTION_CHARS}: shorten it")
-    return caption
 
 
 def describe_tokens(model: Any) -> dict[str, Any]:
@@ -134,15 +90,19 @@ def load_model(directory: str | Path) -> LoadedModel:
     try:
         return LoadedModel(directory, load_tokenizer(directory).eval())
     except TextokError as err:
-        return LoadedModel(directory, error=_one_line(err))
+        return LoadedModel(directory, error=one_line(err))
     except Exception as err:  # noqa: BLE001 - a broken file must not stop the server; say what it was
-        return LoadedModel(directory, error=f"{directory} could not be loaded ({type(err).__name__}: {_one_line(err)})")
+        return LoadedModel(directory, error=f"{directory} could not be loaded ({type(err).__name__}: {one_line(err)})")
+
+
+class CaptionNeeded(TextokError):
+    """A text tokenizer asked to run without a caption: the page waits for one rather than showing an error."""
 
 
 class ServeApp:
     """The state behind the page: the loaded tokenizers, an optional generator and the embedded scenes."""
 
-    def __init__(self, models: list[str | Path], generator: str | Path | None = None,
+    def __init__(self, models: list[str | Path], generators: str | Path | list[str | Path] | None = None,
                  allow_model_paths: bool = True) -> None:
         self.lock = threading.Lock()  # guards self.models (copy it or add to it; never held while a model runs)
         self.text_lock = threading.Lock()  # text encoding and its cache: a HF tokenizer is not thread-safe
@@ -155,32 +115,27 @@ class ServeApp:
             raise TextokError(f"{len(unique)} tokenizers given; the page shows at most {MAX_MODELS}: drop some --model")
         self.models = [load_model(d) for d in unique]
         self.allow_model_paths = allow_model_paths
-        self.pipe = None
-        self.generator_dir = str(generator) if generator else None
-        self.generator_error: str | None = None
-        if generator:
-            try:
-                self.pipe = GenerationPipeline(generator, device="cpu")
-            except TextokError as err:
-                self.generator_error = _one_line(err)
-            except Exception as err:  # noqa: BLE001
-                self.generator_error = f"{generator} could not be loaded ({type(err).__name__}: {_one_line(err)})"
+        if generators is None or isinstance(generators, (str, Path)):
+            generators = [generators] if generators else []
+        self.generators = [load_generator(g) for g in generators]
         self._scenes: dict[int, CaptionedScenes] = {}
         self._text_cache: OrderedDict = OrderedDict()
 
     # ---- what is loaded ------------------------------------------------------------------------------
+    @property
+    def pipe(self) -> GenerationPipeline | None:
+        """The first generator that loaded (None without one)."""
+        return next((g.pipe for g in self.generators if g.pipe is not None), None)
+
     def info(self) -> dict[str, Any]:
-        gen: dict[str, Any] | None = None
-        if self.pipe is not None:
-            p = self.pipe
-            names = list(SHAPES) if p.meta.get("dataset", {}).get("data") == "scenes" and p.num_classes == len(SHAPES) \
-                else [f"class {k}" for k in range(p.num_classes)]
-            gen = {"name": model_name(p.generator_dir), "kind": p.kind, "classes": names[: p.num_classes],
-                   "text_to_image": p.is_text_to_image, "cfg": DEFAULT_CFG[p.kind],
-                   "tokenizer": model_name(p.tokenizer_dir), "max_samples": MAX_SAMPLES}
-        return {"models": self.model_infos(), "generator": gen, "max_models": MAX_MODELS, "generator_dir": self.generator_dir,
-                "generator_error": self.generator_error, "scene_count": len(self._scene_set(128)),
-                "max_upload_bytes": MAX_UPLOAD_BYTES, "allow_model_paths": self.allow_model_paths}
+        models = self.model_infos()
+        gens = []
+        for i, g in enumerate(self.generators):
+            mine = [m["name"] for m in models if g.pipe is not None and same_directory(m["directory"], g.pipe.tokenizer_dir)]
+            gens.append({**g.info(mine[0] if mine else None), "index": i})
+        return {"models": models, "generators": gens, "max_models": MAX_MODELS, "max_samples": MAX_SAMPLES,
+                "scene_count": len(self._scene_set(128)), "max_upload_bytes": MAX_UPLOAD_BYTES,
+                "allow_model_paths": self.allow_model_paths, "legends": legend_colours()}
 
     def loaded(self) -> list[LoadedModel]:
         """A snapshot of the model list (requests work on it without holding the lock)."""
@@ -300,7 +255,7 @@ class ServeApp:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     emb = load_text_encoder(config.text_encoder, config.text_max_length).encode([caption])
-                warned = [_one_line(w.message) for w in caught if "caption" in str(w.message)]
+                warned = [one_line(w.message) for w in caught if "caption" in str(w.message)]
                 self._text_cache[key] = (emb, warned)
                 if len(self._text_cache) > TEXT_CACHE:
                     self._text_cache.popitem(last=False)
@@ -326,7 +281,8 @@ class ServeApp:
                     image = images[loaded.model.config.image_size]
                     results.append(self._reconstruct_one(loaded, name, image, caption, swap_caption))
                 except TextokError as err:  # this model cannot serve the request (e.g. it needs a caption)
-                    results.append({**loaded.info(name), "message": _one_line(err)})
+                    results.append({**loaded.info(name), "message": one_line(err),
+                                    "needs_caption": isinstance(err, CaptionNeeded)})
         scale = max([r["diff_max"] for r in results if "diff_max" in r] or [0.0])
         for r in results:
             if "recon_tensor" in r:  # one colour scale for all the heat maps, so they compare side by side
@@ -338,7 +294,7 @@ class ServeApp:
         model, c = loaded.model, loaded.model.config
         notes: list[str] = []
         if c.uses_text and not caption:
-            raise TextokError("this tokenizer reads text: type a caption (an empty one is refused, not replaced)")
+            raise CaptionNeeded("this tokenizer reads text: type a caption (an empty one is refused, not replaced)")
         emb = self._text(c, caption, notes) if c.uses_text else None
         if caption and not c.uses_text:
             notes.append("no text: the caption is not used")
@@ -349,6 +305,7 @@ class ServeApp:
         top = float((recon[0] - image[0]).abs().mean(0).max()) * 127.5  # in 0-255 levels, as heat_map measures
         out = {**loaded.info(name), "original": png_data_url(to_uint8(image[0])), "recon": png_data_url(to_uint8(recon[0])),
                "psnr": _db(psnr(recon, image)), "diff_max": top, "tokens_picture": token_picture(z[0]),
+               "tokens_peak": float(z[0].detach().float().abs().max()),
                "token_shape": list(z.shape[1:]), "model_ms": round(ms, 1), "notes": notes,
                "recon_tensor": recon[0], "original_tensor": image[0]}
         if swap:
@@ -368,35 +325,13 @@ class ServeApp:
                 "change_mean": round(change, 2), "change_max": round(top, 1)}
 
     # ---- generation --------------------------------------------------------------------------------------
-    def generate(self, label: int | None = None, prompt: str | None = None, n: int = 4, seed: int = 0,
-                 cfg: float | None = None, steps: int | None = None) -> dict[str, Any]:
-        """``n`` class- or prompt-conditional samples (``n`` is 1 .. MAX_SAMPLES: 0 is refused, not replaced)."""
-        if self.pipe is None:
-            raise TextokError(self.generator_error or "no generator is loaded: start with --generator DIR")
-        p = self.pipe
-        if not 1 <= n <= MAX_SAMPLES:
-            raise TextokError(f"ask for 1 to {MAX_SAMPLES} samples (n={n})")
-        if steps is not None and not 1 <= steps <= 1000:
-            raise TextokError("steps must be between 1 and 1000 (empty: the generator's default)")
-        if not 0 <= seed < 2**63:
-            raise TextokError("the seed must be a whole number from 0 to 2^63 - 1")
-        labels = prompts = None
-        if p.is_text_to_image:
-            prompt = check_caption(prompt or "", "prompt")
-            if not prompt:
-                raise TextokError("this generator is text-to-image: type a prompt")
-            prompts = [prompt] * n
-        elif p.num_classes:
-            if label is None:
-                raise TextokError("choose a class")
-            labels = [int(label)] * n
-        t0 = time.perf_counter()
-        reads_text = p.is_text_to_image or p.decoder_needs_text  # its text encoder is shared and not thread-safe
-        with (self.text_lock if reads_text else contextlib.nullcontext()), torch.inference_mode():
-            images = p.generate(labels, prompts, n=n, steps=steps, cfg_scale=cfg, seed=seed)
-            captions = p.decoder_captions(labels, prompts, seed, 0, n)
-        return {"images": [png_data_url(to_uint8(x)) for x in images], "captions": captions,
-                "ms": round((time.perf_counter() - t0) * 1000, 1)}
+    def generate(self, generator: int = 0, **request: Any) -> dict[str, Any]:
+        """Samples from generator number ``generator`` (see :meth:`LoadedGenerator.generate` for ``request``)."""
+        if not self.generators:
+            raise TextokError("no generator is loaded: start with --generator DIR")
+        if not 0 <= generator < len(self.generators):
+            raise TextokError(f"generator {generator} does not exist (0..{len(self.generators) - 1})")
+        return self.generators[generator].generate(self.text_lock, **request)
 
     def warm_up(self) -> None:
         """One reconstruction of a scene, so the text encoder is loaded before the first request."""
@@ -407,5 +342,5 @@ class ServeApp:
             pass
 
 
-__all__ = ["ServeApp", "LoadedModel", "load_model", "describe_tokens", "model_name", "distinct_names",
-           "MAX_UPLOAD_BYTES", "MAX_MODELS", "MAX_CAPTION_CHARS", "MAX_SAMPLES"]
+__all__ = ["ServeApp", "LoadedModel", "LoadedGenerator", "load_model", "describe_tokens", "model_name",
+           "distinct_names", "MAX_UPLOAD_BYTES", "MAX_MODELS", "MAX_CAPTION_CHARS", "MAX_SAMPLES"]

@@ -18,7 +18,9 @@ from .server import make_server
 def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=[], metavar="DIR",
                    help="a tokenizer directory (save_pretrained / a run's final/); repeat to compare several")
-    p.add_argument("--generator", metavar="DIR", help="a generator directory (train-generator's final/) to sample from")
+    p.add_argument("--generator", action="append", default=[], metavar="DIR",
+                   help="a generator directory (train-generator's final/) to sample from; repeat it for one per "
+                        "tokenizer: the page shows each one's samples beside the tokenizer it decodes with")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=port_number, default=7860, help="port (0 = any free port)")
     p.add_argument("--verbose", action="store_true", help="log every request")
@@ -32,9 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = ServeApp(args.model, args.generator, allow_model_paths=local)
     for m in app.models:
         print(f"  {m.directory}: {'error: ' + m.error if m.error else 'loaded'}", flush=True)
-    if args.generator:
-        print(f"  generator {args.generator}: {'error: ' + app.generator_error if app.generator_error else 'loaded'}",
-              flush=True)
+    for g in app.generators:
+        print(f"  generator {g.directory}: {'error: ' + g.error if g.error else 'loaded'}", flush=True)
     app.warm_up()
     server = make_server(app, args.host, args.port, verbose=args.verbose)
     print(f"textok serve: ready at {server.url} (Ctrl-C stops it)", flush=True)

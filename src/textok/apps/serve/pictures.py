@@ -1,7 +1,8 @@
 """Tensors -> small PNGs for the page: images, difference heat maps, the tokens as an N x d picture.
 
 The page shows 16-64 px images; they are sent at their true size as PNG data URLs and enlarged by the
-browser with nearest-neighbour scaling, so what the user sees is exactly what the model produced.
+browser with nearest-neighbour scaling, so what the user sees (and downloads) is exactly what the model
+produced. The colour stops are sent to the page too, which draws its legends from them.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def heat_map(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> tu
     return png_data_url(_colormap(diff / max(scale or top, 8.0), _INFERNO)), top
 
 
+def legend_colours() -> dict[str, list[str]]:
+    """The colour stops of the heat maps and token pictures as CSS colours, for the page's legends."""
+    return {name: ["#%02x%02x%02x" % tuple(int(c) for c in stop) for stop in stops]
+            for name, stops in (("heat", _INFERNO), ("tokens", _DIVERGING))}
+
+
 def token_picture(z: torch.Tensor, max_side: int = 256) -> str:
     """Tokens (N, d) -> a picture, one cell per value: blue negative, white zero, red positive (scaled by the
     largest magnitude). N runs down, d across; each cell is a square of up to 24 px."""
@@ -68,4 +75,4 @@ def token_picture(z: torch.Tensor, max_side: int = 256) -> str:
     return png_data_url(np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1))
 
 
-__all__ = ["png_data_url", "to_uint8", "psnr", "heat_map", "token_picture"]
+__all__ = ["png_data_url", "to_uint8", "psnr", "heat_map", "token_picture", "legend_colours"]

@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ...errors import TextokError
-from .app import MAX_CAPTION_CHARS, MAX_SAMPLES, MAX_UPLOAD_BYTES, ServeApp
+from .app import MAX_UPLOAD_BYTES, ServeApp
+from .generators import MAX_CAPTION_CHARS, MAX_SAMPLES
 from .guard import Guard, is_loopback
 
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -62,6 +63,7 @@ class ReconstructRequest(Body):
 
 
 class GenerateRequest(Body):
+    generator: int = Field(0, ge=0)
     label: int | None = Field(None, ge=0)
     prompt: str | None = Field(None, max_length=MAX_CAPTION_CHARS)
     n: int = Field(4, ge=1, le=MAX_SAMPLES)

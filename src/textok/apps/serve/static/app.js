@@ -73,9 +73,13 @@ function pickScene(scene, button) {
   $("upload").value = "";
   showWorking(scene.image, [`held-out scene ${scene.index}`]);
   $("caption").value = scene.captions[0];
+  state.sceneCaption = scene.captions[0];
+  $("caption").classList.remove("wanted");
   say("");
   run();
 }
+
+const readsText = () => state.info && state.info.models.some((m) => m.reads_text);
 
 async function upload(file) {
   say("");
@@ -88,62 +92,112 @@ async function upload(file) {
   document.querySelectorAll(".scenes button").forEach((b) => b.classList.remove("on"));
   state.source = { image: data.image };
   showWorking(data.image, [`${file.name}, ${data.width}×${data.height}`, ...data.notes]);
-  if (data.notes.length) say(data.notes.join("; "), "note");
-  run();
+  // A scene's caption does not describe the upload: the caption box is cleared and waits for the user.
+  if ($("caption").value === state.sceneCaption) $("caption").value = "";
+  const notes = [...data.notes];
+  if (readsText() && !$("caption").value.trim()) {
+    notes.push("now describe the image in the caption box: the text tokenizers read it");
+    $("caption").classList.add("wanted");
+  }
+  if (notes.length) say(notes.join("; "), "note");
+  await run({ keepMessage: true });
+  if ($("caption").classList.contains("wanted")) $("caption").focus();
 }
 
-// ---- reconstructions ---------------------------------------------------------------------------------
-function figure(src, label, cls) {
-  return el("figure", {}, el("img", { src, alt: label, class: cls || "" }), el("figcaption", { text: label }));
+// ---- reconstructions, one column per tokenizer ----------------------------------------------------------
+const fileName = (model, what) => `${model.replace(/[^A-Za-z0-9._-]+/g, "_")}-${what}.png`;
+
+function figure(src, label, cls, download) {
+  const fig = el("figure", {}, el("img", { src, alt: label, class: cls || "" }), el("figcaption", { text: label }));
+  if (download) fig.append(el("a", { class: "download", href: src, download, title: `download ${download}`, text: "download" }));
+  return fig;
 }
 const db = (v) => (v == null ? "∞ (identical)" : `${v.toFixed(2)} dB`);
 
+function legend(stops, left, middle, right, what) {
+  const bar = el("div", { class: "bar" });
+  bar.style.backgroundImage = `linear-gradient(to right, ${stops.join(", ")})`;  // CSSOM: allowed by the page's CSP
+  return el("div", { class: `legend ${what}` }, bar,
+    el("div", { class: "ticks" }, el("span", { text: left }), el("span", { text: middle }), el("span", { text: right })));
+}
+
 function modelHeader(r) {
   const bits = r.tokens ? `${r.tokens.what} = ${Math.round(r.tokens.bits).toLocaleString()} bits per image` : "";
-  return [el("h3", { text: r.name }),
+  return [el("h3", { text: r.name, title: r.directory }),
     el("div", { class: "meta", text: r.error ? r.directory : `${r.kind} · ${r.text} · ${r.image_size} px · ${bits}` })];
 }
 
-function card(r) {
+function card(r, heatScale) {
   const c = el("div", { class: "card", "data-model": r.name }, ...modelHeader(r));
-  if (r.error || r.message) {
+  if (r.error || (r.message && !r.needs_caption)) {
     c.classList.add("failed");
     c.append(el("p", { class: "msg", text: r.error ? `did not load: ${r.error}` : r.message }));
     return c;
   }
+  if (r.needs_caption) {
+    c.classList.add("waiting");
+    c.append(el("p", { class: "wait", text: "reads text: type a caption and press “Tokenize and reconstruct”" }));
+    return c;
+  }
   if (!r.recon) { c.append(el("p", { class: "notes", text: "loaded: pick an image" })); return c; }
-  const row = el("div", { class: "row" },
-    figure(r.original, `original (${r.image_size} px)`),
-    figure(r.recon, `reconstruction · PSNR ${db(r.psnr)}`, "recon"),
-    figure(r.heat, `|difference| (max ${r.diff_max.toFixed(0)} levels)`, "heat"),
-    figure(r.tokens_picture, `tokens ${r.token_shape.join(" × ")}`, "tokens"));
-  c.append(row);
+  const legends = state.info.legends;
+  const scale = Math.max(heatScale || 0, 8);
+  c.append(el("div", { class: "grid" },
+    figure(r.original, `original (${r.image_size} px)`, "original", fileName(r.name, "original")),
+    figure(r.recon, `reconstruction · ${db(r.psnr)}`, "recon", fileName(r.name, "reconstruction")),
+    el("div", {}, figure(r.heat, `|difference| (max ${r.diff_max.toFixed(0)} levels)`, "heat", fileName(r.name, "difference")),
+      legend(legends.heat, "0", "", `${scale.toFixed(0)} levels`, "heat-legend")),
+    el("div", {}, figure(r.tokens_picture, `tokens ${r.token_shape.join(" × ")}`, "tokens", fileName(r.name, "tokens")),
+      legend(legends.tokens, `−${r.tokens_peak.toPrecision(2)}`, "0", `+${r.tokens_peak.toPrecision(2)}`, "tokens-legend"))));
   if (r.swap) {
     const s = r.swap;
-    const swapRow = s.message ? el("p", { class: "notes swap-msg", text: `swap the caption: ${s.message}` })
-      : el("div", { class: "row swap" },
-        figure(s.recon, `same tokens, other caption · PSNR ${db(s.psnr)}`, "swap-recon"),
-        figure(s.heat, `what changed (mean ${s.change_mean} levels, max ${s.change_max})`, "swap-heat"));
-    if (!s.message) c.append(el("p", { class: "notes", text: `swap the caption: the tokens above decoded with “${s.caption}”` }));
-    c.append(swapRow);
+    if (s.message) c.append(el("p", { class: "notes swap-msg", text: `swap the caption: ${s.message}` }));
+    else {
+      c.append(el("p", { class: "notes", text: `swap the caption: the same tokens decoded with “${s.caption}”` }));
+      c.append(el("div", { class: "grid swap" },
+        figure(s.recon, `other caption · ${db(s.psnr)}`, "swap-recon", fileName(r.name, "swapped-caption")),
+        el("div", {}, figure(s.heat, `what changed (mean ${s.change_mean}, max ${s.change_max} levels)`, "swap-heat", fileName(r.name, "what-changed")),
+          legend(legends.heat, "0", "", `${Math.max(s.change_max, 8).toFixed(0)} levels`, "heat-legend"))));
+    }
   }
   const notes = [...(r.notes || []), `${r.model_ms} ms in the model`];
   c.append(el("p", { class: "notes", text: notes.join(" · ") }));
   return c;
 }
 
-function showModels(models) {
-  $("results").replaceChildren(...models.map((m) => card(m)));
+function summary(results) {
+  const ran = results.filter((r) => r.recon);
+  const table = $("summary");
+  table.hidden = !ran.length;
+  if (!ran.length) { table.replaceChildren(); return; }
+  const best = Math.max(...ran.map((r) => (r.psnr == null ? Infinity : r.psnr)));
+  const row = (label, cells) => el("tr", {}, el("th", { text: label }), ...cells);
+  const rows = [
+    row("", results.map((r) => el("th", { text: r.name, scope: "col" }))),
+    row("PSNR", results.map((r) => el("td", { class: r.recon && (r.psnr == null ? Infinity : r.psnr) === best && ran.length > 1 ? "best" : "",
+      "data-model": r.name, text: r.recon ? db(r.psnr) : (r.needs_caption ? "needs a caption" : "—") }))),
+    row("bits per image", results.map((r) => el("td", { text: r.tokens ? Math.round(r.tokens.bits).toLocaleString() : "—" }))),
+  ];
+  if (ran.some((r) => r.swap && !r.swap.message)) {
+    rows.push(row("PSNR, other caption", results.map((r) => el("td", { text: r.swap && !r.swap.message ? db(r.swap.psnr) : "—" }))));
+  }
+  table.replaceChildren(el("tbody", {}, ...rows));
 }
 
-async function run() {
+function showModels(models, heatScale) {
+  $("results").replaceChildren(...models.map((m) => card(m, heatScale)));
+  summary(models);
+}
+
+async function run({ keepMessage = false } = {}) {
   if (!state.source) { say("pick an image first: upload one or choose a scene"); return; }
   try {
     const data = await postJSON("/api/reconstruct", { ...state.source, caption: $("caption").value, swap_caption: $("swap").value }, "tokenizing");
     const failed = state.info.models.filter((m) => m.error);
-    showModels([...data.results, ...failed]);
+    showModels([...data.results, ...failed], data.heat_scale);
     $("timing").textContent = `${data.ms} ms for ${data.results.length} tokenizer(s)`;
-    say("");
+    if ($("caption").value.trim()) $("caption").classList.remove("wanted");
+    if (!keepMessage) say("");
   } catch (e) { say(e.message); }
 }
 
@@ -159,16 +213,15 @@ function suggest() {
 
 async function addModel() {
   try {
-    await postJSON("/api/models", { directory: $("model-dir").value }, "loading the model");
+    const out = await postJSON("/api/models", { directory: $("model-dir").value }, "loading the model");
     await refreshInfo();
     if (state.source) await run();
-    say("");
+    say(out.already_loaded ? `${out.name} is already loaded` : "", "note");
   } catch (e) { say(e.message); }
 }
 
-// ---- samples ---------------------------------------------------------------------------------------------
+// ---- samples: one column per generator, named by the tokenizer it decodes with ----------------------------
 async function sample() {
-  const g = state.info.generator;
   const num = (id, whole) => {  // the server takes JSON numbers; an empty box is null (its default)
     const v = $(id).value.trim();
     if (v === "") return null;
@@ -176,42 +229,64 @@ async function sample() {
     if (!Number.isFinite(x) || (whole && !Number.isInteger(x))) throw new Error(`${$(id).dataset.what || id}: type a ${whole ? "whole " : ""}number`);
     return x;
   };
-  let req;
+  let base;
   try {
-    req = { seed: num("gen-seed", true) ?? 0, cfg: num("gen-cfg", false), steps: num("gen-steps", true), n: num("gen-n", true) ?? 4 };
+    base = { seed: num("gen-seed", true) ?? 0, cfg: num("gen-cfg", false), steps: num("gen-steps", true), n: num("gen-n", true) ?? 4 };
   } catch (e) { say(e.message); return; }
-  if (g.text_to_image) req.prompt = $("gen-prompt").value; else if (g.classes.length) req.label = Number($("gen-class").value);
-  try {
-    const data = await postJSON("/api/generate", req, "sampling");
-    $("samples").replaceChildren(...data.images.map((src, i) =>
-      figure(src, data.captions ? `decoded with: ${data.captions[i]}` : `sample ${i}`, "sample")));
-    $("samples").append(el("p", { class: "hint", text: `${data.ms} ms` }));
-    say("");
-  } catch (e) { say(e.message); }
+  const columns = [];
+  let failure = "";
+  for (const g of state.info.generators.filter((x) => !x.error)) {
+    const req = { ...base, generator: g.index };
+    if (g.text_to_image) req.prompt = $("gen-prompt").value; else if (g.classes.length) req.label = Number($("gen-class").value);
+    const col = el("div", { class: "card", "data-generator": String(g.index) },
+      el("h3", { text: g.tokenizer }), el("div", { class: "meta", text: `${g.kind} ${g.name}` }));
+    try {
+      const data = await postJSON("/api/generate", req, `sampling (${g.tokenizer})`);
+      col.append(el("div", { class: "samples" }, ...data.images.map((src, i) =>
+        figure(src, data.captions ? `decoded with: ${data.captions[i]}` : `sample ${i}`, "sample", fileName(g.tokenizer, `sample-${base.seed}-${i}`)))));
+      col.append(el("p", { class: "notes", text: `${data.ms} ms` }));
+    } catch (e) {
+      col.classList.add("failed");
+      col.append(el("p", { class: "msg", text: e.message }));
+      failure = failure || e.message;
+    }
+    columns.push(col);
+  }
+  const withGen = new Set(state.info.generators.filter((g) => !g.error && g.tokenizer_loaded).map((g) => g.tokenizer));
+  for (const m of state.info.models.filter((x) => !x.error && !withGen.has(x.name))) {
+    columns.push(el("div", { class: "card none", "data-model": m.name }, el("h3", { text: m.name }),
+      el("p", { class: "notes", text: "no generator for this tokenizer: pass one with --generator (train it with `textok extract-latents` and `textok train-generator`)" })));
+  }
+  $("samples").replaceChildren(...columns);
+  say(failure);
 }
 
 function showGenerator(info) {
-  if (info.generator_error) { $("generator-error").hidden = false; $("generator-error").textContent = `generator ${info.generator_dir} did not load: ${info.generator_error}`; }
-  const g = info.generator;
-  if (!g) return;
+  const broken = info.generators.filter((g) => g.error);
+  if (broken.length) {
+    $("generator-error").hidden = false;
+    $("generator-error").textContent = broken.map((g) => `generator ${g.directory} did not load: ${g.error}`).join("; ");
+  }
+  const gens = info.generators.filter((g) => !g.error);
+  if (!gens.length) return;
   $("generator").hidden = false;
-  $("gen-name").textContent = `${g.name} (${g.kind}, decoded by ${g.tokenizer})`;
-  $("gen-cfg").value = g.cfg;
-  $("gen-n").max = g.max_samples;
-  $("gen-class-box").hidden = g.text_to_image || !g.classes.length;
-  $("gen-prompt-box").hidden = !g.text_to_image;
-  $("gen-class").replaceChildren(...g.classes.map((name, k) => el("option", { value: String(k), text: `${k}: ${name}` })));
+  const first = gens.find((g) => !g.text_to_image && g.classes.length) || gens[0];
+  $("gen-cfg").placeholder = `default (${gens.map((g) => g.cfg).join(" / ")})`;
+  $("gen-n").max = info.max_samples;
+  $("gen-class-box").hidden = !gens.some((g) => !g.text_to_image && g.classes.length);
+  $("gen-prompt-box").hidden = !gens.some((g) => g.text_to_image);
+  $("gen-class").replaceChildren(...(first.classes || []).map((name, k) => el("option", { value: String(k), text: `${k}: ${name}` })));
 }
 
 async function refreshInfo() {
   state.info = await call("/api/info", {}, "loading");
-  if (!$("results").children.length || !state.source) showModels(state.info.models);
+  if (!$("results").children.length || !state.source) showModels(state.info.models, 0);
   $("add-model-box").hidden = !state.info.allow_model_paths;
 }
 
 async function start() {
   $("upload").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
-  $("run").addEventListener("click", run);
+  $("run").addEventListener("click", () => run());
   $("suggest").addEventListener("click", suggest);
   $("add-model").addEventListener("click", addModel);
   $("sample").addEventListener("click", sample);
