@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py --label after            # tiny random models made on the spot
     python benchmarks/serve_load.py --label after --model runs/demo/textok/final --generator runs/demo-gen/dit/final
+    PYTHONPATH=/path/to/old-checkout/src python benchmarks/serve_load.py --label before   # another version's server
 
 The server is started as a user starts it (``textok serve --port 0`` in a subprocess, one torch thread) and
 only ever reached on 127.0.0.1. Each (request, clients) cell runs its clients until ``--requests`` answers
@@ -143,7 +144,7 @@ def write_markdown() -> None:
             for label in ("before", "after") if (RESULTS / f"serve-load-{label}-cpu.json").exists()}
     if len(runs) < 2:
         return
-    lines = ["# `textok serve` under load: before (http.server) and after (Starlette + uvicorn)", "",
+    lines = ["# `textok serve` under load: before (http.server) and after (FastAPI + uvicorn)", "",
              "Made by `benchmarks/serve_load.py` (see its docstring). Same machine, same tiny random models, one torch",
              "thread in the server, loopback only. Load averages at the start of each run: "
              + ", ".join(f"{k} {v['load_average'][0]:.1f}" for k, v in runs.items())
