@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 from .apps.demos import commands as demos
 from .apps.serve import commands as serve
 from .apps.study import commands as study
-from .commands import bench, convert, data, evaluation, generate, models, train
+from .commands import bench, caption, convert, data, evaluation, generate, models, train
 from .errors import Interrupted, TextokError
 from .io import target_of
 
@@ -57,6 +57,8 @@ VERBS: dict[str, Verb] = {
                    "torchrun: the processes share the work)", generate.sample_args, generate.cmd_sample),
     "study": Verb("TexTok vs the no-text baseline over token counts and text modes: trains a grid, reports the "
                   "claims", study.study_args, study.cmd_study),
+    "caption": Verb("caption an image folder or tar with a local vision-language model (BLIP, LLaVA) into captions.jsonl "
+                    "(resumable; under torchrun the processes share the work)", caption.caption_args, caption.cmd_caption),
     "make-shards": Verb("convert an image folder / tar + captions into webdataset shards for streaming training",
                         data.make_shards_args, data.cmd_make_shards),
     "encode-captions": Verb("encode every caption of a data set once into the memory-mapped text-state store",
