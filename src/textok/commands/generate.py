@@ -15,7 +15,8 @@ from ..distributed import distributed_session
 
 def extract_latents_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, help="a trained tokenizer directory (e.g. runs/demo/textok/final)")
-    p.add_argument("--data", default="scenes", help="'scenes' (embedded) or an image folder / tar with captions")
+    p.add_argument("--data", default="scenes",
+                   help="'scenes' (embedded), an image folder / tar with captions, or a shard directory")
     p.add_argument("--split", default="train")
     p.add_argument("--num", type=int, default=0, help="images to encode (0 = the whole split)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -108,6 +109,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
               "guidance_exponent": args.guidance_exponent, "top_k": args.top_k, "top_p": args.top_p}
         for scale in (grid_cfg, npz_cfg):
             pipe.check_request(labels, args.captions, scale)  # refuse before any work
+        if info.is_main and args.captions is None and pipe.bank_summary():
+            print(pipe.bank_summary())
         if args.out and info.is_main:
             path = sample_grid(pipe, args.out, labels, args.captions, n=args.n, progress=not args.no_progress,
                                cfg_scale=grid_cfg, precision=args.precision or "auto", **kw)

@@ -17,6 +17,7 @@ the first one (or ``image_size``) are centre-cropped to a square and resized bic
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import zipfile
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from ..data.folder import collate
 from ..data.images import IMAGE_SUFFIXES, center_crop_resize
+from ..data.shards import ShardSet
 from ..errors import TextokError
 from .features import OpenNSFWFeatures, maybe_inception, quantize_uint8
 from .fid import FeatureSet, FeatureStats, GaussianStats, fd_between, inception_score
@@ -249,14 +251,19 @@ def is_stats_file(path: str | os.PathLike) -> bool:
 
 def _dataset_batches(dataset: Any, batch_size: int, limit: int | None) -> Iterator[Tensor]:
     total = len(dataset) if limit is None else min(len(dataset), limit)
-    for s in range(0, total, batch_size):
-        batch = collate([dataset[i] for i in range(s, min(s + batch_size, total))])
+    if isinstance(dataset, ShardSet):  # streamed front to back (a shard set is never indexed)
+        stream = itertools.islice(dataset.samples(), total)
+        groups: Iterable[list] = iter(lambda: list(itertools.islice(stream, batch_size)), [])
+    else:
+        groups = ([dataset[i] for i in range(s, min(s + batch_size, total))] for s in range(0, total, batch_size))
+    for group in groups:
+        batch = collate(group)
         if batch["image"].numel():
             yield quantize_uint8(batch["image"])
 
 
 def _is_dataset(obj: Any) -> bool:
-    return isinstance(obj, torch.utils.data.Dataset)
+    return isinstance(obj, (torch.utils.data.Dataset, ShardSet))
 
 
 # ---- the evaluation ---------------------------------------------------------------------------------------

@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.factory import build_dataset
 from ..data.folder import collate
+from ..data.shards import ShardSet
 from ..devices import resolve_device
 from ..errors import TextokError
 from ..io import (atomic_directory, atomic_write_text, check_replaceable, check_safetensors, read_json,
@@ -95,6 +96,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
     count = 0
     skipped = 0
     labels_seen: set[int] = set()
+    streamed_bank: dict[int, list[str]] = {}  # per-class captions of what was read (for a shard set)
     code_shape: list[int] = []
     bar = None
     if progress:
@@ -106,8 +108,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
         buffered, shard_id, shard_sizes = 0, 0, []
         cap_file = open(tmp / CAPTIONS, "w")
         try:
-            for start in range(0, n_total, batch_size):
-                batch = collate([dataset[i] for i in range(start, min(n_total, start + batch_size))])
+            for batch in _batches(dataset, batch_size):
                 skipped += batch["skipped"]
                 if bar is not None:
                     bar.update(batch["skipped"] + len(batch["captions"]))
@@ -133,6 +134,8 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
                 buf["index"].append(batch["index"])
                 labels_seen.update(batch["label"].tolist())
                 for caps, label, idx in zip(batch["captions"], batch["label"].tolist(), batch["index"].tolist()):
+                    if label >= 0:
+                        streamed_bank.setdefault(label, []).extend(caps)
                     cap_file.write(json.dumps({"index": idx, "label": label, "captions": list(caps)}) + "\n")
                 buffered += z.shape[0]
                 while buffered >= shard_size:
@@ -150,7 +153,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
         elements = count * N  # every token of every image is one sample of each channel
         mean = s1 / elements
         std = (s2 / elements - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
-        bank_data = _caption_bank(dataset)
+        bank_data = _caption_bank(dataset) if hasattr(dataset, "caption_bank") else streamed_bank
         class_names = [str(c) for c in getattr(dataset, "class_names", [])]
         labelled = bool(labels_seen) and min(labels_seen) >= 0 and bool(class_names)
         num_classes = len(class_names) if labelled else 0
@@ -195,6 +198,23 @@ def _flush(buf: dict[str, list[torch.Tensor]], tmp: Path, shard_id: int, size: i
     for k, v in joined.items():
         buf[k] = [v[size:]] if v.shape[0] > size else []
     return joined["latents"].shape[0] - size
+
+
+def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Collated batches in order: a map-style dataset by index, a shard set read front to back."""
+    if isinstance(dataset, ShardSet):
+        items: list[dict | None] = []
+        for item in dataset.samples():
+            items.append(item)
+            if len(items) == batch_size:
+                yield collate(items)
+                items = []
+        if items:
+            yield collate(items)
+        return
+    n_total = len(dataset)
+    for start in range(0, n_total, batch_size):
+        yield collate([dataset[i] for i in range(start, min(n_total, start + batch_size))])
 
 
 def _caption_bank(dataset: Any) -> dict[int, list[str]]:

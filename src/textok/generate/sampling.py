@@ -126,10 +126,22 @@ class GenerationPipeline:
                               f"for a generator of {cfg.in_channels}; retrain it from fresh latents")
 
     def _load_bank(self) -> CaptionBank | None:
+        self.bank_path: Path | None = None
         for path in (self.generator_dir / BANK, Path(self.meta.get("latents_dir", "")) / BANK):
             if path.is_file():
+                self.bank_path = path
                 return CaptionBank.load(path)
         return None
+
+    def bank_summary(self) -> str | None:
+        """Which captions the decoder draws from, in one line (None when it decodes without text)."""
+        if not self.decoder_needs_text or self.bank is None:
+            return None
+        data = self.meta.get("dataset", {})
+        where = f" of the {data.get('split')} split of {data.get('data')}" if data.get("data") else ""
+        total = sum(len(v) for v in self.bank.captions.values())
+        return (f"decoder captions drawn per class from the caption bank {self.bank_path} ({total} captions{where}, "
+                f"{len(self.bank.captions)} classes)")
 
     def check_request(self, labels: list[int] | None, prompts: list[str] | None, cfg_scale: float) -> None:
         """Refuse requests this generator cannot serve, with what to do instead."""
