@@ -8,6 +8,7 @@ wrote. The numbers are meaningless; that the chain connects is the point.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,21 +25,24 @@ CLASSES = {"n01440764": 6, "n01443537": 6, "n01484850": 6}  # three ImageNet syn
 NAMES = "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n"
 
 
-def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+def _worker(rank: int, world: int, port: int, argv: list[str], log: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    assert main(argv) == 0, argv
+    with open(f"{log}.rank{rank}", "w") as out, contextlib.redirect_stdout(out):
+        assert main(argv) == 0, argv
 
 
-def torchrun(argv: list) -> None:
-    """``torchrun --nproc_per_node 2 -m textok.cli ARGV`` on the CPU: two spawned processes joined by gloo."""
+def torchrun(argv: list, log: Path) -> str:
+    """``torchrun --nproc_per_node 2 -m textok.cli ARGV`` on the CPU: two spawned processes joined by gloo;
+    returns what rank 0 printed."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(2, port, [str(a) for a in argv]), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, port, [str(a) for a in argv], str(log)), nprocs=2, start_method="spawn")
+    return Path(f"{log}.rank0").read_text()
 
 
 def run(argv: list, capsys) -> str:
@@ -70,7 +74,8 @@ def test_uncaptioned_imagenet_folder_to_samples_and_their_score(tmp_path, tiny_t
     torchrun(["train-tokenizer", "--config", "textok-tiny", "--out", tmp_path / "tok", "--max-steps", "2",
               "--no-progress", f"data.source={tmp_path / 'shards'}", "data.train_size=0", "data.val_split=val",
               "data.shuffle_buffer=4", "batch_size=2", "log_every=1", "sample_every=0", "loss.perceptual=none",
-              "loss.adversarial.weight=0", "device=cpu", *text, f"text_store={tmp_path / 'store'}"])
+              "loss.adversarial.weight=0", "device=cpu", *text, f"text_store={tmp_path / 'store'}"],
+             tmp_path / "tok.log")
     assert (tmp_path / "tok/final/model.safetensors").is_file()
 
     out = run(["extract-latents", "--tokenizer", tmp_path / "tok/final", "--data", tmp_path / "shards",
@@ -82,9 +87,11 @@ def test_uncaptioned_imagenet_folder_to_samples_and_their_score(tmp_path, tiny_t
 
     torchrun(["train-generator", "--latents", tmp_path / "lat", "--out", tmp_path / "gen", "--config", "dit-tiny",
               "--max-steps", "2", "--no-progress", "model.width=32", "model.depth=1", "model.heads=2",
-              "batch_size=4", "log_every=1", "diffusion=flow", "device=cpu"])
-    torchrun(["sample", "--generator", tmp_path / "gen/final", "--npz", tmp_path / "samples.npz", "--num", "6",
-              "--steps", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"])
+              "batch_size=4", "log_every=1", "diffusion=flow", "device=cpu"], tmp_path / "gen.log")
+    out = torchrun(["sample", "--generator", tmp_path / "gen/final", "--npz", tmp_path / "samples.npz", "--num", "6",
+                    "--steps", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"], tmp_path / "sample.log")
+    assert f"caption bank {tmp_path / 'gen/final/caption_bank.json'} (36 captions of the train split of " in out
+    assert not Path(f"{tmp_path / 'sample.log'}.rank1").read_text()  # one process reports
     samples = np.load(tmp_path / "samples.npz")
     assert samples["arr_0"].shape == (6, 16, 16, 3) and sorted(set(samples["arr_1"].tolist())) == [0, 1, 2]
 
