@@ -9,6 +9,7 @@ import torch
 
 from ..data.images import check_output_image, load_image, save_image
 from ..errors import TextokError
+from ..eval.image_metrics import psnr
 from ..hub import CONFIG_NAME
 from ..models.registry import TOKENIZERS, build_tokenizer, load_tokenizer, resolve_tokenizer_config
 from ..report import print_table
@@ -58,8 +59,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     with torch.no_grad():
         recon, z = model(images, captions)
     save_image(torch.cat([images, recon]), args.out, nrow=len(images))
-    mse = torch.mean((recon.clamp(-1, 1) - images) ** 2, dim=(1, 2, 3))
-    psnr = 10 * torch.log10(4.0 / mse)
-    for path, p in zip(args.image, psnr.tolist()):
+    for path, p in zip(args.image, psnr(recon.clamp(-1, 1), images).tolist()):
         print(f"{path}: PSNR {p:.2f} dB, tokens {tuple(z.shape[1:])}")
     print(f"wrote {args.out}")

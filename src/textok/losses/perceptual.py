@@ -26,6 +26,7 @@ import torch.nn as nn
 from ..errors import ConfigError, TextokError
 from ..nets.opennsfw import OpenNSFW
 from ..nets.vgg import TAP_CHANNELS, VGG16Features
+from ..weights import read_state_dict
 
 # lpips v0.1 ScalingLayer: (x - shift) / scale maps [-1,1] inputs to ImageNet-normalised ones.
 LPIPS_SHIFT: tuple[float, float, float] = (-0.030, -0.088, -0.188)
@@ -63,7 +64,7 @@ def load_lpips_heads(path: str | os.PathLike[str] | None = None) -> list[torch.T
     p = Path(path) if path is not None else lpips_heads_path("vgg")
     if not p.is_file():
         raise TextokError(f"LPIPS head file {p} does not exist: pass lpips' weights/v0.1/vgg.pth or leave it unset")
-    sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    sd = read_state_dict(p, "LPIPS heads", "lpips' weights/v0.1/vgg.pth")
     try:
         heads = [sd[f"lin{k}.model.1.weight"].float() for k in range(5)]
     except (KeyError, TypeError):

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from safetensors.torch import load_file
 
 from ..errors import TextokError
+from ..weights import read_state_dict
 from .vit import Attention, PatchEmbed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -143,19 +143,6 @@ class DINOv2(nn.Module):
         return self.features(self.preprocess(images))
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict", "teacher"):
-        if isinstance(state, dict) and set(state) == {wrapper} and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise TextokError(f"{path} does not hold a plain state dict of tensors")
-    return state
-
-
 def load_dinov2(path: str | os.PathLike[str], *, patch_size: int | None = 16, image_size: int = 224,
                 heads: int | None = None) -> DINOv2:
     """A frozen :class:`DINOv2` from a local checkpoint; ``patch_size`` resamples the patch embedding
@@ -164,7 +151,7 @@ def load_dinov2(path: str | os.PathLike[str], *, patch_size: int | None = 16, im
     if not path.is_file():
         raise TextokError(f"DINOv2 checkpoint {path} does not exist: pass a local .safetensors/.pth of a DINOv2 "
                           "ViT (official or timm key layout)")
-    state = {k.removeprefix("backbone."): v for k, v in _read_state_dict(path).items()}
+    state = {k.removeprefix("backbone."): v for k, v in read_state_dict(path, "DINOv2 checkpoint", "a local .safetensors/.pth of a DINOv2 ViT (timm or official layout)").items()}
     if "register_tokens" in state:
         state["reg_token"] = state.pop("register_tokens")
     state.pop("mask_token", None)

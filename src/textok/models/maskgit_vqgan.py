@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from safetensors.torch import load_file
 
 from ..config import Config
 from ..errors import ConfigError, TextokError
+from ..weights import read_state_dict
 
 PUBLISHED_FILE = "maskgit-vqgan-imagenet-f16-256.bin"
 WHERE = (f"download {PUBLISHED_FILE} (1d-tokenizer's release on the Hugging Face Hub, fun-research/TiTok) "
@@ -256,7 +255,7 @@ class MaskGITVQGAN(nn.Module):
     def load_file(self, path: str | os.PathLike[str]) -> None:
         """Load a state dict in the published key layout from ``.safetensors`` or a ``torch.save`` file
         (read with ``weights_only=True``); missing, unexpected or mis-shaped keys are one error line."""
-        state = read_state_dict(path)
+        state = read_state_dict(path, "MaskGIT-VQGAN weights", WHERE)
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -294,21 +293,4 @@ class MaskGITVQGAN(nn.Module):
         return sum(counts)
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """A flat {name: tensor} dict from ``.safetensors`` or a ``torch.save`` file (never plain pickle)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise TextokError(f"MaskGIT-VQGAN weights not found at {p}: {WHERE}")
-    if p.suffix == ".safetensors":
-        return load_file(str(p), device="cpu")
-    try:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise TextokError(f"cannot read MaskGIT-VQGAN weights from {p} ({type(e).__name__}): give the state dict "
-                          f"{PUBLISHED_FILE} or a .safetensors file") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise TextokError(f"{p} does not hold a flat state dict of tensors: give {PUBLISHED_FILE}")
-    return state
-
-
-__all__ = ["MaskGITVQGAN", "MaskGITVQGANConfig", "PUBLISHED_FILE", "read_state_dict"]
+__all__ = ["MaskGITVQGAN", "MaskGITVQGANConfig", "PUBLISHED_FILE"]

@@ -22,10 +22,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from safetensors.torch import load_file
 
 from ..io import sha256_file
 from ..errors import TextokError
+from ..weights import read_state_dict, weights_format
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -259,18 +259,14 @@ def load_fid_inception(path: str | os.PathLike | None = None, *, check_hash: boo
     must start with 6726825d; a ``.safetensors`` conversion is accepted as is.
     """
     p = resolve_weights_path(path)
-    if p.suffix == ".safetensors":
-        state = load_file(str(p))
-    else:
-        if check_hash:
-            digest = sha256_file(p)
-            if not digest.startswith(WEIGHTS_SHA256_PREFIX):
-                raise TextokError(f"{p} has sha256 {digest[:8]}..., not the FID Inception weights "
-                                  f"{WEIGHTS_FILENAME} (sha256 {WEIGHTS_SHA256_PREFIX}...); get that file "
-                                  f"or pass check_hash=False for a file you trust")
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise TextokError(f"{p} does not hold a state dict; expected the pytorch-fid file {WEIGHTS_FILENAME}")
+    if check_hash and weights_format(p) == "torch":
+        digest = sha256_file(p)
+        if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+            raise TextokError(f"{p} has sha256 {digest[:8]}..., not the FID Inception weights "
+                              f"{WEIGHTS_FILENAME} (sha256 {WEIGHTS_SHA256_PREFIX}...); get that file "
+                              f"or pass check_hash=False for a file you trust")
+    state = read_state_dict(p, "FID Inception weights", f"the pytorch-fid file {WEIGHTS_FILENAME} or its "
+                            ".safetensors conversion")
     net = FIDInceptionV3(resize_input=resize_input)
     state = dict(state)
     for key, buf in net.state_dict().items():  # files written before BatchNorm counters existed lack them

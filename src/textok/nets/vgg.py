@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from ..errors import TextokError
+from ..weights import read_state_dict
 
 ENV_VAR = "TEXTOK_VGG16_WEIGHTS"
 WEIGHTS_FILE = "vgg16-397923af.pth"
@@ -57,21 +57,6 @@ def resolve_vgg16_weights(path: str | os.PathLike[str] | None = None) -> Path:
     return p
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise TextokError(f"cannot read VGG16 weights from {path} ({type(e).__name__}): give a torchvision vgg16 "
-                          f"state dict (.pth) or a .safetensors file") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise TextokError(f"{path} is not a state dict: give torchvision's {WEIGHTS_FILE}")
-    return sd
-
-
 class VGG16Features(nn.Module):
     """torchvision's ``vgg16().features`` (key names preserved) returning the 5 LPIPS taps.
 
@@ -96,7 +81,7 @@ class VGG16Features(nn.Module):
     def load_weights(self, weights: str | os.PathLike[str] | None = None) -> None:
         """Load torchvision vgg16 weights strictly (``classifier.*`` keys, if present, are ignored)."""
         path = resolve_vgg16_weights(weights)
-        sd = _read_state_dict(path)
+        sd = read_state_dict(path, "VGG16 weights", f"torchvision's {WEIGHTS_FILE} or a .safetensors file")
         feats = {k: v for k, v in sd.items() if k.startswith("features.")}
         other = [k for k in sd if not k.startswith(("features.", "classifier."))]
         if not feats or other:

@@ -32,6 +32,7 @@ from ...data.folder import collate
 from ...data.images import save_image
 from ...errors import TextokError
 from ...eval.compare import higher_is_better
+from ...eval.image_metrics import psnr
 from ...eval.reconstruction import evaluate_tokenizer
 from ...generate.latents import LatentDataset, read_meta
 from ...generate.sampling import DEFAULT_CFG, GenerationPipeline, sample_grid
@@ -150,12 +151,8 @@ def prefix_grid(tok: Any, dataset: Any, path: Path, count: int = 8) -> dict[str,
     S = len(tok.scales)
     cols = [x] + [tok.decode_codes(codes, num_scales=n).clamp(-1, 1) for n in range(1, S + 1)]
     save_image(torch.stack(cols, dim=1).flatten(0, 1), str(path), nrow=S + 1)
-    psnr = {}
-    for n, rec in enumerate(cols[1:], start=1):
-        mse = (rec - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
-        psnr[f"{n} scale{'s' if n > 1 else ''} (up to {tok.scales[n - 1]}x{tok.scales[n - 1]})"] = float(
-            (10 * torch.log10(4 / mse)).mean())
-    return psnr
+    return {f"{n} scale{'s' if n > 1 else ''} (up to {tok.scales[n - 1]}x{tok.scales[n - 1]})": float(psnr(rec, x).mean())
+            for n, rec in enumerate(cols[1:], start=1)}
 
 
 def usage_per_scale(lat_dir: Path) -> dict[str, Any]:
