@@ -29,6 +29,16 @@ def random_text(batch: int, length: int = 6, dim: int = 384, lengths: list[int] 
     return TextEmbeddings(states, mask)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (restored after it): tiny models run fastest on one thread, and the CPU is
+    shared (two threads under load are ~10x slower). Use with ``pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_cfg():
     from textok import TexTokConfig

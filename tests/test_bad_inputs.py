@@ -113,10 +113,9 @@ def gray16_png(path: Path, side: int = 16) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Path:
+def ws(tmp_path_factory, one_thread) -> Path:
     """What the rows share (they must leave it unchanged): tokenizers, a 2-step training run with a checkpoint
     per step, latents, a generator, images good and bad, and a folder of the user's own files."""
-    torch.set_num_threads(1)
     w = tmp_path_factory.mktemp("ws")
     save_textok(w / "tok", "text_in_encoder=false", "text_in_decoder=false")
     save_textok(w / "tok_text")

@@ -50,7 +50,7 @@ def test_flags_are_typed_overrides_and_win_over_key_value() -> None:
     cfg = load_train_config("textok-tiny", over)
     assert cfg.max_steps == 5 and cfg.optim.lr == 1e-3
     gen = load_generator_config("dit-tiny", {"latents": "lat", "max_steps": 3, "model.depth": 2})
-    assert (gen.latents, gen.max_steps, gen.model_overrides[-1]) == ("lat", 3, "depth=2")
+    assert (gen.latents, gen.max_steps, gen.model_overrides) == ("lat", 3, {"depth": 2})
     # a bad key=value is refused even when a flag sets the same key afterwards
     bad = with_flags(argparse.Namespace(overrides=["max_steps=inf"], max_steps=3, ckpt_every=None), "max_steps")
     with pytest.raises(ConfigError, match="max_steps='inf'"):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -24,17 +22,6 @@ from textok.models.dit import DiT, DiTConfig
 pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 MU, S = 0.5, 0.3  # toy data distribution N(MU, S^2) per coordinate
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Small-op training loops are much faster on one thread on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _optimal_eps(diffusion: GaussianDiffusion):
@@ -200,22 +187,21 @@ def _train(diffusion: GaussianDiffusion | FlowMatching, learn_sigma: bool, steps
     before = evaluate()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     model.train()
-    with _one_thread():
-        for _ in range(steps):
-            loss = diffusion.training_loss(model, data.repeat(4, 1, 1), {"y": labels.repeat(4)}, generator=g)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    for _ in range(steps):
+        loss = diffusion.training_loss(model, data.repeat(4, 1, 1), {"y": labels.repeat(4)}, generator=g)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return before, evaluate()
 
 
-def test_diffusion_loss_falls_on_a_toy_set() -> None:
+def test_diffusion_loss_falls_on_a_toy_set(one_thread) -> None:
     before, after = _train(create_diffusion("dit"), learn_sigma=True)
     assert before == pytest.approx(1.0, abs=0.15)  # the zero-initialised model predicts ε = 0
     assert after < 0.5 * before
 
 
-def test_flow_matching_loss_falls_on_a_toy_set() -> None:
+def test_flow_matching_loss_falls_on_a_toy_set(one_thread) -> None:
     before, after = _train(create_diffusion("flow"), learn_sigma=False)
     assert after < 0.5 * before
 

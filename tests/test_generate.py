@@ -40,7 +40,6 @@ def _err(capsys):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A no-text tiny TexTok, 32 scenes of latents and a DiT trained 4 steps on them, all through the CLI."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("gen")
     tok = _save_textok(root / "tok", *NO_TEXT)
     assert main(["extract-latents", "--tokenizer", str(tok), "--num", "32", "--batch-size", "12",

@@ -17,15 +17,8 @@ from textok.models.imagefolder import ImageFolder, ImageFolderConfig, symmetric_
 from textok.models.registry import load_tokenizer, resolve_tokenizer_config
 from textok.models.dinov2 import load_dinov2, resample_patch_kernel
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
+              pytest.mark.usefixtures("one_thread")]
 
 
 def tiny(*overrides: str, seed: int = 0) -> ImageFolder:
@@ -149,7 +142,7 @@ def test_scale_schedule_must_end_at_k():
         assert ok.num_tokens == 16 and ok.token_channels == 16 and ok.quantizer.scales == (1, 2, 4)
     with pytest.raises(ConfigError, match="semantic_teacher"):
         ImageFolderConfig(semantic_teacher="dino")
-    with pytest.raises(ConfigError, match="unknown ImageFolderConfig key 'num_tokens'"):
+    with pytest.raises(ConfigError, match="num_tokens follows from latent_grid; set that instead"):
         ImageFolderConfig().override(["num_tokens=5"])  # derived from latent_grid
     cfg = ImageFolderConfig.preset("imagefolder-s-32")
     assert ImageFolderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -15,16 +15,8 @@ from textok.errors import ConfigError, TextokError
 from textok.models.maskgit import MaskGIT, MaskGITConfig, masked_counts
 from textok.models.vit import ViTConfig
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared (two threads under load are ~10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
+              pytest.mark.usefixtures("one_thread")]
 
 
 def tiny(n: int = 16, k: int = 32, c: int = 2, **kw) -> MaskGIT:

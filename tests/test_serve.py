@@ -38,8 +38,7 @@ from textok.models.registry import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    torch.set_num_threads(1)
+def served(tmp_path_factory, one_thread):
     paths = make_models(tmp_path_factory.mktemp("serve"))
     app = ServeApp([paths["text"], paths["notext"], paths["bad"]], paths["generator"])
     server = make_server(app, "127.0.0.1", 0)

@@ -47,11 +47,8 @@ def test_study_end_to_end_then_resumes_without_retraining(tmp_path, monkeypatch,
         assert (out / "cells" / c / "final" / "model.safetensors").is_file()
         assert (out / "cells" / c / "eval.json").is_file()
     cfgs = {c: json.loads((out / "cells" / c / "train_config.json").read_text()) for c in cells}
-    assert {tuple(cfgs[c]["model_overrides"][-3:]) for c in cells} == {
-        ("num_tokens=2", "text_in_encoder=true", "text_in_decoder=true"),
-        ("num_tokens=2", "text_in_encoder=false", "text_in_decoder=false"),
-        ("num_tokens=4", "text_in_encoder=true", "text_in_decoder=true"),
-        ("num_tokens=4", "text_in_encoder=false", "text_in_decoder=false")}
+    assert {tuple(cfgs[c]["model_overrides"][k] for k in ("num_tokens", "text_in_encoder", "text_in_decoder"))
+            for c in cells} == {(2, True, True), (2, False, False), (4, True, True), (4, False, False)}
     # same budget, seed and data, one shared text cache
     assert len({(d["max_steps"], d["seed"], json.dumps(d["data"]), d["text_cache"]) for d in cfgs.values()}) == 1
     assert (out / "text_cache.safetensors").is_file()

@@ -14,15 +14,8 @@ from textok.models.registry import load_tokenizer, resolve_tokenizer_config
 from textok.models.titok import TiTok, TiTokConfig
 from textok.models.vit import ViTConfig
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
+              pytest.mark.usefixtures("one_thread")]
 
 
 def tiny(*overrides: str, seed: int = 0) -> TiTok:

@@ -14,8 +14,7 @@ from textok.cli import main
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    torch.set_num_threads(1)
+def quick_run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("demo-titok")
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cwd"))  # no runs/demo/metrics.json here: the comparison is skipped, not an error

@@ -21,17 +21,10 @@ from textok.train.loop import param_groups
 from textok.train.config import load_train_config
 from textok.train.tokenizer import train_tokenizer
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
+pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
+              pytest.mark.usefixtures("one_thread")]
 
 TINY_VQGAN = MaskGITVQGANConfig.preset("maskgit-vqgan-tiny")  # 16 px -> 4 x 4 codes of 32, as titok-tiny's grid
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def published_layout(h=128, mult=(1, 1, 2, 2, 4), blocks=2, z=256, codes=1024) -> dict[str, tuple[int, ...]]:
@@ -198,7 +191,7 @@ def test_stage_configs_are_checked_when_built(tmp_path):
 def test_recipes_need_the_weights(tmp_path):
     for name, stage in (("titok-stage1", "proxy-codes"), ("titok-stage2", "decoder-finetune")):
         recipe = load_train_config(name)
-        assert f"stage={stage}" in recipe.model_overrides
+        assert recipe.model_overrides["stage"] == stage
         with pytest.raises(ConfigError, match="needs the MaskGIT-VQGAN weights: set vqgan_weights="):
             train_tokenizer(recipe, tmp_path / name, progress=False)
     s1 = load_train_config("titok-stage1")
@@ -313,6 +306,6 @@ def test_stage1_then_stage2_through_train_tokenizer(tmp_path, vqgan_file):
     # a stage 2 pointed at another VQGAN than the one stage 1 learned is refused
     other = tmp_path / "other.safetensors"
     save_file(random_state(published_layout(**TINY_LAYOUT), seed=2), str(other))
-    s2_other = dataclasses.replace(s2, model_overrides=s2.model_overrides + (f"vqgan_weights={other}",))
+    s2_other = dataclasses.replace(s2, model_overrides={**s2.model_overrides, "vqgan_weights": str(other)})
     with pytest.raises(CheckpointMismatchError, match="another MaskGIT-VQGAN than vqgan_weights="):
         train_tokenizer(s2_other, tmp_path / "s2-other", progress=False)

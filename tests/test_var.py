@@ -15,17 +15,10 @@ from textok.models.imagefolder import ImageFolder, ImageFolderConfig
 from textok.models.multiscale import MultiScaleQuantizerConfig, ProductQuantizer
 from textok.models.var import VAR, VARConfig, sample_top_k_top_p
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
+pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
+              pytest.mark.usefixtures("one_thread")]
 
 SCALES = (1, 2, 2, 3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def quantizer(seed: int = 0) -> ProductQuantizer:

@@ -27,15 +27,14 @@ Text: off by default (the paper has none); ``text_in_encoder`` / ``text_in_decod
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 from dataclasses import field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import derived
 from ..distributed import gather_with_grad
 from ..errors import ConfigError, TextokError
 from ..nets.opennsfw import OpenNSFW
@@ -45,16 +44,15 @@ from .textok import TextInput, TexTok, TexTokConfig, TexTokDecoder, TexTokEncode
 from .vit import ViTConfig, init_vit_weights, sincos_2d, transformer_flops, vit_size
 
 OPENNSFW_DIM = 1024
-_DEFER_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("imagefolder_defer_checks", default=False)
 
 
 @dataclasses.dataclass
 class ImageFolderConfig(TexTokConfig):
     """TexTok's fields plus the latent grid, the product quantizer and the semantic teacher."""
 
-    # Derived (not constructor / override / JSON keys): K^2 decoder positions of P * C channels.
-    num_tokens: int = field(default=121, init=False)
-    token_channels: int = field(default=64, init=False)
+    # Derived: K^2 decoder positions of P * C channels.
+    num_tokens: int = derived(121, "latent_grid")
+    token_channels: int = derived(64, "quantizer.branches and quantizer.code_dim")
     latent_grid: int = 11  # K; the quantizer's last scale must equal it
     text_in_encoder: bool = False
     text_in_decoder: bool = False
@@ -68,7 +66,7 @@ class ImageFolderConfig(TexTokConfig):
 
     def __post_init__(self) -> None:
         q = self.quantizer
-        if q.scales[-1] != self.latent_grid and not _DEFER_CHECKS.get():
+        if q.scales[-1] != self.latent_grid:
             raise ConfigError(f"quantizer.scales={list(q.scales)} ends at {q.scales[-1]} but latent_grid K="
                               f"{self.latent_grid}: the last scale must be the full K x K grid")
         self.num_tokens = self.latent_grid**2
@@ -114,36 +112,6 @@ class ImageFolderConfig(TexTokConfig):
                             text_in_encoder=self.text_in_encoder, text_in_decoder=self.text_in_decoder,
                             text_encoder=self.text_encoder, text_dim=self.text_dim,
                             text_max_length=self.text_max_length)
-
-    def override(self, assignments: list[str] | dict[str, Any]) -> "ImageFolderConfig":
-        """As :meth:`Config.override`, but checked once all assignments are applied, so ``latent_grid=8
-        quantizer.scales=[1,2,4,8]`` works in either order."""
-        token = _DEFER_CHECKS.set(True)
-        try:
-            result = super().override(assignments)
-        finally:
-            _DEFER_CHECKS.reset(token)
-        result.__post_init__()
-        return result
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        for derived in ("num_tokens", "token_channels"):
-            data.pop(derived, None)
-        data["quantizer"] = self.quantizer.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> "ImageFolderConfig":
-        """As :meth:`Config.from_dict`; derived ``num_tokens`` / ``token_channels`` keys must agree."""
-        data = dict(data)
-        derived = {k: data.pop(k) for k in ("num_tokens", "token_channels") if k in data}
-        cfg = super().from_dict(data, strict=strict)
-        for k, v in derived.items():
-            if v != getattr(cfg, k):
-                raise ConfigError(f"{k}={v} does not follow from latent_grid / quantizer ({getattr(cfg, k)}); "
-                                  "set latent_grid, quantizer.branches and quantizer.code_dim instead")
-        return cfg
 
 
 def _register_presets() -> None:

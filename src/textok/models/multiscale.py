@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,12 +88,6 @@ class MultiScaleQuantizerConfig(Config):
             raise ConfigError(f"quantizer.dropout must lie in [0, 1), got {self.dropout}")
         if not 1 <= self.dropout_start <= len(s):
             raise ConfigError(f"quantizer.dropout_start={self.dropout_start} must lie in [1, {len(s)}] (the scales)")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Scales as a list, as JSON stores them (so a saved and a live config compare equal)."""
-        data = super().to_dict()
-        data["scales"] = list(self.scales)
-        return data
 
     @property
     def grid(self) -> int:

@@ -24,11 +24,12 @@ TOKENIZERS: dict[str, type[TexTok]] = {"textok": TexTok, "titok": TiTok, "imagef
 GENERATORS: dict[str, type[nn.Module]] = {"dit": DiT, "maskgit": MaskGIT, "var": VAR}
 
 
-def resolve_tokenizer_config(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[str, Config]:
-    """A preset name, or a JSON/YAML file (with ``model_type`` or a TexTok config) -> (model_type, config)."""
+def resolve_tokenizer_config(spec: str, overrides: Any = ()) -> tuple[str, Config]:
+    """A preset name, or a JSON/YAML file (with ``model_type`` or a TexTok config) -> (model_type, config), with
+    ``overrides`` (anything :meth:`Config.override` takes) applied."""
     for model_type, model_cls in TOKENIZERS.items():
         if spec in model_cls.config_class.presets():
-            return model_type, model_cls.config_class.preset(spec).override(list(overrides))
+            return model_type, model_cls.config_class.preset(spec).override(overrides)
     path = Path(spec)
     if path.is_file():
         data = read_yaml(path)  # JSON is YAML
@@ -40,7 +41,7 @@ def resolve_tokenizer_config(spec: str, overrides: list[str] | tuple[str, ...] =
         if model_type not in TOKENIZERS:
             raise ConfigError(f"{path}: unknown model_type {model_type!r} (known: {', '.join(TOKENIZERS)})")
         try:
-            return model_type, TOKENIZERS[model_type].config_class.from_dict(data).override(list(overrides))
+            return model_type, TOKENIZERS[model_type].config_class.from_dict(data).override(overrides)
         except ConfigError as err:
             raise ConfigError(f"config file {path}: {err}") from None
     names = sorted(n for model_cls in TOKENIZERS.values() for n in model_cls.config_class.presets())

@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config, split_assignment
+from ..config import OMIT_DEFAULT, derived
 from ..errors import CheckpointMismatchError, ConfigError, TextokError
 from .maskgit_vqgan import PUBLISHED_FILE, MaskGITVQGAN, MaskGITVQGANConfig
 from .quantizers import DiagonalGaussian, QuantizerConfig, VectorQuantizer, build_quantizer
@@ -54,14 +53,16 @@ STAGES = ("pixel", "proxy-codes", "decoder-finetune")
 class TiTokConfig(TexTokConfig):
     """TexTok's config plus the bottleneck; text off and 12 channels per token by default."""
 
-    # Follows quantizer.code_dim (set in __post_init__); not a constructor/override/JSON key.
-    token_channels: int = field(default=12, init=False)
+    # Follows quantizer.code_dim (set in __post_init__); an override of it sets quantizer.code_dim.
+    token_channels: int = derived(12, "quantizer.code_dim", settable=True)
     text_in_encoder: bool = False
     text_in_decoder: bool = False
     quantizer: QuantizerConfig = field(default_factory=lambda: QuantizerConfig.preset("titok-vq"))
-    stage: str = "pixel"  # "pixel" | "proxy-codes" (stage 1) | "decoder-finetune" (stage 2); see the module doc
-    vqgan_weights: str = ""  # local MaskGIT-VQGAN weights (published key layout), read by the two stages
-    vqgan: MaskGITVQGANConfig = field(default_factory=MaskGITVQGANConfig)  # its shape (default: the published one)
+    # The two-stage fields are left out of saved configs while they hold their defaults (single-stage configs read
+    # as they did before these fields existed).
+    stage: str = field(default="pixel", metadata=OMIT_DEFAULT)  # "pixel" | "proxy-codes" (stage 1) | "decoder-finetune" (stage 2); see the module doc
+    vqgan_weights: str = field(default="", metadata=OMIT_DEFAULT)  # local MaskGIT-VQGAN weights (published key layout), read by the two stages
+    vqgan: MaskGITVQGANConfig = field(default_factory=MaskGITVQGANConfig, metadata=OMIT_DEFAULT)  # its shape (default: the published one)
 
     def __post_init__(self) -> None:
         self.token_channels = self.quantizer.code_dim
@@ -99,46 +100,6 @@ class TiTokConfig(TexTokConfig):
     def encoder_channels(self) -> int:
         """Width of the encoder's output head: 2d (mean, log-variance) for the KL variant, else d."""
         return 2 * self.token_channels if self.quantizer.kind == "kl" else self.token_channels
-
-    def override(self, assignments: list[str] | dict[str, Any]) -> "TiTokConfig":
-        """As :meth:`Config.override`; ``token_channels=X`` is read as ``quantizer.code_dim=X``. ``stage`` is
-        applied last, so the two stages' checks see all the other assignments (``stage=...``,
-        ``vqgan_weights=...`` and ``vqgan.*`` in any order)."""
-        items = (list(assignments.items()) if isinstance(assignments, dict)
-                 else [split_assignment(a) for a in assignments])
-        items = [("quantizer.code_dim" if k.strip() == "token_channels" else k.strip(), v) for k, v in items]
-        stage: Any = self.stage
-        out = dataclasses.replace(self, stage="pixel")
-        for key, value in items:
-            if key == "stage":
-                stage = value
-            else:
-                out = Config.override(out, {key: value})
-        return Config.override(out, {"stage": stage})
-
-    def to_dict(self) -> dict[str, Any]:
-        """As :meth:`Config.to_dict`, without ``token_channels`` (derived) and without the two-stage fields
-        while they hold their defaults, so single-stage configs read as they did before those fields existed
-        (saved runs resume, config.json files compare equal)."""
-        data = super().to_dict()
-        data.pop("token_channels", None)  # derived from quantizer.code_dim
-        for name, default in (("stage", "pixel"), ("vqgan_weights", ""), ("vqgan", MaskGITVQGANConfig().to_dict())):
-            if data.get(name) == default:
-                data.pop(name)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, strict: bool = True) -> "TiTokConfig":
-        """As :meth:`Config.from_dict`; a ``token_channels`` key is accepted when it equals quantizer.code_dim."""
-        data = dict(data)
-        channels = data.pop("token_channels", None)
-        cfg = super().from_dict(data, strict=strict)
-        if channels is not None and channels != cfg.token_channels:
-            raise ConfigError(
-                f"token_channels={channels} but quantizer.code_dim={cfg.quantizer.code_dim}: in TiTok the token "
-                "channels are the quantizer's code_dim; set quantizer.code_dim only"
-            )
-        return cfg
 
 
 def _register_presets() -> None:

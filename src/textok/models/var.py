@@ -97,12 +97,6 @@ class VARConfig(Config):
         """Stochastic depth of the last block; block i of D drops with rate i / (D - 1) times this."""
         return 0.1 * self.depth / 24 if self.drop_path is None else self.drop_path
 
-    def to_dict(self) -> dict[str, Any]:
-        """Scales as a list, as JSON stores them (so a saved and a live config compare equal)."""
-        data = super().to_dict()
-        data["scales"] = list(self.scales)
-        return data
-
     @property
     def num_scales(self) -> int:
         return len(self.scales)

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-from ..config import Config, read_yaml, split_assignment
+from ..config import Config, assignment_items, read_yaml, typed_assignments
 from ..data.augment import check_crop
 from ..errors import ConfigError
 from ..losses.adversarial import AdversarialConfig
@@ -120,7 +119,7 @@ OPENNSFW_FOR_LPIPS = 0.1
 @dataclasses.dataclass
 class TrainConfig(Config):
     model: str = "textok-demo"  # a tokenizer preset or config file
-    model_overrides: tuple[str, ...] = ()
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # {"KEY": value} of the model's config, typed
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -147,6 +146,7 @@ class TrainConfig(Config):
     text_dropout: float = 0.0  # probability that an image trains without its caption (all its text tokens masked)
 
     def __post_init__(self) -> None:
+        self.model_overrides = typed_model_overrides(self, self.model_overrides)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision {self.precision!r} must be auto, bf16 or fp32")
         if not 0.0 <= self.text_dropout < 1.0:
@@ -165,6 +165,20 @@ class TrainConfig(Config):
         check_crop(self.data.crop_min)
         if self.data.workers < 0:
             raise ConfigError(f"data.workers={self.data.workers} must be 0 (load in the main process) or more")
+
+    def model_config_class(self) -> type[Config]:
+        """The config class of the tokenizer ``model`` names (its ``model_overrides`` are typed by it)."""
+        return type(resolve_tokenizer_config(self.model)[1])
+
+
+def typed_model_overrides(cfg: "TrainConfig | GeneratorTrainConfig", overrides: Any) -> dict[str, Any]:
+    """``model_overrides`` as ``{KEY: value}`` of the model config's types. Files written before they were stored
+    typed hold ``["KEY=VALUE", ...]`` text; both forms are read."""
+    if isinstance(overrides, str) or not isinstance(overrides, (Mapping, list, tuple)):
+        raise ConfigError(f"model_overrides={overrides!r}: expected a mapping of model config keys to values")
+    if not overrides:
+        return {}
+    return typed_assignments(cfg.model_config_class(), overrides)
 
 
 def check_schedule(cfg: Config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
@@ -205,7 +219,7 @@ CPU_RECIPE = "demo"
 FAMILY_RECIPES = {"imagefolder": "imagefolder"}
 
 
-def recipe_for_model(model: str, model_overrides: list[str] = ()) -> TrainConfig:
+def recipe_for_model(model: str, model_overrides: Overrides = ()) -> TrainConfig:
     """The training recipe for tokenizer preset or model file ``model`` (see ``CPU_MODEL_MAX_SIZE`` and
     ``FAMILY_RECIPES``)."""
     model_type, model_cfg = resolve_tokenizer_config(model, model_overrides)  # an unknown preset fails here
@@ -226,43 +240,29 @@ def is_recipe(data: object) -> bool:
 
 
 def with_overrides(cfg: C, overrides: Overrides) -> C:
-    """``cfg`` with overrides applied in order: ``{"key": value}`` or ``[("key", value)]`` (a value of the field's
+    """``cfg`` with all overrides applied at once: ``{"key": value}`` or ``[("key", value)]`` (a value of the field's
     type, or text to parse as one) or ``["key=value", ...]`` as typed on a command line; dotted keys reach nested
-    configs (``optim.lr``).
+    configs (``optim.lr``), and a later assignment of a key wins.
 
-    ``model.KEY`` ones are kept as ``KEY=VALUE`` text in ``model_overrides`` (the model's config is built from
-    its preset and them when the model is built); the others set the training config's fields.
+    ``model.KEY`` ones are kept, typed, in ``model_overrides`` (the model's config is built from its preset and
+    them when the model is built); the others set the training config's fields.
     """
-    items = _items(overrides)
+    items = assignment_items(overrides)
     cfg = cfg.override([(k, v) for k, v in items if not k.startswith("model.")])
     model = model_overrides(items)
     if model:
-        cfg = dataclasses.replace(cfg, model_overrides=tuple(cfg.model_overrides) + tuple(model))
+        cfg = dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, **dict(model)})
     return cfg
 
 
-def model_overrides(overrides: Overrides) -> list[str]:
-    """The ``model.KEY`` entries of ``overrides`` as ``KEY=VALUE`` text."""
-    return [f"{k[len('model.'):]}={_as_text(v)}" for k, v in _items(overrides) if k.startswith("model.")]
-
-
-def _items(overrides: Overrides) -> list[tuple[str, Any]]:
-    if isinstance(overrides, Mapping):
-        return list(overrides.items())
-    return [o if isinstance(o, tuple) else split_assignment(o) for o in overrides]
-
-
-def _as_text(value: Any) -> str:
-    """A value as a command line writes it (``true``, ``4``, ``[1, 2]``), the form ``model_overrides`` keeps."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))
-    return str(value)
+def model_overrides(overrides: Overrides) -> list[tuple[str, Any]]:
+    """The ``model.KEY`` entries of ``overrides`` as ``(KEY, value)`` pairs."""
+    return [(k[len("model."):], v) for k, v in assignment_items(overrides) if k.startswith("model.")]
 
 
 # ---- generators ------------------------------------------------------------------------------------
 GENERATOR_KINDS = ("dit", "maskgit", "var")
+GENERATOR_CONFIGS: dict[str, type[Config]] = {"dit": DiTConfig, "maskgit": MaskGITConfig, "var": VARConfig}
 DEFAULT_GENERATOR = {"dit": "dit-b", "maskgit": "maskgit-b", "var": "var-imagefolder-b-256"}
 
 
@@ -294,7 +294,7 @@ class GeneratorTrainConfig(Config):
     latents: str = ""  # a directory written by `textok extract-latents`
     kind: str = "dit"  # "dit" (continuous tokens) | "maskgit" (codes of a TiTok) | "var" (codes of an ImageFolder)
     model: str = ""  # a DiT, MaskGIT or VAR preset or config file ("" = dit-b / maskgit-b / var-imagefolder-b-256)
-    model_overrides: tuple[str, ...] = ()
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # {"KEY": value} of the model's config, typed
     diffusion: str = "dit"  # DiT only: "dit" (DDPM, learned sigma) | "flow" (rectified flow) | a config file
     text: bool = False  # DiT only: text-to-image on caption embeddings (else class-conditional)
     optim: OptimConfig = field(default_factory=_generator_optim)
@@ -315,6 +315,7 @@ class GeneratorTrainConfig(Config):
     def __post_init__(self) -> None:
         if self.kind not in GENERATOR_KINDS:
             raise ConfigError(f"kind {self.kind!r} is unknown; use one of {', '.join(GENERATOR_KINDS)}")
+        self.model_overrides = typed_model_overrides(self, self.model_overrides)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision {self.precision!r} must be auto, bf16 or fp32")
         check_schedule(self, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "keep_last"))
@@ -326,6 +327,10 @@ class GeneratorTrainConfig(Config):
     @property
     def model_name(self) -> str:
         return self.model or DEFAULT_GENERATOR[self.kind]
+
+    def model_config_class(self) -> type[Config]:
+        """The config class of this kind's generator (its ``model_overrides`` are typed by it)."""
+        return GENERATOR_CONFIGS[self.kind]
 
 
 def load_generator_config(config: str | None = None, overrides: Overrides = (), kind: str | None = None

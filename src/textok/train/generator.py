@@ -156,7 +156,7 @@ def set_by_training(asked: C, decided: dict[str, Any], cfg: GeneratorTrainConfig
     """``asked`` with the fields training decides (from the latents, the diffusion and the text settings); a
     ``model.KEY`` override of one of them to another value is refused, since it would be replaced silently."""
     result = asked.override(decided)
-    given = {o.split("=", 1)[0].strip() for o in cfg.model_overrides}
+    given = set(cfg.model_overrides)
     for key in sorted(given & set(decided)):
         if getattr(asked, key) != getattr(result, key):
             raise TextokError(f"model.{key}={getattr(asked, key)!r} cannot apply: training sets {key} to "
@@ -172,7 +172,7 @@ class DiTTask(GeneratorTask):
         cfg, meta = self.cfg, self.meta
         self.diffusion_config = DiffusionConfig.resolve(cfg.diffusion)
         learn_sigma = self.diffusion_config.objective == "ddpm" and self.diffusion_config.learn_sigma
-        return set_by_training(DiTConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)),
+        return set_by_training(DiTConfig.resolve(cfg.model_name).override(cfg.model_overrides),
                                {"num_tokens": meta["num_tokens"], "in_channels": meta["channels"],
                                 "learn_sigma": learn_sigma, "num_classes": 0 if cfg.text else meta["num_classes"],
                                 "text_dim": text_dim if cfg.text else 0}, cfg)
@@ -218,7 +218,7 @@ class MaskGITTask(GeneratorTask):
             raise TextokError(f"MaskGIT models one flat sequence of codes per image, but {cfg.latents} holds codes of "
                               f"shape {tuple(meta['code_shape'])} from a {meta.get('tokenizer_type')!r} tokenizer; "
                               "train a VAR on them (--kind var)")
-        return set_by_training(MaskGITConfig.resolve(cfg.model_name).override(list(cfg.model_overrides)),
+        return set_by_training(MaskGITConfig.resolve(cfg.model_name).override(cfg.model_overrides),
                                {"num_tokens": meta["num_tokens"], "codebook_size": meta["codebook_size"],
                                 "num_classes": max(1, meta["num_classes"])}, cfg)
 
@@ -249,9 +249,9 @@ class VARTask(GeneratorTask):
             raise TextokError(f"VAR needs the multi-scale codes of an ImageFolder tokenizer, but {cfg.latents} holds "
                               f"{what} of a {meta.get('tokenizer_type')!r} tokenizer; extract latents with an "
                               f"ImageFolder, or train a {'MaskGIT (--kind maskgit)' if meta.get('discrete') else 'DiT (--kind dit)'}")
-        asked = VARConfig.resolve(cfg.model_name).override(list(cfg.model_overrides))
+        asked = VARConfig.resolve(cfg.model_name).override(cfg.model_overrides)
         theirs = _Layout(tuple(layout["scales"]), layout["branches"], layout["codebook_size"], layout["code_dim"])
-        given = [o.split("=", 1)[0] for o in cfg.model_overrides if o.split("=", 1)[0] in LAYOUT_KEYS]
+        given = [k for k in cfg.model_overrides if k in LAYOUT_KEYS]
         if given or cfg.model_name not in VARConfig.presets():  # the user chose a layout: it must be the tokenizer's
             where = f"model {', '.join(given)}" if given else f"--config {cfg.model_name}"
             asked.check_compatible(theirs, fix=f"the tokenizer is {meta['tokenizer_dir']}; drop {where} "
