@@ -119,8 +119,11 @@ def _recipe_changes(result: dict[str, Any]) -> str:
     perceptual = loss["perceptual"] + (f"@{loss['perceptual_size']}" if loss["perceptual"] == "opennsfw" else "")
     stage = (f", a second stage from `{Path(cfg['init_from']).parents[2].name}` (lr {cfg['optim']['lr']})"
              if cfg.get("init_from") else "")
-    per_cell = ("num_tokens=", "text_in_encoder=", "text_in_decoder=")
-    model = [o for o in cfg.get("model_overrides", []) if not o.startswith(per_cell)]
+    per_cell = ("num_tokens", "text_in_encoder", "text_in_decoder")
+    overrides = cfg.get("model_overrides") or {}  # typed {key: value}; runs written before: ["key=value", ...]
+    pairs = ([(k, json.dumps(v) if isinstance(v, bool) else v) for k, v in overrides.items()]
+             if isinstance(overrides, dict) else [o.split("=", 1) for o in overrides])
+    model = [f"{k}={v}" for k, v in pairs if k not in per_cell]
     text = "".join(f", {name}={value}" for name, value in (("text dropout", cfg.get("text_dropout", 0.0)),
                                                            ("text-grounding weight", loss.get("text_contrast_weight", 0.0)))
                    if value)
