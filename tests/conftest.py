@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["TEXTOK_CACHE"] = tempfile.mkdtemp(prefix="textok-tests-cache-")  # tests never write the user's cache
 torch.set_num_threads(1)
 
 REAL_DATA = Path(os.environ["TEXTOK_DATA"]) if os.environ.get("TEXTOK_DATA") else None  # real data sets, if any

@@ -16,6 +16,7 @@ from ..data.factory import build_dataset
 from ..devices import resolve_device
 from ..errors import TextokError
 from ..eval.generation import evaluate_samples, is_stats_file, peek_image_size
+from ..eval.ref_cache import data_identity
 from ..eval.reconstruction import evaluate_tokenizer
 from ..io import atomic_write_text, check_output_file
 from ..models.registry import load_tokenizer
@@ -41,6 +42,12 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ref-num", type=int, default=0, help="reference images to use (0 = all)")
     g.add_argument("--image-size", type=int, default=0, help="resize samples to this side (0 = as they are)")
     g.add_argument("--save-ref-stats", default=None, help="write the reference statistics to this .npz")
+    g.add_argument("--ref-stats", default=None, metavar="FILE",
+                   help="read the reference statistics from this .npz when it holds those of --ref with these "
+                        "settings, else compute and write them there (default: a file per reference in "
+                        "$TEXTOK_CACHE/ref-stats, ~/.cache/textok without it)")
+    g.add_argument("--no-ref-cache", action="store_true", help="compute the reference statistics, neither reading "
+                                                                 "nor writing a cached copy")
     g.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
     g = p.add_argument_group("both")
     g.add_argument("--num", type=int, default=0, help="images (reconstruction) or samples (generation) to use (0 = all)")
@@ -114,12 +121,17 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         side = args.image_size or peek_image_size(args.samples)
         reference = build_dataset(args.ref, split, side, size=max(args.ref_num, 0),
                                   captions_file=args.captions_file, caption_bank=args.caption_bank, seed=args.seed)
+    identity = None if is_stats_file(ref_path) or args.no_ref_cache else data_identity(args.ref, split=split,
+                                                                                      seed=args.seed)
     device = str(resolve_device(args.device))
     print(f"eval generation: {args.samples} against {args.ref}, {device}")
     result = evaluate_samples(args.samples, reference, num=args.num or None, ref_num=args.ref_num or None,
                               batch_size=args.batch_size, device=device, inception_weights=args.inception_weights,
                               fd_size=args.fd_size, image_size=args.image_size or None, is_splits=args.is_splits,
-                              save_ref_stats=args.save_ref_stats, progress=not args.quiet)
+                              save_ref_stats=args.save_ref_stats, progress=not args.quiet, ref_identity=identity,
+                              ref_stats_file=args.ref_stats, ref_cache_dir=args.ref_stats is None)
+    if "ref_stats" in result:
+        print(f"reference statistics: {result['ref_stats']}")
     settings = {"mode": "generation", "samples": args.samples, "ref": args.ref, "fd_size": args.fd_size,
                 "num": args.num, "ref_num": args.ref_num}
     if not isinstance(reference, str):
@@ -139,6 +151,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         check_output_file(args.out, "--out", inputs)
     if args.mode == "generation" and args.save_ref_stats:
         check_output_file(args.save_ref_stats, "--save-ref-stats", inputs, outputs=[("--out", args.out)])
+    if args.mode == "generation" and args.ref_stats is not None:
+        if not args.ref_stats.endswith(".npz") or args.no_ref_cache:
+            raise TextokError("--ref-stats names a .npz file to read or write the reference statistics (and cannot "
+                              f"go with --no-ref-cache); got {args.ref_stats}")
+        if args.ref and is_stats_file(args.ref):
+            raise TextokError("--ref is already a statistics file: --ref-stats needs reference images as --ref")
     if args.mode == "reconstruction":
         run_reconstruction(args)
     else:

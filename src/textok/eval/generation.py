@@ -34,6 +34,7 @@ from ..data.folder import collate
 from ..data.images import IMAGE_SUFFIXES, center_crop_resize
 from ..data.shards import ShardSet
 from ..errors import TextokError
+from . import ref_cache
 from .features import OpenNSFWFeatures, maybe_inception, quantize_uint8
 from .fid import FeatureSet, FeatureStats, GaussianStats, fd_between, inception_score
 from .image_metrics import pil_to_rgb, to_rgb
@@ -318,10 +319,25 @@ def _check_reference(ref: GaussianStats, feature: str, metric: str, source: str)
                           f"uses {feature!r}: recompute them with the same network and input size")
 
 
+def _read_cached_reference(path: Path, identity: dict[str, Any], explicit: bool) -> FeatureSet | GaussianStats | None:
+    """The statistics cached in ``path`` for ``identity``; None (after saying why, when a file is there) otherwise."""
+    if not path.is_file():
+        return None
+    if explicit and ref_cache.stored_identity(path) is None:
+        raise TextokError(f"--ref-stats {path} holds statistics that --ref-stats did not write (they name no "
+                          "reference data): pass it as --ref, or give --ref-stats a new file")
+    cached = ref_cache.load(path, identity)
+    if cached is None:
+        print(f"the reference statistics in {path} are of other reference data or settings: recomputing them")
+    return cached
+
+
 def evaluate_samples(samples: SampleSource, reference: Any, *, num: int | None = None, ref_num: int | None = None,
                      batch_size: int = 50, device: str | torch.device = "cpu", inception_weights: str | None = None,
                      fd_size: int = 224, image_size: int | None = None, is_splits: int = 10,
-                     save_ref_stats: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+                     save_ref_stats: str | os.PathLike | None = None, progress: bool = True,
+                     ref_identity: dict[str, Any] | None = None, ref_stats_file: str | os.PathLike | None = None,
+                     ref_cache_dir: bool = False) -> dict[str, Any]:
     """Sample quality: ``gFID`` + ``IS`` with the real Inception weights, else ``FD-opennsfw[@size]``.
 
     ``samples``: see :func:`iter_samples` (``num`` limits them). ``reference``: a statistics ``.npz``
@@ -329,6 +345,10 @@ def evaluate_samples(samples: SampleSource, reference: Any, *, num: int | None =
     first ``ref_num``), a ``.npz`` of images, a folder, a tensor or an iterable of batches. Reference images
     are resized to the samples' side. ``save_ref_stats`` writes the reference statistics computed from
     images (mu, sigma, feature, num_samples) for later runs.
+
+    Reference statistics computed once (:mod:`.ref_cache`): with ``ref_identity`` (what the reference images are,
+    :func:`ref_cache.data_identity`) they are read from, or else written to, ``ref_stats_file``, or with
+    ``ref_cache_dir`` a file in the user's cache named by the identity, feature network, side and ``ref_num``.
     """
     device = torch.device(device)
     feats = _Features(inception_weights, fd_size, device)
@@ -353,6 +373,8 @@ def evaluate_samples(samples: SampleSource, reference: Any, *, num: int | None =
         _check_reference(ref_stats, feats.feature, feats.metric, str(reference))
     if ref_stats is not None and save_ref_stats is not None:
         raise TextokError("the reference is already a statistics file: --save-ref-stats needs reference images")
+    if ref_stats is not None and ref_stats_file is not None:
+        raise TextokError("the reference is already a statistics file: --ref-stats needs reference images")
 
     total = None
     if isinstance(samples, (str, os.PathLike)) and Path(samples).suffix == ".npz" and Path(samples).is_file():
@@ -366,11 +388,18 @@ def evaluate_samples(samples: SampleSource, reference: Any, *, num: int | None =
     result["num_samples"] = n
     result["image_size"] = side
 
-    ref: FeatureStats | GaussianStats
-    if ref_stats is not None:
-        ref = ref_stats
-        result["num_reference"] = ref_stats.num_samples if ref_stats.num_samples is not None else -1
-    else:
+    ref: FeatureStats | GaussianStats | None = ref_stats
+    cache_file, identity = None, None
+    if ref is None and ref_identity is not None and (ref_stats_file is not None or ref_cache_dir):
+        identity = ref_cache.cache_identity(ref_identity, feature=feats.feature, image_size=side, ref_num=ref_num)
+        cache_file = Path(ref_stats_file) if ref_stats_file is not None else ref_cache.default_path(identity)
+        ref = _read_cached_reference(cache_file, identity, explicit=ref_stats_file is not None)
+        if ref is not None:
+            result["ref_stats"] = f"read from {cache_file}"
+            if save_ref_stats is not None:
+                ref.save(save_ref_stats)
+                result["saved_ref_stats"] = str(save_ref_stats)
+    if ref is None:
         if _is_dataset(reference):
             batches: Iterable[Tensor] = (_resize(x, side) for x in _dataset_batches(reference, batch_size, ref_num))
         else:
@@ -378,10 +407,13 @@ def evaluate_samples(samples: SampleSource, reference: Any, *, num: int | None =
         ref, _, _ = feats.stream(batches, progress=progress, desc="reference")
         if ref.num_samples < 2:
             raise TextokError(f"need at least 2 reference images; got {ref.num_samples}")
-        result["num_reference"] = ref.num_samples
         if save_ref_stats is not None:
             ref.save(save_ref_stats)
             result["saved_ref_stats"] = str(save_ref_stats)
+        if cache_file is not None and identity is not None:
+            ref_cache.save(cache_file, ref, identity)
+            result["ref_stats"] = f"computed, written to {cache_file}"
+    result["num_reference"] = ref.num_samples if ref.num_samples is not None else -1
 
     result[feats.metric] = fd_between(sample_stats, ref)
     if n < sample_stats.mu.shape[0]:
