@@ -130,8 +130,8 @@ def test_unknown_variant_and_wrong_format_are_refused(titok_file, tmp_path):
         convert("titok", titok_file, tmp_path / "o", variant="titok-xl")
     with pytest.raises(TextokError, match="does not have the published titok layout of titok-l-32: missing key"):
         convert("titok", titok_file, tmp_path / "o", variant="titok-l-32")
-    with pytest.raises(TextokError, match="unknown format 'var'"):
-        convert("var", titok_file, tmp_path / "o")
+    with pytest.raises(TextokError, match="unknown format 'dit-xl'"):
+        convert("dit-xl", titok_file, tmp_path / "o")
 
 
 class RunsCode:

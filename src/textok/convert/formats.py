@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
-from .maskgit import build_maskgit, textok_sampler
+from .manifest import Variant
+from .maskgit import build_maskgit, maskgit_record, textok_sampler
 from .titok import build_tatitok, build_titok
+from .var import build_var, build_vqvae, var_record, var_sampler
 
 
 class Format(NamedTuple):
@@ -15,6 +18,7 @@ class Format(NamedTuple):
     kind: str  # "tokenizer" | "generator"
     build: Callable[..., nn.Module]  # (state, variant, **options) -> the textok model
     sampler: Callable[[Variant], dict] | None = None  # generators: the release's sampler in `textok sample` terms
+    record: Callable[[Any, Path], dict] | None = None  # generators: (model, tokenizer dir) -> latents_meta, checked
     text_encoder: bool = False  # takes --text-encoder (the textok spec of the text tower it decodes with)
 
 
@@ -26,7 +30,12 @@ FORMATS: dict[str, Format] = {
                       "--text-encoder clip:DIR", "tokenizer", build_tatitok, text_encoder=True),
     "titok-maskgit": Format("1d-tokenizer's MaskGIT generators for TiTok L-32, B-64 (BERT) and S-128 (U-ViT) "
                             "(generator_titok_{l32,b64,s128}.bin) -> a textok MaskGIT; needs --tokenizer",
-                            "generator", build_maskgit, textok_sampler),
+                            "generator", build_maskgit, textok_sampler, maskgit_record),
+    "var-vqvae": Format("FoundationVision VAR's multi-scale VQVAE (vae_ch160v4096z32.pth: 10 scales 1..16 of 4096 "
+                        "codes at 256 px) -> a textok VQVAE", "tokenizer", build_vqvae),
+    "var": Format("FoundationVision VAR's class-conditional transformers VAR-d16/d20/d24/d30 (var_d{16,20,24,30}.pth) "
+                  "-> a textok VAR with one branch; needs --tokenizer (the converted VQVAE)", "generator", build_var,
+                  var_sampler, var_record),
 }
 
 __all__ = ["FORMATS", "Format"]

@@ -13,12 +13,14 @@ same. BERT's position and token-type-0 embeddings are one sum here (every token 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TextokError
+from ..hub import read_config_json
 from ..models.maskgit import MaskGIT, MaskGITConfig, MaskGITSamplerConfig
 from ..models.vit import ViTConfig
 from .manifest import Variant
@@ -104,6 +106,24 @@ def build_maskgit(state: dict[str, Tensor], variant: Variant) -> MaskGIT:
     return model.eval()
 
 
+def maskgit_record(model: MaskGIT, tokenizer: Path) -> dict[str, Any]:
+    """The ``latents_meta`` a trained generator carries, for a converted one: the tokenizer it samples for,
+    checked to make the codes it models."""
+    data = read_config_json(tokenizer)
+    kind = data.get("model_type")
+    tok = data.get("config", {})
+    c = model.config
+    num_tokens = tok.get("num_tokens")
+    codes = tok.get("quantizer", {}).get("num_codes")
+    if kind != "titok" or (num_tokens, codes) != (c.num_tokens, c.codebook_size):
+        raise TextokError(f"--tokenizer {tokenizer} is a {kind} of {num_tokens} tokens over {codes} codes, but this "
+                          f"generator models {c.num_tokens} tokens over {c.codebook_size} codes; give the converted "
+                          "TiTok it was released with")
+    return {"tokenizer_dir": str(tokenizer.resolve()), "tokenizer_type": kind, "discrete": True,
+            "num_tokens": c.num_tokens, "codebook_size": c.codebook_size, "num_classes": c.num_classes,
+            "code_shape": [c.num_tokens]}
+
+
 def textok_sampler(variant: Variant) -> dict[str, Any]:
     """The release's FID sampler (its config with 1d-tokenizer's sample_imagenet_titok.py: softmax temperature
     annealing on) as textok's stored sampler. Its linear / constant guidance is cond + w (cond - uncond), textok's
@@ -116,4 +136,4 @@ def textok_sampler(variant: Variant) -> dict[str, Any]:
             "guidance_exponent": g.get("guidance_scale_pow", 3.0) if power else 1.0}
 
 
-__all__ = ["build_maskgit", "maskgit_config", "maskgit_state", "textok_sampler"]
+__all__ = ["build_maskgit", "maskgit_config", "maskgit_record", "maskgit_state", "textok_sampler"]

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import TextokError
-from ..hub import CONFIG_NAME, read_config_json
+from ..hub import CONFIG_NAME
 from ..io import check_output, sha256_file
 from .checkpoint import read_published, weights_file
 from .formats import FORMATS
@@ -60,9 +60,9 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
                               "published_settings": chosen.settings}
     extra: dict[str, Any] = {"converted_from": record}
     if spec.kind == "generator":
-        assert tokenizer is not None and spec.sampler is not None
+        assert tokenizer is not None and spec.sampler is not None and spec.record is not None
         record["textok_sampler"] = spec.sampler(chosen)
-        extra["latents_meta"] = generator_record(model, Path(tokenizer))
+        extra["latents_meta"] = spec.record(model, Path(tokenizer))
     directory = model.save_pretrained(out, extra=extra)  # type: ignore[operator]
     return Converted(Path(directory), fmt, chosen, model)
 
@@ -78,24 +78,6 @@ def _check_not_foreign_model(out: Path) -> None:
         if not isinstance(data, dict) or "textok_version" not in data:
             raise TextokError(f"--out {out} holds a config.json that textok did not write (another project's model?); "
                               "choose a new --out")
-
-
-def generator_record(model: nn.Module, tokenizer: Path) -> dict[str, Any]:
-    """The ``latents_meta`` a trained generator carries, for a converted one: the tokenizer it samples for,
-    checked to make the codes it models."""
-    data = read_config_json(tokenizer)
-    kind = data.get("model_type")
-    tok = data.get("config", {})
-    c = model.config  # type: ignore[attr-defined]
-    num_tokens = tok.get("num_tokens")
-    codes = tok.get("quantizer", {}).get("num_codes")
-    if kind != "titok" or (num_tokens, codes) != (c.num_tokens, c.codebook_size):
-        raise TextokError(f"--tokenizer {tokenizer} is a {kind} of {num_tokens} tokens over {codes} codes, but this "
-                          f"generator models {c.num_tokens} tokens over {c.codebook_size} codes; give the converted "
-                          "TiTok it was released with")
-    return {"tokenizer_dir": str(tokenizer.resolve()), "tokenizer_type": kind, "discrete": True,
-            "num_tokens": c.num_tokens, "codebook_size": c.codebook_size, "num_classes": c.num_classes,
-            "code_shape": [c.num_tokens]}
 
 
 __all__ = ["Converted", "convert", "check_format"]

@@ -8,6 +8,8 @@
   scale's relative position as in VAR), add it to f_hat and subtract it from the residual. The VQ loss,
   beta * ||sg(f_hat) - f||^2 + ||f_hat - sg(f)||^2, is taken on the cumulative f_hat after every scale and
   averaged over scales; the output is f_hat with a straight-through gradient to f.
+  ``match="euclidean"`` picks the nearest code by Euclidean distance instead (VAR's released VQVAE, its
+  ``using_znorm=False``).
 * :class:`ProductQuantizer` — P such branches, split **by token range** (branch p quantizes latent tokens
   p K^2 .. (p+1) K^2 - 1 with its own codebook); the branches' f_hat maps are concatenated on channels, so the
   decoder sees K^2 positions of P * code_dim channels (both branches' codes at a grid cell feed one position).
@@ -29,17 +31,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import OMIT_DEFAULT, Config
 from ..errors import ConfigError, TextokError
 from .quantizers import VQOutput, _data_parallel
 
 PAPER_SCALES: tuple[int, ...] = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
+MATCHES = ("cosine", "euclidean")
 
 
 def phi_index(si: int, num_scales: int, num_phi: int) -> int:
@@ -72,6 +76,8 @@ class MultiScaleQuantizerConfig(Config):
     phi_ratio: float = 0.5  # r in phi(h) = (1 - r) h + r conv(h)
     dropout: float = 0.1  # fraction of rows (in expectation) that keep only a prefix of the scales
     dropout_start: int = 3  # a dropped row keeps n ~ U{dropout_start..S} scales
+    # "cosine": the code of highest cosine similarity (ImageFolder); "euclidean": the nearest code (VAR's VQVAE)
+    match: str = field(default="cosine", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -86,6 +92,8 @@ class MultiScaleQuantizerConfig(Config):
                               f"{self.phi_convs}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"quantizer.dropout must lie in [0, 1), got {self.dropout}")
+        if self.match not in MATCHES:
+            raise ConfigError(f"quantizer.match={self.match!r} must be one of {', '.join(MATCHES)}")
         if not 1 <= self.dropout_start <= len(s):
             raise ConfigError(f"quantizer.dropout_start={self.dropout_start} must lie in [1, {len(s)}] (the scales)")
 
@@ -140,8 +148,11 @@ class MultiScaleResidualQuantizer(nn.Module):
     """One branch: (B, K^2, C) tokens -> :class:`VQOutput` with codes (B, sum(pn^2))."""
 
     def __init__(self, scales: tuple[int, ...] = PAPER_SCALES, num_codes: int = 4096, code_dim: int = 32,
-                 beta: float = 0.25, phi_convs: int = 4, phi_ratio: float = 0.5) -> None:
+                 beta: float = 0.25, phi_convs: int = 4, phi_ratio: float = 0.5, match: str = "cosine") -> None:
         super().__init__()
+        if match not in MATCHES:
+            raise ConfigError(f"match={match!r} must be one of {', '.join(MATCHES)}")
+        self.match = match
         self.scales = tuple(scales)
         self.grid = self.scales[-1]
         self.num_codes, self.code_dim, self.beta = num_codes, code_dim, beta
@@ -195,10 +206,21 @@ class MultiScaleResidualQuantizer(nn.Module):
         k = self._phi_of_scale[si]
         return self.phis[k](h) if k >= 0 else h
 
-    def _match(self, r: Tensor, normed_codebook: Tensor) -> Tensor:
-        """Residual map (B, C, pn, pn) -> codes (B, pn^2) of highest cosine similarity."""
-        flat = F.normalize(self._to_tokens(r), dim=-1)
-        return (flat @ normed_codebook.t()).argmax(-1)
+    def _matching_codebook(self, dtype: torch.dtype) -> Tensor:
+        """The codebook as :meth:`_match` compares with it: l2-normalised rows for cosine matching."""
+        w = self.embedding.weight.detach().to(dtype)
+        return F.normalize(w, dim=-1) if self.match == "cosine" else w
+
+    def _match(self, r: Tensor, codebook: Tensor) -> Tensor:
+        """Residual map (B, C, pn, pn) -> codes (B, pn^2): highest cosine similarity, or (euclidean) smallest
+        |r|^2 + |e|^2 - 2 r.e, summed in VAR's order so that near ties fall as in its code."""
+        tokens = self._to_tokens(r)
+        if self.match == "cosine":
+            return (F.normalize(tokens, dim=-1) @ codebook.t()).argmax(-1)
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        dist = flat.square().sum(1, keepdim=True) + codebook.square().sum(1)
+        dist = dist.addmm(flat, codebook.t(), alpha=-2, beta=1)
+        return dist.argmin(1).view(tokens.shape[:2])
 
     def _check(self, z: Tensor) -> None:
         K2 = self.grid * self.grid
@@ -229,12 +251,12 @@ class MultiScaleResidualQuantizer(nn.Module):
             f = self._to_map(z.to(wd))
             f_ng = f.detach()
             rest, fhat = f_ng, torch.zeros_like(f_ng)
-            normed = F.normalize(self.embedding.weight.detach().to(wd), dim=-1)
+            book = self._matching_codebook(wd)
             keep_t = torch.full((B,), S, device=z.device) if keep is None else keep.to(z.device)
             commitment = codebook_loss = f.new_zeros(())
             codes, counts = [], []
             for si, pn in enumerate(self.scales):
-                idx = self._match(self._down(rest, pn), normed)
+                idx = self._match(self._down(rest, pn), book)
                 h = self.embed_scale(si, idx).to(wd)
                 rest = rest - h.detach()
                 rows = (si < keep_t).to(wd)
@@ -311,7 +333,8 @@ class MultiScaleResidualQuantizer(nn.Module):
         return torch.cat(out, 1) if out else fhat.new_zeros(codes.shape[0], 0, self.code_dim)
 
     def extra_repr(self) -> str:
-        return f"scales={list(self.scales)}, num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}"
+        return (f"scales={list(self.scales)}, num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, "
+                f"match={self.match}")
 
 
 class ProductQuantizer(nn.Module):
@@ -321,7 +344,8 @@ class ProductQuantizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.branches = nn.ModuleList(
-            MultiScaleResidualQuantizer(cfg.scales, cfg.num_codes, cfg.code_dim, cfg.beta, cfg.phi_convs, cfg.phi_ratio)
+            MultiScaleResidualQuantizer(cfg.scales, cfg.num_codes, cfg.code_dim, cfg.beta, cfg.phi_convs, cfg.phi_ratio,
+                                        cfg.match)
             for _ in range(cfg.branches))
         self.grid, self.scales, self.code_dim = cfg.grid, cfg.scales, cfg.code_dim
         self.offsets = self.branches[0].offsets

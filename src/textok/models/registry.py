@@ -19,8 +19,10 @@ from .maskgit import MaskGIT
 from .textok import TexTok
 from .titok import TiTok
 from .var import VAR
+from .vqvae import VQVAE
 
-TOKENIZERS: dict[str, type[TexTok]] = {"textok": TexTok, "titok": TiTok, "imagefolder": ImageFolder}
+TOKENIZERS: dict[str, type[nn.Module]] = {"textok": TexTok, "titok": TiTok, "imagefolder": ImageFolder,
+                                         "vqvae": VQVAE}
 GENERATORS: dict[str, type[nn.Module]] = {"dit": DiT, "maskgit": MaskGIT, "var": VAR}
 
 
