@@ -86,3 +86,15 @@ def test_caption_bank_excludes_and_round_trips(tmp_path):
     assert CaptionBank.load(tmp_path / "bank.json").captions == bank.captions
     with pytest.raises(TextokError, match="class 5"):
         bank.sample(5, rng)
+
+
+def test_caption_bank_class_without_captions_is_one_line() -> None:
+    import random
+
+    from textok.errors import TextokError
+    from textok.text.banks import CaptionBank
+
+    bank = CaptionBank({0: ["a red circle"], 1: []})
+    assert bank.sample(0, random.Random(0)) == "a red circle"
+    with pytest.raises(TextokError, match=r"class 1 has no captions.*\[0\]"):
+        bank.sample(1, random.Random(0))

@@ -62,8 +62,9 @@ def sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), default=None,
                    help="DiT sampler (default: ddpm for diffusion, euler for flow)")
     p.add_argument("--out", default=None, help="grid PNG")
-    p.add_argument("--npz", default=None, help="also write --num samples as uint8 NHWC arr_0 (for `textok eval`)")
-    p.add_argument("--num", type=int, default=50000, help="samples in the .npz")
+    p.add_argument("--npz", default=None, help="also write --num-samples samples as uint8 NHWC arr_0 (for `textok eval`)")
+    # --num-samples, not --num, under torchrun: torchrun reads any abbreviation of its own --numa-binding
+    p.add_argument("--num-samples", "--num", dest="num", type=int, default=50000, help="samples in the .npz")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -279,7 +279,7 @@ class GenerationPipeline:
         global index, so the union over the ranks is exactly the single-process output.
         """
         if total < 1 or batch_size < 1:
-            raise TextokError(f"--num ({total}) and --batch-size ({batch_size}) must be positive")
+            raise TextokError(f"--num-samples ({total}) and --batch-size ({batch_size}) must be positive")
         firsts = list(range(0, total, batch_size))[rank::world]
         bar = None
         if progress:

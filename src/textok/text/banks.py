@@ -25,8 +25,10 @@ class CaptionBank:
         return len(self.class_names)
 
     def sample(self, label: int, rng: random.Random, exclude: set[str] | frozenset[str] = frozenset()) -> str:
-        if label not in self.captions:
-            raise TextokError(f"class {label} has no captions in the bank (classes: 0..{self.num_classes - 1})")
+        if not self.captions.get(label):
+            with_captions = sorted(k for k, v in self.captions.items() if v)
+            raise TextokError(f"class {label} has no captions in the bank (classes with captions: {with_captions}): "
+                              "choose one of those, or extract the latents from more images so that every class has some")
         pool = [c for c in self.captions[label] if c not in exclude] or self.captions[label]
         return rng.choice(pool)
 
