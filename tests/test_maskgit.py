@@ -257,9 +257,9 @@ def test_presets_parameter_count_and_flops():
 
 
 def test_maskgit_runs_start_from_titoks_optimiser() -> None:
-    from textok.train.config import load_generator_config, maskgit_optim
+    from textok.train.config import kind_optim, load_generator_config
 
-    titok = maskgit_optim()
+    titok = kind_optim("maskgit")
     assert (titok.lr, titok.betas, titok.weight_decay, titok.warmup_steps) == (2e-4, (0.9, 0.96), 0.03, 10_000)
     assert titok.lr * titok.min_lr_ratio == pytest.approx(1e-5)
     assert load_generator_config("maskgit-tiny").optim == titok

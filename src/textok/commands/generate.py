@@ -121,8 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
                                          progress=not args.no_progress, cfg_scale=npz_cfg,
                                          precision=args.precision or NPZ_PRECISION, **kw)
             if info.is_main:
-                why = "" if args.cfg is not None else {"dit": " (DiT's FID setting)", "maskgit": " (TiTok's sampler)",
-                                                       "var": " (ImageFolder's sampler)"}[pipe.kind]
+                why = f" ({pipe.spec.eval_note})" if args.cfg is None and pipe.spec.eval_note else ""
                 print(f"wrote {args.num} samples to {path} with guidance {npz_cfg:g}{why} in "
                       f"{args.precision or NPZ_PRECISION}"
                       + (f" ({info.world} processes)" if info.enabled else ""))

@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from ..config import split_assignment
+from ..models.kinds import CODE_FORMS
+from ..models.registry import GENERATOR_KINDS
 from ..train.config import load_generator_config, load_train_config
 from ..train.generator import train_generator
 from ..train.rundir import check_run_directory
@@ -35,9 +37,10 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> None:
 def train_generator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", required=True, help="a directory written by `textok extract-latents`")
     p.add_argument("--out", required=True, help="run directory; re-running with the same --out resumes")
-    p.add_argument("--kind", choices=("dit", "maskgit", "var"), default=None,
-                   help="dit (continuous tokens, default), maskgit (codes of a VQ TiTok) or var (the multi-scale "
-                        "codes of an ImageFolder)")
+    p.add_argument("--kind", choices=tuple(GENERATOR_KINDS), default=None,
+                   help="a generator kind: " + ", ".join(f"{name} ({CODE_FORMS[k.consumes]})"
+                                                         for name, k in GENERATOR_KINDS.items())
+                        + "; default: dit, or the kind of the --config preset")
     p.add_argument("--config", default=None,
                    help="a DiT/MaskGIT/VAR preset (dit-tiny, dit-b, maskgit-tiny, maskgit-b, var-tiny, var-s-32, "
                         "var-imagefolder-b-256, ...) or a YAML/JSON training config")

@@ -47,7 +47,7 @@ SHARD = "shard-{:05d}.safetensors"
 
 def tokenizer_is_discrete(tok: Any) -> bool:
     """True when the tokenizer has integer codes (a TiTok with a VQ bottleneck, an ImageFolder)."""
-    return bool(getattr(tok, "is_discrete", False))
+    return tok.code_form != "tokens"
 
 
 def code_dtype(codebook_size: int) -> torch.dtype:
@@ -57,12 +57,7 @@ def code_dtype(codebook_size: int) -> torch.dtype:
 
 def code_layout(tok: Any) -> dict[str, Any] | None:
     """How a multi-scale tokenizer's codes are laid out (what a VAR must model), or None for flat codes."""
-    scales = getattr(tok, "scales", None)
-    if scales is None:
-        return None
-    q = tok.config.quantizer
-    return {"scales": [int(s) for s in scales], "branches": int(q.branches), "codebook_size": int(q.num_codes),
-            "code_dim": int(q.code_dim)}
+    return tok.code_layout()
 
 
 @torch.no_grad()

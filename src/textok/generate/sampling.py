@@ -1,10 +1,9 @@
 """Sampling: a trained generator + its tokenizer -> images (a grid PNG, or an ``.npz`` for evaluation).
 
-DiT: sample normalised tokens from noise, un-normalise them with the latents' statistics, decode them with
-the tokenizer. A tokenizer that reads text in its decoder gets, for a class-conditional sample, a caption
-drawn (seeded) from the class's caption bank (the paper's recipe); for text-to-image, the prompt itself.
-MaskGIT: generate codes, ``decode_codes``. VAR: generate an ImageFolder's codes scale by scale (each scale's
-input built by the tokenizer's own quantizer), ``decode_codes``.
+How a generator samples is its kind's (:mod:`textok.models.kinds`: DiT, MaskGIT, VAR each declare a sampler, the
+codes they model, their guidance defaults and their own options); this module checks the request, seeds it and
+decodes. A tokenizer that reads text in its decoder gets, for a class-conditional sample, a caption drawn
+(seeded) from the class's caption bank (the paper's recipe); for text-to-image, the prompt itself.
 
 Guidance: ``cfg`` must be >= 1 for every kind (1 = no guidance; below 1 extrapolates towards the
 unconditional model, which is not what a user asking for a class or a prompt wants).
@@ -29,26 +28,15 @@ import torch
 from torch import Tensor
 
 from ..data.images import save_image
-from ..devices import autocast_for, resolve_device
-from ..diffusion import DiffusionConfig, create_diffusion
+from ..devices import resolve_device
 from ..distributed import barrier
 from ..errors import TextokError
-from ..models.registry import load_generator, load_tokenizer
+from ..models.kinds import CODE_FORMS, SampleRequest
+from ..models.registry import GENERATOR_KINDS, generator_kind, load_generator, load_tokenizer
 from ..text.banks import CaptionBank
 from ..text.encoders import load_text_encoder
-from .latents import BANK, tokenizer_is_discrete
+from .latents import BANK
 
-# Guidance w in uncond + w (cond - uncond). For pictures: DiT's visualisation scale; for FID (`sample --npz`):
-# DiT's evaluation scale 1.5. A MaskGIT samples with the guidance stored in its config (TiTok's per-model
-# sampler, :class:`~textok.models.maskgit.MaskGITSamplerConfig`: L-32's 4.5 in cond + 4.5 (cond - uncond) is
-# w = 5.5, the value below, for both). VAR ramps guidance over the scales, (1 + t) cond - t uncond with
-# t = cfg s / (S - 1): w = 1 + t at the last scale, so the paper's cfg 3.25 is w = 4.25 here (for both).
-DEFAULT_CFG = {"dit": 4.0, "maskgit": 5.5, "var": 4.25}
-EVAL_CFG = {"dit": 1.5, "maskgit": 5.5, "var": 4.25}
-SAMPLING_OPTIONS = {"maskgit": ("temperature", "temperature_schedule", "softmax_annealing", "guidance_schedule",
-                                "guidance_exponent"),
-                    "var": ("top_k", "top_p")}  # (the paper's VAR sampler: top_k 750, top_p 0.95)
-VAR_DEFAULTS = {"top_k": 750, "top_p": 0.95}
 NPZ_PRECISION = "fp32"  # `sample --npz` (FID samples) runs in fp32 unless told otherwise, as DiT's FID sampler
 
 
@@ -61,25 +49,22 @@ class GenerationPipeline:
         model, record = load_generator(generator)
         self.model = model.eval().to(self.device)
         self.kind: str = record["model_type"]
+        self.spec = generator_kind(self.kind)  # what this kind declares: its sampler, codes, guidance, options
+        self.record = record
         self.meta: dict[str, Any] = record["latents_meta"]
         self.tokenizer_dir = Path(tokenizer) if tokenizer else Path(self.meta["tokenizer_dir"])
         self.tok = load_tokenizer(self.tokenizer_dir).eval().to(self.device)
         self._check_pair()
-        self.diffusion = None
-        if self.kind == "dit":
-            self.diffusion = create_diffusion(DiffusionConfig.from_dict(record["diffusion"]))
-            self.mean = torch.tensor(self.meta["mean"], dtype=torch.float32, device=self.device)
-            self.std = torch.tensor(self.meta["std"], dtype=torch.float32, device=self.device)
         self.bank = self._load_bank()
         self._text_encoder = None
 
     # ---- what this generator accepts ---------------------------------------------------------------
     def default_cfg(self, for_eval: bool = False) -> float:
-        """The guidance used when none is given: a MaskGIT's stored sampler's, else the kind's (picture or
-        FID) default."""
-        if self.kind == "maskgit":
-            return float(self.model.config.sampler.guidance_scale)
-        return (EVAL_CFG if for_eval else DEFAULT_CFG)[self.kind]
+        """The guidance used when none is given: what the model stores with itself (a MaskGIT's sampler), else
+        the kind's default for pictures or, ``for_eval``, for samples to score (``sample --npz``)."""
+        if self.spec.stored_guidance is not None:
+            return float(self.spec.stored_guidance(self.model))
+        return self.spec.eval_cfg if for_eval else self.spec.default_cfg
 
     @property
     def num_classes(self) -> int:
@@ -87,43 +72,21 @@ class GenerationPipeline:
 
     @property
     def is_text_to_image(self) -> bool:
-        return self.kind == "dit" and self.model.config.text_dim > 0
+        return self.spec.text_to_image and self.model.config.text_dim > 0
 
     @property
     def decoder_needs_text(self) -> bool:
-        return bool(getattr(self.tok.config, "text_in_decoder", False))
+        return bool(self.tok.config.text_in_decoder)
 
     def _check_pair(self) -> None:
-        cfg = self.model.config
-        tc = self.tok.config
-        if self.kind == "var":
-            if not hasattr(self.tok, "scales"):
-                raise TextokError(f"the generator {self.generator_dir} is a VAR over multi-scale codes, but the "
-                                  f"tokenizer {self.tokenizer_dir} is a {self.tok.model_type}; use the ImageFolder it "
-                                  f"was trained with ({self.meta['tokenizer_dir']})")
-            cfg.check_compatible(tc, fix=f"the generator is {self.generator_dir}, the tokenizer {self.tokenizer_dir}; "
-                                         f"use the tokenizer it was trained with ({self.meta['tokenizer_dir']})")
-            return
-        if self.kind == "maskgit":
-            if not tokenizer_is_discrete(self.tok):
-                raise TextokError(f"the generator {self.generator_dir} is a MaskGIT over codes, but the tokenizer "
-                                  f"{self.tokenizer_dir} has continuous tokens; use the TiTok it was trained with "
-                                  f"({self.meta['tokenizer_dir']})")
-            if (tc.num_tokens, self.tok.codebook_size) != (cfg.num_tokens, cfg.codebook_size):
-                raise TextokError(
-                    f"the generator {self.generator_dir} makes {cfg.num_tokens} tokens over {cfg.codebook_size} "
-                    f"codes but the tokenizer {self.tokenizer_dir} decodes {tc.num_tokens} tokens over "
-                    f"{self.tok.codebook_size} codes; use the tokenizer it was trained with ({self.meta['tokenizer_dir']})")
-            return
-        gen_shape, tok_shape = (cfg.num_tokens, cfg.in_channels), (tc.num_tokens, tc.token_channels)
-        if gen_shape != tok_shape:
-            raise TextokError(
-                f"the generator {self.generator_dir} makes tokens of shape {gen_shape} (tokens, channels) but the "
-                f"tokenizer {self.tokenizer_dir} decodes {tok_shape}; use the tokenizer it was trained with "
-                f"({self.meta['tokenizer_dir']})")
-        if len(self.meta["mean"]) != cfg.in_channels:
-            raise TextokError(f"{self.generator_dir}: normalisation statistics have {len(self.meta['mean'])} channels "
-                              f"for a generator of {cfg.in_channels}; retrain it from fresh latents")
+        trained_with = f"use the tokenizer it was trained with ({self.meta['tokenizer_dir']})"
+        form, wanted = self.tok.code_form, self.spec.consumes
+        if form != wanted:
+            raise TextokError(f"the generator {self.generator_dir} is a {self.spec.label} over {CODE_FORMS[wanted]}, "
+                              f"but the tokenizer {self.tokenizer_dir} is a {self.tok.model_type} with "
+                              f"{CODE_FORMS[form]}; {trained_with}")
+        self.spec.check_pair(self.model, self.tok, self.record, f"the generator is {self.generator_dir}, the "
+                                                                 f"tokenizer {self.tokenizer_dir}; {trained_with}")
 
     def _load_bank(self) -> CaptionBank | None:
         self.bank_path: Path | None = None
@@ -222,50 +185,33 @@ class GenerationPipeline:
             raise TextokError("--cuda-graphs needs a CUDA device; drop it on a CPU")
         if precision not in ("auto", "bf16", "fp32"):
             raise TextokError(f"precision {precision!r} must be auto, bf16 or fp32")
-        known = {o for opts in SAMPLING_OPTIONS.values() for o in opts}
-        unknown = sorted(set(options) - known)
+        options = self._options(options)
+        if cuda_graph and not self.spec.cuda_graph:
+            able = " and ".join(k.label for k in GENERATOR_KINDS.values() if k.cuda_graph)
+            raise TextokError(f"--cuda-graphs applies to {able} sampling, not {self.spec.label}; drop it")
+        request = SampleRequest(
+            batch=B, labels=torch.tensor(labels, dtype=torch.long, device=self.device) if labels is not None else None,
+            text=self._text_states(list(prompts)) if prompts is not None else None, decoder_text=dec_text,
+            steps=steps, cfg_scale=cfg_scale, sampler=sampler, options=options, generator=g, record=self.record,
+            device=self.device, precision=precision, progress=progress, cuda_graph=cuda_graph)
+        images = self.spec.sample(self.model, self.tok, request)
+        return images.float().clamp(-1, 1)
+
+    def _options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The kind's own sampler options: those given (None = not given) over its defaults; another kind's
+        option is refused naming whose it is."""
+        known = {o for kind in GENERATOR_KINDS.values() for o in kind.options}
+        unknown = sorted(set(given) - known)
         if unknown:
             raise TextokError(f"unknown sampling option(s) {', '.join(unknown)}")
-        options = {k: v for k, v in options.items() if v is not None}
-        foreign = sorted(set(options) - set(SAMPLING_OPTIONS.get(self.kind, ())))
+        given = {k: v for k, v in given.items() if v is not None}
+        foreign = sorted(set(given) - set(self.spec.options))
         if foreign:
-            owner = next(k for k, opts in SAMPLING_OPTIONS.items() if foreign[0] in opts)
-            own = {"dit": "--steps, --cfg and --sampler", "maskgit": "--steps, --cfg, --temperature and its schedules",
-                   "var": "--cfg, --top-k and --top-p"}[self.kind]
-            raise TextokError(f"{', '.join(foreign)} are {'MaskGIT' if owner == 'maskgit' else 'VAR'} sampling "
-                              f"options; a {self.kind if self.kind != 'dit' else 'DiT'} samples with {own}")
-        if cuda_graph and self.kind != "dit":
-            raise TextokError(f"--cuda-graphs applies to DiT sampling, not {self.kind}; drop it")
-        if self.kind == "var":
-            if steps is not None and steps != self.model.config.num_scales:
-                raise TextokError(f"a VAR samples one step per scale ({self.model.config.num_scales}); drop --steps")
-            y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
-            with autocast_for(self.device, precision):
-                codes = self.model.generate(y, self.tok.quantizer, cfg=cfg_scale - 1.0, generator=g,
-                                            **{**VAR_DEFAULTS, **options})
-            images = self.tok.decode_codes(codes, dec_text)
-        elif self.kind == "maskgit":
-            y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
-            with autocast_for(self.device, precision):
-                codes = self.model.generate(y, steps, guidance_scale=cfg_scale, generator=g, **options)
-            images = self.tok.decode_codes(codes, dec_text)
-        else:
-            kwargs: dict[str, Any] = {}
-            if labels is not None:
-                kwargs["y"] = torch.tensor(labels, dtype=torch.long, device=self.device)
-            if prompts is not None:
-                emb = self._text_states(list(prompts))
-                kwargs.update(text=emb.states, text_mask=emb.mask)
-            cfg = self.model.config
-            guided = labels is not None or prompts is not None
-            with autocast_for(self.device, precision):
-                z = self.diffusion.sample(self.model, (B, cfg.num_tokens, cfg.in_channels), steps=steps,
-                                          sampler=sampler, cfg_scale=cfg_scale if guided else 1.0,
-                                          model_kwargs=kwargs, generator=g, device=self.device, progress=progress,
-                                          cuda_graph=cuda_graph)
-            z = z.float() * self.std + self.mean
-            images = self.tok.decode(z, dec_text)
-        return images.float().clamp(-1, 1)
+            owner = next(kind for kind in GENERATOR_KINDS.values() if foreign[0] in kind.options)
+            raise TextokError(f"{', '.join(foreign)} are {owner.label} sampling options; a {self.spec.label} samples "
+                              f"with {self.spec.controls}")
+        defaults = {k: v for k, v in self.spec.options.items() if v is not None}
+        return {**defaults, **given}
 
     # ---- many batches ------------------------------------------------------------------------------
     def iter_samples(self, total: int, labels: list[int] | None = None, prompts: list[str] | None = None,
@@ -396,5 +342,5 @@ def sample_grid(pipe: GenerationPipeline, out: str | Path, labels: list[int] | N
     return out
 
 
-__all__ = ["GenerationPipeline", "sample_grid", "write_npz", "write_npz_distributed", "to_uint8_nhwc", "DEFAULT_CFG",
-           "EVAL_CFG", "NPZ_PRECISION"]
+__all__ = ["GenerationPipeline", "sample_grid", "write_npz", "write_npz_distributed", "to_uint8_nhwc",
+           "NPZ_PRECISION"]

@@ -36,8 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..errors import ConfigError
+from ..devices import autocast_for
+from ..diffusion import DiffusionConfig, create_diffusion
+from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
+from .kinds import SampleRequest
 from .vit import MLP, Attention, CrossAttention, attention_mask, sincos_1d
 
 # Peak dense bf16 throughput of one H100 SXM (nominal, datasheet) and the measured bf16 matmul ceiling
@@ -389,6 +392,40 @@ class DiT(PretrainedMixin, nn.Module):
         """Model FLOPs utilisation (nanoGPT style): achieved FLOP/s / peak. Training counts fwd+bwd = 3 × fwd."""
         flops = self.flops_per_forward(1, text_len) * (3.0 if training else 1.0)
         return images_per_second * flops / peak_flops
+
+
+# ---- its kind's sampling (see models.kinds) ----------------------------------------------------------------
+def sample_images(model: DiT, tok: nn.Module, req: SampleRequest) -> Tensor:
+    """Tokens from noise by the diffusion (or flow) the DiT was trained with, un-normalised with the latents'
+    statistics, decoded by the tokenizer."""
+    diffusion = create_diffusion(DiffusionConfig.from_dict(req.record["diffusion"]))
+    meta = req.record["latents_meta"]
+    mean = torch.tensor(meta["mean"], dtype=torch.float32, device=req.device)
+    std = torch.tensor(meta["std"], dtype=torch.float32, device=req.device)
+    kwargs: dict = {}
+    if req.labels is not None:
+        kwargs["y"] = req.labels
+    if req.text is not None:
+        kwargs.update(text=req.text.states, text_mask=req.text.mask)
+    c = model.config
+    guided = req.labels is not None or req.text is not None
+    with autocast_for(req.device, req.precision):
+        z = diffusion.sample(model, (req.batch, c.num_tokens, c.in_channels), steps=req.steps, sampler=req.sampler,
+                             cfg_scale=req.cfg_scale if guided else 1.0, model_kwargs=kwargs, generator=req.generator,
+                             device=req.device, progress=req.progress, cuda_graph=req.cuda_graph)
+    return tok.decode(z.float() * std + mean, req.decoder_text)
+
+
+def check_tokenizer(model: DiT, tok: nn.Module, record: dict, fix: str) -> None:
+    """The DiT's token shape is the tokenizer's, and its normalisation statistics have its channels."""
+    c, tc = model.config, tok.config
+    gen_shape, tok_shape = (c.num_tokens, c.in_channels), (tc.num_tokens, tc.token_channels)
+    if gen_shape != tok_shape:
+        raise TextokError(f"the generator makes tokens of shape {gen_shape} (tokens, channels) but the tokenizer "
+                          f"decodes {tok_shape}; {fix}")
+    if len(record["latents_meta"]["mean"]) != c.in_channels:
+        raise TextokError(f"the generator's normalisation statistics have {len(record['latents_meta']['mean'])} "
+                          f"channels for a generator of {c.in_channels}; retrain it from fresh latents")
 
 
 __all__ = [

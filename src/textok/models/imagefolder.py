@@ -230,6 +230,13 @@ class ImageFolder(TexTok):
 
     # ---- what generators need to know ---------------------------------------------------------------
     is_discrete = True
+    code_form = "scales"
+
+    def code_layout(self) -> dict:
+        """How the codes are laid out (what a VAR must model): scales, branches, codebook size, code channels."""
+        q = self.config.quantizer
+        return {"scales": [int(s) for s in q.scales], "branches": int(q.branches), "codebook_size": int(q.num_codes),
+                "code_dim": int(q.code_dim)}
 
     @property
     def scales(self) -> tuple[int, ...]:

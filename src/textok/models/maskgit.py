@@ -46,8 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
+from ..devices import autocast_for
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
+from .kinds import SampleRequest
 from .vit import GELU_KINDS, LearnedPosEmbed, Transformer, ViTConfig, init_vit_weights, transformer_flops
 
 MASK_SCHEDULES = ("cosine", "arccos")
@@ -464,6 +466,25 @@ class MaskGIT(PretrainedMixin, nn.Module):
         c = self.config
         head = 2.0 * c.num_tokens * c.transformer.width * c.codebook_size
         return transformer_flops(c.transformer, c.num_tokens + 1) + head
+
+
+# ---- its kind's sampling (see models.kinds) ----------------------------------------------------------------
+def sample_images(model: MaskGIT, tok: nn.Module, req: SampleRequest) -> Tensor:
+    """Codes by iterative parallel decoding (``req.steps`` and unset options: the stored sampler's), decoded by
+    the tokenizer."""
+    labels = req.labels if req.labels is not None else torch.zeros(req.batch, dtype=torch.long, device=req.device)
+    with autocast_for(req.device, req.precision):
+        codes = model.generate(labels, req.steps, guidance_scale=req.cfg_scale,
+                               generator=req.generator, **req.options)
+    return tok.decode_codes(codes, req.decoder_text)
+
+
+def check_tokenizer(model: MaskGIT, tok: nn.Module, record: dict, fix: str) -> None:
+    """The MaskGIT's token count and codebook are the tokenizer's."""
+    c, tc = model.config, tok.config
+    if (tc.num_tokens, tok.codebook_size) != (c.num_tokens, c.codebook_size):
+        raise TextokError(f"the generator makes {c.num_tokens} tokens over {c.codebook_size} codes but the tokenizer "
+                          f"decodes {tc.num_tokens} tokens over {tok.codebook_size} codes; {fix}")
 
 
 __all__ = [

@@ -1,5 +1,6 @@
-"""Which model class a preset, a config file or a saved directory belongs to: the tokenizers and generators
-textok trains, as two tables, so the training loops, the CLI and the applications need not know the families."""
+"""The model kinds textok knows, one row each (:mod:`textok.models.kinds` says what a row declares), and which
+kind a preset, a config file or a saved directory belongs to. The training loops, the sampling pipeline, the CLI
+and the applications ask these rows instead of knowing the families; :func:`register_kind` adds one."""
 
 from __future__ import annotations
 
@@ -13,17 +14,72 @@ from torch import nn
 from ..config import Config, read_yaml
 from ..errors import ConfigError, TextokError
 from ..hub import read_config_json
+from . import dit, maskgit, var
 from .dit import DiT
 from .imagefolder import ImageFolder
+from .kinds import GeneratorKind, TokenizerKind
 from .maskgit import MaskGIT
 from .textok import TexTok
 from .titok import TiTok
 from .var import VAR
 from .vqvae import VQVAE
 
-TOKENIZERS: dict[str, type[nn.Module]] = {"textok": TexTok, "titok": TiTok, "imagefolder": ImageFolder,
-                                         "vqvae": VQVAE}
-GENERATORS: dict[str, type[nn.Module]] = {"dit": DiT, "maskgit": MaskGIT, "var": VAR}
+TOKENIZER_KINDS: dict[str, TokenizerKind] = {}
+GENERATOR_KINDS: dict[str, GeneratorKind] = {}
+# name -> model class, kept in step with the rows by register_kind
+TOKENIZERS: dict[str, type[TexTok]] = {}
+GENERATORS: dict[str, type[nn.Module]] = {}
+
+
+def register_kind(kind: TokenizerKind | GeneratorKind) -> None:
+    """Add (or replace) a kind's row: from then on it trains, saves, loads and samples through every verb."""
+    if isinstance(kind, GeneratorKind):
+        GENERATOR_KINDS[kind.name], GENERATORS[kind.name] = kind, kind.model
+    else:
+        TOKENIZER_KINDS[kind.name], TOKENIZERS[kind.name] = kind, kind.model
+
+
+def generator_kind(name: str) -> GeneratorKind:
+    if name not in GENERATOR_KINDS:
+        raise ConfigError(f"kind {name!r} is unknown; use one of {', '.join(GENERATOR_KINDS)}")
+    return GENERATOR_KINDS[name]
+
+
+for _row in (
+    TokenizerKind("textok", TexTok),
+    TokenizerKind("titok", TiTok),
+    TokenizerKind("imagefolder", ImageFolder),
+    TokenizerKind("vqvae", VQVAE),  # FoundationVision VAR's VQVAE, converted (textok convert --from var-vqvae)
+    # Guidance w in uncond + w (cond - uncond). For pictures: DiT's visualisation scale; for FID (`sample --npz`):
+    # DiT's evaluation scale 1.5. A MaskGIT samples with the guidance stored in its config (TiTok's per-model
+    # sampler, MaskGITSamplerConfig; L-32's 4.5 in cond + 4.5 (cond - uncond) is w = 5.5). VAR ramps guidance over
+    # the scales, (1 + t) cond - t uncond with t = cfg s / (S - 1): w = 1 + t at the last scale, so the paper's
+    # cfg 3.25 is w = 4.25 here (for both).
+    GeneratorKind("dit", "DiT", DiT, "textok.train.generator:DiTTask", preset="dit-b", consumes="tokens",
+                  sample=dit.sample_images, check_pair=dit.check_tokenizer, default_cfg=4.0, eval_cfg=1.5,
+                  eval_note="DiT's FID setting", controls="--steps, --cfg and --sampler", text_to_image=True,
+                  cuda_graph=True),
+    # TiTok's MaskGIT recipe: AdamW 2e-4, betas (0.9, 0.96), weight decay 0.03, 10k warm-up steps, cosine to 1e-5,
+    # gradient clipping at 1.
+    GeneratorKind("maskgit", "MaskGIT", MaskGIT, "textok.train.generator:MaskGITTask", preset="maskgit-b",
+                  consumes="codes", sample=maskgit.sample_images, check_pair=maskgit.check_tokenizer,
+                  default_cfg=5.5, eval_cfg=5.5, eval_note="TiTok's sampler",
+                  stored_guidance=lambda model: model.config.sampler.guidance_scale,
+                  options={"temperature": None, "temperature_schedule": None, "softmax_annealing": None,
+                           "guidance_schedule": None, "guidance_exponent": None},
+                  controls="--steps, --cfg, --temperature and its schedules",
+                  optim={"lr": 2e-4, "betas": (0.9, 0.96), "weight_decay": 0.03, "warmup_steps": 10_000,
+                         "min_lr_ratio": 0.05, "grad_clip": 1.0}),
+    # VAR's recipe (ImageFolder's generator trainer): AdamW, betas (0.9, 0.95), weight decay 0.05, lr 1e-4 per 256
+    # images, gradient clipping at 2; the paper's sampler: top_k 750, top_p 0.95.
+    GeneratorKind("var", "VAR", VAR, "textok.train.generator:VARTask", preset="var-imagefolder-b-256",
+                  consumes="scales", sample=var.sample_images, check_pair=var.check_tokenizer, default_cfg=4.25,
+                  eval_cfg=4.25, eval_note="ImageFolder's sampler", options={"top_k": 750, "top_p": 0.95},
+                  controls="--cfg, --top-k and --top-p",
+                  optim={"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.05, "warmup_steps": 1000,
+                         "min_lr_ratio": 0.01, "grad_clip": 2.0}),
+):
+    register_kind(_row)
 
 
 def resolve_tokenizer_config(spec: str, overrides: Any = ()) -> tuple[str, Config]:
@@ -81,5 +137,5 @@ def load_generator(directory: str | Path, map_location: str | torch.device = "cp
     return model, data
 
 
-__all__ = ["GENERATORS", "TOKENIZERS", "build_tokenizer", "load_generator", "load_tokenizer",
-           "resolve_tokenizer_config"]
+__all__ = ["GENERATORS", "GENERATOR_KINDS", "TOKENIZERS", "TOKENIZER_KINDS", "build_tokenizer", "generator_kind",
+           "load_generator", "load_tokenizer", "register_kind", "resolve_tokenizer_config"]

@@ -267,6 +267,13 @@ class TexTok(PretrainedMixin, nn.Module):
 
     config_class = TexTokConfig
     model_type = "textok"
+    # What a generator models of this tokenizer (a models.kinds.CODE_FORMS key): TexTok's continuous tokens.
+    code_form = "tokens"
+    is_discrete = False
+
+    def code_layout(self) -> dict | None:
+        """How multi-scale codes are laid out (what a VAR must model); None for other code forms."""
+        return None
 
     def __init__(self, config: TexTokConfig) -> None:
         super().__init__()

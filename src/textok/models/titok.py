@@ -228,6 +228,11 @@ class TiTok(TexTok):
         return self.config.is_discrete
 
     @property
+    def code_form(self) -> str:
+        """Flat codes (B, N) with a VQ bottleneck; continuous tokens with a KL one."""
+        return "codes" if self.is_discrete else "tokens"
+
+    @property
     def codebook_size(self) -> int:
         self._require_codes("codebook_size")
         return self.config.quantizer.num_codes

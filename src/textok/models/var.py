@@ -41,10 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
+from ..devices import autocast_for
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
 from .dit import modulate
 from .multiscale import PAPER_SCALES
+from .kinds import SampleRequest
 from .vit import MLP, Attention, drop_path
 
 
@@ -482,6 +484,23 @@ class VAR(PretrainedMixin, nn.Module):
         per_block = 6 * D * D + 4 * N * D * D + 2 * N * N * D + 2 * N * D * H
         macs += c.depth * per_block + 2 * D * D + c.codes_per_branch * c.branches * D * c.codebook_size
         return 2.0 * macs * batch
+
+
+# ---- its kind's sampling (see models.kinds) ----------------------------------------------------------------
+def sample_images(model: VAR, tok: nn.Module, req: SampleRequest) -> Tensor:
+    """Codes scale by scale (each scale's input built by the tokenizer's own quantizer), decoded by the tokenizer;
+    guidance ramps over the scales to ``req.cfg_scale`` at the last one."""
+    if req.steps is not None and req.steps != model.config.num_scales:
+        raise TextokError(f"a VAR samples one step per scale ({model.config.num_scales}); drop --steps")
+    labels = req.labels if req.labels is not None else torch.zeros(req.batch, dtype=torch.long, device=req.device)
+    with autocast_for(req.device, req.precision):
+        codes = model.generate(labels, tok.quantizer, cfg=req.cfg_scale - 1.0, generator=req.generator, **req.options)
+    return tok.decode_codes(codes, req.decoder_text)
+
+
+def check_tokenizer(model: VAR, tok: nn.Module, record: dict, fix: str) -> None:
+    """The VAR's code layout (scales, branches, codebook, channels) is the tokenizer's."""
+    model.config.check_compatible(tok.config, fix=fix)
 
 
 __all__ = ["VARConfig", "VAR", "VARBlock", "CachedAttention", "KVCache", "sample_top_k_top_p"]

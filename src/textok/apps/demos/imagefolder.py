@@ -35,9 +35,9 @@ from ...eval.compare import higher_is_better
 from ...eval.image_metrics import psnr
 from ...eval.reconstruction import evaluate_tokenizer
 from ...generate.latents import LatentDataset, read_meta
-from ...generate.sampling import DEFAULT_CFG, GenerationPipeline, sample_grid
+from ...generate.sampling import GenerationPipeline, sample_grid
 from ...io import atomic_write_text
-from ...models.registry import load_generator, load_tokenizer
+from ...models.registry import generator_kind, load_generator, load_tokenizer
 from ...report import markdown_table, print_table
 from ...train.config import load_generator_config, load_train_config
 from ...train.generator import frozen_quantizer, train_generator
@@ -72,7 +72,7 @@ def run_demo_imagefolder(out: str | Path = "runs/demo-imagefolder", steps: int |
     seconds["tokenizer_train"] = round(time.time() - t0, 1)
     _require_finished(tok_dir, cfg.max_steps, "ImageFolder")
     tok = load_tokenizer(tok_dir).eval()
-    if not hasattr(tok, "scales"):
+    if tok.code_form != "scales":
         raise TextokError(f"recipe {recipe!r} trains a {tok.model_type}; demo-imagefolder needs an ImageFolder")
 
     t0 = time.time()
@@ -107,7 +107,7 @@ def run_demo_imagefolder(out: str | Path = "runs/demo-imagefolder", steps: int |
     pipe = GenerationPipeline(gen_dir, tok_dir, device="cpu")
     classes = list(range(pipe.num_classes))
     n = 2 if quick else per_class
-    samples = sample_grid(pipe, out / "samples.png", classes, n=n, cfg_scale=DEFAULT_CFG["var"], seed=0)
+    samples = sample_grid(pipe, out / "samples.png", classes, n=n, cfg_scale=pipe.default_cfg(), seed=0)
     seconds["sampling"] = round(time.time() - t0, 1)
     names = meta.get("class_names") or [str(k) for k in classes]
 
@@ -265,7 +265,7 @@ def _report(result: dict, cfg: Any, gcfg: Any) -> str:
                   {"set": "held-out scenes, null class", "loss": held["loss_unconditional"],
                    "accuracy": held["accuracy_unconditional"]}]), "",
               f"Null class minus true class: {held['class_gain_nats']:+.3f} nats per code id.", "",
-              f"Samples, one row per class ({', '.join(result['rows'].values())}), guidance w = {DEFAULT_CFG['var']} "
+              f"Samples, one row per class ({', '.join(result['rows'].values())}), guidance w = {generator_kind('var').default_cfg} "
               "at the last scale (the paper's cfg 3.25), top-k 750, top-p 0.95:", "", "![samples](samples.png)", "",
               "## Time", "", f"Wall seconds of this invocation (a resumed run skips training): "
               f"{sum(result['seconds'].values()):.1f} in all, "

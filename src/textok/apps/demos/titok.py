@@ -40,7 +40,7 @@ from ...errors import TextokError
 from ...eval.compare import higher_is_better
 from ...eval.reconstruction import evaluate_tokenizer
 from ...generate.latents import LatentDataset, extract_latents, read_meta
-from ...generate.sampling import DEFAULT_CFG, GenerationPipeline, sample_grid
+from ...generate.sampling import GenerationPipeline, sample_grid
 from ...io import RUN_MARKER, atomic_write_text, check_replaceable, sha256_file
 from ...models.registry import load_generator, load_tokenizer, resolve_tokenizer_config
 from ...report import markdown_table, print_table
@@ -88,7 +88,7 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     seconds["titok_train"] = round(time.time() - t0, 1)
     _require_finished(tok_dir, cfg.max_steps, "TiTok")
     tok = load_tokenizer(tok_dir).eval()
-    if not getattr(tok, "is_discrete", False):
+    if tok.code_form != "codes":
         raise TextokError(f"recipe {recipe!r} trains a {tok.model_type} without discrete codes; demo-titok needs "
                           "a TiTok with quantizer.kind=vq")
 
@@ -126,7 +126,7 @@ def run_demo_titok(out: str | Path = "runs/demo-titok", steps: int | None = None
     pipe = GenerationPipeline(gen_dir, tok_dir, device="cpu")
     classes = list(range(pipe.num_classes))
     n = 2 if quick else per_class
-    samples = sample_grid(pipe, out / "samples.png", classes, n=n, steps=8, cfg_scale=DEFAULT_CFG["maskgit"], seed=0)
+    samples = sample_grid(pipe, out / "samples.png", classes, n=n, steps=8, cfg_scale=pipe.default_cfg(), seed=0)
     reference = reference_grid(pipe, lat_dir, classes, n, out / "reference.png")
     seconds["sampling"] = round(time.time() - t0, 1)
     names = meta.get("class_names") or [str(k) for k in classes]

@@ -26,12 +26,13 @@ from PIL import Image, UnidentifiedImageError
 from ...data.images import decode_image
 from ...data.scenes import CaptionedScenes
 from ...errors import TextokError
+from ...eval.image_metrics import psnr
 from ...generate.sampling import GenerationPipeline
 from ...models.registry import load_tokenizer
 from ...text.encoders import load_text_encoder
 from .generators import MAX_CAPTION_CHARS, MAX_SAMPLES, LoadedGenerator, check_caption, load_generator
 from .names import distinct_names, model_name, one_line, same_directory
-from .pictures import heat_map, legend_colours, png_data_url, psnr, to_uint8, token_picture
+from .pictures import heat_map, legend_colours, png_data_url, to_uint8, token_picture
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # larger files are refused before decoding
 MAX_PIXELS = 50_000_000  # larger images are refused (decoding them would take seconds and gigabytes)
@@ -42,20 +43,21 @@ TEXT_CACHE = 256  # captions whose text states are kept between requests
 NOT_AN_IMAGE = "that file is not an image this page can read (PNG, JPEG, WebP, GIF, BMP or TIFF): choose an image file"
 
 
-def _db(value: float) -> float | None:
-    """PSNR for JSON: rounded; None when infinite (identical images)."""
+def _db(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """PSNR in dB of one image against another, both clamped to [-1, 1], for JSON: rounded; None when
+    infinite (identical images)."""
+    value = float(psnr(a.float().clamp(-1, 1), b.float().clamp(-1, 1)).mean())
     return round(value, 2) if math.isfinite(value) else None
 
 
 def describe_tokens(model: Any) -> dict[str, Any]:
     """How many tokens one image becomes and how many bits that is (continuous tokens counted as float32)."""
     c = model.config
-    kind = getattr(model, "model_type", "textok")
-    if kind == "imagefolder":
+    if model.code_form == "scales":
         codes, k = int(c.codes_per_image), int(model.codebook_size)
         return {"count": codes, "bits": codes * math.log2(k),
                 "what": f"{codes} codes of {k} ({math.log2(k):g} bits each), {c.branches} branches"}
-    if getattr(model, "is_discrete", False):
+    if model.code_form == "codes":
         n, k = int(c.num_tokens), int(model.codebook_size)
         return {"count": n, "bits": n * math.log2(k), "what": f"{n} codes of {k} ({math.log2(k):g} bits each)"}
     n, d = int(c.num_tokens), int(c.token_channels)
@@ -78,7 +80,7 @@ class LoadedModel:
                                "error": self.error}
         if self.model is not None:
             c = self.model.config
-            out.update(kind=getattr(self.model, "model_type", "textok"), image_size=c.image_size,
+            out.update(kind=self.model.model_type, image_size=c.image_size,
                        text=text_sides(c), reads_text=bool(c.uses_text), decoder_reads_text=bool(c.text_in_decoder),
                        tokens=describe_tokens(self.model))
         return out
@@ -304,7 +306,7 @@ class ServeApp:
         ms = (time.perf_counter() - t0) * 1000
         top = float((recon[0] - image[0]).abs().mean(0).max()) * 127.5  # in 0-255 levels, as heat_map measures
         out = {**loaded.info(name), "original": png_data_url(to_uint8(image[0])), "recon": png_data_url(to_uint8(recon[0])),
-               "psnr": _db(psnr(recon, image)), "diff_max": top, "tokens_picture": token_picture(z[0]),
+               "psnr": _db(recon, image), "diff_max": top, "tokens_picture": token_picture(z[0]),
                "tokens_peak": float(z[0].detach().float().abs().max()),
                "token_shape": list(z.shape[1:]), "model_ms": round(ms, 1), "notes": notes,
                "recon_tensor": recon[0], "original_tensor": image[0]}
@@ -321,7 +323,7 @@ class ServeApp:
         other = model.decode(z, self._text(c, swap, notes)).float().clamp(-1, 1)
         heat, top = heat_map(other[0], recon[0])
         change = float((other - recon).abs().mean()) * 127.5
-        return {"caption": swap, "recon": png_data_url(to_uint8(other[0])), "heat": heat, "psnr": _db(psnr(other, image)),
+        return {"caption": swap, "recon": png_data_url(to_uint8(other[0])), "heat": heat, "psnr": _db(other, image),
                 "change_mean": round(change, 2), "change_max": round(top, 1)}
 
     # ---- generation --------------------------------------------------------------------------------------

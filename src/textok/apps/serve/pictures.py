@@ -43,12 +43,6 @@ def _colormap(t: np.ndarray, stops: np.ndarray) -> np.ndarray:
     return np.round(stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two images in [-1, 1] (peak-to-peak 2), after clamping; inf when identical."""
-    mse = float(torch.mean((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(4.0 / mse))
-
-
 def heat_map(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> tuple[str, float]:
     """|a - b| averaged over colour, as an inferno PNG; returns (data URL, the largest difference in 0-255 levels).
 
@@ -75,4 +69,4 @@ def token_picture(z: torch.Tensor, max_side: int = 256) -> str:
     return png_data_url(np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1))
 
 
-__all__ = ["png_data_url", "to_uint8", "psnr", "heat_map", "token_picture", "legend_colours"]
+__all__ = ["png_data_url", "to_uint8", "heat_map", "token_picture", "legend_colours"]
