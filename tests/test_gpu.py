@@ -148,7 +148,7 @@ def test_checkpoint_written_on_gpu_resumes_bit_exactly(tmp_path) -> None:
                                 progress=False)
     finally:
         torch.backends.cudnn.deterministic = before
-    for part in ("model", "ema", "disc", "opt_g", "opt_d"):
+    for part in ("model", "ema", "disc", "opt", "opt_d"):
         a, b, c = (load_file(str(tmp_path / r / "checkpoints/step-0000006" / f"{part}.safetensors")) for r in "abc")
         for k in a:
             assert torch.equal(a[k], c[k]), ("two uninterrupted runs differ", part, k)

@@ -82,7 +82,7 @@ def test_two_processes_read_disjoint_shards_and_resume_after_a_kill_exactly(shar
     # and the resumed run ends where the uninterrupted one did, bit for bit
     sa, ma = CheckpointManager.load(tmp_path / "a/checkpoints/step-0000005")
     sb, mb = CheckpointManager.load(tmp_path / "b/checkpoints/step-0000005")
-    for part in ("model", "ema", "opt_g"):
+    for part in ("model", "ema", "opt"):
         flat_a, flat_b = _flat(sa[part]), _flat(sb[part])
         assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
     assert ma["data_position"] == mb["data_position"] and ma["data_position"]["kind"] == "shards"
@@ -140,7 +140,7 @@ def test_fsdp_two_processes_match_ddp_and_checkpoints_load_into_one_process_mode
     final = load_tokenizer(tmp_path / "fsdp/final")
     assert all(torch.equal(final.state_dict()[k], fs["ema"][k]) for k in fs["ema"])
     assert (tmp_path / "fsdp/samples/step-0000002.png").is_file()
-    assert isinstance(next(iter(fs["opt_g"]["state"])), str)  # optimizer state keyed by parameter name
+    assert isinstance(next(iter(fs["opt"]["state"])), str)  # optimizer state keyed by parameter name
     _run(tmp_path / "fsdp", [*base, "fsdp=true", "max_steps=4"], tmp_path / "t3")  # resumes from step 3
     assert CheckpointManager(tmp_path / "fsdp/checkpoints").latest().name == "step-0000004"
 

@@ -36,7 +36,7 @@ def test_resume_is_bit_exact(tmp_path):
     half = cfg("max_steps=3", "ckpt_every=3", *FULL_LOSSES, "text_cache=" + str(tmp_path / "cache.safetensors"))
     train_tokenizer(half, tmp_path / "b", progress=False)
     train_tokenizer(full, tmp_path / "b", progress=False)  # same --out: resumes from step 3
-    for part in ("model", "ema", "disc", "lecam", "opt_g", "opt_d"):
+    for part in ("model", "ema", "disc", "lecam", "opt", "opt_d"):
         a = weights(tmp_path / "a/checkpoints/step-0000006" / f"{part}.safetensors")
         b = weights(tmp_path / "b/checkpoints/step-0000006" / f"{part}.safetensors")
         assert a.keys() == b.keys()
@@ -47,6 +47,24 @@ def test_resume_is_bit_exact(tmp_path):
     log = [json.loads(l) for l in (tmp_path / "b/log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]  # no duplicates after the resume
     assert all(e["l2"] > 0 for e in log) and "gan_g" in log[-1] and "perceptual" in log[-1]
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
+    """The loop writes one state layout for every task (model, ema, opt, rng, the task's own parts); a tokenizer
+    checkpoint written before, with its optimizer under "opt_g", still resumes bit for bit."""
+    train_tokenizer(cfg("max_steps=4", "ckpt_every=2", *NO_TEXT), tmp_path / "a", progress=False)
+    train_tokenizer(cfg("max_steps=2", "ckpt_every=2", *NO_TEXT), tmp_path / "b", progress=False)
+    ckpt = tmp_path / "b/checkpoints/step-0000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert sorted(meta["components"]) == ["ema", "model", "opt", "rng"]
+    for suffix in (".json", ".safetensors"):
+        (ckpt / f"opt{suffix}").rename(ckpt / f"opt_g{suffix}")
+        meta["sha256"][f"opt_g{suffix}"] = meta["sha256"].pop(f"opt{suffix}")
+    meta["components"] = sorted(["ema", "model", "opt_g", "rng"])
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    train_tokenizer(cfg("max_steps=4", "ckpt_every=2", *NO_TEXT), tmp_path / "b", progress=False)
+    fa, fb = weights(tmp_path / "a/final/model.safetensors"), weights(tmp_path / "b/final/model.safetensors")
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -99,7 +117,9 @@ def test_init_from_starts_a_second_stage_from_saved_weights(tmp_path):
     """init_from: a new run starts from a finished tokenizer's weights (model and EMA), with fresh optimizers;
     another shape or kind is refused naming the difference; a resumed run ignores it."""
     from textok.models.registry import load_tokenizer
-    from textok.train.tokenizer import build_components, init_weights
+    from textok.models.registry import build_tokenizer
+    from textok.train.ema import EMA
+    from textok.train.tokenizer import init_weights
 
     first = train_tokenizer(cfg("max_steps=2", *NO_TEXT), tmp_path / "l2", progress=False)
     saved = load_tokenizer(first).state_dict()
@@ -107,10 +127,11 @@ def test_init_from_starts_a_second_stage_from_saved_weights(tmp_path):
     from textok.models.registry import resolve_tokenizer_config
 
     model_type, model_cfg = resolve_tokenizer_config(stage2.model, stage2.model_overrides)
-    parts, _ = build_components(stage2, model_type, model_cfg, torch.device("cpu"))
-    init_weights(parts, first, model_type)
+    model = build_tokenizer(model_type, model_cfg)
+    ema = EMA(model, stage2.ema_decay)
+    init_weights(model, ema, first, model_type)
     for k, v in saved.items():
-        assert torch.equal(parts.model.state_dict()[k], v) and torch.equal(parts.ema.model.state_dict()[k], v), k
+        assert torch.equal(model.state_dict()[k], v) and torch.equal(ema.model.state_dict()[k], v), k
     final = train_tokenizer(stage2, tmp_path / "gan", progress=False)
     # three more steps moved the weights away from where they started, and the GAN stage ran
     after = load_tokenizer(final).state_dict()

@@ -17,10 +17,7 @@ from ..config import Config, assignment_items, read_yaml, typed_assignments
 from ..data.augment import check_crop
 from ..errors import ConfigError
 from ..losses.adversarial import AdversarialConfig
-from ..models.dit import DiTConfig
-from ..models.maskgit import MaskGITConfig
-from ..models.var import VARConfig
-from ..models.registry import resolve_tokenizer_config
+from ..models.registry import GENERATOR_KINDS, generator_kind, resolve_tokenizer_config
 
 C = TypeVar("C", bound=Config)
 # {"optim.lr": 2e-4}, [("optim.lr", 2e-4)] or ["optim.lr=2e-4"], applied in order
@@ -117,14 +114,15 @@ OPENNSFW_FOR_LPIPS = 0.1
 
 
 @dataclasses.dataclass
-class TrainConfig(Config):
-    model: str = "textok-demo"  # a tokenizer preset or config file
+class RunConfig(Config):
+    """What every training run has, whatever it trains (the loop reads these): the model, the optimizer, the
+    schedule, the precision and parallelism, the run's seed and bookkeeping. ``TrainConfig`` and
+    ``GeneratorTrainConfig`` add their own fields and defaults."""
+
+    model: str = ""  # a preset or config file of the model trained
     model_overrides: dict[str, Any] = field(default_factory=dict)  # {"KEY": value} of the model's config, typed
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    batch_size: int = 32  # per process, per micro-batch
-    grad_accum: int = 1
+    batch_size: int = 32  # per process (a tokenizer: per micro-batch)
     max_steps: int = 10000
     ema_decay: float = 0.999
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
@@ -132,31 +130,49 @@ class TrainConfig(Config):
     fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (fully_shard) instead of DDP
     seed: int = 0
     log_every: int = 10
-    sample_every: int = 500  # reconstruction grid every k steps (0 = never)
     ckpt_every: int = 500
     keep_last: int = 2
     text_cache: str = ""  # where caption embeddings persist (default: OUT/text_cache.safetensors)
+    text_store: str = "auto"  # where caption states live (see TrainConfig / GeneratorTrainConfig)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.model_overrides = typed_model_overrides(self, self.model_overrides)
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"precision {self.precision!r} must be auto, bf16 or fp32")
+        check_schedule(self, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "keep_last"))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
+
+    def model_config_class(self) -> type[Config]:
+        """The config class of the model trained (its ``model_overrides`` are typed by it)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class TrainConfig(RunConfig):
+    """A tokenizer's training run: RunConfig's fields plus the data, the losses and their schedule."""
+
+    model: str = "textok-demo"  # a tokenizer preset or config file
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    grad_accum: int = 1  # micro-batches of batch_size per step
+    sample_every: int = 500  # reconstruction grid every k steps (0 = never)
     # Caption states: "auto" (shards -> the user-level text-state store, else the one-file text_cache), "off" (always
     # text_cache), "on" (the user-level store, ~/.cache/textok/text-states), or a store directory
     text_store: str = "auto"
-    device: str = "auto"
     # A tokenizer directory (a run's final/) whose weights start this run: fine-tuning, e.g. a perceptual + GAN
     # stage after an l2 stage. Optimizer, discriminator and step start fresh; ignored when the run resumes.
     init_from: str = ""
     text_dropout: float = 0.0  # probability that an image trains without its caption (all its text tokens masked)
 
     def __post_init__(self) -> None:
-        self.model_overrides = typed_model_overrides(self, self.model_overrides)
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision {self.precision!r} must be auto, bf16 or fp32")
+        super().__post_init__()
         if not 0.0 <= self.text_dropout < 1.0:
             raise ConfigError(f"text_dropout must lie in [0, 1), got {self.text_dropout}")
         if self.loss.text_contrast_weight < 0 or self.loss.text_contrast_margin < 0:
             raise ConfigError("loss.text_contrast_weight and loss.text_contrast_margin must be >= 0")
-        check_schedule(self, positive=("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every",
-                                       "keep_last"), non_negative=("sample_every",))
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
+        check_schedule(self, positive=("grad_accum",), non_negative=("sample_every",))
         if self.loss.perceptual_size < 0:
             raise ConfigError(f"loss.perceptual_size={self.loss.perceptual_size} must be >= 0 (0: the images' own size)")
         if self.loss.d_every < 1:
@@ -171,7 +187,7 @@ class TrainConfig(Config):
         return type(resolve_tokenizer_config(self.model)[1])
 
 
-def typed_model_overrides(cfg: "TrainConfig | GeneratorTrainConfig", overrides: Any) -> dict[str, Any]:
+def typed_model_overrides(cfg: RunConfig, overrides: Any) -> dict[str, Any]:
     """``model_overrides`` as ``{KEY: value}`` of the model config's types. Files written before they were stored
     typed hold ``["KEY=VALUE", ...]`` text; both forms are read."""
     if isinstance(overrides, str) or not isinstance(overrides, (Mapping, list, tuple)):
@@ -261,76 +277,51 @@ def model_overrides(overrides: Overrides) -> list[tuple[str, Any]]:
 
 
 # ---- generators ------------------------------------------------------------------------------------
-GENERATOR_KINDS = ("dit", "maskgit", "var")
-GENERATOR_CONFIGS: dict[str, type[Config]] = {"dit": DiTConfig, "maskgit": MaskGITConfig, "var": VARConfig}
-DEFAULT_GENERATOR = {"dit": "dit-b", "maskgit": "maskgit-b", "var": "var-imagefolder-b-256"}
-
-
 def _generator_optim() -> OptimConfig:
     # DiT trains with AdamW at 1e-4, no weight decay, betas (0.9, 0.999); warm-up + cosine added here.
     return OptimConfig(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=500, min_lr_ratio=0.1,
                        grad_clip=1.0)
 
 
-def maskgit_optim() -> OptimConfig:
-    """TiTok's MaskGIT recipe: AdamW 2e-4, betas (0.9, 0.96), weight decay 0.03, 10k warm-up steps, cosine to
-    1e-5, gradient clipping at 1. A MaskGIT run starts from these unless its recipe or overrides say otherwise."""
-    return OptimConfig(lr=2e-4, betas=(0.9, 0.96), weight_decay=0.03, warmup_steps=10_000, min_lr_ratio=0.05,
-                       grad_clip=1.0)
-
-
-def var_optim() -> OptimConfig:
-    """VAR's recipe (which ImageFolder's generator trainer uses): AdamW, betas (0.9, 0.95), weight decay 0.05,
-    lr 1e-4 per 256 images, gradient clipping at 2; warm-up + cosine added here. A VAR run starts from these
-    unless its recipe or overrides say otherwise."""
-    return OptimConfig(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_steps=1000, min_lr_ratio=0.01,
-                       grad_clip=2.0)
+def kind_optim(kind: str) -> OptimConfig:
+    """The optimizer a generator kind's run starts from unless its recipe or overrides say otherwise: its own
+    recipe's (MaskGIT: TiTok's; VAR: ImageFolder's), else the DiT's."""
+    own = generator_kind(kind).optim
+    return OptimConfig(**own) if own else _generator_optim()
 
 
 @dataclasses.dataclass
-class GeneratorTrainConfig(Config):
-    """What generator to train on which latents, and how long."""
+class GeneratorTrainConfig(RunConfig):
+    """What generator to train on which latents, and how long: RunConfig's fields (a generator's defaults) plus
+    the latents, the kind and the DiT's diffusion and text."""
 
     latents: str = ""  # a directory written by `textok extract-latents`
-    kind: str = "dit"  # "dit" (continuous tokens) | "maskgit" (codes of a TiTok) | "var" (codes of an ImageFolder)
-    model: str = ""  # a DiT, MaskGIT or VAR preset or config file ("" = dit-b / maskgit-b / var-imagefolder-b-256)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # {"KEY": value} of the model's config, typed
+    kind: str = "dit"  # a generator kind: "dit" (continuous tokens) | "maskgit" (codes of a TiTok) | "var" (ImageFolder)
+    model: str = ""  # a generator preset or config file ("" = the kind's: dit-b / maskgit-b / var-imagefolder-b-256)
     diffusion: str = "dit"  # DiT only: "dit" (DDPM, learned sigma) | "flow" (rectified flow) | a config file
     text: bool = False  # DiT only: text-to-image on caption embeddings (else class-conditional)
     optim: OptimConfig = field(default_factory=_generator_optim)
     batch_size: int = 256  # per process
     max_steps: int = 100000
     ema_decay: float = 0.9999
-    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
-    compile: bool = False
-    fsdp: bool = False  # under torchrun: shard weights, grads and optimizer state (fully_shard) instead of DDP
-    seed: int = 0
-    log_every: int = 10
     ckpt_every: int = 1000
-    keep_last: int = 2
-    text_cache: str = ""  # where caption embeddings persist (default: OUT/text_cache.safetensors)
     text_store: str = "auto"  # "auto"/"off" (the one-file text_cache) | "on" (the user-level text-state store) | a store dir
-    device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.kind not in GENERATOR_KINDS:
-            raise ConfigError(f"kind {self.kind!r} is unknown; use one of {', '.join(GENERATOR_KINDS)}")
-        self.model_overrides = typed_model_overrides(self, self.model_overrides)
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision {self.precision!r} must be auto, bf16 or fp32")
-        check_schedule(self, positive=("batch_size", "max_steps", "log_every", "ckpt_every", "keep_last"))
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay={self.ema_decay} must lie in [0, 1)")
-        if self.kind != "dit" and self.text:
-            raise ConfigError(f"text=true is for the DiT (text-to-image); {self.kind} here is class-conditional only")
+        generator_kind(self.kind)  # an unknown kind is refused, naming the known ones
+        super().__post_init__()
+        if self.text and not generator_kind(self.kind).text_to_image:
+            able = ", ".join(k.label for k in GENERATOR_KINDS.values() if k.text_to_image)
+            raise ConfigError(f"text=true is for a text-to-image kind ({able}); {self.kind} here is class-conditional "
+                              "only")
 
     @property
     def model_name(self) -> str:
-        return self.model or DEFAULT_GENERATOR[self.kind]
+        return self.model or generator_kind(self.kind).preset
 
     def model_config_class(self) -> type[Config]:
         """The config class of this kind's generator (its ``model_overrides`` are typed by it)."""
-        return GENERATOR_CONFIGS[self.kind]
+        return generator_kind(self.kind).model.config_class
 
 
 def load_generator_config(config: str | None = None, overrides: Overrides = (), kind: str | None = None
@@ -341,14 +332,11 @@ def load_generator_config(config: str | None = None, overrides: Overrides = (), 
     training config.
     """
     cfg = GeneratorTrainConfig()
-    presets = {"dit": DiTConfig.presets(), "maskgit": MaskGITConfig.presets(), "var": VARConfig.presets()}
+    presets = {name: kind.model.config_class.presets() for name, kind in GENERATOR_KINDS.items()}
+    preset_kind = next((name for name, names in presets.items() if config in names), None) if config else None
     if config:
-        if config in MaskGITConfig.presets():
-            cfg = dataclasses.replace(cfg, kind="maskgit", model=config)
-        elif config in VARConfig.presets():
-            cfg = dataclasses.replace(cfg, kind="var", model=config)
-        elif config in DiTConfig.presets():
-            cfg = dataclasses.replace(cfg, kind="dit", model=config)
+        if preset_kind is not None:
+            cfg = dataclasses.replace(cfg, kind=preset_kind, model=config)
         elif Path(config).is_file() and is_recipe(read_yaml(config)):
             cfg = GeneratorTrainConfig.from_file(config)
         elif Path(config).is_file():
@@ -360,9 +348,9 @@ def load_generator_config(config: str | None = None, overrides: Overrides = (), 
             raise ConfigError(f"--config {config!r} is neither a generator preset nor a config file; {hint}"
                               f"(presets: {', '.join(names)})")
     if kind is not None:
-        if config and kind != cfg.kind and any(config in names for names in presets.values()):
+        if preset_kind is not None and kind != cfg.kind:
             raise ConfigError(f"--config {config} is a {cfg.kind} preset but --kind is {kind}; drop one of them")
         cfg = dataclasses.replace(cfg, kind=kind)
-    if cfg.kind in ("maskgit", "var") and cfg.optim == _generator_optim():  # the DiT default was not chosen for it
-        cfg = dataclasses.replace(cfg, optim=maskgit_optim() if cfg.kind == "maskgit" else var_optim())
+    if cfg.optim == _generator_optim():  # the generators' default, not chosen for this kind
+        cfg = dataclasses.replace(cfg, optim=kind_optim(cfg.kind))
     return with_overrides(cfg, overrides)

@@ -21,7 +21,6 @@ caption bank.
 
 from __future__ import annotations
 
-import functools
 import shutil
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,20 +30,17 @@ import torch
 from ..config import Config
 from ..devices import autocast_for
 from ..diffusion import DiffusionConfig, create_diffusion
-from ..distributed import DistInfo, wrap_ddp
+from ..distributed import DistInfo
 from ..errors import ConfigError, TextokError
 from ..generate.latents import BANK, LatentDataset, read_meta
 from ..models.dit import DiTConfig
 from ..io import sha256_file
 from ..models.maskgit import MaskGITConfig
-from ..models.registry import GENERATORS, load_tokenizer
+from ..models.registry import GENERATORS, generator_kind, load_tokenizer
 from ..models.var import VARConfig
-from . import fsdp
-from .checkpoint import rng_state, set_rng_state
 from .config import GeneratorTrainConfig
 from .data_source import batch_indices, pick_captions
-from .ema import EMA
-from .loop import LossForward, StepResult, Task, adamw, run_text_states, train
+from .loop import StepResult, Task, run_text_states, train
 
 C = TypeVar("C", bound=Config)
 
@@ -55,7 +51,7 @@ def train_generator(cfg: GeneratorTrainConfig, out: str | Path, progress: bool =
     """Train (or resume) a generator into ``out``; returns ``out/final`` (EMA weights, from_pretrained-ready)."""
     if not cfg.latents:
         raise ConfigError("no latents: pass --latents DIR (written by `textok extract-latents`)")
-    return train(GENERATOR_TASKS[cfg.kind], cfg, out, progress)
+    return train(generator_kind(cfg.kind).task_class(), cfg, out, progress)
 
 
 class GeneratorTask(Task):
@@ -101,29 +97,11 @@ class GeneratorTask(Task):
         raise NotImplementedError
 
     # ---- the parts ---------------------------------------------------------------------------------------
-    def build(self, fresh: bool) -> None:
-        cfg = self.cfg
-        self.model = GENERATORS[self.model_type](self.model_config).to(self.info.device)
-        self.ema = EMA(self.model, cfg.ema_decay)
-        self.loss_module = LossForward(self.model, self.loss)
-        make_optimizer = functools.partial(adamw, self.model, cfg.optim)
-        self.optimizer = (fsdp.shard_training(self.loss_module, self.model, self.ema, self.info, make_optimizer)
-                          if cfg.fsdp else make_optimizer())
-
-    def state(self) -> dict[str, Any]:
-        model, ema, opt = fsdp.training_state(self.model, self.ema, self.optimizer, self.sharded)
-        return {"model": model, "ema": ema, "opt": opt, "rng": rng_state()}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        fsdp.restore_training(self.model, self.ema, self.optimizer, (state["model"], state["ema"], state["opt"]),
-                              self.sharded)
-        set_rng_state(state["rng"])
+    def make_model(self) -> torch.nn.Module:
+        return GENERATORS[self.model_type](self.model_config)
 
     def begin(self, step: int) -> None:
         cfg, info = self.cfg, self.info
-        self.train_model = self.loss_module if cfg.fsdp else wrap_ddp(self.loss_module, info)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
         self.order = batch_indices(len(self.data), cfg.batch_size * info.world, info.rank, cfg.batch_size, cfg.seed,
                                    step)
 
@@ -139,11 +117,8 @@ class GeneratorTask(Task):
         logs = {k: v.detach().float() for k, v in terms.items() if k in LOGGED or k in self.logged}
         return StepResult(logs, finite, batch["label"].shape[0])
 
-    def save_final(self, final: Path, step: int) -> None:
+    def save_final(self, model: torch.nn.Module, final: Path, step: int) -> None:
         cfg = self.cfg
-        model = fsdp.final_model(self.ema, self.info, cfg.fsdp, lambda: GENERATORS[self.model_type](self.model_config))
-        if model is None:  # not the main rank
-            return
         record = {"train_step": step, "kind": self.model_type, "text": cfg.text,
                   "diffusion": self.diffusion_config.to_dict() if self.diffusion_config is not None else None,
                   "latents_meta": {**self.meta, "latents_dir": str(Path(cfg.latents).resolve())}}
@@ -178,7 +153,6 @@ class DiTTask(GeneratorTask):
                                 "text_dim": text_dim if cfg.text else 0}, cfg)
 
     def build(self, fresh: bool) -> None:
-        super().build(fresh)
         self.diffusion = create_diffusion(self.diffusion_config)
 
     def begin(self, step: int) -> None:
@@ -262,7 +236,6 @@ class VARTask(GeneratorTask):
                                "num_classes": max(1, meta["num_classes"])})
 
     def build(self, fresh: bool) -> None:
-        super().build(fresh)
         self.quantizer = frozen_quantizer(self.meta, self.cfg.latents).to(self.info.device)
 
     def begin(self, step: int) -> None:
@@ -307,9 +280,6 @@ def frozen_quantizer(meta: dict[str, Any], latents: str | Path) -> torch.nn.Modu
     return quantizer
 
 
-GENERATOR_TASKS: dict[str, type[GeneratorTask]] = {"dit": DiTTask, "maskgit": MaskGITTask, "var": VARTask}
-
-
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator of every random draw of one step on one rank: a pure function of (seed, step, rank)."""
     g = torch.Generator(device=device)
@@ -317,5 +287,5 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return g
 
 
-__all__ = ["DiTTask", "GENERATOR_TASKS", "GeneratorTask", "MaskGITTask", "VARTask", "frozen_quantizer", "step_generator",
+__all__ = ["DiTTask", "GeneratorTask", "MaskGITTask", "VARTask", "frozen_quantizer", "step_generator",
            "train_generator"]

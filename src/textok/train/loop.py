@@ -1,9 +1,11 @@
 """The training loop: one skeleton for every model textok trains, the tokenizers and the generators.
 
-A :class:`Task` brings what differs between them: how to build its parts and how to take one step. The loop
-owns the run: the run directory and its lock, resuming from the newest intact checkpoint, the learning-rate
-schedule, gradient clipping and the optimizer step, the EMA, Ctrl-C / SIGTERM (save, then stop), the check
-for non-finite losses, the log, the progress bar, the checkpoints and the final save.
+A :class:`Task` brings what differs between them: its model, its loss, its other parts and how to take one
+step. The loop owns the run: the run directory and its lock, the model's device placement, its EMA and optimizer,
+FSDP sharding or DDP wrapping and torch.compile, resuming from the newest intact checkpoint (one state layout for
+every task: ``model``, ``ema``, ``opt``, ``rng`` and the task's own parts), the learning-rate schedule, gradient
+clipping and the optimizer step, Ctrl-C / SIGTERM (save, then stop), the check for non-finite losses, the log,
+the progress bar, the checkpoints and the final model.
 
 Exact resume: a checkpoint holds everything a resumed run needs (weights, EMA, optimizers, RNG state, the
 step and whatever state the task adds), and a task draws its data and every random number of a step as a
@@ -22,10 +24,12 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..distributed import DistInfo, any_rank, barrier, distributed_session
+from ..distributed import DistInfo, any_rank, barrier, distributed_session, wrap_ddp
 from ..errors import TextokError
 from ..text.store import open_text_states
-from .checkpoint import DISK_FULL, CheckpointManager
+from . import fsdp
+from .checkpoint import DISK_FULL, CheckpointManager, rng_state, set_rng_state
+from .config import RunConfig
 from .ema import EMA
 from .fsdp import local_value
 from .interrupt import GracefulInterrupt
@@ -44,44 +48,58 @@ class StepResult:
 
 
 class Task:
-    """One kind of model's side of the loop: how to build its parts and take one step.
+    """One kind of model's side of the loop: its model and loss, its other parts and one step.
 
     ``__init__`` decides the model (``model_type``, ``model_config``) before the run directory is opened, so
-    that a resumed checkpoint is checked against it; :meth:`build` makes ``model``, ``ema`` and ``optimizer``
-    (which the loop steps) and the task's other parts.
+    that a resumed checkpoint is checked against it. The loop then makes the model (:meth:`make_model`, placed on
+    the device), its EMA and optimizer and ``loss_module`` (the model's :meth:`loss` as one module call), calls
+    :meth:`build` for the task's other parts, and wraps ``loss_module`` into ``train_model`` (FSDP, DDP, compile),
+    which :meth:`step` calls.
     """
 
     kind: str  # what a resumed checkpoint must have been written for: "tokenizer" | "generator"
     rate_key = "images_per_s"  # the log's throughput entry
     shown: tuple[str, ...] = ()  # log values on the progress bar
     loss_name = "a loss"  # what the message about a NaN/inf loss calls it
-    collective = False  # the state is gathered by every process (FSDP), not only by the main one
 
     model_type: str
     model_config: Config
+    # made by the loop
     model: nn.Module
     ema: EMA
     optimizer: torch.optim.Optimizer
+    loss_module: nn.Module
+    train_model: nn.Module
 
-    def __init__(self, cfg: Any, out: Path, info: DistInfo, progress: bool) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, info: DistInfo, progress: bool) -> None:
         self.cfg, self.out, self.info, self.progress = cfg, out, info, progress
         # FSDP (``cfg.fsdp``): the state and the final weights are gathered over ``sharded`` by every rank
         self.sharded: DistInfo | None = info if cfg.fsdp else None
-        self.collective = cfg.fsdp
+
+    def make_model(self) -> nn.Module:
+        """A freshly initialised model of ``model_config`` (the loop places it on the device)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, *inputs: Any) -> Any:
+        """What ``train_model(*inputs)`` computes: the loss of ``model`` on one step's inputs."""
+        raise NotImplementedError
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return adamw(model, self.cfg.optim)
 
     def build(self, fresh: bool) -> None:
-        """Make the parts on ``self.info.device`` (``fresh``: no checkpoint will be restored into them)."""
-        raise NotImplementedError
+        """Make the task's other parts on ``self.info.device`` once the model, EMA and optimizer exist (``fresh``:
+        no checkpoint will be restored into them)."""
 
-    def state(self) -> dict[str, Any]:
-        """Everything a resumed run restores (the checkpoint's components)."""
-        raise NotImplementedError
+    def extra_state(self) -> dict[str, Any]:
+        """The task's own parts a resumed run restores, besides the model, EMA, optimizer and RNG."""
+        return {}
 
-    def restore(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`extra_state` saved (``state`` is the whole checkpoint)."""
 
     def begin(self, step: int) -> None:
-        """Get ready to train from ``step`` on: wrap the model (DDP, compile), open the data at that step."""
+        """Get ready to train from ``step`` on (``train_model`` is wrapped): open the data at that step."""
         raise NotImplementedError
 
     def step(self, step: int, lr: float) -> StepResult:
@@ -97,12 +115,43 @@ class Task:
         return {"model_type": self.model_type, "model_config": self.model_config.to_dict(),
                 "train_config": self.cfg.to_dict()}
 
-    def save_final(self, final: Path, step: int) -> None:
-        """Write the trained model (the EMA weights) to ``final`` after the last step."""
-        raise NotImplementedError
+    def save_final(self, model: nn.Module, final: Path, step: int) -> None:
+        """Write the trained model (the EMA weights, whole) to ``final`` after the last step."""
+        model.save_pretrained(final, extra={"train_step": step})
 
 
-def train(task_cls: type[Task], cfg: Any, out: str | Path, progress: bool = True) -> Path:
+# ---- what the loop does with every task's model ---------------------------------------------------------
+def _build(task: Task, cfg: RunConfig, info: DistInfo, fresh: bool) -> None:
+    task.model = task.make_model().to(info.device)
+    task.ema = EMA(task.model, cfg.ema_decay)
+    task.optimizer = task.make_optimizer(task.model)
+    task.loss_module = LossForward(task.model, task.loss)
+    task.build(fresh)
+    if cfg.fsdp:  # after build: weights a task loads (init_from) are sharded with the rest
+        task.optimizer = fsdp.shard_training(task.loss_module, task.model, task.ema, info,
+                                             lambda: task.make_optimizer(task.model))
+
+
+def _wrap(task: Task, cfg: RunConfig, info: DistInfo) -> None:
+    task.train_model = task.loss_module if cfg.fsdp else wrap_ddp(task.loss_module, info)
+    if cfg.compile:
+        task.train_model = torch.compile(task.train_model)
+
+
+def _state(task: Task) -> dict[str, Any]:
+    """The checkpoint: one layout for every task; an FSDP run's parts gathered whole, keyed as a plain model's."""
+    model, ema, opt = fsdp.training_state(task.model, task.ema, task.optimizer, task.sharded)
+    return {"model": model, "ema": ema, "opt": opt, "rng": rng_state(), **task.extra_state()}
+
+
+def _restore(task: Task, state: dict[str, Any]) -> None:
+    opt = state["opt"] if "opt" in state else state["opt_g"]  # tokenizer checkpoints written before: "opt_g"
+    fsdp.restore_training(task.model, task.ema, task.optimizer, (state["model"], state["ema"], opt), task.sharded)
+    task.restore_extra(state)
+    set_rng_state(state["rng"])
+
+
+def train(task_cls: type[Task], cfg: RunConfig, out: str | Path, progress: bool = True) -> Path:
     """Train (or resume) a ``task_cls`` model as ``cfg`` says into ``out``; returns ``out/final``, which holds the
     EMA weights (``from_pretrained``-ready) once ``cfg.max_steps`` are done."""
     out = Path(out)
@@ -110,18 +159,19 @@ def train(task_cls: type[Task], cfg: Any, out: str | Path, progress: bool = True
         return _run(task_cls(cfg, out, info, progress), cfg, out, info, progress)
 
 
-def _run(task: Task, cfg: Any, out: Path, info: DistInfo, progress: bool) -> Path:
+def _run(task: Task, cfg: RunConfig, out: Path, info: DistInfo, progress: bool) -> Path:
     ckpts, latest = open_run(out, cfg.to_dict(), task.model_type, task.model_config.to_dict(), task.kind,
                              cfg.keep_last, info.is_main)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    task.build(fresh=latest is None)
+    _build(task, cfg, info, fresh=latest is None)
     step = 0
     if latest is not None:
         state, meta = CheckpointManager.load(latest, device="cpu")
-        task.restore(state)
+        _restore(task, state)
         step = meta["step"]
         if info.is_main:
             print(f"resuming from {latest} (step {step})")
+    _wrap(task, cfg, info)
     task.begin(step)
     log = JsonlLog(out / "log.jsonl", step) if info.is_main else None
     bar = progress_bar(progress and info.is_main, cfg.max_steps, step, f"train {out.name} ({task.model_type})")
@@ -168,7 +218,7 @@ def _run(task: Task, cfg: Any, out: Path, info: DistInfo, progress: bool) -> Pat
                 bar.update(1)
             task.after_step(step)
             if save_now:
-                state = task.state() if (info.is_main or task.collective) else None
+                state = _state(task) if (info.is_main or cfg.fsdp) else None
                 if info.is_main:
                     ckpts.save(step, state, task.checkpoint_meta(step))
                 barrier(info)
@@ -182,12 +232,15 @@ def _run(task: Task, cfg: Any, out: Path, info: DistInfo, progress: bool) -> Pat
         print(f"skipped {skipped} images that could not be decoded")
     final = out / "final"
     if step >= cfg.max_steps:
-        try:
-            task.save_final(final, step)
-        except OSError as err:
-            if err.errno not in DISK_FULL:
-                raise
-            raise ckpts.disk_full(final, err) from None
+        # an FSDP run's EMA gathered into a fresh single-process model, so final/ is what from_pretrained builds
+        model = fsdp.final_model(task.ema, info, cfg.fsdp, task.make_model)
+        if model is not None:  # the main rank
+            try:
+                task.save_final(model, final, step)
+            except OSError as err:
+                if err.errno not in DISK_FULL:
+                    raise
+                raise ckpts.disk_full(final, err) from None
     barrier(info)
     return final
 

@@ -36,12 +36,10 @@ from ..losses.perceptual import build_perceptual
 from ..models.discriminator import Discriminator, DiscriminatorConfig
 from ..models.registry import build_tokenizer, resolve_tokenizer_config
 from ..text.embeddings import TextEmbeddings
-from . import fsdp
-from .checkpoint import rng_state, set_rng_state
 from .config import TrainConfig
 from .data_source import BatchSource, captions_of, pick_captions
 from .ema import EMA
-from .loop import LossForward, StepResult, Task, adamw, run_text_states, set_lr, train
+from .loop import StepResult, Task, adamw, run_text_states, set_lr, train
 from .stages import check_stage_recipe
 
 
@@ -72,44 +70,39 @@ class TokenizerTask(Task):
                               "fsdp=true shards; set loss.adversarial.adaptive=false or fsdp=false")
 
     # ---- parts -----------------------------------------------------------------------------------
+    def make_model(self) -> nn.Module:
+        return build_tokenizer(self.model_type, self.model_config)
+
+    def loss(self, model: nn.Module, *inputs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        return tokenizer_losses(model, *inputs, contrast=(cfg.loss.text_contrast_weight, cfg.loss.text_contrast_margin))
+
     def build(self, fresh: bool) -> None:
         cfg, info = self.cfg, self.info
-        self.parts, self.perceptual = build_components(cfg, self.model_type, self.model_config, info.device)
-        contrast = (cfg.loss.text_contrast_weight, cfg.loss.text_contrast_margin)
-        self.loss_module = LossForward(self.parts.model, functools.partial(tokenizer_losses, contrast=contrast))
+        self.disc, self.lecam, self.opt_d = build_discriminator(cfg, self.model_config.image_size, info.device)
+        self.perceptual = build_perceptual_loss(cfg, info.device)
         if fresh and cfg.init_from:
-            init_weights(self.parts, cfg.init_from, self.model_type)
+            init_weights(self.model, self.ema, cfg.init_from, self.model_type)
             if info.is_main:
                 print(f"starting from the weights in {cfg.init_from}")
-        if cfg.fsdp:
-            self.parts.opt_g = fsdp.shard_training(self.loss_module, self.parts.model, self.parts.ema, info,
-                                                   functools.partial(adamw, self.parts.model, cfg.optim))
 
-    @property
-    def model(self) -> nn.Module:
-        return self.parts.model
+    def extra_state(self) -> dict[str, Any]:
+        if self.disc is None:
+            return {}
+        return {"disc": self.disc.state_dict(), "lecam": self.lecam.state_dict(), "opt_d": self.opt_d.state_dict()}
 
-    @property
-    def ema(self) -> EMA:
-        return self.parts.ema
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.parts.opt_g
-
-    def state(self) -> dict[str, Any]:
-        return self.parts.state(self.sharded)
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.parts.restore(state, self.sharded)
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        if self.disc is not None:
+            if "disc" not in state:
+                raise TextokError("the checkpoint has no discriminator but this run uses one; resume with the same loss config")
+            self.disc.load_state_dict(state["disc"])
+            self.lecam.load_state_dict(state["lecam"])
+            self.opt_d.load_state_dict(state["opt_d"])
 
     def begin(self, step: int) -> None:
         cfg, info = self.cfg, self.info
-        self.train_model = self.loss_module if cfg.fsdp else wrap_ddp(self.loss_module, info)
-        self.last_layer = self.parts.model.last_layer() if cfg.loss.adversarial.adaptive else None
-        self.disc_model = wrap_ddp(self.parts.disc, info) if self.parts.disc is not None else None
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.last_layer = self.model.last_layer() if cfg.loss.adversarial.adaptive else None
+        self.disc_model = wrap_ddp(self.disc, info) if self.disc is not None else None
         d, size = cfg.data, self.model_config.image_size
         self.augmenting = d.crop_min < 1.0 or d.flip
         train_set = build_dataset(d.source, "train", load_size(size, d.crop_min), size=d.train_size,
@@ -140,7 +133,7 @@ class TokenizerTask(Task):
     # ---- one step --------------------------------------------------------------------------------
     def step(self, step: int, lr: float) -> StepResult:
         cfg, info, device = self.cfg, self.info, self.info.device
-        gan_on = self.parts.disc is not None and cfg.loss.adversarial.active(step, cfg.max_steps)
+        gan_on = self.disc is not None and cfg.loss.adversarial.active(step, cfg.max_steps)
         logs: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=device)
         images_seen = skipped = 0
@@ -162,7 +155,7 @@ class TokenizerTask(Task):
             if cfg.fsdp and info.enabled:
                 self.train_model.set_requires_gradient_sync(last_micro)
             with sync, autocast_for(device, cfg.precision):
-                recon, terms, extra = generator_losses(self.train_model, self.parts.disc if gan_on else None,
+                recon, terms, extra = generator_losses(self.train_model, self.disc if gan_on else None,
                                                        self.perceptual, images, text, cfg, self.last_layer, wrong,
                                                        self._disc_aug(step, k, "generator"))
                 loss = sum(terms.values())
@@ -172,11 +165,11 @@ class TokenizerTask(Task):
                 logs[name] = logs.get(name, 0.0) + value.detach().float() / cfg.grad_accum
             images_seen += images.shape[0]
         if gan_on and step % cfg.loss.d_every == 0:  # the discriminator's update, on the last micro-batch
-            opt_d = self.parts.opt_d
+            opt_d = self.opt_d
             set_lr(opt_d, lr / cfg.optim.lr * cfg.optim.d_lr)
             opt_d.zero_grad(set_to_none=True)
             with autocast_for(device, cfg.precision):
-                d_terms = discriminator_losses(self.disc_model, self.parts.lecam, images, recon, cfg,
+                d_terms = discriminator_losses(self.disc_model, self.lecam, images, recon, cfg,
                                                r1=cfg.loss.adversarial.r1_at(step // cfg.loss.d_every),
                                                disc_aug=self._disc_aug(step, 0, "discriminator"))
                 d_total = sum(d_terms.values())
@@ -216,7 +209,7 @@ class TokenizerTask(Task):
         if not batch["captions"]:  # none of the first validation images could be decoded
             return
         images = batch["image"].to(self.info.device)
-        recon, _ = self.parts.ema.model(images, self._text_for(batch, 0, train=False))
+        recon, _ = self.ema.model(images, self._text_for(batch, 0, train=False))
         if not write:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,12 +218,6 @@ class TokenizerTask(Task):
     # ---- the record --------------------------------------------------------------------------------
     def checkpoint_meta(self, step: int) -> dict[str, Any]:
         return {**super().checkpoint_meta(step), "data_position": self.source.position(step * self.cfg.grad_accum)}
-
-    def save_final(self, final: Path, step: int) -> None:
-        model = fsdp.final_model(self.parts.ema, self.info, self.cfg.fsdp,
-                                 lambda: build_tokenizer(self.model_type, self.model_config))
-        if model is not None:  # the main rank
-            model.save_pretrained(final, extra={"train_step": step})
 
 
 # ---- the parts -----------------------------------------------------------------------------------------
@@ -246,7 +233,8 @@ def discriminator_config(name: str, image_size: int) -> DiscriminatorConfig:
 
 @dataclasses.dataclass
 class Components:
-    """Everything the loop trains, so it can be checkpointed and restored in one place."""
+    """A tokenizer training step's parts outside the loop (benchmarks, tests): the model with its EMA and optimizer,
+    and the discriminator with LeCAM and its optimizer when the GAN loss is on."""
 
     model: nn.Module
     ema: EMA
@@ -255,52 +243,48 @@ class Components:
     lecam: LeCAM | None = None
     opt_d: torch.optim.Optimizer | None = None
 
-    def state(self, sharded: DistInfo | None = None) -> dict[str, Any]:
-        """Everything to resume; ``sharded`` (an FSDP run): gathered whole, collectively, keyed as a plain model's."""
-        model, ema, opt_g = fsdp.training_state(self.model, self.ema, self.opt_g, sharded)
-        out = {"model": model, "ema": ema, "opt_g": opt_g, "rng": rng_state()}
-        if self.disc is not None:
-            out.update(disc=self.disc.state_dict(), lecam=self.lecam.state_dict(), opt_d=self.opt_d.state_dict())
-        return out
 
-    def restore(self, state: dict[str, Any], sharded: DistInfo | None = None) -> None:
-        fsdp.restore_training(self.model, self.ema, self.opt_g, (state["model"], state["ema"], state["opt_g"]),
-                              sharded)
-        if self.disc is not None:
-            if "disc" not in state:
-                raise TextokError("the checkpoint has no discriminator but this run uses one; resume with the same loss config")
-            self.disc.load_state_dict(state["disc"])
-            self.lecam.load_state_dict(state["lecam"])
-            self.opt_d.load_state_dict(state["opt_d"])
-        set_rng_state(state["rng"])
-
-
-def build_components(cfg: TrainConfig, model_type: str, model_cfg, device: torch.device) -> tuple[Components, nn.Module | None]:
-    """The tokenizer, its EMA and optimizer, the discriminator + LeCAM + optimizer, and the perceptual net."""
+def build_components(cfg: TrainConfig, model_type: str, model_cfg, device: torch.device
+                     ) -> tuple[Components, nn.Module | None]:
+    """The parts a run of ``cfg`` trains, built in the loop's order, and the perceptual net."""
     model = build_tokenizer(model_type, model_cfg).to(device)
-    parts = Components(model, EMA(model, cfg.ema_decay), adamw(model, cfg.optim))
+    parts = Components(model, EMA(model, cfg.ema_decay), adamw(model, cfg.optim),
+                       *build_discriminator(cfg, model_cfg.image_size, device))
+    return parts, build_perceptual_loss(cfg, device)
+
+
+def build_discriminator(cfg: TrainConfig, image_size: int, device: torch.device
+                        ) -> tuple[nn.Module | None, LeCAM | None, torch.optim.Optimizer | None]:
+    """The discriminator, its LeCAM regulariser and its optimizer when the GAN loss is on, else Nones."""
     adv = cfg.loss.adversarial
-    if adv.weight > 0:
-        parts.disc = Discriminator(discriminator_config(cfg.loss.discriminator, model_cfg.image_size)).to(device)
-        parts.lecam = LeCAM(adv.lecam_decay).to(device)
-        d_wd = cfg.optim.weight_decay if cfg.optim.d_weight_decay is None else cfg.optim.d_weight_decay
-        parts.opt_d = torch.optim.AdamW(parts.disc.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.betas,
-                                        weight_decay=d_wd)
-    perceptual = None
+    if adv.weight <= 0:
+        return None, None, None
+    disc = Discriminator(discriminator_config(cfg.loss.discriminator, image_size)).to(device)
+    d_wd = cfg.optim.weight_decay if cfg.optim.d_weight_decay is None else cfg.optim.d_weight_decay
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.d_lr, betas=cfg.optim.betas, weight_decay=d_wd)
+    return _prepare_net(cfg, disc), LeCAM(adv.lecam_decay).to(device), opt_d
+
+
+def build_perceptual_loss(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The perceptual network the recipe names (None when it is off)."""
     name, weight = cfg.loss.resolved_perceptual()
-    if name != "none" and weight > 0:
-        kwargs = ({"size": cfg.loss.perceptual_size or None} if name == "opennsfw"
-                  else {"vgg16_weights": cfg.loss.vgg16_weights or None})
-        perceptual = build_perceptual(name, **kwargs).to(device)
-    for net in (parts.disc, perceptual):
-        if net is not None and cfg.loss.channels_last:
-            net.to(memory_format=torch.channels_last)
-        if net is not None and cfg.loss.compile_nets:
-            net.compile()  # in place: the state dict keeps its keys
-    return parts, perceptual
+    if name == "none" or weight <= 0:
+        return None
+    kwargs = ({"size": cfg.loss.perceptual_size or None} if name == "opennsfw"
+              else {"vgg16_weights": cfg.loss.vgg16_weights or None})
+    return _prepare_net(cfg, build_perceptual(name, **kwargs).to(device))
 
 
-def init_weights(parts: Components, directory: str | Path, model_type: str) -> None:
+def _prepare_net(cfg: TrainConfig, net: nn.Module) -> nn.Module:
+    """The discriminator or the perceptual net in channels_last memory and compiled, as the recipe asks."""
+    if cfg.loss.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if cfg.loss.compile_nets:
+        net.compile()  # in place: the state dict keeps its keys
+    return net
+
+
+def init_weights(model: nn.Module, ema: EMA, directory: str | Path, model_type: str) -> None:
     """Start the model and its EMA from a saved tokenizer of the same type and shape (``init_from``)."""
     if not (Path(directory) / "config.json").is_file():
         raise TextokError(f"init_from={directory}: no saved tokenizer there (config.json is missing); point it at "
@@ -309,8 +293,8 @@ def init_weights(parts: Components, directory: str | Path, model_type: str) -> N
     if saved_type != model_type:
         raise TextokError(f"init_from={directory} holds a {saved_type!r} model but this run trains a {model_type!r}; "
                           "start from a tokenizer of the same kind")
-    parts.model.load_weights(directory)  # names the config fields that differ when shapes do not match
-    parts.ema.model.load_state_dict(parts.model.state_dict())
+    model.load_weights(directory)  # names the config fields that differ when shapes do not match
+    ema.model.load_state_dict(model.state_dict())
 
 # ---- the losses (shared with benchmarks/train_step.py) ----------------------------------------------
 def tokenizer_losses(model: nn.Module, images: torch.Tensor, text, wrong_text=None,
@@ -397,5 +381,5 @@ def dropped_rows(batch: int, p: float, seed: int, step: int, micro: int, rank: i
     return torch.rand(batch, generator=g) < p
 
 
-__all__ = ["Components", "TokenizerTask", "build_components", "discriminator_config", "discriminator_losses",
+__all__ = ["Components", "TokenizerTask", "build_components", "build_discriminator", "build_perceptual_loss", "discriminator_config", "discriminator_losses",
            "dropped_rows", "frozen", "generator_losses", "init_weights", "tokenizer_losses", "train_tokenizer"]
