@@ -12,17 +12,31 @@ Every model takes its own small config dataclass (``XConfig.preset(name)``, ``.o
 tokenizers and DiT/MaskGIT save and load themselves (``save_pretrained`` / ``from_pretrained``).
 """
 
-from .config import Config
-from .errors import TextokError
-from .models.dit import DiT, DiTConfig
-from .models.imagefolder import ImageFolder, ImageFolderConfig
-from .models.maskgit import MaskGIT, MaskGITConfig
-from .models.registry import load_generator, load_tokenizer
-from .models.textok import TexTok, TexTokConfig
-from .models.titok import TiTok, TiTokConfig
-from .models.var import VAR, VARConfig
-from .text.embeddings import TextEmbeddings
+import importlib
+
 from .version import __version__
+
+# The public names and the modules that define them, imported on first use (PEP 562), so that `import textok`
+# (and `textok --help`) does not load torch and every model.
+_EXPORTS = {"Config": ".config", "TextokError": ".errors", "DiT": ".models.dit", "DiTConfig": ".models.dit",
+            "ImageFolder": ".models.imagefolder", "ImageFolderConfig": ".models.imagefolder",
+            "MaskGIT": ".models.maskgit", "MaskGITConfig": ".models.maskgit", "load_generator": ".models.registry",
+            "load_tokenizer": ".models.registry", "TexTok": ".models.textok", "TexTokConfig": ".models.textok",
+            "TiTok": ".models.titok", "TiTokConfig": ".models.titok", "VAR": ".models.var", "VARConfig": ".models.var",
+            "TextEmbeddings": ".text.embeddings"}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'textok' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = ["Config", "DiT", "DiTConfig", "ImageFolder", "ImageFolderConfig", "MaskGIT", "MaskGITConfig", "TexTok",
            "TexTokConfig", "TextEmbeddings", "TextokError", "TiTok", "TiTokConfig", "VAR", "VARConfig", "__version__",

@@ -1,8 +1,9 @@
 """The ``textok`` command: the table of verbs, and how one runs.
 
 Each verb is a thin layer over the library or an application: the module that holds it adds its arguments and
-runs it (parse, call one function, print a table). This file sits on top: it imports those modules and nothing
-in textok imports it; a new verb is one row of :data:`VERBS`. Errors the user can fix (``TextokError``, and
+runs it (parse, call one function, print a table). This file sits on top: nothing in textok imports it, and a
+new verb is one row of :data:`VERBS`, which names the verb's module and functions rather than importing them:
+``textok --help`` lists the verbs without loading torch, and a run imports only its own verb's module. Errors the user can fix (``TextokError``, and
 what the file system refuses) are printed as one line and exit with status 2; Ctrl-C and SIGTERM exit with 130
 and 143.
 """
@@ -10,72 +11,89 @@ and 143.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
-from .apps.demos import commands as demos
-from .apps.serve import commands as serve
-from .apps.study import commands as study
-from .commands import bench, caption, convert, data, evaluation, generate, models, train
 from .errors import Interrupted, TextokError
 from .io import target_of
 
 
 class Verb(NamedTuple):
     help: str
-    add_args: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
+    module: str  # the module that holds the verb, imported when the verb is parsed
+    add_args: str  # its function (argparse.ArgumentParser) -> None that adds the verb's arguments
+    run: str  # its function (argparse.Namespace) -> int | None that runs it
+
+    def function(self, name: str):
+        return getattr(importlib.import_module(self.module), name)
+
+
+DEMOS, SERVE, STUDY = "textok.apps.demos.commands", "textok.apps.serve.commands", "textok.apps.study.commands"
 
 
 VERBS: dict[str, Verb] = {
     "demo": Verb("the main job: train TexTok and the no-text baseline on the embedded scenes and compare them",
-                 demos.demo_args, demos.cmd_demo),
+                 DEMOS, "demo_args", "cmd_demo"),
     "demo-gen": Verb("class-conditional generation demo: latents of the scenes -> a small DiT -> samples per class",
-                     demos.demo_gen_args, demos.cmd_demo_gen),
+                     DEMOS, "demo_gen_args", "cmd_demo_gen"),
     "demo-titok": Verb("TiTok baseline demo: a small VQ tokenizer + MaskGIT on the scenes, samples per class",
-                       demos.demo_titok_args, demos.cmd_demo_titok),
+                       DEMOS, "demo_titok_args", "cmd_demo_titok"),
     "demo-imagefolder": Verb("ImageFolder demo: a tiny product-quantized multi-scale tokenizer + its folded VAR on the "
                              "scenes, reconstructions per scale prefix, samples per class",
-                             demos.demo_imagefolder_args, demos.cmd_demo_imagefolder),
-    "info": Verb("show the presets, or a parameter table per part of one preset", models.info_args, models.cmd_info),
+                             DEMOS, "demo_imagefolder_args", "cmd_demo_imagefolder"),
+    "info": Verb("show the presets, or a parameter table per part of one preset", "textok.commands.models", "info_args",
+                 "cmd_info"),
     "convert": Verb("convert a published checkpoint (TiTok, ...) into a textok model directory that every verb loads",
-                    convert.convert_args, convert.cmd_convert),
+                    "textok.commands.convert", "convert_args", "cmd_convert"),
     "train-tokenizer": Verb("train (or resume) a tokenizer; final EMA weights go to OUT/final",
-                            train.train_tokenizer_args, train.cmd_train_tokenizer),
-    "reconstruct": Verb("encode and decode images with a trained tokenizer", models.reconstruct_args,
-                        models.cmd_reconstruct),
+                            "textok.commands.train", "train_tokenizer_args", "cmd_train_tokenizer"),
+    "reconstruct": Verb("encode and decode images with a trained tokenizer", "textok.commands.models", "reconstruct_args",
+                        "cmd_reconstruct"),
     "eval": Verb("evaluate a tokenizer's reconstructions or generated samples (PSNR/SSIM/LPIPS/rFID, gFID/IS, "
-                 "FD-opennsfw)", evaluation.eval_args, evaluation.cmd_eval),
+                 "FD-opennsfw)", "textok.commands.evaluation", "eval_args", "cmd_eval"),
     "extract-latents": Verb("encode a dataset once with a tokenizer, for generator training",
-                            generate.extract_latents_args, generate.cmd_extract_latents),
+                            "textok.commands.generate", "extract_latents_args", "cmd_extract_latents"),
     "train-generator": Verb("train (or resume) a DiT, MaskGIT or VAR on extracted latents; EMA weights go to OUT/final",
-                            train.train_generator_args, train.cmd_train_generator),
+                            "textok.commands.train", "train_generator_args", "cmd_train_generator"),
     "sample": Verb("draw samples from a trained generator and decode them with its tokenizer (--npz under "
-                   "torchrun: the processes share the work)", generate.sample_args, generate.cmd_sample),
+                   "torchrun: the processes share the work)", "textok.commands.generate", "sample_args", "cmd_sample"),
     "study": Verb("TexTok vs the no-text baseline over token counts and text modes: trains a grid, reports the "
-                  "claims", study.study_args, study.cmd_study),
+                  "claims", STUDY, "study_args", "cmd_study"),
     "caption": Verb("caption an image folder or tar with a local vision-language model (BLIP, LLaVA) into captions.jsonl "
-                    "(resumable; under torchrun the processes share the work)", caption.caption_args, caption.cmd_caption),
+                    "(resumable; under torchrun the processes share the work)", "textok.commands.caption",
+                    "caption_args", "cmd_caption"),
     "make-shards": Verb("convert an image folder / tar + captions into webdataset shards for streaming training",
-                        data.make_shards_args, data.cmd_make_shards),
+                        "textok.commands.data", "make_shards_args", "cmd_make_shards"),
     "encode-captions": Verb("encode every caption of a data set once into the memory-mapped text-state store",
-                            data.encode_captions_args, data.cmd_encode_captions),
+                            "textok.commands.data", "encode_captions_args", "cmd_encode_captions"),
     "serve": Verb("a local web page: reconstructions with and without text, caption swaps, token pictures, samples",
-                  serve.serve_args, serve.cmd_serve),
+                  SERVE, "serve_args", "cmd_serve"),
     "bench": Verb("run a benchmark of the source checkout (prints a table, writes JSON to benchmarks/results/)",
-                  bench.bench_args, bench.cmd_bench),
+                  "textok.commands.bench", "bench_args", "cmd_bench"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; the ``verbs`` named (default: all) get their arguments, which imports their modules."""
     parser = argparse.ArgumentParser(prog="textok", description="Text-conditioned image tokenization and generation.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    wanted = set(VERBS if verbs is None else verbs)
     for name, verb in VERBS.items():
-        verb.add_args(sub.add_parser(name, help=verb.help, description=verb.help))
+        verb_parser = sub.add_parser(name, help=verb.help, description=verb.help)
+        if name in wanted:
+            verb.function(verb.add_args)(verb_parser)
     return parser
+
+
+def _verb_of(argv: list[str]) -> list[str]:
+    """The verb a command line runs (the first word that names one; none for ``textok --help``), as the list
+    :func:`build_parser` takes."""
+    return next(([word] for word in argv if word in VERBS), [])
 
 
 def _raise_interrupted(signum, frame) -> None:  # noqa: ANN001
@@ -86,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one verb. Exit status: 0 done, 2 an error stated in one line, 130 / 143 interrupted by Ctrl-C /
     SIGTERM (a training run saves a checkpoint first)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_verb_of(argv))
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (argparse only takes the first run of positionals)
     if extra and isinstance(getattr(args, "overrides", None), list) and all(
@@ -106,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread
         previous = None
     try:
-        result = VERBS[args.verb].run(args)
+        verb = VERBS[args.verb]
+        result = verb.function(verb.run)(args)
         return int(result or 0)
     except TextokError as err:
         print(f"textok {args.verb}: error: {err}", file=sys.stderr)
