@@ -20,7 +20,6 @@ from textok.train.tokenizer import (build_components, discriminator_config, disc
 
 from conftest import random_text
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 BASE = ["batch_size=4", "data.train_size=24", "data.val_size=4", "data.captions_per_image=2", "log_every=1",
         "sample_every=0", "optim.warmup_steps=2", "optim.lr=1e-3", "loss.perceptual=none",
@@ -36,6 +35,7 @@ def _parts(*overrides: str):
     return cfg, parts, perceptual, images, random_text(4)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_generator_pass_writes_no_gradient_into_the_discriminator() -> None:
     cfg, parts, perceptual, images, text = _parts("loss.adversarial.weight=0.5")
     recon, terms, _ = generator_losses(LossForward(parts.model, tokenizer_losses), parts.disc, perceptual, images, text, cfg)
@@ -83,6 +83,7 @@ def test_default_discriminator_learns_at_the_recipe_lr() -> None:
     assert end_equalized > 2 * end, (end, end_equalized)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_adaptive_weight_changes_the_gan_term_and_is_logged() -> None:
     cfg, parts, perceptual, images, text = _parts("loss.adversarial.weight=0.5", "loss.adversarial.adaptive=true")
     _, terms, extra = generator_losses(LossForward(parts.model, tokenizer_losses), parts.disc, perceptual, images, text, cfg,
@@ -96,6 +97,7 @@ def test_adaptive_weight_changes_the_gan_term_and_is_logged() -> None:
         generator_losses(LossForward(parts.model, tokenizer_losses), parts.disc, perceptual, images, text, cfg)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_r1_penalty_is_added_on_its_schedule() -> None:
     cfg, parts, _, images, _ = _parts("loss.adversarial.weight=0.5", "loss.adversarial.r1_weight=2.0",
                                       "loss.adversarial.r1_every=4")

@@ -19,7 +19,6 @@ from textok.diffusion import (
 from textok.errors import ConfigError
 from textok.models.dit import DiT, DiTConfig
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 MU, S = 0.5, 0.3  # toy data distribution N(MU, S^2) per coordinate
 
@@ -43,6 +42,7 @@ def _optimal_velocity(x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
     return t / var * r - (MU + (1 - t) * S * S / var * r)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_linear_schedule_matches_dit() -> None:
     d = create_diffusion("dit")
     assert d.num_timesteps == 1000
@@ -52,6 +52,7 @@ def test_linear_schedule_matches_dit() -> None:
     assert float(ac[-1]) == pytest.approx(math.prod(1 - b for b in d.betas.tolist()), rel=1e-9)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_q_sample_moments() -> None:
     d = create_diffusion("dit")
     x0 = torch.full((4000, 4, 2), 1.5)
@@ -62,6 +63,7 @@ def test_q_sample_moments() -> None:
     assert xt.var().item() == pytest.approx(1 - ac, rel=0.03)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_respacing_steps_and_betas() -> None:
     assert space_timesteps(1000, 250)[:2] == [0, 4] and len(space_timesteps(1000, "250")) == 250
     assert space_timesteps(1000, "250")[-1] == 999
@@ -87,6 +89,7 @@ def test_respacing_steps_and_betas() -> None:
     assert seen == space_timesteps(1000, 25)[::-1]
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_samplers_recover_a_gaussian_with_the_exact_model() -> None:
     noise = torch.randn(1000, 4, 2, generator=torch.Generator().manual_seed(0))
     d = create_diffusion(DiffusionConfig(learn_sigma=False))
@@ -105,6 +108,7 @@ def test_samplers_recover_a_gaussian_with_the_exact_model() -> None:
     assert (z - (MU + S * noise)).abs().max().item() < 0.02
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_ddim_eta0_is_deterministic() -> None:
     cfg = DiTConfig.preset("dit-tiny")
     model = DiT(cfg).eval()
@@ -141,6 +145,7 @@ def test_guidance_reaches_plain_callables_as_an_argument() -> None:
     assert scales == [4.0] * 3 + [1.0] * 2
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_likelihood_terms() -> None:
     m = torch.tensor([0.3, -0.2])
     assert normal_kl(m, torch.zeros(2), m, torch.zeros(2)).abs().max() < 1e-7
@@ -195,6 +200,7 @@ def _train(diffusion: GaussianDiffusion | FlowMatching, learn_sigma: bool, steps
     return before, evaluate()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_diffusion_loss_falls_on_a_toy_set(one_thread) -> None:
     before, after = _train(create_diffusion("dit"), learn_sigma=True)
     assert before == pytest.approx(1.0, abs=0.15)  # the zero-initialised model predicts ε = 0

@@ -10,8 +10,6 @@ from numerics import assert_same_maths, rounding_tolerance
 from textok.errors import ConfigError
 from textok.models.dit import DiT, DiTConfig
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
     """Perturb every parameter so zero-initialised layers (adaLN-zero, output) stop hiding the inputs."""
@@ -44,6 +42,7 @@ def test_presets_and_output_shapes() -> None:
 PAPER = {"dit-s": (33, 6.06), "dit-b": (130, 23.01), "dit-l": (458, 80.71), "dit-xl": (675, 118.64)}
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_sizes_match_dit_paper(name: str) -> None:
     params_m, gmacs = PAPER[name]
@@ -58,6 +57,7 @@ def test_sizes_match_dit_paper(name: str) -> None:
     assert model.estimate_mfu(ips, training=True) == pytest.approx(3 * model.estimate_mfu(ips))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_adaln_zero_blocks_are_identity_at_init() -> None:
     cfg = DiTConfig.preset("dit-tiny").override({"text_dim": 24})
     model = DiT(cfg).eval()
@@ -76,6 +76,7 @@ def test_adaln_zero_blocks_are_identity_at_init() -> None:
     assert torch.count_nonzero(out) == 0  # zero-initialised final layer
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_guidance_scale_one_is_conditional_and_all_channels_are_guided() -> None:
     # float64: forward_with_cfg runs cond and uncond as one batch of 2B, compared here with separate batches of B
     cfg = DiTConfig.preset("dit-tiny")
@@ -95,6 +96,7 @@ def test_guidance_scale_one_is_conditional_and_all_channels_are_guided() -> None
     assert_same_maths(guided[..., C:], cond[..., C:], what="sigma")  # σ from the cond half
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_text_padding_does_not_change_the_output() -> None:
     # float64: the padded, trimmed and text-free forwards attend over keys of different lengths
     cfg = DiTConfig.preset("dit-tiny").override({"num_classes": 0, "text_dim": 32})
@@ -118,6 +120,7 @@ def test_text_padding_does_not_change_the_output() -> None:
     assert_same_maths(model(x, t, text=text, text_mask=empty), model(x, t), what="empty caption vs no text")
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_text_cfg_uses_null_text_in_one_batch() -> None:
     cfg = DiTConfig.preset("dit-tiny-t2i").override({"text_dim": 16})
     model = DiT(cfg).eval().double()
@@ -135,6 +138,7 @@ def test_text_cfg_uses_null_text_in_one_batch() -> None:
     assert_same_maths(guided[..., :C], uncond[..., :C] + 2.5 * (cond[..., :C] - uncond[..., :C]), what="guided eps")
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_label_dropout_only_while_training() -> None:
     cfg = DiTConfig.preset("dit-tiny").override({"class_dropout": 0.5})
     model = DiT(cfg).double()

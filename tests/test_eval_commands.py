@@ -21,8 +21,6 @@ from textok.eval.fid import GaussianStats, frechet_distance
 from textok.eval.generation import evaluate_samples, iter_image_dir, iter_npz, iter_samples
 from textok.eval.reconstruction import evaluate_tokenizer, reconstruct_batches
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
 
 # ----------------------------------------------------------------------------------------------- helpers
 class Identity(nn.Module):
@@ -102,6 +100,7 @@ def fake_inception(tmp_path_factory) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- datasets
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_build_dataset_scenes_and_caption_limit() -> None:
     d = build_dataset("scenes", "val", 16, size=5)
     assert isinstance(d, CaptionedScenes) and len(d) == 5 and d[0]["image"].shape == (3, 16, 16)
@@ -153,6 +152,7 @@ def test_cli_reconstruction_tiny_model(tiny_model_dir: Path, tmp_path: Path, cap
     assert "FD-opennsfw@32" in printed and "skipped rFID" in printed
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_identity_tokenizer_is_perfect() -> None:
     data = CaptionedScenes(16, "val", size=10)
     res = evaluate_tokenizer(Identity(), data, num=10, batch_size=4, fd_size=32, progress=False)
@@ -161,6 +161,7 @@ def test_identity_tokenizer_is_perfect() -> None:
     assert abs(res["FD-opennsfw@32"]) < 1e-6
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_first_caption_and_streaming_equals_all_at_once() -> None:
     data = CaptionedScenes(16, "val", size=12)
     toy_small, toy_big = Toy(6), Toy(32)  # 12 > 6 dims: sqrtm route; 12 < 32: low-rank route
@@ -209,6 +210,7 @@ def test_missing_inception_weights_is_one_line_exit_2(tiny_model_dir: Path, tmp_
 
 
 # ----------------------------------------------------------------------------------------------- generation
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_cli_generation_npz_vs_dataset_then_saved_stats(tmp_path: Path) -> None:
     imgs = scenes_images(12)
     np.savez(tmp_path / "samples.npz", to_uint8_nhwc(imgs))  # uint8 NHWC, like ADM/DiT
@@ -245,6 +247,7 @@ def test_reference_stats_of_another_network_are_refused(tmp_path: Path, capsys) 
         evaluate_samples(str(tmp_path / "s.npz"), str(tmp_path / "other.npz"), fd_size=32, progress=False)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_sample_readers_convert_modes_and_sizes(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -281,6 +284,7 @@ def test_gfid_and_is_with_inception_weights(tmp_path: Path, fake_inception: Path
     assert "FD-opennsfw" not in res and not res["skipped"]
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_lpips_with_vgg_weights_and_undecodable_images(tmp_path: Path) -> None:
     import importlib.util
 

@@ -34,8 +34,6 @@ skimage = pytest.importorskip("skimage")
 from skimage import data as skdata  # noqa: E402
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity  # noqa: E402
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
 
 # ----------------------------------------------------------------------------- Fréchet distance
 
@@ -54,6 +52,7 @@ def _fd_by_eigenvalues(mu1, s1, mu2, s2) -> float:
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(lam, 0, None))))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_frechet_distance_matches_direct_computation() -> None:
     rng = np.random.default_rng(0)
     for d in (1, 8, 64):
@@ -82,6 +81,7 @@ def test_frechet_distance_singular_covariances_stay_finite() -> None:
     assert np.isfinite(fd) and fd > 0
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_streaming_stats_equal_all_at_once() -> None:
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(257, 16)) * 3.0 + 1e4  # large mean: checks the accumulation keeps precision
@@ -107,6 +107,7 @@ def test_fewer_than_two_samples_refused() -> None:
         st.to_gaussian()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_npz_round_trip_and_reference_batch_formats(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     st = FeatureStats(feature="inception")
@@ -138,6 +139,7 @@ def test_npz_round_trip_and_reference_batch_formats(tmp_path: Path) -> None:
         frechet_distance_stats(g, other)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_fd_between_lowrank_routes_match_sqrtm() -> None:
     rng = np.random.default_rng(0)
     xa = rng.normal(size=(9, 16)) @ rng.normal(size=(16, 16))
@@ -181,6 +183,7 @@ def _is_reference(logits: np.ndarray, splits: int) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_inception_score_hand_made_cases() -> None:
     mean, std = inception_score(np.zeros((100, 1008)))  # uniform predictions: IS = 1
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
@@ -212,6 +215,7 @@ class _PoolFeatures(nn.Module):
         return nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_compute_stats_streams_and_names_metric() -> None:
     g = torch.Generator().manual_seed(5)
     images = torch.rand(23, 3, 16, 16, generator=g) * 2 - 1
@@ -261,6 +265,7 @@ def _t(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(img).permute(2, 0, 1)[None]
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
 def test_psnr_ssim_match_skimage_on_photos(name: str) -> None:
     rng = np.random.default_rng(6)
@@ -280,6 +285,7 @@ def test_psnr_ssim_match_skimage_on_photos(name: str) -> None:
         assert float(psnr(ref_pm, dist_pm, data_range=2.0)[0]) == pytest.approx(want_psnr, rel=1e-9)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_ssim_batched_float32_and_uint8_scale() -> None:
     rng = np.random.default_rng(7)
     ref = _photo("astronaut")[::2, ::2]
@@ -299,6 +305,7 @@ def test_ssim_batched_float32_and_uint8_scale() -> None:
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_to_rgb_converts_or_refuses() -> None:
     gray = torch.rand(2, 1, 5, 5)
     rgb = to_rgb(gray)
@@ -357,6 +364,7 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_clip_score_against_clip_forward(tiny_clip_dir: Path) -> None:
     from transformers import CLIPModel
 
@@ -386,6 +394,7 @@ def test_clip_score_against_clip_forward(tiny_clip_dir: Path) -> None:
         scorer.raw_scores(images, texts[:3])
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_clip_preprocess_and_missing_model(tiny_clip_dir: Path, tmp_path: Path) -> None:
     from textok.eval import ClipScorer
 

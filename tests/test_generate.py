@@ -20,7 +20,6 @@ from textok.models.titok import TiTok, TiTokConfig
 from textok.train.config import load_generator_config
 from textok.train.generator import train_generator
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 NO_TEXT = ["text_in_encoder=false", "text_in_decoder=false"]
 SMALL_DIT = ["model.width=32", "model.depth=1", "model.heads=2", "batch_size=8", "log_every=1",
@@ -49,6 +48,7 @@ def pipeline(tmp_path_factory):
     return root
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_extracted_latents_match_the_tokenizer(pipeline):
     meta = json.loads((pipeline / "lat/meta.json").read_text())
     assert (meta["count"], meta["num_tokens"], meta["channels"], meta["discrete"]) == (32, 4, 4, False)
@@ -127,6 +127,7 @@ def test_sample_refuses_bad_requests(pipeline, tmp_path, capsys):
     assert "(4, 4)" in err and "(8, 4)" in err
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_resume_is_bit_exact(pipeline, tmp_path):
     """2N steps in one run == N steps, stop, then the same command resumed to 2N."""
     lat = str(pipeline / "lat")
@@ -289,6 +290,7 @@ def test_maskgit_sampling_defaults_come_from_the_saved_generator(tmp_path, monke
     assert len(calls) == 64 and all(b == 4 for b in calls[1:])  # S-128's 64 steps, guided after the first
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.filterwarnings("ignore:a caption has")
 def test_text_tokenizer_and_text_to_image(tiny_t5_dir, tmp_path):
     """A text tokenizer: latents encoded with the first caption; class samples decode with bank captions;

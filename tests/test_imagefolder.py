@@ -17,8 +17,7 @@ from textok.models.imagefolder import ImageFolder, ImageFolderConfig, symmetric_
 from textok.models.registry import load_tokenizer, resolve_tokenizer_config
 from textok.models.dinov2 import load_dinov2, resample_patch_kernel
 
-pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(*overrides: str, seed: int = 0) -> ImageFolder:
@@ -69,6 +68,7 @@ def tiny_dinov2(tmp_path_factory):
     return path, hf
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_dinov2_loader_matches_a_reference_implementation(tiny_dinov2):
     path, hf = tiny_dinov2
     net = load_dinov2(path, patch_size=None, image_size=56)
@@ -81,6 +81,7 @@ def test_dinov2_loader_matches_a_reference_implementation(tiny_dinov2):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_dinov2_patch_resample_and_position_grid(tiny_dinov2):
     path, _ = tiny_dinov2
     w = torch.randn(5, 3, 14, 14, dtype=torch.float64)
@@ -152,6 +153,7 @@ def test_scale_schedule_must_end_at_k():
 
 
 # ---- codes and rebuilds ---------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_codes_per_branch_and_scale_and_prefix_rebuilds():
     model = tiny().eval()
     x = images()
@@ -185,6 +187,7 @@ def test_single_branch_variant_works():
     assert "metric/usage_b0_s2" in terms and "metric/usage_b1_s0" not in terms
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_branch_tokens_have_2d_positions_and_branch_embeddings():
     model = tiny()
     enc = model.encoder
@@ -207,6 +210,7 @@ def test_training_losses_terms_and_usage_metrics():
     assert terms["quantizer"].requires_grad and not terms["metric/codebook_usage"].requires_grad
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_info_nce_by_hand_and_excluded_rows():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     b = torch.tensor([[1.0, 0.2], [0.1, 1.0], [-1.0, 0.3]])
@@ -223,6 +227,7 @@ def test_info_nce_by_hand_and_excluded_rows():
     assert float(symmetric_info_nce(a, b, torch.zeros(3, dtype=torch.bool), s)) == 0.0
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.parametrize("which", ["last", "all"])
 def test_semantic_gradient_reaches_only_its_branch_and_never_the_teacher(tiny_dinov2, which):
     path, _ = tiny_dinov2
@@ -246,6 +251,7 @@ def test_semantic_gradient_reaches_only_its_branch_and_never_the_teacher(tiny_di
     assert not any(k.startswith("_teacher") or "teacher." in k for k in model.state_dict())
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_semantic_loss_leaves_out_the_dropped_rows(tiny_dinov2):
     path, _ = tiny_dinov2
     model = tiny(f"semantic_teacher=dinov2:{path}", "semantic_dim=64", "teacher_size=32", "quantizer.dropout=0.5")
@@ -261,6 +267,7 @@ def test_semantic_loss_leaves_out_the_dropped_rows(tiny_dinov2):
     assert math.isclose(float(terms["metric/dropped_rows"]), float((keep < 3).float().mean()), rel_tol=1e-6)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_opennsfw_teacher_and_loading_it_leaves_the_rng_alone():
     model = tiny("semantic_teacher=opennsfw", "teacher_size=32")
     assert model.config.teacher_dim == 1024 and model.semantic_proj.in_features == 1024
@@ -281,6 +288,7 @@ def test_wrong_teacher_width_is_a_clear_error(tiny_dinov2):
 
 
 # ---- text, save / load, the training loop ---------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_text_is_off_by_default_and_a_switch():
     model = tiny()
     x = images()
@@ -293,6 +301,7 @@ def test_text_is_off_by_default_and_a_switch():
         with_text(x)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_save_load_round_trip(tmp_path, tiny_dinov2):
     path, _ = tiny_dinov2
     model = tiny(f"semantic_teacher=dinov2:{path}", "semantic_dim=64", "teacher_size=32").eval()
@@ -330,6 +339,7 @@ def test_tokenizer_training_loop_trains_imagefolder(tmp_path):
     assert (tmp_path / "run" / "samples" / "step-0000003.png").is_file()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_resume_is_exact_with_dropout_and_a_lazily_loaded_teacher(tmp_path, tiny_dinov2):
     """4 steps in one run == 2 steps, stop, resume to 4: quantizer dropout draws from the checkpointed RNG, and
     loading the teacher at a different step does not shift it."""

@@ -19,7 +19,6 @@ from textok.nets.inception import (
     load_fid_inception,
 )
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 FIXTURE = Path(__file__).parent / "fixtures" / "inception_keys.txt"
 
@@ -67,6 +66,7 @@ def test_state_dict_keys_and_shapes_match_reference_layout(net: FIDInceptionV3) 
     assert params == 23_850_960  # sum over the fixture's weights and biases (Inception-v3, 1008-way fc)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_features_deterministic_and_batch_independent(net: FIDInceptionV3) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.rand(3, 3, 75, 75, generator=g) * 2 - 1
@@ -88,6 +88,7 @@ def test_features_deterministic_and_batch_independent(net: FIDInceptionV3) -> No
         torch.testing.assert_close(other(x).pool, a.pool)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_resize_to_299_is_bilinear_like_pytorch_fid(net: FIDInceptionV3) -> None:
     resizing = FIDInceptionV3(resize_input=True)
     resizing.load_state_dict(net.state_dict())
@@ -112,6 +113,7 @@ def test_missing_weights_error_names_file_hash_and_fix(monkeypatch: pytest.Monke
         load_fid_inception()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_loads_strictly_and_marks_real_weights(net: FIDInceptionV3, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     state = {k: v.clone() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}

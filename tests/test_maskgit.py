@@ -15,8 +15,7 @@ from textok.errors import ConfigError, TextokError
 from textok.models.maskgit import MaskGIT, MaskGITConfig, masked_counts
 from textok.models.vit import ViTConfig
 
-pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(n: int = 16, k: int = 32, c: int = 2, **kw) -> MaskGIT:
@@ -36,6 +35,7 @@ def test_masked_counts_follow_cosine_formula():
     assert masked_counts(n, steps, "arccos") == arccos
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_generate_follows_schedule_and_ends_unmasked():
     m = tiny(n=32, k=64, c=3).eval()
     seen: list[list[int]] = []
@@ -60,6 +60,7 @@ def test_generate_with_more_steps_than_tokens_and_guidance_runs_in_range():
 
 
 # ---- guidance ---------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_guidance_scale_one_is_conditional_and_batched_cfg_matches_separate_passes():
     m = tiny().eval().double()  # the batched cond + uncond forward (2B rows) is compared with separate passes
     g = torch.Generator().manual_seed(1)
@@ -76,6 +77,7 @@ def test_guidance_scale_one_is_conditional_and_batched_cfg_matches_separate_pass
 
 
 # ---- training loss ----------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_loss_only_uses_masked_positions_when_unmasked_weight_is_zero():
     m = tiny(class_dropout=0.0, unmasked_loss_weight=0.0, label_smoothing=0.0)
     codes = torch.randint(0, 32, (6, 16), generator=torch.Generator().manual_seed(2))
@@ -142,6 +144,7 @@ def test_confidence_ranks_raw_logits_not_log_probabilities():
     assert lp[0, 0, 3] < lp[0, 1, 6]  # a log-probability ranking would have re-masked position 0 instead
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_mask_ratio_distribution_and_counts():
     m = tiny(n=32, k=16, mask_schedule="cosine")
     codes = torch.zeros(20000, 32, dtype=torch.long)
@@ -237,6 +240,7 @@ def test_bad_inputs_raise_one_line_errors():
         MaskGITConfig(mask_schedule="linear")
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_presets_parameter_count_and_flops():
     assert {"maskgit-tiny", "maskgit-b"} <= set(MaskGITConfig.presets())
     cfg = MaskGITConfig.preset("maskgit-b")
@@ -256,6 +260,7 @@ def test_presets_parameter_count_and_flops():
     assert logits.shape == (2, 32, 256)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_maskgit_runs_start_from_titoks_optimiser() -> None:
     from textok.train.config import kind_optim, load_generator_config
 

@@ -17,7 +17,6 @@ from textok.losses.perceptual import LPIPS, OpenNSFWPerceptual, build_perceptual
 from textok.nets.opennsfw import OpenNSFW, default_onnx_path
 from textok.nets.vgg import VGG16Features
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 # torchvision vgg16 (cfg "D") features: (index, out channels, in channels) of each 3x3 conv.
 VGG16_CONVS = [(0, 64, 3), (2, 64, 64), (5, 128, 64), (7, 128, 128), (10, 256, 128), (12, 256, 256),
@@ -47,6 +46,7 @@ def test_vgg_keys_match_torchvision_layout():
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_vgg_loads_torchvision_file_strictly(tmp_path, monkeypatch):
     sd = _torchvision_like_state_dict()
     full = tmp_path / "vgg16-397923af.pth"
@@ -127,6 +127,7 @@ def lpips_random(tmp_path_factory):
     return LPIPS(vgg16_weights=path), sd
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_lpips_heads_from_wheel_nonnegative(lpips_random):
     model, _ = lpips_random
     heads = _wheel_heads()
@@ -135,6 +136,7 @@ def test_lpips_heads_from_wheel_nonnegative(lpips_random):
         assert (lin.weight >= 0).all()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_lpips_matches_reference_recomputation(lpips_random):
     model, sd = lpips_random
     g = torch.Generator().manual_seed(3)
@@ -148,6 +150,7 @@ def test_lpips_matches_reference_recomputation(lpips_random):
     assert_same_maths(torch.stack(model.per_layer(x, y)).sum(0), ours, what="sum of the layers")
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_lpips_distance_properties(lpips_random):
     model, _ = lpips_random
     g = torch.Generator().manual_seed(4)
@@ -191,6 +194,7 @@ def _package_batch() -> np.ndarray:
                      preprocess(Image.fromarray(data.chelsea()))]).astype(np.float32)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_opennsfw_matches_onnxruntime(nsfw):
     import onnx
     import onnxruntime as ort
@@ -209,6 +213,7 @@ def test_opennsfw_matches_onnxruntime(nsfw):
                                                     (512, 14, 14), (1024, 7, 7)]
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_opennsfw_preprocess_is_caffe_bgr_minus_mean(nsfw):
     from skimage import data
 
@@ -220,6 +225,7 @@ def test_opennsfw_preprocess_is_caffe_bgr_minus_mean(nsfw):
     assert tuple(nsfw.preprocess(torch.zeros(1, 3, 64, 48)).shape) == (1, 3, 224, 224)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_opennsfw_feature_extractor_api(nsfw):
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -231,6 +237,7 @@ def test_opennsfw_feature_extractor_api(nsfw):
     assert not any(p.requires_grad for p in nsfw.parameters())
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_opennsfw_perceptual_properties_and_gradients():
     loss = build_perceptual("opennsfw", size=64)  # 64 px keeps the test fast; the default is 224
     assert isinstance(loss, OpenNSFWPerceptual) and loss.net.size == 64

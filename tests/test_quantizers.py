@@ -16,8 +16,6 @@ from textok.models.quantizers import (
     build_quantizer,
 )
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
 
 def _two_code_vq(l2: bool = False) -> VectorQuantizer:
     vq = VectorQuantizer(num_codes=2, code_dim=2, l2_normalized=l2, beta=0.25)
@@ -26,6 +24,7 @@ def _two_code_vq(l2: bool = False) -> VectorQuantizer:
     return vq
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_two_code_example_by_hand() -> None:
     vq = _two_code_vq()
     z = torch.tensor([[[0.9, 0.2], [0.1, 0.5], [0.6, 0.6]]])  # last one is a tie -> first code (argmin)
@@ -44,6 +43,7 @@ def test_two_code_example_by_hand() -> None:
     assert math.isclose(float(out.metrics["perplexity"]), math.exp(h), rel_tol=1e-5)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_loss_gradients_go_to_the_right_places() -> None:
     vq = _two_code_vq()
     z = torch.tensor([[[0.9, 0.2]]], requires_grad=True)
@@ -61,6 +61,7 @@ def test_loss_gradients_go_to_the_right_places() -> None:
     assert vq.embedding.weight.grad is None or torch.all(vq.embedding.weight.grad == 0)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_straight_through_gradient_is_identity() -> None:
     torch.manual_seed(0)
     vq = VectorQuantizer(num_codes=16, code_dim=4, l2_normalized=False)
@@ -72,6 +73,7 @@ def test_straight_through_gradient_is_identity() -> None:
     assert torch.allclose(out.quantized, vq.codebook()[out.codes])
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_straight_through_with_l2_is_the_normalisation_jacobian() -> None:
     torch.manual_seed(0)
     vq = VectorQuantizer(num_codes=16, code_dim=4, l2_normalized=True)
@@ -83,6 +85,7 @@ def test_straight_through_with_l2_is_the_normalisation_jacobian() -> None:
     assert torch.allclose(z.grad, z2.grad, atol=1e-6)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_codes_are_the_nearest_and_in_range() -> None:
     torch.manual_seed(0)
     vq = VectorQuantizer(num_codes=64, code_dim=8, l2_normalized=True)
@@ -114,6 +117,7 @@ def test_wrong_width_errors() -> None:
         vq(torch.zeros(1, 3, 5))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_dead_code_restart_revives_unused_codes() -> None:
     torch.manual_seed(0)
     vq = VectorQuantizer(num_codes=8, code_dim=2, l2_normalized=False, dead_code_steps=3)
@@ -137,6 +141,7 @@ def test_dead_code_restart_revives_unused_codes() -> None:
     assert float(out.metrics["usage"]) > 1 / 8
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_dead_code_restart_is_deterministic_and_resumable() -> None:
     def run(vq: VectorQuantizer, batches: list[torch.Tensor]) -> None:
         for b in batches:
@@ -159,6 +164,7 @@ def test_dead_code_restart_is_deterministic_and_resumable() -> None:
     assert torch.equal(a.unused_steps, b.unused_steps)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_eval_mode_does_not_touch_state() -> None:
     vq = VectorQuantizer(num_codes=8, code_dim=2, dead_code_steps=1).eval()
     w = vq.embedding.weight.detach().clone()
@@ -168,6 +174,7 @@ def test_eval_mode_does_not_touch_state() -> None:
     assert torch.equal(vq.embedding.weight, w)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_kl_matches_closed_form() -> None:
     g = DiagonalGaussian(latent_dim=2)
     mean = torch.tensor([[[0.5, -1.0]], [[0.0, 2.0]]])  # (B=2, N=1, d=2)
@@ -228,6 +235,7 @@ def _restart_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.slow
 def test_dead_code_restarts_keep_codebooks_identical_across_ranks(tmp_path) -> None:
     import socket
@@ -266,6 +274,7 @@ def _latents(b: int, k: int, c: int, seed: int = 0, branches: int = 1) -> torch.
     return torch.randn(b, branches * k * k, c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_multiscale_forward_equals_rebuild_from_codes() -> None:
     q = _msrq()
     z = _latents(5, 4, 3)
@@ -285,6 +294,7 @@ def test_multiscale_forward_equals_rebuild_from_codes() -> None:
         q.decode_codes(out.codes + 16)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_matching_is_cosine_and_the_lookup_is_the_raw_code() -> None:
     q = _msrq(scales=(1,), num_codes=2, code_dim=2, phi_convs=0)
     with torch.no_grad():
@@ -294,6 +304,7 @@ def test_matching_is_cosine_and_the_lookup_is_the_raw_code() -> None:
     assert torch.allclose(out.quantized, torch.tensor([[[0.0, 0.1]]], dtype=torch.float64))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_teacher_forcing_inputs_are_area_downsampled_cumulative_fhat() -> None:
     q = _msrq()
     z = _latents(3, 4, 3, seed=1)
@@ -308,6 +319,7 @@ def test_teacher_forcing_inputs_are_area_downsampled_cumulative_fhat() -> None:
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), s
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_multiscale_straight_through_and_loss_gradients() -> None:
     q = _msrq()
     z = _latents(2, 4, 3, seed=2).requires_grad_(True)
@@ -373,6 +385,7 @@ def _pq(branches: int = 2, **kw) -> ProductQuantizer:
     return ProductQuantizer(cfg).double()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_product_quantizer_branch_depends_only_on_its_token_range() -> None:
     pq = _pq()
     z = _latents(2, 4, 3, seed=3, branches=2)
@@ -395,6 +408,7 @@ def test_product_quantizer_branch_depends_only_on_its_token_range() -> None:
     assert [m.shape for m in pq.split_scales(out.codes)] == [(2, 2, pn, pn) for pn in MS_SCALES]
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_dropout_masks_exactly_the_chosen_rows_with_one_n_shared_by_the_branches() -> None:
     pq = _pq(dropout=0.5, dropout_start=2)
     B, S = 40, len(MS_SCALES)
@@ -449,6 +463,7 @@ def _usage_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.slow
 def test_usage_per_scale_is_of_the_global_batch_under_data_parallelism(tmp_path) -> None:
     import socket

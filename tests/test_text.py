@@ -8,8 +8,6 @@ from textok.errors import TextokError
 from textok.text import TextEmbeddingCache, load_text_encoder
 from textok.text.banks import CaptionBank
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
 
 def test_default_encoder_is_offline_minilm():
     enc = load_text_encoder("minilm")
@@ -19,6 +17,7 @@ def test_default_encoder_is_offline_minilm():
     assert torch.isfinite(emb.states).all()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_tiny_t5_from_local_dir(tiny_t5_dir):
     enc = load_text_encoder(f"t5:{tiny_t5_dir}")
     emb = enc.encode(["a red circle", "the blue square on green background"])
@@ -56,6 +55,7 @@ def test_empty_and_long_captions(tiny_t5_dir):
     assert emb.states.shape[1] == 16
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_cache_hits_and_matches_encoder(tmp_path):
     enc = load_text_encoder("minilm")
     cache = TextEmbeddingCache(enc)

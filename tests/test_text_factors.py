@@ -17,7 +17,6 @@ from textok.train.tokenizer import dropped_rows, generator_losses, tokenizer_los
 
 from conftest import random_text
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 
 BASE = ["batch_size=4", "data.train_size=24", "data.val_size=4", "data.captions_per_image=2", "log_every=1",
         "sample_every=0", "optim.warmup_steps=2", "optim.lr=1e-3", "loss.perceptual=none",
@@ -32,6 +31,7 @@ def _model(**over) -> TexTok:
     return model
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_pooled_text_is_one_token_the_masked_mean() -> None:
     model = _model(text_pooled=True)
     model.double()
@@ -49,6 +49,7 @@ def test_pooled_text_is_one_token_the_masked_mean() -> None:
     assert model.flops_per_image(32) == model.flops_per_image(1)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_caption_dropout_masks_whole_captions_deterministically() -> None:
     rows = dropped_rows(1000, 0.3, seed=0, step=5, micro=0, rank=0)
     assert torch.equal(rows, dropped_rows(1000, 0.3, seed=0, step=5, micro=0, rank=0))

@@ -6,8 +6,6 @@ from numerics import assert_same_maths, rounding_tolerance
 from textok import TexTok, TexTokConfig
 from textok.errors import CheckpointMismatchError, TextokError
 
-pytestmark = pytest.mark.numerics  # re-run by `make test` on a second CPU code path
-
 
 @pytest.mark.parametrize("name", TexTokConfig.presets())
 def test_every_preset_shapes_and_params(name):
@@ -37,6 +35,7 @@ def test_gradients_reach_every_parameter(tiny_cfg):
     assert not dead, dead
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_text_off_ignores_caption_and_text_on_uses_it(tiny_cfg):
     torch.manual_seed(0)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -54,6 +53,7 @@ def test_text_off_ignores_caption_and_text_on_uses_it(tiny_cfg):
     assert not torch.allclose(dec.decode(z, t1), dec.decode(z, t2))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_text_padding_does_not_change_output(tiny_cfg):
     # float64: the padded text makes a longer key sequence than the unpadded one
     torch.manual_seed(0)
@@ -73,6 +73,7 @@ def test_text_padding_does_not_change_output(tiny_cfg):
     assert (model(x, text2)[0] - a).abs().max() > rounding_tolerance(x.dtype) * a.abs().max()
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_save_load_round_trip_is_bit_exact(tiny_cfg, tmp_path):
     torch.manual_seed(0)
     model = TexTok(tiny_cfg).eval()

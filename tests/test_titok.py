@@ -14,8 +14,7 @@ from textok.models.registry import load_tokenizer, resolve_tokenizer_config
 from textok.models.titok import TiTok, TiTokConfig
 from textok.models.vit import ViTConfig
 
-pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(*overrides: str, seed: int = 0) -> TiTok:
@@ -78,6 +77,7 @@ def test_token_channels_follow_code_dim():
 
 
 # ---- codes API ------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_codes_in_range_and_decode_shapes():
     model = tiny().eval()  # parameters still require grad: encode's values must be exact anyway
     x = images(3)
@@ -92,6 +92,7 @@ def test_codes_in_range_and_decode_shapes():
     assert torch.equal(z, model.quantizer.codebook()[codes])
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_decode_encode_equals_decode_codes_encode_codes():
     model = tiny().eval()
     x = images(2, seed=3)
@@ -176,6 +177,7 @@ def test_tiny_training_reduces_reconstruction_loss():
     assert len({tuple(c) for c in model.encode_codes(x).tolist()}) > 1
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_kl_variant_shapes_and_loss():
     model = tiny("quantizer.kind=kl", "quantizer.code_dim=6")
     assert model.encoder.to_tokens.out_features == 12 and model.config.token_channels == 6
@@ -205,6 +207,7 @@ def test_no_bottleneck_variant_is_continuous():
 
 
 # ---- text ----------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_text_off_ignores_text_and_decoder_text_is_used():
     model = tiny().eval()
     x = images(2)
@@ -224,6 +227,7 @@ def test_text_off_ignores_text_and_decoder_text_is_used():
 
 
 # ---- save / load ---------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     model = tiny("quantizer.dead_code_steps=3", seed=1)
     model.train()

@@ -21,8 +21,7 @@ from textok.train.loop import param_groups
 from textok.train.config import load_train_config
 from textok.train.tokenizer import train_tokenizer
 
-pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_VQGAN = MaskGITVQGANConfig.preset("maskgit-vqgan-tiny")  # 16 px -> 4 x 4 codes of 32, as titok-tiny's grid
 
@@ -102,6 +101,7 @@ def two_stage(stage: str, weights, *overrides: str, seed: int = 0) -> TiTok:
 
 
 # ---- the VQGAN ------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_published_layout_loads_every_tensor(tmp_path):
     """Random weights under the published key names and shapes, written as the released .bin
     (torch.save of a state dict), load strictly and land tensor by tensor."""
@@ -137,6 +137,7 @@ def test_wrong_files_are_refused_in_one_line(tmp_path, vqgan_file):
         MaskGITVQGAN.from_file(tmp_path / "absent.bin", TINY_VQGAN)
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_tiny_vqgan_codes_and_decoding(vqgan_file):
     vq = MaskGITVQGAN.from_file(vqgan_file, TINY_VQGAN).double()
     x = images().double()
@@ -158,6 +159,7 @@ def test_tiny_vqgan_codes_and_decoding(vqgan_file):
         vq.decode_codes(torch.full((1, 4, 4), 32))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_resblock_projects_its_output_when_the_width_changes():
     """The published weights were trained with the residual taken from the block's output (JAX MaskGIT)."""
     torch.manual_seed(0)
@@ -212,6 +214,7 @@ def test_stage1_refuses_pixel_losses_and_stage2_needs_init_from(tmp_path):
 
 
 # ---- stage 1 ----------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_stage1_loss_is_cross_entropy_over_the_vqgan_codebook(vqgan_file):
     model = two_stage("proxy-codes", vqgan_file).double()
     x = images().double()
@@ -236,6 +239,7 @@ def test_stage1_loss_is_cross_entropy_over_the_vqgan_codebook(vqgan_file):
 
 
 # ---- stage 2 ----------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_stage2_step_changes_the_decoder_only(vqgan_file):
     model = two_stage("decoder-finetune", vqgan_file)
     x = images()
@@ -264,6 +268,7 @@ RUN = ["batch_size=4", "data.train_size=16", "data.val_size=4", "log_every=1", "
        "optim.warmup_steps=1", "optim.lr=1e-3", "ckpt_every=10"]
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_stage1_then_stage2_through_train_tokenizer(tmp_path, vqgan_file):
     model = ["model.vqgan.hidden_channels=8", "model.vqgan.channel_mult=[1,1,2]", "model.vqgan.num_res_blocks=1",
              "model.vqgan.z_channels=8", "model.vqgan.num_codes=32", "model.vqgan.norm_groups=4",

@@ -15,8 +15,7 @@ from textok.models.imagefolder import ImageFolder, ImageFolderConfig
 from textok.models.multiscale import MultiScaleQuantizerConfig, ProductQuantizer
 from textok.models.var import VAR, VARConfig, sample_top_k_top_p
 
-pytestmark = [pytest.mark.numerics,  # re-run by `make test` on a second CPU code path
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCALES = (1, 2, 2, 3)
 
@@ -96,6 +95,7 @@ def test_folded_length_is_the_sum_of_squares_and_unfolded_doubles_it():
         assert logits.shape == (3, 2, L, 12)  # the same (B, P, L, V) layout either way
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.parametrize("fold", [True, False])
 def test_logits_of_a_scale_ignore_the_codes_of_later_scales(fold):
     m, q = model(fold), quantizer()
@@ -114,6 +114,7 @@ def test_logits_of_a_scale_ignore_the_codes_of_later_scales(fold):
             assert not torch.allclose(out[:, :, upto:], base[:, :, upto:])
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.parametrize("fold", [True, False])
 def test_kv_cached_sampling_equals_a_full_forward_on_the_sampled_codes(fold):
     m, q = model(fold), quantizer()
@@ -129,6 +130,7 @@ def test_kv_cached_sampling_equals_a_full_forward_on_the_sampled_codes(fold):
     assert torch.equal(greedy, m.guided_logits(q.teacher_forcing_inputs(greedy), labels, 1.5).argmax(-1))
 
 
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_cfg_zero_is_the_conditional_model_and_the_ramp_grows_over_scales():
     m, q = model(), quantizer()
     labels = torch.tensor([2, 1])
@@ -146,6 +148,7 @@ def test_cfg_zero_is_the_conditional_model_and_the_ramp_grows_over_scales():
 
 
 # ---- training -------------------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 @pytest.mark.parametrize("fold", [True, False])
 def test_loss_is_the_mean_of_the_branch_cross_entropies(fold):
     m, q = model(fold), quantizer()
@@ -202,6 +205,7 @@ def test_bad_inputs_are_clear_errors():
 
 
 # ---- sampling helpers -----------------------------------------------------------------------------------------
+@pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_top_k_top_p_sampling():
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]).expand(2000, -1)
