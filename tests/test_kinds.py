@@ -3,6 +3,10 @@ the CLI, and the built-in kinds are read from their rows."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +64,16 @@ def test_a_toy_kind_trains_saves_loads_and_samples_through_the_cli(tmp_path, cap
     assert main(["sample", "--generator", str(tmp_path / "run/final"), "--top-k", "5", "--out",
                  str(tmp_path / "x.png"), "--no-progress"]) == 2
     assert "top_k are VAR sampling options; a Toy samples with --cfg" in capsys.readouterr().err
+    # the generator records its tokenizer and latents relative to itself: the runs can move together
+    record = json.loads((tmp_path / "run/final/config.json").read_text())
+    assert record["latents_meta"]["tokenizer_dir"] == os.path.join("..", "..", "tok")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("tok", "lat", "run"):
+        shutil.move(tmp_path / name, moved / name)
+    assert main(["sample", "--generator", str(moved / "run/final"), "--class", "1", "--n", "1", "--out",
+                 str(tmp_path / "moved.png"), "--no-progress"]) == 0
+    assert load_generator(moved / "run/final")[1]["latents_meta"]["tokenizer_dir"] == str((moved / "tok").resolve())
 
 
 def test_the_builtin_kinds_are_rows():

@@ -134,6 +134,10 @@ def load_generator(directory: str | Path, map_location: str | torch.device = "cp
         raise TextokError(f"{directory} has no latents record (normalisation, tokenizer); it was not written by "
                           "`textok train-generator`")
     model = GENERATORS[kind].from_pretrained(directory, map_location=map_location)
+    meta = data["latents_meta"]
+    for key in ("tokenizer_dir", "latents_dir"):  # relative to the generator's directory (absolute in older runs)
+        if meta.get(key) and not Path(meta[key]).is_absolute():
+            meta[key] = str((Path(directory).resolve() / meta[key]).resolve())
     return model, data
 
 

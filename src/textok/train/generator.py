@@ -21,6 +21,7 @@ caption bank.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,9 +120,12 @@ class GeneratorTask(Task):
 
     def save_final(self, model: torch.nn.Module, final: Path, step: int) -> None:
         cfg = self.cfg
+        # the tokenizer and the latents as paths relative to final/, so that a run directory can move with them
+        where = {"latents_dir": Path(cfg.latents), "tokenizer_dir": Path(self.meta["tokenizer_dir"])}
         record = {"train_step": step, "kind": self.model_type, "text": cfg.text,
                   "diffusion": self.diffusion_config.to_dict() if self.diffusion_config is not None else None,
-                  "latents_meta": {**self.meta, "latents_dir": str(Path(cfg.latents).resolve())}}
+                  "latents_meta": {**self.meta, **{k: os.path.relpath(p.resolve(), final.resolve())
+                                                   for k, p in where.items()}}}
         model.save_pretrained(final, extra=record)
         if (Path(cfg.latents) / BANK).is_file():
             shutil.copyfile(Path(cfg.latents) / BANK, final / BANK)
