@@ -16,6 +16,7 @@ from ..data.factory import build_dataset
 from ..devices import resolve_device
 from ..errors import TextokError
 from ..eval.generation import evaluate_samples, is_stats_file, peek_image_size
+from ..eval.features import DEFAULT_FD_SIZE
 from ..eval.ref_cache import data_identity
 from ..eval.reconstruction import evaluate_tokenizer
 from ..io import atomic_write_text, check_output_file
@@ -55,7 +56,9 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inception-weights", default=None,
                    help="pytorch-fid pt_inception-2015-12-05-6726825d.pth (else $TEXTOK_INCEPTION_WEIGHTS); "
                         "without it rFID/gFID/IS are skipped and FD-opennsfw is reported")
-    g.add_argument("--fd-size", type=int, default=224, help="open_nsfw input side for FD-opennsfw (224 as trained)")
+    g.add_argument("--fd-size", type=int, default=DEFAULT_FD_SIZE,
+                   help=f"open_nsfw input side for FD-opennsfw (default {DEFAULT_FD_SIZE}, as `textok demo` reports; "
+                        "224 as open_nsfw was trained)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     g.add_argument("--out", default=None, help="write the results as JSON here")
     g.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -30,6 +30,9 @@ class FeatureExtractor(Protocol):
     def __call__(self, images: Tensor) -> Tensor: ...
 
 
+DEFAULT_FD_SIZE = 64  # FD-opennsfw's input side unless told otherwise: what `textok demo` and `eval` report
+
+
 class InceptionFeatures(nn.Module):
     """The FID Inception as a :class:`FeatureExtractor` giving the 2048-d pool features."""
 

@@ -35,7 +35,7 @@ from ..data.images import IMAGE_SUFFIXES, center_crop_resize
 from ..data.shards import ShardSet
 from ..errors import TextokError
 from . import ref_cache
-from .features import OpenNSFWFeatures, maybe_inception, quantize_uint8
+from .features import DEFAULT_FD_SIZE, OpenNSFWFeatures, maybe_inception, quantize_uint8
 from .fid import FeatureSet, FeatureStats, GaussianStats, fd_between, inception_score
 from .image_metrics import pil_to_rgb, to_rgb
 
@@ -334,7 +334,7 @@ def _read_cached_reference(path: Path, identity: dict[str, Any], explicit: bool)
 
 def evaluate_samples(samples: SampleSource, reference: Any, *, num: int | None = None, ref_num: int | None = None,
                      batch_size: int = 50, device: str | torch.device = "cpu", inception_weights: str | None = None,
-                     fd_size: int = 224, image_size: int | None = None, is_splits: int = 10,
+                     fd_size: int = DEFAULT_FD_SIZE, image_size: int | None = None, is_splits: int = 10,
                      save_ref_stats: str | os.PathLike | None = None, progress: bool = True,
                      ref_identity: dict[str, Any] | None = None, ref_stats_file: str | os.PathLike | None = None,
                      ref_cache_dir: bool = False) -> dict[str, Any]:

@@ -15,8 +15,9 @@ Protocol (fixed so that numbers are comparable between runs):
 * LPIPS (VGG, v0.1) only when VGG16 weights are given or ``$TEXTOK_VGG16_WEIGHTS`` is set;
 * ``rFID`` only with the real pytorch-fid Inception weights (argument or ``$TEXTOK_INCEPTION_WEIGHTS``);
 * ``FD-opennsfw``: the Fréchet distance in open_nsfw's 1024-d pooled features, the offline stand-in. It is
-  not FID and is never compared with paper numbers. Input side ``fd_size`` (224 as trained); any other side
-  is part of the name (``FD-opennsfw@112``) because distances at different sizes are not comparable.
+  not FID and is never compared with paper numbers. Input side ``fd_size``, by default ``DEFAULT_FD_SIZE`` (64,
+  the side the demos and their recipes report); any side but 224 (open_nsfw's own) is part of the name
+  (``FD-opennsfw@64``) because distances at different sizes are not comparable.
 
 The Fréchet distance itself (with its exact low-rank route for few images) is :func:`textok.eval.fid.fd_between`.
 """
@@ -35,7 +36,8 @@ from torch import Tensor, nn
 from ..data.folder import collate
 from ..errors import ConfigError, TextokError
 from ..losses.perceptual import LPIPS
-from .features import FeatureExtractor, build_fd_extractor, maybe_inception, metric_name, quantize_uint8
+from .features import (DEFAULT_FD_SIZE, FeatureExtractor, build_fd_extractor, maybe_inception, metric_name,
+                       quantize_uint8)
 from .fid import FeatureSet, fd_between
 from .kid import kernel_distance
 from .image_metrics import psnr, ssim_pm1
@@ -123,8 +125,8 @@ def _fd_note(name: str, size: int | None = None) -> str:
 def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None, batch_size: int = 32,
                        device: str | torch.device = "cpu", inception_weights: str | None = None,
                        vgg16_weights: str | None = None, fd_networks: Sequence[str | FeatureExtractor] = ("opennsfw",),
-                       progress: bool = True, fd_size: int = 224, quantize: bool = True, kid: bool = False,
-                       per_image: bool = False) -> dict[str, Any]:
+                       progress: bool = True, fd_size: int = DEFAULT_FD_SIZE, quantize: bool = True,
+                       kid: bool = False, per_image: bool = False) -> dict[str, Any]:
     """Reconstruction metrics of ``model`` on the first ``num`` items of ``dataset`` (see the module doc).
 
     ``fd_networks``: names (``"opennsfw"``) or :class:`FeatureExtractor` objects for ``FD-<name>``.
