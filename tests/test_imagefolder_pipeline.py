@@ -84,14 +84,13 @@ def test_training_inputs_are_the_tokenizers_teacher_forcing_inputs(run, tmp_path
     from textok.distributed import DistInfo
 
     task = VARTask(cfg, tmp_path / "x", DistInfo(), progress=False)
-    torch.manual_seed(cfg.seed)
-    task.build(fresh=True)
-    initial = {k: v.clone() for k, v in task.model.state_dict().items()}
+    torch.manual_seed(cfg.seed)  # as the loop seeds before it makes the model
+    initial = {k: v.clone() for k, v in task.make_model().state_dict().items()}
     train_generator(cfg, tmp_path / "run", progress=False)
     first = json.loads((tmp_path / "run/log.jsonl").read_text().splitlines()[0])
     tok = ImageFolder.from_pretrained(run / "tok/final").eval()
     data = LatentDataset(run / "lat")
-    model = task.model
+    model = task.make_model()
     model.load_state_dict(initial)
     with torch.no_grad():
         terms = model.training_loss(data.codes, tok.teacher_forcing_inputs(data.codes), data.labels.clamp_min(0),
