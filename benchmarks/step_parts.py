@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, peak_flops, print_table, time_it, write_json  # noqa: E402
+from train_step import whole_step  # noqa: E402
 
 from textok.devices import autocast_for  # noqa: E402
 from textok.losses.adversarial import g_loss  # noqa: E402
@@ -32,8 +33,7 @@ from textok.models.registry import resolve_tokenizer_config  # noqa: E402
 from textok.text.embeddings import TextEmbeddings  # noqa: E402
 from textok.train.config import TrainConfig, load_train_config  # noqa: E402
 from textok.train.loop import LossForward  # noqa: E402
-from textok.train.tokenizer import (build_components, discriminator_losses, frozen, generator_losses,  # noqa: E402
-                                    tokenizer_losses)
+from textok.train.tokenizer import build_components, discriminator_losses, frozen, tokenizer_losses  # noqa: E402
 
 
 def flops_of(fn: Callable[[], Any]) -> float:
@@ -102,19 +102,7 @@ def measure(preset: str, batch: int, text: bool, text_len: int, iters: int, devi
         parts.opt_g.step()
         parts.ema.update(parts.model, 1000)
 
-    def whole() -> None:
-        with amp():
-            recon, terms, _ = generator_losses(train_model, parts.disc, perceptual, images, emb, cfg)
-            total = sum(terms.values())
-        total.backward()
-        parts.opt_g.step()
-        parts.opt_g.zero_grad(set_to_none=True)
-        parts.ema.update(parts.model, 1000)
-        with amp():
-            d_total = sum(discriminator_losses(parts.disc, parts.lecam, images, recon, cfg).values())
-        d_total.backward()
-        parts.opt_d.step()
-        parts.opt_d.zero_grad(set_to_none=True)
+    whole = whole_step(cfg, parts, train_model, perceptual, images, emb, device)
 
     plan = [("tokenizer fwd+bwd (l2)", tokenizer), ("perceptual fwd+bwd", perceptual_part),
             ("discriminator, generator pass", gan_generator), ("discriminator update (+LeCAM, AdamW)", disc_update),

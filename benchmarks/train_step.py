@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -28,6 +29,29 @@ from textok.devices import autocast_for  # noqa: E402
 from textok.train.config import TrainConfig, load_train_config  # noqa: E402
 from textok.train.loop import LossForward  # noqa: E402
 from textok.train.tokenizer import build_components, discriminator_losses, generator_losses, tokenizer_losses  # noqa: E402
+
+
+def whole_step(cfg: TrainConfig, parts: Any, train_model: torch.nn.Module, perceptual: torch.nn.Module | None,
+               images: torch.Tensor, emb: TextEmbeddings | None, device: torch.device) -> Callable[[], None]:
+    """One whole tokenizer training step as the trainer takes it: the generator's losses, AdamW + EMA, then the
+    discriminator's update when there is one. What this script times and step_parts.py takes apart."""
+
+    def step() -> None:
+        with autocast_for(device, cfg.precision):
+            recon, terms, _ = generator_losses(train_model, parts.disc, perceptual, images, emb, cfg)
+            loss = sum(terms.values())
+        loss.backward()
+        parts.opt_g.step()
+        parts.opt_g.zero_grad(set_to_none=True)
+        parts.ema.update(parts.model, 1000)
+        if parts.disc is not None:
+            with autocast_for(device, cfg.precision):
+                d_total = sum(discriminator_losses(parts.disc, parts.lecam, images, recon, cfg).values())
+            d_total.backward()
+            parts.opt_d.step()
+            parts.opt_d.zero_grad(set_to_none=True)
+
+    return step
 
 
 def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precision: str, compile_: bool,
@@ -54,20 +78,7 @@ def bench(preset: str, batch: int, text: bool, text_len: int, steps: int, precis
         emb = TextEmbeddings(torch.randn(batch, text_len, model_cfg.text_dim, device=device),
                              torch.ones(batch, text_len, dtype=torch.bool, device=device), dense=True)
 
-    def step() -> None:
-        with autocast_for(device, cfg.precision):
-            recon, terms, _ = generator_losses(train_model, parts.disc, perceptual, images, emb, cfg)
-            loss = sum(terms.values())
-        loss.backward()
-        parts.opt_g.step()
-        parts.opt_g.zero_grad(set_to_none=True)
-        parts.ema.update(parts.model, 1000)
-        if parts.disc is not None:
-            with autocast_for(device, cfg.precision):
-                d_total = sum(discriminator_losses(parts.disc, parts.lecam, images, recon, cfg).values())
-            d_total.backward()
-            parts.opt_d.step()
-            parts.opt_d.zero_grad(set_to_none=True)
+    step = whole_step(cfg, parts, train_model, perceptual, images, emb, device)
 
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -110,6 +110,10 @@ class Task:
     def after_step(self, step: int) -> None:
         """Work done after ``step`` steps, before its checkpoint (e.g. a picture of the reconstructions)."""
 
+    def end(self) -> None:
+        """Release what the run holds (its data workers) once the loop stops, by finishing or by an error: the
+        next run into the same directory must not find its lock held by a worker that inherited it."""
+
     def checkpoint_meta(self, step: int) -> dict[str, Any]:
         """What a checkpoint records besides the state (configs, the data position)."""
         return {"model_type": self.model_type, "model_config": self.model_config.to_dict(),
@@ -156,7 +160,11 @@ def train(task_cls: type[Task], cfg: RunConfig, out: str | Path, progress: bool 
     EMA weights (``from_pretrained``-ready) once ``cfg.max_steps`` are done."""
     out = Path(out)
     with distributed_session(cfg.device) as info, run_lock(out, enabled=info.is_main):
-        return _run(task_cls(cfg, out, info, progress), cfg, out, info, progress)
+        task = task_cls(cfg, out, info, progress)
+        try:
+            return _run(task, cfg, out, info, progress)
+        finally:
+            task.end()
 
 
 def _run(task: Task, cfg: RunConfig, out: Path, info: DistInfo, progress: bool) -> Path:

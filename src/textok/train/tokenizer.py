@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ class TokenizerTask(Task):
 
     kind = "tokenizer"
     shown = ("l2", "perceptual", "gan_g", "d_loss")
+    micro: Iterator[dict[str, Any]] | None = None  # the training micro-batches, from begin() on
 
     def __init__(self, cfg: TrainConfig, out: Path, info: DistInfo, progress: bool) -> None:
         super().__init__(cfg, out, info, progress)
@@ -118,6 +119,11 @@ class TokenizerTask(Task):
         self.text = self._text_states(val_set)
         self.micro = iter(self.source.batches(step * cfg.grad_accum))
         self.val_batch = collate([val_set[i] for i in range(min(8, len(val_set)))])
+
+    def end(self) -> None:
+        if self.micro is not None:
+            self.micro.close()  # its DataLoader, and so its worker processes, go with it
+            self.micro = None
 
     def _text_states(self, val_set):
         """The caption encoder: captions that can be listed (all but shards') are encoded once, up front."""
