@@ -23,8 +23,13 @@ def test_default_leaves_busy_cores_alone() -> None:
 def test_requested_then_environment_then_default(monkeypatch) -> None:
     monkeypatch.setattr(threads, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads, "busy_cores", lambda: 1)
-    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    for name in (threads.THREADS_ENV, "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     assert threads.choose_threads() == (3, "4 cores, 1 busy by the load average")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this node share the free cores
+    assert threads.choose_threads() == (1, "4 cores, 1 busy by the load average, shared by 2 processes")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun sets: respected
+    assert threads.choose_threads() == (1, "OMP_NUM_THREADS")
     monkeypatch.setenv(threads.THREADS_ENV, "2")
     assert threads.choose_threads() == (2, threads.THREADS_ENV)
     assert threads.choose_threads(5) == (5, "--threads")
@@ -38,7 +43,6 @@ def test_requested_then_environment_then_default(monkeypatch) -> None:
 
 def test_set_threads_sets_torch(monkeypatch) -> None:
     before = torch.get_num_threads()
-    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
     try:
         assert threads.set_threads(1) == (1, "--threads") and torch.get_num_threads() == 1
     finally:

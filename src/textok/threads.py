@@ -4,7 +4,8 @@ Why: torch starts one thread per logical CPU. When other processes already occup
 on each other at every parallel region and a small model runs many times slower than on one thread (measured on
 a 2-core machine with one core busy: ``benchmarks/threads.py``). So the default is the physical cores this
 process may use (``os.sched_getaffinity``), less the 1-minute load average of the machine (rounded), and at
-least 1. ``--threads N`` or ``TEXTOK_THREADS=N`` decide instead.
+least 1, shared among the processes of a node under torchrun (``LOCAL_WORLD_SIZE``). ``--threads N`` or
+``TEXTOK_THREADS=N`` decide instead, and ``OMP_NUM_THREADS`` (torchrun sets it to 1) is respected.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def default_threads(cores: int | None = None, busy: int | None = None) -> int:
 def choose_threads(requested: int | str | None = None) -> tuple[int, str]:
     """(threads, where the number comes from): ``requested`` (``--threads``), else ``$TEXTOK_THREADS``, else
     :func:`default_threads`. 0 also means the default."""
-    for value, source in ((requested, "--threads"), (os.environ.get(THREADS_ENV), THREADS_ENV)):
+    for value, source in ((requested, "--threads"), (os.environ.get(THREADS_ENV), THREADS_ENV),
+                          (os.environ.get("OMP_NUM_THREADS"), "OMP_NUM_THREADS")):
         if value in (None, ""):
             continue
         try:
@@ -62,7 +64,11 @@ def choose_threads(requested: int | str | None = None) -> tuple[int, str]:
         if n:
             return n, source
     cores, busy = usable_cores(), busy_cores()
-    return default_threads(cores, busy), f"{cores} cores, {min(busy, cores)} busy by the load average"
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))  # torchrun's processes on this node
+    why = f"{cores} cores, {min(busy, cores)} busy by the load average"
+    if processes > 1:
+        return max(1, default_threads(cores, busy) // processes), f"{why}, shared by {processes} processes"
+    return default_threads(cores, busy), why
 
 
 def set_threads(requested: int | str | None = None) -> tuple[int, str]:
