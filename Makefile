@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-gen demo-titok demo-imagefolder test setup bench gpu-pack gpu-suite gpu-smoke clean
+.PHONY: demo demo-quick demo-gen demo-titok demo-imagefolder test setup bench gpu-pack gpu-suite gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/textok demo --out runs/demo
+
+# The same comparison in about a minute of one core (400 steps; text does not pay yet at that budget).
+demo-quick: $(STAMP)
+	$(BIN)/textok demo --recipe demo-quick --out runs/demo-quick
 
 # Class-conditional DiT samples from the demo's TexTok tokens (runs `make demo` first if needed).
 runs/demo/textok/final/model.safetensors: | $(STAMP)

@@ -105,7 +105,31 @@ def test_published_titok_layouts_map_exactly(variant):
         model = TiTok(config, load_vqgan=False)
     own = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     assert {k: tuple(t.shape) for k, t in mapped.items()} == own
-    assert config.image_size == 256 and config.patch_size == 16 and config.quantizer.num_codes == 4096
+    assert config.image_size == 256 and config.patch_size == 16
+    if "vae" in variant:  # the single-stage releases: a pixel head, a KL bottleneck of 16 channels
+        assert (config.quantizer.kind, config.token_channels, config.pixel_conv) == ("kl", 16, True)
+    elif "vq8k" in variant:  # ... or a VQ of 8192 codes of 64 channels without l2 normalisation
+        assert (config.quantizer.num_codes, config.token_channels, config.quantizer.l2_normalized) == (8192, 64, False)
+        assert config.pixel_conv and not config.uses_vqgan
+    else:  # the two-stage releases: 4096 l2-normalised codes decoded through the MaskGIT-VQGAN
+        assert config.quantizer.num_codes == 4096 and config.uses_vqgan and config.legacy_token_layout
+
+
+@pytest.mark.parametrize("variant", ["tiny-test-vq8k", "tiny-test-vae"])
+def test_single_stage_titok_converts_and_decodes(tmp_path, capsys, variant):
+    """TiTok's VQ-8k / VAE releases (pixel head, no VQGAN) convert from their own layout and reconstruct."""
+    path = tmp_path / "tokenizer.bin"
+    torch.save(random_checkpoint("titok", variant), path)
+    out_dir = tmp_path / "converted"
+    code, out, err = run(["convert", "--from", "titok", path, "--out", out_dir], capsys)
+    assert code == 0 and variant in out, err
+    model = load_tokenizer(out_dir).eval()
+    assert model.config.pixel_conv and not model.config.uses_vqgan and not model.config.legacy_token_layout
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        recon, z = model(images)
+    assert recon.shape == images.shape and z.shape == (2, 4, 6) and torch.isfinite(recon).all()
+    assert model.is_discrete == (variant == "tiny-test-vq8k")
 
 
 @pytest.mark.parametrize("damage, named", [

@@ -89,9 +89,10 @@ def test_eval_reconstruction_runs_on_the_converted_vqvae(vqvae_dir, tmp_path, ca
     assert result["num_images"] == 2 and 0 < result["PSNR"] < 40  # random weights: a poor, finite reconstruction
 
 
-def test_var_converts_and_samples_through_textok_sample(vqvae_dir, tmp_path, capsys):
+@pytest.mark.parametrize("variant", ["tiny-test", "tiny-test-saln"])
+def test_var_converts_and_samples_through_textok_sample(vqvae_dir, tmp_path, capsys, variant):
     path = tmp_path / "var_tiny.pth"
-    torch.save(random_checkpoint("var"), path)
+    torch.save(random_checkpoint("var", variant), path)
     out_dir = tmp_path / "var"
     code, out, err = run(["convert", "--from", "var", path, "--out", out_dir, "--tokenizer", vqvae_dir], capsys)
     assert code == 0, err
@@ -100,36 +101,51 @@ def test_var_converts_and_samples_through_textok_sample(vqvae_dir, tmp_path, cap
     assert record["latents_meta"]["tokenizer_dir"] == str(vqvae_dir.resolve())
     assert record["latents_meta"]["code_shape"] == [1, 30]
     assert (model.config.branches, model.config.attn_l2_norm, model.config.depth) == (1, True, 2)
+    assert model.config.shared_adaln == (variant == "tiny-test-saln")
+    assert ("shared_adaln" in json.loads((out_dir / "config.json").read_text())["config"]) == model.config.shared_adaln
     code, out, err = run(["sample", "--generator", out_dir, "--class", 3, "--n", 2, "--cfg", 2.5, "--top-k", 20,
                           "--out", tmp_path / "s.png"], capsys)
     assert code == 0 and (tmp_path / "s.png").is_file(), err
 
 
-def _converted_var(state: dict[str, torch.Tensor]) -> VAR:
-    v = load_manifest("var")["tiny-test"]
+def _converted_var(state: dict[str, torch.Tensor], variant: str = "tiny-test") -> VAR:
+    v = load_manifest("var")[variant]
     model = VAR(var_config(v))
     model.load_state_dict(var_state(state, model.config))
     return model.eval()
 
 
-def test_zero_official_gates_make_every_block_the_identity():
+@pytest.mark.parametrize("variant", ["tiny-test", "tiny-test-saln"])
+def test_zero_official_gates_make_every_block_the_identity(variant):
     """VAR's adaLN rows are gamma1, gamma2, scale1, scale2, shift1, shift2: zero gammas (the first two chunks)
-    must switch the blocks off in the converted model, whatever the attention and MLP weights."""
-    state = random_checkpoint("var")
+    must switch the blocks off in the converted model, whatever the attention and MLP weights. With shared adaLN
+    the gammas are the shared projection's plus each block's ``ada_gss`` offset."""
+    state = random_checkpoint("var", variant)
     D = state["word_embed.weight"].shape[0]
-    for i in range(2):
-        state[f"blocks.{i}.ada_lin.1.weight"][: 2 * D] = 0
-        state[f"blocks.{i}.ada_lin.1.bias"][: 2 * D] = 0
+    shared = variant == "tiny-test-saln"
+    gates = ["shared_ada_lin.1.weight", "shared_ada_lin.1.bias"] if shared else \
+        [f"blocks.{i}.ada_lin.1.{p}" for i in range(2) for p in ("weight", "bias")]
+    for key in gates:
+        state[key][: 2 * D] = 0
+    if shared:
+        for i in range(2):
+            state[f"blocks.{i}.ada_gss"][0, 0, :2] = 0
     other = dict(state)
     for key in state:
         if ".attn." in key or ".ffn." in key:
             other[key] = state[key] + 1.0
-    a, b = _converted_var(state), _converted_var(other)
+    a, b = _converted_var(state, variant), _converted_var(other, variant)
     inputs, labels = torch.randn(2, 29, 8), torch.tensor([1, 4])
     torch.testing.assert_close(a(inputs, labels), b(inputs, labels), rtol=0, atol=0)
-    state["blocks.0.ada_lin.1.bias"][:D] = 0.5  # a live gamma1 brings block 0's attention back
-    other["blocks.0.ada_lin.1.bias"][:D] = 0.5
-    assert not torch.allclose(_converted_var(state)(inputs, labels), _converted_var(other)(inputs, labels))
+    live = "blocks.0.ada_gss" if shared else "blocks.0.ada_lin.1.bias"  # a live gamma1 brings block 0 back
+    for s in (state, other):
+        s[live] = s[live].clone()
+        if shared:
+            s[live][0, 0, 0] = 0.5
+        else:
+            s[live][:D] = 0.5
+    a, b = _converted_var(state, variant), _converted_var(other, variant)
+    assert not torch.allclose(a(inputs, labels), b(inputs, labels))
 
 
 def test_head_scale_of_minus_one_gives_the_shift_everywhere():
@@ -154,17 +170,23 @@ def test_published_var_layouts_map_exactly(variant):
     assert {k: tuple(t.shape) for k, t in mapped.items()} == {k: tuple(t.shape) for k, t in model.state_dict().items()}
     depth = int(variant.removeprefix("var-d"))
     assert (config.depth, config.width, config.heads, config.codebook_size) == (depth, 64 * depth, depth, 4096)
+    assert config.shared_adaln == (depth == 36) and config.scales[-1] == (32 if depth == 36 else 16)
 
 
-def test_published_vqvae_layout_maps_exactly():
-    v = load_manifest("var-vqvae")["vae-ch160-v4096-z32"]
+@pytest.mark.parametrize("variant", ["vae-ch160-v4096-z32", "vae-ch160-v4096-z32-512"])
+def test_published_vqvae_layout_maps_exactly(variant):
+    """One released file, two schedules: 256 px (the default match) and VAR-d36's 512 px (--variant)."""
+    v = load_manifest("var-vqvae")[variant]
     state = {k: torch.empty(shape, device="meta") for k, shape in v.keys.items()}
     config = vqvae_config(v)
     mapped = vqvae_state(state, config)
     with torch.device("meta"):
         model = VQVAE(config)
     assert {k: tuple(t.shape) for k, t in mapped.items()} == {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    assert config == VQVAEConfig.preset("var-vqvae-256")
+    if variant.endswith("512"):
+        assert config.image_size == 512 and config.quantizer.scales == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+    else:
+        assert config == VQVAEConfig.preset("var-vqvae-256")
 
 
 @pytest.mark.parametrize("fmt, damage, named", [

@@ -30,3 +30,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys, one_thread):
     assert "text helps" in printed
     # a second run skips finished training (the runs are resumable) and re-evaluates
     assert main(["demo", "--out", str(out), "--quick"]) == 0
+
+
+def test_demo_quick_recipe_is_the_demo_at_a_smaller_budget():
+    import dataclasses
+
+    from textok.cli import build_parser
+    from textok.train.config import load_train_config
+
+    demo, quick = load_train_config("demo"), load_train_config("demo-quick")
+    assert (quick.max_steps, quick.batch_size, quick.data.train_size, quick.data.val_size) == (400, 16, 500, 100)
+    same = ("model", "loss", "optim", "ema_decay", "seed")
+    assert all(getattr(quick, k) == getattr(demo, k) for k in same)
+    assert dataclasses.replace(quick, max_steps=demo.max_steps, batch_size=demo.batch_size,
+                               data=demo.data) == demo  # nothing else differs
+    assert build_parser().parse_args(["demo", "--recipe", "demo-quick"]).recipe == "demo-quick"

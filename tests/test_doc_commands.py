@@ -59,9 +59,10 @@ PARSE_ONLY = {
     "torchrun --nproc_per_node 8 -m textok.cli train-generator": "8 GPUs (FSDP); test_generator_fsdp.py runs it on 2 "
                                                                  "CPU processes",
 }
-# Pages that run (the others are only parsed: ImageNet, VLM and T5 weights, real data sets, GPUs; REPRODUCE.md's
-# chain runs at toy size in test_pipeline_e2e.py).
-RUN = ["README.md", "docs/TRAINING.md", "docs/IMAGEFOLDER.md", "docs/LIBRARY.md"]
+# Pages that run (DATA.md on a tiny image folder and a random 1-layer T5 instead of ImageNet and T5-XL); the others
+# are only parsed: ImageNet, VLM and T5 weights, real data sets, GPUs, servers (REPRODUCE.md's chain runs at toy
+# size in test_pipeline_e2e.py).
+RUN = ["README.md", "docs/TRAINING.md", "docs/IMAGEFOLDER.md", "docs/LIBRARY.md", "docs/DATA.md"]
 # torchrun lines that run here as one process (the page says the result is the same file)
 ONE_PROCESS = ["torchrun --nproc_per_node 8 -m textok.cli sample --generator runs/gen/final"]
 
@@ -92,6 +93,9 @@ TINY: dict[str, list[tuple[str, str]]] = {
         ("--n 8 --out grid.png", "--n 1 --out grid.png"),
         ("--num-samples 5000", "--num-samples 4"),
     ],
+    "docs/DATA.md": [("/data/", "data/"), ("/models/t5-xl", "{tiny_t5}"),  # the reader's data, a tiny T5
+                     ("--config textok-b-256-32 --out runs/in", f"--config textok-tiny --out runs/in {TRAIN_TINY}"),
+                     ("data.workers=8", "data.workers=0")],
     "docs/LIBRARY.md": [('"textok-b-256-32")', '"textok-tiny")'), ("256, 256)", "16, 16)"),
                         ('"titok-b-64"', '"titok-tiny"'), ('"imagefolder-b-256"', '"imagefolder-tiny"'),
                         ('"dit-b"', '"dit-tiny"'), ('"maskgit-b"', '"maskgit-tiny"')],
@@ -99,6 +103,40 @@ TINY: dict[str, list[tuple[str, str]]] = {
 # What a page assumes was run before it (the models of `make demo` and `make demo-gen`), run here at tiny size.
 BEFORE = {"docs/LIBRARY.md": [["demo", "--quick", "--out", "runs/demo"],
                               ["demo-gen", "--quick", "--tokenizer", "runs/demo/textok/final", "--out", "runs/demo-gen"]]}
+
+
+def reader_data() -> None:
+    """DATA.md's inputs, tiny, in the working directory: an image folder with a captions.jsonl beside it, and a
+    webdataset shard written by some other tool (no index)."""
+    import json
+    import tarfile
+
+    from textok.data import CaptionedScenes
+
+    scenes = CaptionedScenes(32, "train", size=8)
+    folder = Path("data/imagenet/n01")
+    folder.mkdir(parents=True)
+    lines = []
+    for i in range(8):
+        item = scenes[i]
+        pixels = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file": f"n01/{i}.png", "caption": item["captions"][0], "label": i % 2,
+                                 "split": "train" if i < 6 else "val"}))
+    Path("data/captions.jsonl").write_text("\n".join(lines) + "\n")
+    other = Path("data/other-webdataset-shards")
+    other.mkdir()
+    with tarfile.open(other / "train-000000.tar", "w") as tar:
+        for i in range(2):
+            for ext in ("png", "json"):
+                data = (folder / f"{i}.png").read_bytes() if ext == "png" else json.dumps(
+                    {"captions": [f"scene {i}"], "label": 0}).encode()
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+SETUP = {"docs/DATA.md": reader_data}
 
 
 @dataclass
@@ -218,10 +256,11 @@ def covered(path: str, provided: list[str]) -> bool:
                for p in provided)
 
 
-def check_page(page: str, text: str | None = None) -> list[tuple[str, list[str]]]:
+def check_page(page: str, text: str | None = None, provided: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """Parse every command of a page and check where its inputs come from; the textok argv of each command and
     the reason it is only parsed ('' when it runs), in order."""
     written: list[str] = []
+    provided = READER_PATHS.get(page, []) if provided is None else provided
     plan = []
     for block in page_blocks(page, text):
         for command in block.commands:
@@ -248,7 +287,7 @@ def check_page(page: str, text: str | None = None) -> list[tuple[str, list[str]]
             assert argv[0] in ("textok", ".venv/bin/textok"), f"{page}: not a command this test knows: {command.text}"
             args = parse_textok(argv)
             reads, writes = textok_paths(args)
-            missing = [r for r in reads if not covered(r, written + READER_PATHS.get(page, []))]
+            missing = [r for r in reads if not covered(r, written + provided)]
             assert not missing, (f"{page}: `{command.text}` reads {missing}, which no earlier command of the page "
                                  "writes and the page does not ask the reader for")
             written += writes
@@ -264,24 +303,29 @@ def test_every_command_parses_and_reads_what_exists(page: str) -> None:
     assert "python" not in langs or page in RUN, f"{page} has a Python block: add the page to RUN"
 
 
-def tiny_text(page: str) -> str:
-    text = PAGES[page].read_text(encoding="utf-8")
+def tiny_text(page: str, text: str | None = None, check: bool = True, **values: str) -> str:
+    """The page (or ``text``) with its :data:`TINY` substitutions."""
+    text = PAGES[page].read_text(encoding="utf-8") if text is None else text
     for old, new in TINY.get(page, []):
-        assert old in text, f"{page} no longer holds {old!r}: update TINY in {Path(__file__).name}"
-        text = text.replace(old, new)
+        assert old in text or not check, f"{page} no longer holds {old!r}: update TINY in {Path(__file__).name}"
+        text = text.replace(old, new.format(**values) if "{" in new else new)
     return text
 
 
 @pytest.mark.parametrize("page", RUN)
-def test_page_runs_at_tiny_size(page: str, tmp_path: Path, monkeypatch, one_thread) -> None:
+def test_page_runs_at_tiny_size(page: str, tmp_path: Path, monkeypatch, one_thread, request) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TEXTOK_CACHE", str(tmp_path / "cache"))
+    if page in SETUP:
+        SETUP[page]()
     for argv in BEFORE.get(page, []):
         assert main(argv) == 0, argv
     if "a.png" in READER_PATHS.get(page, []):  # the image the reader brings
         Image.new("RGB", (40, 30), (200, 30, 30)).save("a.png")
-    text = tiny_text(page)
-    plan = iter(check_page(page, text))
+    values = {"tiny_t5": str(request.getfixturevalue("tiny_t5_dir"))} if page == "docs/DATA.md" else {}
+    text = tiny_text(page, **values)
+    provided = [tiny_text(page, path, check=False, **values) for path in READER_PATHS.get(page, [])]
+    plan = iter(check_page(page, text, provided))
     ran = 0
     for i, block in enumerate(page_blocks(page, text)):
         if block.lang == "python":

@@ -106,3 +106,12 @@ def test_explicit_ref_stats_file(tmp_path: Path, counted: dict[str, int], capsys
                "--quiet", "--ref-stats", str(tmp_path / "theirs.npz")])
     assert rc == 2 and "--ref-stats did not write" in capsys.readouterr().err
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "theirs.npz")["sigma"]), torch.eye(1024, dtype=torch.float64))
+
+
+def test_computing_the_reference_prints_its_estimated_time(tmp_path: Path, counted: dict[str, int], capsys) -> None:
+    np.savez(tmp_path / "s.npz", scenes_uint8(6, "train"))
+    rc = main(["eval", "generation", "--samples", str(tmp_path / "s.npz"), "--fd-size", "32", "--batch-size", "1",
+               "--quiet", "--ref", "scenes", "--ref-num", "56"])
+    assert rc == 0 and counted["reference"] == 56
+    lines = [line for line in capsys.readouterr().out.splitlines() if "about" in line]
+    assert len(lines) == 1 and lines[0].startswith("eval generation, reference: about") and "of 56" in lines[0]

@@ -83,3 +83,10 @@ def test_published_size_and_cost():
     counts = model.num_parameters()
     assert 108e6 < counts["total"] < 110e6  # VAR's VQVAE: 109M parameters
     assert model.flops_per_image() > 1e11
+
+
+def test_serve_counts_every_scale_of_its_codes(tiny):
+    from textok.apps.serve.app import describe_tokens
+
+    tokens = describe_tokens(tiny)
+    assert tokens["count"] == 1 + 4 + 9 + 16 and tokens["bits"] == 30 * 6  # sum(pn^2) codes of 64, not the 16 cells

@@ -23,8 +23,9 @@ class Format(NamedTuple):
 
 
 FORMATS: dict[str, Format] = {
-    "titok": Format("1d-tokenizer's TiTok VQ tokenizers S-128, B-64, L-32 (tokenizer_titok_{s128,b64,l32}.bin) "
-                    "-> a textok TiTok", "tokenizer", build_titok),
+    "titok": Format("1d-tokenizer's TiTok tokenizers: VQ S-128, B-64, L-32 (tokenizer_titok_{s128,b64,l32}.bin), "
+                    "VQ-8k BL-64, BL-128, SL-256 and VAE LL-32, BL-64, BL-128 (*_vq8k, *_vae_c16) -> a textok TiTok",
+                    "tokenizer", build_titok),
     "tatitok": Format("1d-tokenizer's TA-TiTok (text in the decoder; VQ bl32/bl64/bl128, VAE bl32/bl64/sl128; "
                       "turkeyju/tokenizer_tatitok_*) -> a textok TiTok with CLIP text in its decoder; needs "
                       "--text-encoder clip:DIR", "tokenizer", build_tatitok, text_encoder=True),
@@ -32,8 +33,9 @@ FORMATS: dict[str, Format] = {
                             "(generator_titok_{l32,b64,s128}.bin) -> a textok MaskGIT; needs --tokenizer",
                             "generator", build_maskgit, textok_sampler, maskgit_record),
     "var-vqvae": Format("FoundationVision VAR's multi-scale VQVAE (vae_ch160v4096z32.pth: 10 scales 1..16 of 4096 "
-                        "codes at 256 px) -> a textok VQVAE", "tokenizer", build_vqvae),
-    "var": Format("FoundationVision VAR's class-conditional transformers VAR-d16/d20/d24/d30 (var_d{16,20,24,30}.pth) "
+                        "codes at 256 px; --variant vae-ch160-v4096-z32-512 for VAR-d36's 1..32 at 512 px) -> a "
+                        "textok VQVAE", "tokenizer", build_vqvae),
+    "var": Format("FoundationVision VAR's class-conditional transformers VAR-d16/d20/d24/d30 and d36-s (var_d*.pth) "
                   "-> a textok VAR with one branch; needs --tokenizer (the converted VQVAE)", "generator", build_var,
                   var_sampler, var_record),
 }

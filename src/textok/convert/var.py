@@ -13,7 +13,8 @@ bias, the per-head ``scale_mul_1H11`` the per-head log-scale, and the adaLN rows
 gamma1, gamma2, scale1, scale2, shift1, shift2 is textok's shift1, scale1, gate1, shift2, scale2, gate2; its head's
 scale, shift is textok's shift, scale). The buffers ``lvl_1L`` and ``attn_bias_for_masking`` are the level of
 every position and the block-causal mask, which textok builds from the scales: they are checked, not copied.
-Shared adaLN (``shared_aln``, VAR-d36-s only) has no textok counterpart and is refused.
+VAR-d36-s (512 px) shares one adaLN projection among its blocks (``shared_aln``): textok's ``shared_adaln``,
+with each block's ``ada_gss`` as its offset (rows reordered the same way).
 """
 
 from __future__ import annotations
@@ -74,12 +75,10 @@ def build_vqvae(state: dict[str, Tensor], variant: Variant) -> VQVAE:
 def var_config(variant: Variant) -> VARConfig:
     """The textok config of a released VAR transformer, from its published settings."""
     g = variant.settings
-    if g["shared_aln"]:
-        raise ConfigError(f"{variant.name}: shared adaLN (VAR-d36-s) has no textok counterpart")
     return VARConfig(scales=tuple(g["patch_nums"]), branches=1, codebook_size=g["vocab_size"], code_dim=g["Cvae"],
                      num_classes=g["num_classes"], width=g["embed_dim"], depth=g["depth"], heads=g["num_heads"],
                      mlp_ratio=g["mlp_ratio"], fold=True, class_dropout=g["cond_drop_rate"],
-                     attn_l2_norm=g["attn_l2_norm"], drop_path=g["drop_path_rate"])
+                     attn_l2_norm=g["attn_l2_norm"], drop_path=g["drop_path_rate"], shared_adaln=g["shared_aln"])
 
 
 def _reorder(weight: Tensor, order: tuple[int, ...]) -> Tensor:
@@ -104,6 +103,9 @@ def var_state(state: dict[str, Tensor], config: VARConfig) -> dict[str, Tensor]:
            "head.weight": state["head.weight"], "head.bias": state["head.bias"]}
     for part in ("weight", "bias"):
         out[f"head_ada.{part}"] = _reorder(state[f"head_nm.ada_lin.1.{part}"], HEAD_ADA_ORDER)
+    if config.shared_adaln:
+        for part in ("weight", "bias"):
+            out[f"shared_ada.{part}"] = _reorder(state[f"shared_ada_lin.1.{part}"], BLOCK_ADA_ORDER)
     for i in range(config.depth):
         src, dst = f"blocks.{i}.", f"blocks.{i}."
         out[dst + "attn.qkv.weight"] = state[src + "attn.mat_qkv.weight"]
@@ -114,7 +116,10 @@ def var_state(state: dict[str, Tensor], config: VARConfig) -> dict[str, Tensor]:
             out[f"{dst}attn.proj.{part}"] = state[f"{src}attn.proj.{part}"]
             out[f"{dst}mlp.fc1.{part}"] = state[f"{src}ffn.fc1.{part}"]
             out[f"{dst}mlp.fc2.{part}"] = state[f"{src}ffn.fc2.{part}"]
-            out[f"{dst}ada.{part}"] = _reorder(state[f"{src}ada_lin.1.{part}"], BLOCK_ADA_ORDER)
+            if not config.shared_adaln:
+                out[f"{dst}ada.{part}"] = _reorder(state[f"{src}ada_lin.1.{part}"], BLOCK_ADA_ORDER)
+        if config.shared_adaln:  # (1, 1, 6, C): the block's offset to the six shared vectors
+            out[dst + "ada_offset"] = state[src + "ada_gss"][0, 0][list(BLOCK_ADA_ORDER)].flatten()
     return out
 
 

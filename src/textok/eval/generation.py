@@ -34,6 +34,7 @@ from ..data.folder import collate
 from ..data.images import IMAGE_SUFFIXES, center_crop_resize
 from ..data.shards import ShardSet
 from ..errors import TextokError
+from ..eta import Eta
 from . import ref_cache
 from .features import DEFAULT_FD_SIZE, OpenNSFWFeatures, maybe_inception, quantize_uint8
 from .fid import FeatureSet, FeatureStats, GaussianStats, fd_between, inception_score
@@ -300,7 +301,10 @@ class _Features:
             from tqdm.auto import tqdm
 
             it = tqdm(batches, desc=desc, unit="batch", total=total)
+        eta = Eta(total, f"eval generation, {desc}", "batches") if total else None
         for x in it:
+            if eta is not None:
+                eta.step()
             side = side or int(x.shape[-1])
             feats, lg = self(x)
             stats.update(feats)
@@ -400,11 +404,15 @@ def evaluate_samples(samples: SampleSource, reference: Any, *, num: int | None =
                 ref.save(save_ref_stats)
                 result["saved_ref_stats"] = str(save_ref_stats)
     if ref is None:
+        ref_total = None
         if _is_dataset(reference):
             batches: Iterable[Tensor] = (_resize(x, side) for x in _dataset_batches(reference, batch_size, ref_num))
+            ref_total = math.ceil(min(len(reference), ref_num or len(reference)) / batch_size)
         else:
             batches = iter_samples(reference, batch_size, ref_num, side)
-        ref, _, _ = feats.stream(batches, progress=progress, desc="reference")
+            if isinstance(reference, (str, os.PathLike)) and Path(reference).suffix == ".npz":
+                ref_total = math.ceil(min(npz_info(reference)[0], ref_num or npz_info(reference)[0]) / batch_size)
+        ref, _, _ = feats.stream(batches, progress=progress, desc="reference", total=ref_total)
         if ref.num_samples < 2:
             raise TextokError(f"need at least 2 reference images; got {ref.num_samples}")
         if save_ref_stats is not None:

@@ -26,7 +26,8 @@ block, the default).
 Conditioning. A class embedding (num_classes + 1 rows; the last is the null class, used with probability
 ``class_dropout`` in training, for classifier-free guidance) is the start token and, through SiLU + a linear
 layer per block, the adaLN shift / scale / gate of every block and of the head (VAR's AdaLNSelfAttn /
-AdaLNBeforeHead). Sampling runs scale by scale with a KV cache; guidance ramps over scales as in VAR:
+AdaLNBeforeHead). ``shared_adaln`` (VAR's ``shared_aln``, its d36-s release) has the blocks share one such
+linear layer, each block adding its own learned offset to the six vectors. Sampling runs scale by scale with a KV cache; guidance ramps over scales as in VAR:
 logits = (1 + t) cond - t uncond with t = cfg * s / (S - 1); top-k / top-p; branches sampled independently.
 """
 
@@ -34,20 +35,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import OMIT_DEFAULT, Config
 from ..devices import autocast_for
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
 from .dit import modulate
 from .multiscale import PAPER_SCALES
 from .kinds import SampleRequest
-from .var_blocks import CachedAttention, KVCache, VARBlock
+from .var_attention import CachedAttention, KVCache
+from .vit import MLP, drop_path
 
 
 @dataclasses.dataclass
@@ -68,6 +71,8 @@ class VARConfig(Config):
     attn_l2_norm: bool = True  # VAR's attention: l2-normalised q, k, learned per-head temperature, softmax scale 1
     qk_norm: bool = False  # RMSNorm on q and k with the 1/sqrt(d) scale (not VAR's; exclusive with attn_l2_norm)
     drop_path: float | None = None  # stochastic depth of the last block (None: VAR's 0.1 x depth / 24)
+    # one adaLN projection shared by all blocks, plus a learned offset per block (VAR's shared_aln, VAR-d36-s)
+    shared_adaln: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -151,6 +156,33 @@ def _register_presets() -> None:
 _register_presets()
 
 
+class VARBlock(nn.Module):
+    """adaLN block: x + g1 * attn(mod(LN(x))); x + g2 * mlp(mod(LN(x))), shift/scale/gate from SiLU(c) (with
+    ``shared_adaln``: the shared projection of SiLU(c) plus this block's offset); in training each residual
+    branch is dropped per sample with probability ``drop_path``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, attn_l2_norm: bool = False,
+                 drop_path: float = 0.0, shared_adaln: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = CachedAttention(width, heads, qk_norm, attn_l2_norm)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.ada = None if shared_adaln else nn.Linear(width, 6 * width)
+        self.ada_offset = nn.Parameter(torch.zeros(6 * width)) if shared_adaln else None
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor, c_act: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+        """``c_act``: SiLU(c) (B, D), or with shared adaLN the shared projection of it (B, 6 D)."""
+        mod = self.ada(c_act) if self.ada is not None else c_act + self.ada_offset
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        rate = self.drop_path if self.training else 0.0
+        x = x + drop_path(gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), mask, cache), rate,
+                          generator)
+        return x + drop_path(gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2)), rate, generator)
+
+
 def sample_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
                        generator: torch.Generator | None = None) -> Tensor:
     """One id per row of logits (..., V): keep the top_k largest (0 = all), then the smallest set of mass >=
@@ -203,8 +235,9 @@ class VAR(PretrainedMixin, nn.Module):
         self.branch_embed = None if cfg.fold else nn.Embedding(P, D)
         last = cfg.drop_path_rate  # VAR's rule: linear in the block index, 0 at the first block
         rates = [last * i / (cfg.depth - 1) if cfg.depth > 1 else last for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(VARBlock(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, cfg.attn_l2_norm, rate)
-                                    for rate in rates)
+        self.blocks = nn.ModuleList(VARBlock(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, cfg.attn_l2_norm, rate,
+                                             cfg.shared_adaln) for rate in rates)
+        self.shared_ada = nn.Linear(D, 6 * D) if cfg.shared_adaln else None
         self.head_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.head_ada = nn.Linear(D, 2 * D)
         self.head = nn.Linear(D, P * cfg.codebook_size)  # branch p's logits: rows p V .. (p+1) V - 1
@@ -236,10 +269,16 @@ class VAR(PretrainedMixin, nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(0.02)
             self.head_ada.weight.mul_(0.5)
-            for block in self.blocks:
-                w = block.ada.weight.view(6, D, D)  # shift1, scale1, gate1, shift2, scale2, gate2
+            for ada in [self.shared_ada] if self.shared_ada is not None else [b.ada for b in self.blocks]:
+                w = ada.weight.view(6, D, D)  # shift1, scale1, gate1, shift2, scale2, gate2
                 w[[0, 1, 3, 4]] *= 0.5
                 w[[2, 5]] *= 1e-5
+            for block in self.blocks:
+                if block.ada_offset is not None:  # VAR's ada_gss: N(0, 1/D), shift/scale x 0.5, gates x 1e-5
+                    offset = block.ada_offset.view(6, D)
+                    nn.init.normal_(offset, std=D**-0.5)
+                    offset[[0, 1, 3, 4]] *= 0.5
+                    offset[[2, 5]] *= 1e-5
                 block.attn.proj.weight.div_(math.sqrt(2 * self.cfg.depth))
                 block.mlp.fc2.weight.div_(math.sqrt(2 * self.cfg.depth))
 
@@ -295,6 +334,10 @@ class VAR(PretrainedMixin, nn.Module):
         w, b = self.head.weight.view(P, V, -1), self.head.bias.view(P, V)
         return torch.einsum("bpnd,pvd->bpnv", parts, w) + b[None, :, None]
 
+    def _block_condition(self, c_act: Tensor) -> Tensor:
+        """What the blocks read: SiLU(c), or its shared adaLN projection (B, 6 D)."""
+        return self.shared_ada(c_act) if self.shared_ada is not None else c_act
+
     def condition(self, labels: Tensor, drop: Tensor | None = None) -> Tensor:
         """Class embedding (B, D); rows where ``drop`` is True (random in training) read the null class."""
         if drop is None and self.training and self.cfg.class_dropout > 0:
@@ -315,8 +358,9 @@ class VAR(PretrainedMixin, nn.Module):
         h = torch.cat([self._embed_scale(s, x[:, self.offsets[s] - first:self.offsets[s + 1] - first], c)
                        for s in range(self.cfg.num_scales)], dim=1)
         c_act = F.silu(c)
+        c_blocks = self._block_condition(c_act)
         for block in self.blocks:
-            h = block(h, c_act, self.mask, generator=generator)
+            h = block(h, c_blocks, self.mask, generator=generator)
         per = 1 if self.cfg.fold else self.cfg.branches
         blocks = h.split([per * pn * pn for pn in self.cfg.scales], dim=1)
         return torch.cat([self._scale_logits(blk, c_act) for blk in blocks], dim=2)
@@ -380,6 +424,7 @@ class VAR(PretrainedMixin, nn.Module):
             labels = torch.cat([labels, torch.full_like(labels, c.num_classes)])
         cond = self.condition(labels, drop=torch.zeros_like(labels, dtype=torch.bool))
         c_act = F.silu(cond)
+        c_blocks = self._block_condition(c_act)
         caches = [KVCache() for _ in self.blocks]
         dtype = self.word_embed.weight.dtype
         fhat = quantizer.empty_fhat(B, device, dtype)
@@ -387,7 +432,7 @@ class VAR(PretrainedMixin, nn.Module):
         codes, all_logits = [], []
         for s in range(c.num_scales):
             for block, cache in zip(self.blocks, caches):
-                h = block(h, c_act, None, cache)  # a scale sees its own block and the cached earlier ones
+                h = block(h, c_blocks, None, cache)  # a scale sees its own block and the cached earlier ones
             logits = self._scale_logits(h, c_act)
             logits = logits.to(_logit_dtype(logits))
             if guided:
@@ -408,7 +453,7 @@ class VAR(PretrainedMixin, nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def num_block_params(self) -> int:
-        """Parameters of the transformer blocks alone (18 D^2 per block plus biases)."""
+        """Parameters of the transformer blocks alone (18 D^2 per block plus biases; 12 D^2 with shared adaLN)."""
         return sum(p.numel() for p in self.blocks.parameters())
 
     def flops_per_forward(self, batch: int = 1) -> float:
@@ -417,8 +462,9 @@ class VAR(PretrainedMixin, nn.Module):
         c = self.cfg
         N, D, H = c.sequence_length, c.width, int(c.width * c.mlp_ratio)
         macs = N * c.input_channels * D  # input embedding
-        per_block = 6 * D * D + 4 * N * D * D + 2 * N * N * D + 2 * N * D * H
-        macs += c.depth * per_block + 2 * D * D + c.codes_per_branch * c.branches * D * c.codebook_size
+        per_block = (0 if c.shared_adaln else 6 * D * D) + 4 * N * D * D + 2 * N * N * D + 2 * N * D * H
+        macs += c.depth * per_block + (8 if c.shared_adaln else 2) * D * D  # (+ the shared adaLN) + the head's adaLN
+        macs += c.codes_per_branch * c.branches * D * c.codebook_size
         return 2.0 * macs * batch
 
 

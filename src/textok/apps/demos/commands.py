@@ -16,11 +16,13 @@ def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the recipe's)")
     p.add_argument("--quick", action="store_true", help="a minimal run (for tests): few steps, few images")
+    p.add_argument("--recipe", default="demo", choices=("demo", "demo-quick"),
+                   help="demo (the main job, minutes) or demo-quick (the same comparison in about a minute of one core)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     check_output(args.out, kind="folder")
-    run_demo(args.out, steps=args.steps, quick=args.quick)
+    run_demo(args.out, steps=args.steps, quick=args.quick, recipe=args.recipe)
 
 
 def demo_gen_args(p: argparse.ArgumentParser) -> None:

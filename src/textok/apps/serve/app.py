@@ -53,10 +53,11 @@ def _db(a: torch.Tensor, b: torch.Tensor) -> float | None:
 def describe_tokens(model: Any) -> dict[str, Any]:
     """How many tokens one image becomes and how many bits that is (continuous tokens counted as float32)."""
     c = model.config
-    if model.code_form == "scales":
-        codes, k = int(c.codes_per_image), int(model.codebook_size)
+    if model.code_form == "scales":  # multi-scale codes (ImageFolder, VQVAE): sum(pn^2) per branch
+        q = c.quantizer
+        codes, k = int(q.codes_per_image), int(model.codebook_size)
         return {"count": codes, "bits": codes * math.log2(k),
-                "what": f"{codes} codes of {k} ({math.log2(k):g} bits each), {c.branches} branches"}
+                "what": f"{codes} codes of {k} ({math.log2(k):g} bits each), {q.branches} branch(es)"}
     if model.code_form == "codes":
         n, k = int(c.num_tokens), int(model.codebook_size)
         return {"count": n, "bits": n * math.log2(k), "what": f"{n} codes of {k} ({math.log2(k):g} bits each)"}

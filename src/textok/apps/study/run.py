@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from ...data.factory import build_dataset
 from ...devices import resolve_device
 from ...errors import TextokError
+from ...eta import format_duration
 from ...models.registry import resolve_tokenizer_config
 from .cells import (PER_IMAGE, base_overrides, cell_config, cell_name, evaluate_cell, held_out, resolve_data, run_cell,
                     study_recipe)
@@ -52,10 +54,17 @@ def run_study(out: str | Path, settings: StudySettings | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
 
     cells: dict[str, dict[str, Any]] = {}
+    estimated = False
     for i, ((n, mode), cfg) in enumerate(configs.items(), 1):
         name = cell_name(n, mode)
+        started = time.perf_counter()
         cells[name] = run_cell(out / "cells" / name, cfg, name, n, mode, val, num, eval_settings, progress,
                                f"[{i}/{len(configs)}]")
+        seconds = time.perf_counter() - started
+        if not estimated and seconds > 10 and i < len(configs):  # the first cell trained here, not one resumed
+            estimated = True
+            print(f"study: about {format_duration(seconds * (len(configs) - i))} for the {len(configs) - i} cells left "
+                  f"at this cell's pace ({format_duration(seconds)}; cells without text train faster)")
     seeds = seed_values(s.replicates, configs) if s.replicates else None
     arrays = load_cells(out, s.tokens, s.modes)
     result = assemble(recipe, base, list(s.tokens), list(s.modes), cells, eval_settings, arrays, s.bootstrap, seeds)

@@ -1,6 +1,5 @@
-"""The transformer block of VAR (:mod:`textok.models.var`): adaLN-modulated attention + MLP with stochastic
-depth, its attention (SDPA with a mask, a KV cache for sampling and VAR's l2-normalised attention with a
-learned per-head temperature) and the cache itself."""
+"""VAR's attention: SDPA with a block-causal mask, a KV cache for scale-by-scale sampling, and attn_l2_norm
+(l2-normalised queries and keys, a learned per-head temperature, softmax scale 1)."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dit import modulate
-from .vit import MLP, Attention, drop_path
+from .vit import Attention
 
 
 class KVCache:
@@ -55,27 +53,4 @@ class CachedAttention(Attention):
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
 
-class VARBlock(nn.Module):
-    """adaLN block: x + g1 * attn(mod(LN(x))); x + g2 * mlp(mod(LN(x))), shift/scale/gate from SiLU(c); in
-    training each residual branch is dropped per sample with probability ``drop_path``."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, qk_norm: bool, attn_l2_norm: bool = False,
-                 drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = CachedAttention(width, heads, qk_norm, attn_l2_norm)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(width, int(width * mlp_ratio))
-        self.ada = nn.Linear(width, 6 * width)
-        self.drop_path = drop_path
-
-    def forward(self, x: Tensor, c_act: Tensor, mask: Tensor | None = None, cache: KVCache | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c_act).chunk(6, dim=-1)
-        rate = self.drop_path if self.training else 0.0
-        x = x + drop_path(gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), mask, cache), rate,
-                          generator)
-        return x + drop_path(gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2)), rate, generator)
-
-
-__all__ = ["KVCache", "CachedAttention", "VARBlock", "MAX_LOG_SCALE"]
+__all__ = ["CachedAttention", "KVCache", "MAX_LOG_SCALE"]
