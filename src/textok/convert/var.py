@@ -28,7 +28,7 @@ from torch import Tensor
 from ..errors import ConfigError, TextokError
 from ..hub import read_config_json
 from ..models.multiscale import MultiScaleQuantizerConfig, phi_index
-from ..models.var import VAR, VARConfig
+from ..models.var import VAR, VARConfig, VARSamplerConfig
 from ..models.vqvae import VQVAE, VQVAEConfig
 from .manifest import Variant
 
@@ -78,7 +78,8 @@ def var_config(variant: Variant) -> VARConfig:
     return VARConfig(scales=tuple(g["patch_nums"]), branches=1, codebook_size=g["vocab_size"], code_dim=g["Cvae"],
                      num_classes=g["num_classes"], width=g["embed_dim"], depth=g["depth"], heads=g["num_heads"],
                      mlp_ratio=g["mlp_ratio"], fold=True, class_dropout=g["cond_drop_rate"],
-                     attn_l2_norm=g["attn_l2_norm"], drop_path=g["drop_path_rate"], shared_adaln=g["shared_aln"])
+                     attn_l2_norm=g["attn_l2_norm"], drop_path=g["drop_path_rate"], shared_adaln=g["shared_aln"],
+                     sampler=VARSamplerConfig(**var_sampler(variant)))
 
 
 def _reorder(weight: Tensor, order: tuple[int, ...]) -> Tensor:
@@ -133,8 +134,9 @@ def build_var(state: dict[str, Tensor], variant: Variant) -> VAR:
 
 
 def var_sampler(variant: Variant) -> dict[str, Any]:
-    """The README's FID sampler in `textok sample` terms: VAR's cfg c ramps as (1 + t) cond - t uncond with
-    t = c s / (S - 1), which textok's --cfg w gives for w = c + 1; top-k and top-p as they are."""
+    """The README's FID sampler in `textok sample` terms, stored as the converted VAR's default sampler: VAR's cfg
+    c ramps as (1 + t) cond - t uncond with t = c s / (S - 1), which textok's --cfg w gives for w = c + 1; top-k
+    and top-p as they are."""
     g = variant.settings
     return {"cfg": g["cfg"] + 1.0, "top_k": g["top_k"], "top_p": g["top_p"]}
 

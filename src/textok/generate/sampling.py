@@ -47,8 +47,7 @@ DEFAULT_CFG = {"dit": 4.0, "maskgit": 5.5, "var": 4.25}
 EVAL_CFG = {"dit": 1.5, "maskgit": 5.5, "var": 4.25}
 SAMPLING_OPTIONS = {"maskgit": ("temperature", "temperature_schedule", "softmax_annealing", "guidance_schedule",
                                 "guidance_exponent"),
-                    "var": ("top_k", "top_p")}  # (the paper's VAR sampler: top_k 750, top_p 0.95)
-VAR_DEFAULTS = {"top_k": 750, "top_p": 0.95}
+                    "var": ("top_k", "top_p")}  # (defaults: the VAR's stored sampler, VARSamplerConfig)
 NPZ_PRECISION = "fp32"  # `sample --npz` (FID samples) runs in fp32 unless told otherwise, as DiT's FID sampler
 
 
@@ -79,7 +78,14 @@ class GenerationPipeline:
         FID) default."""
         if self.kind == "maskgit":
             return float(self.model.config.sampler.guidance_scale)
+        if self.kind == "var":  # its stored sampler (a converted release's own, else the paper's)
+            return float(self.model.config.sampler.cfg)
         return (EVAL_CFG if for_eval else DEFAULT_CFG)[self.kind]
+
+    def var_defaults(self) -> dict[str, Any]:
+        """A VAR's top-k and top-p from its stored sampler."""
+        s = self.model.config.sampler
+        return {"top_k": int(s.top_k), "top_p": float(s.top_p)}
 
     @property
     def num_classes(self) -> int:
@@ -209,7 +215,8 @@ class GenerationPipeline:
         decoded with (see :meth:`decoder_captions`). ``options``: the kind's own sampler options (MaskGIT:
         ``temperature``, ``temperature_schedule``, ``softmax_annealing``, ``guidance_schedule``,
         ``guidance_exponent``, each defaulting to the model's stored sampler, see :meth:`MaskGIT.generate`; VAR:
-        ``top_k``, ``top_p``, default 750 and 0.95 as in the paper, see :meth:`VAR.generate`).
+        ``top_k``, ``top_p``, defaulting to the model's stored sampler (the paper's 750 and 0.95 unless converted from
+        a release with its own), see :meth:`VAR.generate`).
         """
         cfg_scale = self.default_cfg() if cfg_scale is None else float(cfg_scale)
         self.check_request(labels, prompts, cfg_scale)
@@ -242,7 +249,7 @@ class GenerationPipeline:
             y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)
             with autocast_for(self.device, precision):
                 codes = self.model.generate(y, self.tok.quantizer, cfg=cfg_scale - 1.0, generator=g,
-                                            **{**VAR_DEFAULTS, **options})
+                                            **{**self.var_defaults(), **options})
             images = self.tok.decode_codes(codes, dec_text)
         elif self.kind == "maskgit":
             y = torch.tensor(labels if labels is not None else [0] * B, dtype=torch.long, device=self.device)

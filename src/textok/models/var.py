@@ -52,6 +52,22 @@ from .vit import MLP, drop_path
 
 
 @dataclasses.dataclass
+class VARSamplerConfig(Config):
+    """What `textok sample` samples a VAR with unless told otherwise (the paper's ImageFolder sampler; a converted
+    release stores its own): guidance w (uncond + w (cond - uncond) at the last scale, ramped over the scales),
+    top-k and top-p."""
+
+    cfg: float = 4.25
+    top_k: int = 750
+    top_p: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not self.cfg >= 1 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
+            raise ConfigError(f"VAR sampler cfg={self.cfg} must be >= 1, top_k={self.top_k} >= 0 and top_p={self.top_p} "
+                              "in [0, 1]")
+
+
+@dataclasses.dataclass
 class VARConfig(Config):
     """Codes modelled (must match the tokenizer's quantizer), size, and training options."""
 
@@ -71,6 +87,7 @@ class VARConfig(Config):
     drop_path: float | None = None  # stochastic depth of the last block (None: VAR's 0.1 x depth / 24)
     # one adaLN projection shared by all blocks, plus a learned offset per block (VAR's shared_aln, VAR-d36-s)
     shared_adaln: bool = field(default=False, metadata=OMIT_DEFAULT)
+    sampler: VARSamplerConfig = field(default_factory=VARSamplerConfig, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -466,4 +483,4 @@ class VAR(PretrainedMixin, nn.Module):
         return 2.0 * macs * batch
 
 
-__all__ = ["VARConfig", "VAR", "VARBlock", "CachedAttention", "KVCache", "sample_top_k_top_p"]
+__all__ = ["VARConfig", "VARSamplerConfig", "VAR", "VARBlock", "CachedAttention", "KVCache", "sample_top_k_top_p"]

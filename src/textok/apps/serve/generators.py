@@ -16,7 +16,7 @@ import torch
 
 from ...data.scenes import SHAPES
 from ...errors import TextokError
-from ...generate.sampling import DEFAULT_CFG, GenerationPipeline
+from ...generate.sampling import GenerationPipeline
 from .names import model_name, one_line
 from .pictures import png_data_url, to_uint8
 
@@ -46,7 +46,7 @@ class LoadedGenerator:
         names = list(SHAPES) if p.meta.get("dataset", {}).get("data") == "scenes" and p.num_classes == len(SHAPES) \
             else [f"class {k}" for k in range(p.num_classes)]
         return {"name": model_name(p.generator_dir), "directory": self.directory, "error": None, "kind": p.kind,
-                "classes": names[: p.num_classes], "text_to_image": p.is_text_to_image, "cfg": DEFAULT_CFG[p.kind],
+                "classes": names[: p.num_classes], "text_to_image": p.is_text_to_image, "cfg": p.default_cfg(),
                 "tokenizer": tokenizer_name or model_name(p.tokenizer_dir), "tokenizer_loaded": tokenizer_name is not None,
                 "max_samples": MAX_SAMPLES}
 
