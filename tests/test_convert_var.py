@@ -66,7 +66,8 @@ def test_vqvae_converts_and_the_tokenizer_verbs_load_it(tmp_path, capsys):
     model = load_tokenizer(out_dir).eval()
     assert model.config.quantizer.match == "euclidean" and model.scales == (1, 2, 3, 4)
     torch.testing.assert_close(model.quantizer.branches[0].embedding.weight, state["quantize.embedding.weight"])
-    torch.testing.assert_close(model.quantizer.branches[0].phis[3].conv.bias, state["quantize.quant_resi.qresi_ls.3.bias"])
+    phi = model.quantizer.branches[0].phis[3].conv.bias
+    torch.testing.assert_close(phi, state["quantize.quant_resi.qresi_ls.3.bias"])
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         codes = model.encode_codes(images)
@@ -105,7 +106,8 @@ def test_var_converts_and_samples_through_textok_sample(vqvae_dir, tmp_path, cap
     assert model.config.shared_adaln == (variant == "tiny-test-saln")
     assert ("shared_adaln" in json.loads((out_dir / "config.json").read_text())["config"]) == model.config.shared_adaln
     assert model.config.sampler == VARSamplerConfig(cfg=2.5, top_k=900, top_p=0.96)  # stored as its default
-    code, out, err = run(["sample", "--generator", out_dir, "--class", 3, "--n", 2, "--out", tmp_path / "s.png"], capsys)
+    code, out, err = run(["sample", "--generator", out_dir, "--class", 3, "--n", 2, "--out", tmp_path / "s.png"],
+                         capsys)
     assert code == 0 and (tmp_path / "s.png").is_file() and "guidance 2.5" in out, err
     assert GenerationPipeline(out_dir, device="cpu").var_defaults() == {"top_k": 900, "top_p": 0.96}
 
@@ -234,3 +236,13 @@ def test_stored_sampler_is_left_out_of_configs_at_its_default():
     assert custom.to_dict()["sampler"]["top_k"] == 9 and VARConfig.from_dict(custom.to_dict()) == custom
     with pytest.raises(ConfigError, match="must be >= 1"):
         VARConfig.preset("var-tiny").override(["sampler.cfg=0.5"])
+
+
+@pytest.mark.parametrize("variant", [n for n, v in load_manifest("var").items() if not v.test_only])
+def test_var_presets_are_the_released_layouts(variant):
+    """`--config var-d16` (for train-generator over VQVAE codes) is the layout the release converts to."""
+    converted = var_config(load_manifest("var")[variant])
+    preset = VARConfig.preset(variant)
+    fields = ("scales", "branches", "codebook_size", "code_dim", "num_classes", "width", "depth", "heads",
+              "mlp_ratio", "attn_l2_norm", "shared_adaln", "drop_path_rate")
+    assert [getattr(preset, f) for f in fields] == [getattr(converted, f) for f in fields]

@@ -60,7 +60,8 @@ def vqvae_state(state: dict[str, Tensor], config: VQVAEConfig) -> dict[str, Tens
     used = sorted({phi_index(i, q.num_scales, q.phi_convs) for i in range(q.num_scales)})
     for mine, theirs in enumerate(used):
         for part in ("weight", "bias"):
-            out[f"quantizer.branches.0.phis.{mine}.conv.{part}"] = state[f"quantize.quant_resi.qresi_ls.{theirs}.{part}"]
+            phi = state[f"quantize.quant_resi.qresi_ls.{theirs}.{part}"]
+            out[f"quantizer.branches.0.phis.{mine}.conv.{part}"] = phi
     return out
 
 
@@ -148,12 +149,14 @@ def var_record(model: VAR, tokenizer: Path) -> dict[str, Any]:
     q = tok.get("quantizer", {}) if isinstance(tok, dict) else {}
     c = model.config
     theirs = (list(q.get("scales", [])), q.get("branches"), q.get("num_codes"), q.get("code_dim"))
-    if kind not in ("vqvae", "imagefolder") or theirs != (list(c.scales), c.branches, c.codebook_size, c.code_dim):
+    mine = (list(c.scales), c.branches, c.codebook_size, c.code_dim)
+    if kind not in ("vqvae", "imagefolder") or theirs != mine:
         raise TextokError(f"--tokenizer {tokenizer} is a {kind} with codes {theirs} (scales, branches, codes, "
-                          f"channels), but this VAR models {(list(c.scales), c.branches, c.codebook_size, c.code_dim)}; "
+                          f"channels), but this VAR models {mine}; "
                           "give the converted VQVAE it was released with (textok convert --from var-vqvae ...)")
     return {"tokenizer_dir": str(tokenizer.resolve()), "tokenizer_type": kind, "discrete": True,
-            "codebook_size": c.codebook_size, "num_classes": c.num_classes, "code_shape": [c.branches, c.codes_per_branch],
+            "codebook_size": c.codebook_size, "num_classes": c.num_classes,
+            "code_shape": [c.branches, c.codes_per_branch],
             "code_layout": {"scales": list(c.scales), "branches": c.branches, "codebook_size": c.codebook_size,
                             "code_dim": c.code_dim}}
 

@@ -46,7 +46,7 @@ from ..config import OMIT_DEFAULT, Config
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
 from .dit import modulate
-from .multiscale import PAPER_SCALES
+from .multiscale import PAPER_SCALES, VAR_SCALES, VAR_SCALES_512
 from .var_attention import CachedAttention, KVCache
 from .vit import MLP, drop_path
 
@@ -63,8 +63,8 @@ class VARSamplerConfig(Config):
 
     def __post_init__(self) -> None:
         if not self.cfg >= 1 or self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
-            raise ConfigError(f"VAR sampler cfg={self.cfg} must be >= 1, top_k={self.top_k} >= 0 and top_p={self.top_p} "
-                              "in [0, 1]")
+            raise ConfigError(f"VAR sampler cfg={self.cfg} must be >= 1, top_k={self.top_k} >= 0 and "
+                              f"top_p={self.top_p} in [0, 1]")
 
 
 @dataclasses.dataclass
@@ -164,6 +164,12 @@ def _register_presets() -> None:
         VARConfig.register_preset(f"var-s-{res}")(
             lambda scales=scales: VARConfig(scales=scales, codebook_size=1024, code_dim=16, num_classes=10,
                                             width=128, depth=4, heads=4))
+    # VAR's own (Tian et al.) over its VQVAE's codes (var-vqvae-256): depth d, width 64 d, d heads; d36-s at 512 px
+    # shares its adaLN. textok convert --from var loads their released weights into these layouts.
+    for d in (16, 20, 24, 30, 36):
+        VARConfig.register_preset(f"var-d{d}")(
+            lambda d=d: VARConfig(scales=VAR_SCALES_512 if d == 36 else VAR_SCALES, branches=1, code_dim=32,
+                                  width=64 * d, depth=d, heads=d, shared_adaln=d == 36))
     VARConfig.register_preset("var-tiny")(
         lambda: VARConfig(scales=(1, 2, 3), codebook_size=64, code_dim=8, num_classes=10, width=32, depth=2, heads=2))
 
