@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, TextokError
 from ..hub import read_config_json
-from ..models.multiscale import MultiScaleQuantizerConfig, phi_index
+from ..models.multiscale import VAR_SCALES_512, MultiScaleQuantizerConfig, phi_index
 from ..models.var import VAR, VARConfig, VARSamplerConfig
 from ..models.vqvae import VQVAE, VQVAEConfig
 from .manifest import Variant
@@ -153,7 +153,8 @@ def var_record(model: VAR, tokenizer: Path) -> dict[str, Any]:
     if kind not in ("vqvae", "imagefolder") or theirs != mine:
         raise TextokError(f"--tokenizer {tokenizer} is a {kind} with codes {theirs} (scales, branches, codes, "
                           f"channels), but this VAR models {mine}; "
-                          "give the converted VQVAE it was released with (textok convert --from var-vqvae ...)")
+                          "give the converted VQVAE it was released with (textok convert --from var-vqvae ..."
+                          f"{' --variant vae-ch160-v4096-z32-512' if c.scales == VAR_SCALES_512 else ''})")
     return {"tokenizer_dir": str(tokenizer.resolve()), "tokenizer_type": kind, "discrete": True,
             "codebook_size": c.codebook_size, "num_classes": c.num_classes,
             "code_shape": [c.branches, c.codes_per_branch],
