@@ -18,9 +18,10 @@ import torch
 from textok.cli import main
 from textok.convert import convert, load_manifest
 from textok.convert.var import var_config, var_state, vqvae_config, vqvae_state
-from textok.errors import TextokError
+from textok.errors import ConfigError, TextokError
 from textok.models.registry import load_generator, load_tokenizer
-from textok.models.var import VAR
+from textok.generate.sampling import GenerationPipeline
+from textok.models.var import VAR, VARConfig, VARSamplerConfig
 from textok.models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -65,7 +66,8 @@ def test_vqvae_converts_and_the_tokenizer_verbs_load_it(tmp_path, capsys):
     model = load_tokenizer(out_dir).eval()
     assert model.config.quantizer.match == "euclidean" and model.scales == (1, 2, 3, 4)
     torch.testing.assert_close(model.quantizer.branches[0].embedding.weight, state["quantize.embedding.weight"])
-    torch.testing.assert_close(model.quantizer.branches[0].phis[3].conv.bias, state["quantize.quant_resi.qresi_ls.3.bias"])
+    phi = model.quantizer.branches[0].phis[3].conv.bias
+    torch.testing.assert_close(phi, state["quantize.quant_resi.qresi_ls.3.bias"])
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         codes = model.encode_codes(images)
@@ -103,9 +105,12 @@ def test_var_converts_and_samples_through_textok_sample(vqvae_dir, tmp_path, cap
     assert (model.config.branches, model.config.attn_l2_norm, model.config.depth) == (1, True, 2)
     assert model.config.shared_adaln == (variant == "tiny-test-saln")
     assert ("shared_adaln" in json.loads((out_dir / "config.json").read_text())["config"]) == model.config.shared_adaln
-    code, out, err = run(["sample", "--generator", out_dir, "--class", 3, "--n", 2, "--cfg", 2.5, "--top-k", 20,
-                          "--out", tmp_path / "s.png"], capsys)
-    assert code == 0 and (tmp_path / "s.png").is_file(), err
+    assert model.config.sampler == VARSamplerConfig(cfg=2.5, top_k=900, top_p=0.96)  # stored as its default
+    code, out, err = run(["sample", "--generator", out_dir, "--class", 3, "--n", 2, "--out", tmp_path / "s.png"],
+                         capsys)
+    assert code == 0 and (tmp_path / "s.png").is_file() and "guidance 2.5" in out, err
+    sampler = GenerationPipeline(out_dir, device="cpu").model.config.sampler
+    assert (sampler.top_k, sampler.top_p) == (900, 0.96)
 
 
 def _converted_var(state: dict[str, torch.Tensor], variant: str = "tiny-test") -> VAR:
@@ -223,3 +228,22 @@ def test_var_needs_its_vqvae_and_consistent_buffers(vqvae_dir, tmp_path):
     with pytest.raises(TextokError, match="lvl_1L / attn_bias_for_masking buffers do not describe the scales"):
         convert("var", path, tmp_path / "g", tokenizer=vqvae_dir)
     assert not (tmp_path / "g").exists()
+
+
+def test_stored_sampler_is_left_out_of_configs_at_its_default():
+    """VAR configs saved before the stored sampler existed compare equal; a changed one round-trips."""
+    assert "sampler" not in VARConfig().to_dict() and "shared_adaln" not in VARConfig().to_dict()
+    custom = VARConfig.preset("var-tiny").override(["sampler.top_k=9"])
+    assert custom.to_dict()["sampler"]["top_k"] == 9 and VARConfig.from_dict(custom.to_dict()) == custom
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        VARConfig.preset("var-tiny").override(["sampler.cfg=0.5"])
+
+
+@pytest.mark.parametrize("variant", [n for n, v in load_manifest("var").items() if not v.test_only])
+def test_var_presets_are_the_released_layouts(variant):
+    """`--config var-d16` (for train-generator over VQVAE codes) is the layout the release converts to."""
+    converted = var_config(load_manifest("var")[variant])
+    preset = VARConfig.preset(variant)
+    fields = ("scales", "branches", "codebook_size", "code_dim", "num_classes", "width", "depth", "heads",
+              "mlp_ratio", "attn_l2_norm", "shared_adaln", "drop_path_rate")
+    assert [getattr(preset, f) for f in fields] == [getattr(converted, f) for f in fields]

@@ -110,7 +110,7 @@ def test_sample_grid_and_npz_from_a_var(run, capsys):
     assert np.array_equal(a["arr_0"], b["arr_0"]) and not np.array_equal(a["arr_0"], c["arr_0"])
     capsys.readouterr()
     assert main(args + ["--npz", str(run / "d.npz"), "--num", "2"]) == 0
-    assert "guidance 4.25 (ImageFolder's sampler)" in capsys.readouterr().out
+    assert "guidance 4.25 (its stored sampler)" in capsys.readouterr().out
     assert main(args + ["--npz", str(run / "e.npz"), "--num", "2", "--temperature", "2"]) == 2
     assert "MaskGIT sampling options; a VAR samples with --cfg, --top-k and --top-p" in _err(capsys)
     assert main(args + ["--npz", str(run / "e.npz"), "--num", "2", "--steps", "8"]) == 2

@@ -43,9 +43,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print(f"evaluate it: textok eval reconstruction --model {done.directory} --data DIR")
         return
     sampler = FORMATS[args.fmt].sampler(done.variant)  # type: ignore[misc]
-    if "top_k" in sampler:  # a VAR: textok sample's VAR defaults are the paper's, not the release's FID sampler
-        print(f"sample it: textok sample --generator {done.directory} --class 0 --out samples.png (the release's FID "
-              f"sampler: --cfg {sampler['cfg']:g} --top-k {sampler['top_k']} --top-p {sampler['top_p']})")
+    if "top_k" in sampler:  # a VAR
+        print(f"sample it: textok sample --generator {done.directory} --class 0 --out samples.png (its stored sampler "
+              f"is the release's FID sampler: --cfg {sampler['cfg']:g} --top-k {sampler['top_k']} --top-p "
+              f"{sampler['top_p']})")
         return
     print(f"sample it: textok sample --generator {done.directory} --class 0 --out samples.png (its stored sampler is "
           f"the release's: {sampler['steps']} steps, guidance {sampler['guidance_scale']} "

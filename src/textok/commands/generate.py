@@ -83,9 +83,10 @@ def sample_args(p: argparse.ArgumentParser) -> None:
                         "S-128: power-cosine)")
     p.add_argument("--guidance-exponent", type=float, default=None,
                    help="MaskGIT: the power-cosine schedule's exponent (default: stored; TiTok-S-128: 3)")
-    p.add_argument("--top-k", type=int, default=None, help="VAR: keep the k most likely codes (default 750, 0 = all)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="VAR: keep the smallest set of codes with this much mass (default 0.95, 0 or 1 = all)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="VAR: keep the k most likely codes (default: stored, 750 unless converted; 0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="VAR: keep the smallest set of codes with this much "
+                   "mass (default: stored, 0.95 unless converted; 0 or 1 = all)")
     p.add_argument("--no-progress", action="store_true")
 
 

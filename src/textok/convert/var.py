@@ -27,8 +27,8 @@ from torch import Tensor
 
 from ..errors import ConfigError, TextokError
 from ..hub import read_config_json
-from ..models.multiscale import MultiScaleQuantizerConfig, phi_index
-from ..models.var import VAR, VARConfig
+from ..models.multiscale import VAR_SCALES_512, MultiScaleQuantizerConfig, phi_index
+from ..models.var import VAR, VARConfig, VARSamplerConfig
 from ..models.vqvae import VQVAE, VQVAEConfig
 from .manifest import Variant
 
@@ -60,7 +60,8 @@ def vqvae_state(state: dict[str, Tensor], config: VQVAEConfig) -> dict[str, Tens
     used = sorted({phi_index(i, q.num_scales, q.phi_convs) for i in range(q.num_scales)})
     for mine, theirs in enumerate(used):
         for part in ("weight", "bias"):
-            out[f"quantizer.branches.0.phis.{mine}.conv.{part}"] = state[f"quantize.quant_resi.qresi_ls.{theirs}.{part}"]
+            phi = state[f"quantize.quant_resi.qresi_ls.{theirs}.{part}"]
+            out[f"quantizer.branches.0.phis.{mine}.conv.{part}"] = phi
     return out
 
 
@@ -78,7 +79,8 @@ def var_config(variant: Variant) -> VARConfig:
     return VARConfig(scales=tuple(g["patch_nums"]), branches=1, codebook_size=g["vocab_size"], code_dim=g["Cvae"],
                      num_classes=g["num_classes"], width=g["embed_dim"], depth=g["depth"], heads=g["num_heads"],
                      mlp_ratio=g["mlp_ratio"], fold=True, class_dropout=g["cond_drop_rate"],
-                     attn_l2_norm=g["attn_l2_norm"], drop_path=g["drop_path_rate"], shared_adaln=g["shared_aln"])
+                     attn_l2_norm=g["attn_l2_norm"], drop_path=g["drop_path_rate"], shared_adaln=g["shared_aln"],
+                     sampler=VARSamplerConfig(**var_sampler(variant)))
 
 
 def _reorder(weight: Tensor, order: tuple[int, ...]) -> Tensor:
@@ -133,8 +135,9 @@ def build_var(state: dict[str, Tensor], variant: Variant) -> VAR:
 
 
 def var_sampler(variant: Variant) -> dict[str, Any]:
-    """The README's FID sampler in `textok sample` terms: VAR's cfg c ramps as (1 + t) cond - t uncond with
-    t = c s / (S - 1), which textok's --cfg w gives for w = c + 1; top-k and top-p as they are."""
+    """The README's FID sampler in `textok sample` terms, stored as the converted VAR's default sampler: VAR's cfg
+    c ramps as (1 + t) cond - t uncond with t = c s / (S - 1), which textok's --cfg w gives for w = c + 1; top-k
+    and top-p as they are."""
     g = variant.settings
     return {"cfg": g["cfg"] + 1.0, "top_k": g["top_k"], "top_p": g["top_p"]}
 
@@ -146,12 +149,15 @@ def var_record(model: VAR, tokenizer: Path) -> dict[str, Any]:
     q = tok.get("quantizer", {}) if isinstance(tok, dict) else {}
     c = model.config
     theirs = (list(q.get("scales", [])), q.get("branches"), q.get("num_codes"), q.get("code_dim"))
-    if kind not in ("vqvae", "imagefolder") or theirs != (list(c.scales), c.branches, c.codebook_size, c.code_dim):
+    mine = (list(c.scales), c.branches, c.codebook_size, c.code_dim)
+    if kind not in ("vqvae", "imagefolder") or theirs != mine:
         raise TextokError(f"--tokenizer {tokenizer} is a {kind} with codes {theirs} (scales, branches, codes, "
-                          f"channels), but this VAR models {(list(c.scales), c.branches, c.codebook_size, c.code_dim)}; "
-                          "give the converted VQVAE it was released with (textok convert --from var-vqvae ...)")
+                          f"channels), but this VAR models {mine}; "
+                          "give the converted VQVAE it was released with (textok convert --from var-vqvae ..."
+                          f"{' --variant vae-ch160-v4096-z32-512' if c.scales == VAR_SCALES_512 else ''})")
     return {"tokenizer_dir": str(tokenizer.resolve()), "tokenizer_type": kind, "discrete": True,
-            "codebook_size": c.codebook_size, "num_classes": c.num_classes, "code_shape": [c.branches, c.codes_per_branch],
+            "codebook_size": c.codebook_size, "num_classes": c.num_classes,
+            "code_shape": [c.branches, c.codes_per_branch],
             "code_layout": {"scales": list(c.scales), "branches": c.branches, "codebook_size": c.codebook_size,
                             "code_dim": c.code_dim}}
 

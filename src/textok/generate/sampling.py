@@ -172,7 +172,8 @@ class GenerationPipeline:
         decoded with (see :meth:`decoder_captions`). ``options``: the kind's own sampler options (MaskGIT:
         ``temperature``, ``temperature_schedule``, ``softmax_annealing``, ``guidance_schedule``,
         ``guidance_exponent``, each defaulting to the model's stored sampler, see :meth:`MaskGIT.generate`; VAR:
-        ``top_k``, ``top_p``, default 750 and 0.95 as in the paper, see :meth:`VAR.generate`).
+        ``top_k``, ``top_p``, defaulting to the model's stored sampler (the paper's 750 and 0.95 unless converted from
+        a release with its own), see :meth:`VAR.generate`).
         """
         cfg_scale = self.default_cfg() if cfg_scale is None else float(cfg_scale)
         self.check_request(labels, prompts, cfg_scale)

@@ -43,6 +43,8 @@ from ..errors import ConfigError, TextokError
 from .quantizers import VQOutput, _data_parallel
 
 PAPER_SCALES: tuple[int, ...] = (1, 1, 2, 3, 3, 4, 5, 6, 8, 11)
+VAR_SCALES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's VQVAE at 256 px (one branch)
+VAR_SCALES_512: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # ... and at 512 px (VAR-d36-s)
 MATCHES = ("cosine", "euclidean")
 
 
@@ -425,4 +427,4 @@ class ProductQuantizer(nn.Module):
 
 
 __all__ = ["MultiScaleQuantizerConfig", "MultiScaleResidualQuantizer", "ProductQuantizer", "Phi", "phi_index",
-           "PAPER_SCALES"]
+           "PAPER_SCALES", "VAR_SCALES", "VAR_SCALES_512"]

@@ -71,10 +71,12 @@ for _row in (
                   optim={"lr": 2e-4, "betas": (0.9, 0.96), "weight_decay": 0.03, "warmup_steps": 10_000,
                          "min_lr_ratio": 0.05, "grad_clip": 1.0}),
     # VAR's recipe (ImageFolder's generator trainer): AdamW, betas (0.9, 0.95), weight decay 0.05, lr 1e-4 per 256
-    # images, gradient clipping at 2; the paper's sampler: top_k 750, top_p 0.95.
+    # images, gradient clipping at 2. Its sampler is stored with it (VARSamplerConfig: the paper's 4.25, top_k 750,
+    # top_p 0.95 for a VAR textok trains; a converted release's own).
     GeneratorKind("var", "VAR", VAR, "textok.train.generator:VARTask", preset="var-imagefolder-b-256",
                   consumes="scales", sample=var.sample_images, check_pair=var.check_tokenizer, default_cfg=4.25,
-                  eval_cfg=4.25, eval_note="ImageFolder's sampler", options={"top_k": 750, "top_p": 0.95},
+                  eval_cfg=4.25, eval_note="its stored sampler", options={"top_k": None, "top_p": None},
+                  stored_guidance=lambda model: model.config.sampler.cfg,
                   controls="--cfg, --top-k and --top-p",
                   optim={"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.05, "warmup_steps": 1000,
                          "min_lr_ratio": 0.01, "grad_clip": 2.0}),

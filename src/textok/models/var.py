@@ -47,9 +47,10 @@ from ..devices import autocast_for
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
 from .dit import modulate
-from .multiscale import PAPER_SCALES
 from .kinds import SampleRequest
+from .multiscale import PAPER_SCALES, VAR_SCALES, VAR_SCALES_512
 from .var_attention import CachedAttention, KVCache
+from .var_sampling import VARSamplerConfig, sample_top_k_top_p
 from .vit import MLP, drop_path
 
 
@@ -73,6 +74,7 @@ class VARConfig(Config):
     drop_path: float | None = None  # stochastic depth of the last block (None: VAR's 0.1 x depth / 24)
     # one adaLN projection shared by all blocks, plus a learned offset per block (VAR's shared_aln, VAR-d36-s)
     shared_adaln: bool = field(default=False, metadata=OMIT_DEFAULT)
+    sampler: VARSamplerConfig = field(default_factory=VARSamplerConfig, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
@@ -149,6 +151,12 @@ def _register_presets() -> None:
         VARConfig.register_preset(f"var-s-{res}")(
             lambda scales=scales: VARConfig(scales=scales, codebook_size=1024, code_dim=16, num_classes=10,
                                             width=128, depth=4, heads=4))
+    # VAR's own (Tian et al.) over its VQVAE's codes (var-vqvae-256): depth d, width 64 d, d heads; d36-s at 512 px
+    # shares its adaLN. textok convert --from var loads their released weights into these layouts.
+    for d in (16, 20, 24, 30, 36):
+        VARConfig.register_preset(f"var-d{d}")(
+            lambda d=d: VARConfig(scales=VAR_SCALES_512 if d == 36 else VAR_SCALES, branches=1, code_dim=32,
+                                  width=64 * d, depth=d, heads=d, shared_adaln=d == 36))
     VARConfig.register_preset("var-tiny")(
         lambda: VARConfig(scales=(1, 2, 3), codebook_size=64, code_dim=8, num_classes=10, width=32, depth=2, heads=2))
 
@@ -181,27 +189,6 @@ class VARBlock(nn.Module):
         x = x + drop_path(gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), mask, cache), rate,
                           generator)
         return x + drop_path(gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2)), rate, generator)
-
-
-def sample_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0,
-                       generator: torch.Generator | None = None) -> Tensor:
-    """One id per row of logits (..., V): keep the top_k largest (0 = all), then the smallest set of mass >=
-    top_p (0 or 1 = all; the most likely id always stays), sample at ``temperature`` (0 = argmax)."""
-    shape, V = logits.shape[:-1], logits.shape[-1]
-    flat = logits.reshape(-1, V).float()
-    if temperature == 0:
-        return flat.argmax(-1).view(shape)
-    flat = flat / temperature
-    if 0 < top_k < V:
-        kth = flat.topk(top_k, dim=-1).values[:, -1:]
-        flat = flat.masked_fill(flat < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, order = flat.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # mass before this id already exceeds top_p
-        flat = flat.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    ids = torch.multinomial(flat.softmax(-1), 1, generator=generator)
-    return ids.view(shape)
 
 
 def _logit_dtype(x: Tensor) -> torch.dtype:
@@ -475,8 +462,11 @@ def sample_images(model: VAR, tok: nn.Module, req: SampleRequest) -> Tensor:
     if req.steps is not None and req.steps != model.config.num_scales:
         raise TextokError(f"a VAR samples one step per scale ({model.config.num_scales}); drop --steps")
     labels = req.labels if req.labels is not None else torch.zeros(req.batch, dtype=torch.long, device=req.device)
+    stored = model.config.sampler  # top-k / top-p not given: the VAR's stored sampler's
+    options = {"top_k": stored.top_k, "top_p": stored.top_p,
+               **{k: v for k, v in req.options.items() if v is not None}}
     with autocast_for(req.device, req.precision):
-        codes = model.generate(labels, tok.quantizer, cfg=req.cfg_scale - 1.0, generator=req.generator, **req.options)
+        codes = model.generate(labels, tok.quantizer, cfg=req.cfg_scale - 1.0, generator=req.generator, **options)
     return tok.decode_codes(codes, req.decoder_text)
 
 
@@ -485,4 +475,4 @@ def check_tokenizer(model: VAR, tok: nn.Module, record: dict, fix: str) -> None:
     model.config.check_compatible(tok.config, fix=fix)
 
 
-__all__ = ["VARConfig", "VAR", "VARBlock", "CachedAttention", "KVCache", "sample_top_k_top_p"]
+__all__ = ["VARConfig", "VARSamplerConfig", "VAR", "VARBlock", "CachedAttention", "KVCache", "sample_top_k_top_p"]

@@ -27,10 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..config import Config, derived
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
-from .multiscale import MultiScaleQuantizerConfig, ProductQuantizer
+from .multiscale import VAR_SCALES, MultiScaleQuantizerConfig, ProductQuantizer
 from .textok import check_values
 
-VAR_SCALES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 GROUPS = 32  # GroupNorm groups of every norm (the layout's fixed choice)
 
 
@@ -366,4 +365,4 @@ class VQVAE(PretrainedMixin, nn.Module):
         return float(counter.get_total_flops()) + 2.0 * q.codes_per_branch * q.num_codes * q.code_dim
 
 
-__all__ = ["VAR_SCALES", "VQVAE", "VQVAEConfig"]
+__all__ = ["VQVAE", "VQVAEConfig"]
