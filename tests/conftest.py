@@ -11,6 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["TEXTOK_CACHE"] = tempfile.mkdtemp(prefix="textok-tests-cache-")  # tests never write the user's cache
+os.environ["TEXTOK_THREADS"] = "1"  # what `textok` run in-process sets torch to: one thread, as below
 torch.set_num_threads(1)
 
 REAL_DATA = Path(os.environ["TEXTOK_DATA"]) if os.environ.get("TEXTOK_DATA") else None  # real data sets, if any

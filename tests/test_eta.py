@@ -46,3 +46,14 @@ def test_resumed_runs_and_tiny_jobs() -> None:
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (0.2, 40, 89, 95, 3600, 7300)] == ["1 s", "40 s", "89 s", "2 min", "60 min",
                                                                            "2 h 02 min"]
+
+
+def test_training_prints_its_estimate_with_the_threads(tmp_path, capsys) -> None:
+    from textok.cli import main
+
+    args = ["train-tokenizer", "--config", "textok-tiny", "--out", str(tmp_path / "run"), "--max-steps", "60",
+            "--no-progress", "batch_size=2", "data.train_size=4", "data.val_size=2", "log_every=60", "ckpt_every=60"]
+    assert main(["--threads", "1", *args]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "about" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"train run: about ") and "steps left of 60" in lines[0]
+    assert "1 CPU thread, --threads N to change" in lines[0]

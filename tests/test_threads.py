@@ -47,3 +47,19 @@ def test_set_threads_sets_torch(monkeypatch) -> None:
         assert threads.set_threads(1) == (1, "--threads") and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_option_before_or_after_the_verb(monkeypatch, capsys) -> None:
+    from textok.cli import build_parser, main
+
+    parser = build_parser(["info"])
+    assert parser.parse_args(["--threads", "3", "info"]).threads == 3
+    assert parser.parse_args(["info", "--threads", "2"]).threads == 2
+    assert parser.parse_args(["info"]).threads is None
+    before = torch.get_num_threads()
+    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    try:
+        assert main(["info", "--threads", "2"]) == 0 and torch.get_num_threads() == 2
+        assert main(["info", "--threads", "-1"]) == 2 and "--threads must be positive" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -78,13 +78,20 @@ VERBS: dict[str, Verb] = {
 }
 
 
+THREADS_HELP = ("CPU threads for torch (default: the free physical cores, i.e. the usable cores less the load "
+                "average; also TEXTOK_THREADS=N; OMP_NUM_THREADS is respected)")
+
+
 def build_parser(verbs: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The command line; the ``verbs`` named (default: all) get their arguments, which imports their modules."""
     parser = argparse.ArgumentParser(prog="textok", description="Text-conditioned image tokenization and generation.")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    every_verb = argparse.ArgumentParser(add_help=False)  # --threads after the verb too
+    every_verb.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=THREADS_HELP)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     wanted = set(VERBS if verbs is None else verbs)
     for name, verb in VERBS.items():
-        verb_parser = sub.add_parser(name, help=verb.help, description=verb.help)
+        verb_parser = sub.add_parser(name, help=verb.help, description=verb.help, parents=[every_verb])
         if name in wanted:
             verb.function(verb.add_args)(verb_parser)
     return parser
@@ -125,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread
         previous = None
     try:
+        from .threads import set_threads  # imports torch: only once a verb runs, so that --help stays instant
+
+        set_threads(args.threads)
         verb = VERBS[args.verb]
         result = verb.function(verb.run)(args)
         return int(result or 0)

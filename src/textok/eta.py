@@ -25,11 +25,12 @@ def format_duration(seconds: float) -> str:
 
 class Eta:
     """Call :meth:`step` after each unit of work; after ``after`` timed units (or ``min_seconds`` of them) one
-    estimate of the time left for ``total`` units is printed, and nothing more."""
+    estimate of the time left for ``total`` units is printed (with ``note`` beside the rate), and nothing more."""
 
     def __init__(self, total: int, label: str, unit: str = "steps", *, done: int = 0, after: int = 5,
-                 min_seconds: float = 2.0, stream: TextIO | None = None, clock=time.perf_counter) -> None:
-        self.total, self.label, self.unit = total, label, unit
+                 min_seconds: float = 2.0, note: str = "", stream: TextIO | None = None,
+                 clock=time.perf_counter) -> None:
+        self.total, self.label, self.unit, self.note = total, label, unit, note
         self.done = done
         self.after, self.min_seconds = after, min_seconds
         self.stream = stream
@@ -52,7 +53,8 @@ class Eta:
             rate = self.timed / max(elapsed, 1e-9)
             left = max(self.total - self.done, 0) / rate
             print(f"{self.label}: about {format_duration(left)} for the {self.total - self.done} {self.unit} left of "
-                  f"{self.total} ({rate:.3g} {self.unit}/s)", file=self.stream or sys.stdout, flush=True)
+                  f"{self.total} ({rate:.3g} {self.unit}/s{'; ' + self.note if self.note else ''})",
+                  file=self.stream or sys.stdout, flush=True)
             self.printed = True
 
 

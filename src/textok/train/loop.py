@@ -26,6 +26,7 @@ from torch import nn
 from ..config import Config
 from ..distributed import DistInfo, any_rank, barrier, distributed_session, wrap_ddp
 from ..errors import TextokError
+from ..eta import Eta
 from ..text.store import open_text_states
 from . import fsdp
 from .checkpoint import DISK_FULL, CheckpointManager, rng_state, set_rng_state
@@ -183,6 +184,9 @@ def _run(task: Task, cfg: RunConfig, out: Path, info: DistInfo, progress: bool) 
     task.begin(step)
     log = JsonlLog(out / "log.jsonl", step) if info.is_main else None
     bar = progress_bar(progress and info.is_main, cfg.max_steps, step, f"train {out.name} ({task.model_type})")
+    n = torch.get_num_threads()
+    threads = f"{n} CPU thread{'s' * (n != 1)}, --threads N to change" if info.device.type == "cpu" else ""
+    eta = Eta(cfg.max_steps, f"train {out.name}", done=step, note=threads) if info.is_main else None
 
     optim = cfg.optim
     peak_lr = optim.lr_for(cfg.batch_size * getattr(cfg, "grad_accum", 1) * info.world)
@@ -205,6 +209,8 @@ def _run(task: Task, cfg: RunConfig, out: Path, info: DistInfo, progress: bool) 
             skipped += result.skipped
             seen += result.images * info.world
             step += 1
+            if eta is not None:
+                eta.step()
 
             # bookkeeping: host syncs only here, every log_every steps and before a checkpoint
             stop = interrupt.requested  # read once: a signal arriving later in this step is seen at the next one
