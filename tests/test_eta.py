@@ -57,3 +57,12 @@ def test_training_prints_its_estimate_with_the_threads(tmp_path, capsys) -> None
     lines = [line for line in capsys.readouterr().out.splitlines() if "about" in line]
     assert len(lines) == 1 and lines[0].startswith(f"train run: about ") and "steps left of 60" in lines[0]
     assert "1 CPU thread, --threads N to change" in lines[0]
+
+
+def test_a_progress_bar_prints_the_line_above_itself() -> None:
+    clock, written = Clock(), []
+    eta = Eta(20, "train", clock=clock, write=written.append)
+    for _ in range(7):
+        clock.now += 1.0
+        eta.step()
+    assert written == ["train: about 14 s for the 14 steps left of 20 (1 steps/s)"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 def format_duration(seconds: float) -> str:
@@ -29,8 +29,9 @@ class Eta:
 
     def __init__(self, total: int, label: str, unit: str = "steps", *, done: int = 0, after: int = 5,
                  min_seconds: float = 2.0, note: str = "", stream: TextIO | None = None,
-                 clock=time.perf_counter) -> None:
+                 write: Callable[[str], None] | None = None, clock=time.perf_counter) -> None:
         self.total, self.label, self.unit, self.note = total, label, unit, note
+        self.write = write  # e.g. a progress bar's write, which prints above the bar instead of through it
         self.done = done
         self.after, self.min_seconds = after, min_seconds
         self.stream = stream
@@ -52,9 +53,12 @@ class Eta:
         if self.timed >= self.after and elapsed >= self.min_seconds or self.timed >= 10 * self.after:
             rate = self.timed / max(elapsed, 1e-9)
             left = max(self.total - self.done, 0) / rate
-            print(f"{self.label}: about {format_duration(left)} for the {self.total - self.done} {self.unit} left of "
-                  f"{self.total} ({rate:.3g} {self.unit}/s{'; ' + self.note if self.note else ''})",
-                  file=self.stream or sys.stdout, flush=True)
+            line = (f"{self.label}: about {format_duration(left)} for the {self.total - self.done} {self.unit} left "
+                    f"of {self.total} ({rate:.3g} {self.unit}/s{'; ' + self.note if self.note else ''})")
+            if self.write is not None:
+                self.write(line)
+            else:
+                print(line, file=self.stream or sys.stdout, flush=True)
             self.printed = True
 
 

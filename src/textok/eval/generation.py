@@ -301,7 +301,7 @@ class _Features:
             from tqdm.auto import tqdm
 
             it = tqdm(batches, desc=desc, unit="batch", total=total)
-        eta = Eta(total, f"eval generation, {desc}", "batches") if total else None
+        eta = Eta(total, f"eval generation, {desc}", "batches", write=getattr(it, "write", None)) if total else None
         for x in it:
             if eta is not None:
                 eta.step()

@@ -186,7 +186,8 @@ def _run(task: Task, cfg: RunConfig, out: Path, info: DistInfo, progress: bool) 
     bar = progress_bar(progress and info.is_main, cfg.max_steps, step, f"train {out.name} ({task.model_type})")
     n = torch.get_num_threads()
     threads = f"{n} CPU thread{'s' * (n != 1)}, --threads N to change" if info.device.type == "cpu" else ""
-    eta = Eta(cfg.max_steps, f"train {out.name}", done=step, note=threads) if info.is_main else None
+    eta = Eta(cfg.max_steps, f"train {out.name}", done=step, note=threads,
+              write=bar.write if bar is not None else None) if info.is_main else None
 
     optim = cfg.optim
     peak_lr = optim.lr_for(cfg.batch_size * getattr(cfg, "grad_accum", 1) * info.world)
