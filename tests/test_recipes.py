@@ -154,6 +154,9 @@ def _semantic_worker(rank, world, port, out):
         loss.backward()
         torch.save({"loss": loss.detach(), "zq_grad": mine.grad, "proj_grad": model.semantic_proj.weight.grad},
                    f"{out}-rank{rank}.pt")
+        # every process's sends of the backward's exchange done before either tears its group down (a process
+        # leaving with a send still in flight was aborted by gloo: "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
