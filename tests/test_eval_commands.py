@@ -152,6 +152,15 @@ def test_cli_reconstruction_tiny_model(tiny_model_dir: Path, tmp_path: Path, cap
     assert "FD-opennsfw@32" in printed and "skipped rFID" in printed
 
 
+def test_cli_reconstruction_prints_its_estimated_time(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    """One estimated-time line, also with --quiet (no progress bar): 56 one-image batches are enough to time."""
+    rc = main(["eval", "reconstruction", "--model", str(tiny_model_dir), "--data", "scenes", "--num", "56",
+               "--fd-size", "32", "--batch-size", "1", "--quiet", "--out", str(tmp_path / "r.json")])
+    assert rc == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "about" in line]
+    assert len(lines) == 1 and lines[0].startswith("eval reconstruction: about") and "batches left of 56" in lines[0]
+
+
 @pytest.mark.numerics  # re-run by `make test` on a second CPU code path
 def test_identity_tokenizer_is_perfect() -> None:
     data = CaptionedScenes(16, "val", size=10)

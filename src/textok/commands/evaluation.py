@@ -102,7 +102,7 @@ def run_reconstruction(args: argparse.Namespace) -> dict[str, Any]:
     print(f"eval reconstruction: {args.model} on {args.data}/{split}, {len(data)} images at {size} px, {device}")
     result = evaluate_tokenizer(model, data, batch_size=args.batch_size, device=device,
                                 inception_weights=args.inception_weights, vgg16_weights=args.vgg16_weights,
-                                progress=not args.quiet, fd_size=args.fd_size)
+                                progress=not args.quiet, fd_size=args.fd_size, eta_label="eval reconstruction")
     settings = {"mode": "reconstruction", "model": args.model, "data": args.data, "split": split,
                 "image_size": size, "num": args.num, "fd_size": args.fd_size, "seed": args.seed,
                 "caption": "first caption of each image"}

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..data.folder import collate
 from ..errors import ConfigError, TextokError
+from ..eta import Eta
 from ..losses.perceptual import LPIPS
 from .features import (DEFAULT_FD_SIZE, FeatureExtractor, build_fd_extractor, maybe_inception, metric_name,
                        quantize_uint8)
@@ -69,13 +70,15 @@ def _batches(dataset: Any, num: int, batch_size: int) -> Iterator[tuple[Tensor, 
 @torch.no_grad()
 def reconstruct_batches(model: nn.Module, dataset: Any, *, num: int | None = None, batch_size: int = 32,
                         device: str | torch.device = "cpu", quantize: bool = True,
-                        progress: bool = False) -> Iterator[tuple[Tensor, Tensor, list[str], int]]:
+                        progress: bool = False, eta_label: str | None = None
+                        ) -> Iterator[tuple[Tensor, Tensor, list[str], int]]:
     """Yield ``(originals, reconstructions, captions, skipped)`` per batch, both image tensors on ``device``,
     clamped to [-1, 1] (and rounded to 8-bit levels with ``quantize``).
 
     Items 0..num-1 in order; each image is reconstructed with its first caption when the model uses text.
     ``skipped`` counts items of the batch that could not be decoded (a batch of only such items yields
-    empty tensors). The model is put in eval mode and its train/eval mode restored at the end.
+    empty tensors). The model is put in eval mode and its train/eval mode restored at the end. ``eta_label``:
+    print one estimated-time line under that name once the first batches are timed (:mod:`textok.eta`).
     """
     if batch_size < 1:
         raise TextokError(f"batch_size must be at least 1; got {batch_size}")
@@ -91,8 +94,12 @@ def reconstruct_batches(model: nn.Module, dataset: Any, *, num: int | None = Non
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="reconstruct", unit="batch", total=math.ceil(total / batch_size))
+    batches = math.ceil(total / batch_size)
+    eta = Eta(batches, eta_label, "batches", write=getattr(it, "write", None)) if eta_label else None
     try:
         for images, captions, skipped in it:
+            if eta is not None:
+                eta.step()
             if images.numel() == 0:
                 yield images, images, [], skipped
                 continue
@@ -126,7 +133,7 @@ def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None
                        device: str | torch.device = "cpu", inception_weights: str | None = None,
                        vgg16_weights: str | None = None, fd_networks: Sequence[str | FeatureExtractor] = ("opennsfw",),
                        progress: bool = True, fd_size: int = DEFAULT_FD_SIZE, quantize: bool = True,
-                       kid: bool = False, per_image: bool = False) -> dict[str, Any]:
+                       kid: bool = False, per_image: bool = False, eta_label: str | None = None) -> dict[str, Any]:
     """Reconstruction metrics of ``model`` on the first ``num`` items of ``dataset`` (see the module doc).
 
     ``fd_networks``: names (``"opennsfw"``) or :class:`FeatureExtractor` objects for ``FD-<name>``.
@@ -135,7 +142,8 @@ def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None
     ``kid``: also ``KID-<name>`` (``KID`` for rFID's Inception) beside each Fréchet distance (:mod:`.kid`; it keeps
     every feature in memory). ``per_image``: also ``per_image`` (metric -> float64 array of per-image PSNR/SSIM)
     and ``features`` (FD metric -> ``(originals, reconstructions)`` float64 arrays), for paired bootstrap
-    intervals (:mod:`.bootstrap`).
+    intervals (:mod:`.bootstrap`). ``eta_label``: print one estimated-time line under that name (see
+    :func:`reconstruct_batches`).
     """
     device = torch.device(device)
     model.to(device)
@@ -190,7 +198,7 @@ def evaluate_tokenizer(model: nn.Module, dataset: Any, *, num: int | None = None
     stats = {name: (FeatureSet(getattr(ext, "name", name)), FeatureSet(getattr(ext, "name", name)))
              for name, ext in extractors}
     for x, recon, _, bad in reconstruct_batches(model, dataset, num=num, batch_size=batch_size, device=device,
-                                                quantize=quantize, progress=progress):
+                                                quantize=quantize, progress=progress, eta_label=eta_label):
         b = x.shape[0]
         skipped_items += bad
         if b == 0:  # every item of this batch failed to decode
