@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from convert_checkpoints import random_checkpoint, run
 from textok.cli import main
 from textok.convert import FORMATS, convert, load_manifest
 from textok.convert.manifest import parse_manifest
@@ -24,17 +25,6 @@ from textok.errors import ConfigError, TextokError
 from textok.models.registry import load_tokenizer
 from textok.models.textok import LAYOUT_DEFAULTS, TexTokConfig
 from textok.models.titok import TiTok, TiTokConfig
-
-
-def random_checkpoint(fmt: str, variant: str = "tiny-test", seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=g) * 0.05 for k, shape in load_manifest(fmt)[variant].keys.items()}
-
-
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

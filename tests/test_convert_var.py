@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from textok.cli import main
+from convert_checkpoints import random_checkpoint, run
 from textok.convert import convert, load_manifest
 from textok.convert.var import var_config, var_state, vqvae_config, vqvae_state
 from textok.errors import ConfigError, TextokError
@@ -23,27 +23,6 @@ from textok.models.registry import load_generator, load_tokenizer
 from textok.generate.sampling import GenerationPipeline
 from textok.models.var import VAR, VARConfig, VARSamplerConfig
 from textok.models.vqvae import VQVAE, VQVAEConfig
-
-
-def random_checkpoint(fmt: str, variant: str = "tiny-test", seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random values in the official layout; the buffers VAR derives from its scales hold what VAR puts there."""
-    g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(shape, generator=g) * 0.05 for k, shape in load_manifest(fmt)[variant].keys.items()}
-    if fmt == "var":
-        scales = load_manifest(fmt)[variant].settings["patch_nums"]
-        level = torch.cat([torch.full((pn * pn,), float(s)) for s, pn in enumerate(scales)])
-        state["lvl_1L"] = level[None]
-        state["attn_bias_for_masking"] = torch.where(level[:, None] >= level[None, :], 0.0, -torch.inf)[None, None]
-        for key in state:
-            if key.endswith("zero_k_bias"):
-                state[key] = torch.zeros_like(state[key])
-    return state
-
-
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
