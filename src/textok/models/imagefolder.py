@@ -39,7 +39,7 @@ from ..distributed import gather_with_grad
 from ..errors import ConfigError, TextokError
 from ..nets.opennsfw import OpenNSFW
 from .dinov2 import load_dinov2
-from .multiscale import MultiScaleQuantizerConfig, ProductQuantizer
+from .multiscale import MultiScaleCodes, MultiScaleQuantizerConfig, ProductQuantizer
 from .textok import TextInput, TexTok, TexTokConfig, TexTokDecoder, TexTokEncoder
 from .vit import ViTConfig, init_vit_weights, sincos_2d, transformer_flops, vit_size
 
@@ -189,7 +189,7 @@ def symmetric_info_nce(a: Tensor, b: Tensor, rows: Tensor, logit_scale: float) -
     return torch.where(rows, per_row, 0.0).sum() / rows.sum().clamp_min(1)
 
 
-class ImageFolder(TexTok):
+class ImageFolder(MultiScaleCodes, TexTok):
     """ImageFolder's tokenizer: TexTok's encoder and decoder around a product quantizer of multi-scale residual
     codes on a K x K grid (P branches). Codes are (B, P, L) int64, L = sum(pn^2), laid out scale by scale
     (row-major per scale).
@@ -229,56 +229,15 @@ class ImageFolder(TexTok):
                 init_vit_weights(part)
 
     # ---- what generators need to know ---------------------------------------------------------------
-    is_discrete = True
-    code_form = "scales"
-
-    def code_layout(self) -> dict:
-        """How the codes are laid out (what a VAR must model): scales, branches, codebook size, code channels."""
-        q = self.config.quantizer
-        return {"scales": [int(s) for s in q.scales], "branches": int(q.branches), "codebook_size": int(q.num_codes),
-                "code_dim": int(q.code_dim)}
-
-    @property
-    def scales(self) -> tuple[int, ...]:
-        return self.config.quantizer.scales
-
     @property
     def num_branches(self) -> int:
         return self.config.branches
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.quantizer.num_codes
 
     # ---- the API ------------------------------------------------------------------------------------
     def encode_latents(self, images: Tensor, text: TextInput = None) -> Tensor:
         """images -> unquantized encoder outputs (B, P K^2, C)."""
         self._check_images(images)
         return self.encoder(images, self.text_embeddings(text, images.shape[0], self.config.text_in_encoder))
-
-    def encode(self, images: Tensor, text: TextInput = None) -> Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> f_hat of all scales (B, K^2, P C)."""
-        return self.quantizer(self.encode_latents(images, text)).quantized
-
-    @torch.no_grad()
-    def encode_codes(self, images: Tensor, text: TextInput = None) -> Tensor:
-        """images -> codes (B, P, sum(pn^2)) int64 in [0, codebook_size)."""
-        return self.quantizer.quantize_codes(self.encode_latents(images, text))
-
-    def codes_per_scale(self, codes: Tensor) -> list[Tensor]:
-        """(B, P, L') codes -> [(B, P, pn, pn) for each scale they cover]."""
-        return self.quantizer.split_scales(codes)
-
-    def fhat_from_codes(self, codes: Tensor, num_scales: int | None = None) -> Tensor:
-        """Codes of the first n scales (or all codes and ``num_scales=n``) -> f_hat (B, K^2, P C)."""
-        return self.quantizer.decode_codes(codes.to(self.decoder.mask_token.device), num_scales)
-
-    def decode_codes(self, codes: Tensor, text: TextInput = None, num_scales: int | None = None) -> Tensor:
-        """Codes of any prefix of the scales -> images (B, 3, H, W)."""
-        return self.decode(self.fhat_from_codes(codes, num_scales), text)
-
-    def teacher_forcing_inputs(self, codes: Tensor) -> Tensor:
-        return self.quantizer.teacher_forcing_inputs(codes)
 
     def forward(self, images: Tensor, text: TextInput = None) -> tuple[Tensor, Tensor]:
         """Reconstruct from all scales: returns (reconstruction, z_q)."""

@@ -426,5 +426,53 @@ class ProductQuantizer(nn.Module):
         return self.branches[0].scale_input(fhat, si)
 
 
-__all__ = ["MultiScaleQuantizerConfig", "MultiScaleResidualQuantizer", "ProductQuantizer", "Phi", "phi_index",
-           "PAPER_SCALES", "VAR_SCALES", "VAR_SCALES_512"]
+class MultiScaleCodes:
+    """What a tokenizer over a :class:`ProductQuantizer` answers generators with (ImageFolder, VAR's VQVAE): its
+    code layout and the images -> codes -> f_hat -> images conversions, all through ``self.quantizer``. The
+    tokenizer (an ``nn.Module``) supplies ``encode_latents(images, text)`` (unquantized latents) and
+    ``decode(f_hat, text)``."""
+
+    is_discrete = True
+    code_form = "scales"
+
+    def code_layout(self) -> dict:
+        """How the codes are laid out (what a VAR must model): scales, branches, codebook size, code channels."""
+        q = self.config.quantizer
+        return {"scales": [int(s) for s in q.scales], "branches": int(q.branches), "codebook_size": int(q.num_codes),
+                "code_dim": int(q.code_dim)}
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.config.quantizer.scales
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.quantizer.num_codes
+
+    def encode(self, images: Tensor, text=None) -> Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> f_hat of all scales (B, K^2, P C)."""
+        return self.quantizer(self.encode_latents(images, text)).quantized
+
+    @torch.no_grad()
+    def encode_codes(self, images: Tensor, text=None) -> Tensor:
+        """images -> codes (B, P, sum(pn^2)) int64 in [0, codebook_size)."""
+        return self.quantizer.quantize_codes(self.encode_latents(images, text))
+
+    def codes_per_scale(self, codes: Tensor) -> list[Tensor]:
+        """(B, P, L') codes -> [(B, P, pn, pn) for each scale they cover]."""
+        return self.quantizer.split_scales(codes)
+
+    def fhat_from_codes(self, codes: Tensor, num_scales: int | None = None) -> Tensor:
+        """Codes of the first n scales (or all codes and ``num_scales=n``) -> f_hat (B, K^2, P C)."""
+        return self.quantizer.decode_codes(codes.to(next(self.parameters()).device), num_scales)
+
+    def decode_codes(self, codes: Tensor, text=None, num_scales: int | None = None) -> Tensor:
+        """Codes of any prefix of the scales -> images (B, 3, H, W)."""
+        return self.decode(self.fhat_from_codes(codes, num_scales), text)
+
+    def teacher_forcing_inputs(self, codes: Tensor) -> Tensor:
+        return self.quantizer.teacher_forcing_inputs(codes)
+
+
+__all__ = ["MultiScaleCodes", "MultiScaleQuantizerConfig", "MultiScaleResidualQuantizer", "ProductQuantizer", "Phi",
+           "phi_index", "PAPER_SCALES", "VAR_SCALES", "VAR_SCALES_512"]

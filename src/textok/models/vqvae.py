@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..config import Config, derived
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
-from .multiscale import VAR_SCALES, MultiScaleQuantizerConfig, ProductQuantizer
+from .multiscale import VAR_SCALES, MultiScaleCodes, MultiScaleQuantizerConfig, ProductQuantizer
 from .textok import check_values
 
 GROUPS = 32  # GroupNorm groups of every norm (the layout's fixed choice)
@@ -229,14 +229,13 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class VQVAE(PretrainedMixin, nn.Module):
+class VQVAE(MultiScaleCodes, PretrainedMixin, nn.Module):
     """CNN encoder -> one-branch multi-scale residual quantizer -> CNN decoder. Codes (B, 1, L) int64, scale by
     scale, row-major per scale; f_hat tokens (B, K^2, C)."""
 
     config_class = VQVAEConfig
     model_type = "vqvae"
     config: VQVAEConfig
-    is_discrete = True
 
     def __init__(self, config: VQVAEConfig) -> None:
         if not isinstance(config, VQVAEConfig):
@@ -251,25 +250,9 @@ class VQVAE(PretrainedMixin, nn.Module):
         self.quantizer = ProductQuantizer(config.quantizer)
 
     # ---- what generators need to know ---------------------------------------------------------------
-    code_form = "scales"
-
-    def code_layout(self) -> dict:
-        """How the codes are laid out (what a VAR must model): scales, one branch, codebook size, code channels."""
-        q = self.config.quantizer
-        return {"scales": [int(s) for s in q.scales], "branches": int(q.branches), "codebook_size": int(q.num_codes),
-                "code_dim": int(q.code_dim)}
-
-    @property
-    def scales(self) -> tuple[int, ...]:
-        return self.config.quantizer.scales
-
     @property
     def num_branches(self) -> int:
         return 1
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.quantizer.num_codes
 
     # ---- checks ---------------------------------------------------------------------------------------
     def _check_images(self, images: Tensor) -> None:
@@ -298,15 +281,6 @@ class VQVAE(PretrainedMixin, nn.Module):
         self._check_images(images)
         return self.quant_conv(self.encoder(images)).flatten(2).transpose(1, 2)
 
-    def encode(self, images: Tensor, text: None = None) -> Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> f_hat of all scales (B, K^2, C)."""
-        return self.quantizer(self.encode_latents(images, text)).quantized
-
-    @torch.no_grad()
-    def encode_codes(self, images: Tensor, text: None = None) -> Tensor:
-        """images -> codes (B, 1, sum(pn^2)) int64 in [0, codebook_size)."""
-        return self.quantizer.quantize_codes(self.encode_latents(images, text))
-
     def decode(self, z: Tensor, text: None = None) -> Tensor:
         """f_hat tokens (B, K^2, C) -> images (B, 3, H, W), roughly in [-1, 1] (not clamped)."""
         self._no_text(text)
@@ -315,20 +289,6 @@ class VQVAE(PretrainedMixin, nn.Module):
             raise TextokError(f"tokens have shape {tuple(getattr(z, 'shape', ()))} but this VQVAE decodes (batch, "
                               f"{c.num_tokens}, {c.token_channels}) f_hat tokens")
         return self.decoder(self.post_quant_conv(self._to_map(z)))
-
-    def codes_per_scale(self, codes: Tensor) -> list[Tensor]:
-        """(B, 1, L') codes -> [(B, 1, pn, pn) for each scale they cover]."""
-        return self.quantizer.split_scales(codes)
-
-    def fhat_from_codes(self, codes: Tensor, num_scales: int | None = None) -> Tensor:
-        return self.quantizer.decode_codes(codes.to(self.quant_conv.weight.device), num_scales)
-
-    def decode_codes(self, codes: Tensor, text: None = None, num_scales: int | None = None) -> Tensor:
-        """Codes of any prefix of the scales -> images (B, 3, H, W)."""
-        return self.decode(self.fhat_from_codes(codes, num_scales), text)
-
-    def teacher_forcing_inputs(self, codes: Tensor) -> Tensor:
-        return self.quantizer.teacher_forcing_inputs(codes)
 
     def forward(self, images: Tensor, text: None = None) -> tuple[Tensor, Tensor]:
         """Reconstruct from all scales: returns (reconstruction, f_hat tokens)."""
