@@ -168,7 +168,11 @@ class TextStateStore:
 
     def fill(self, captions: Iterable[str], encode: Callable[[list[str]], TextEmbeddings], batch_size: int = 256,
              progress: bool = False, segment_captions: int = 1_000_000) -> int:
-        """Encode and store every caption not stored yet; returns how many were encoded."""
+        """Encode and store every caption not stored yet; returns how many were encoded.
+
+        Within a segment the captions are encoded shortest first: an encoder pads each batch to its longest
+        caption, so batches of similar lengths waste little work on padding (where each lands in the store does
+        not depend on the order)."""
         todo = self.missing(captions)
         bar = None
         if progress and todo:
@@ -176,10 +180,10 @@ class TextStateStore:
 
             bar = tqdm(total=len(todo), desc=f"encoding captions ({self.encoder})", unit="caption")
         for seg_start in range(0, len(todo), segment_captions):
-            seg_end = min(len(todo), seg_start + segment_captions)
+            segment = sorted(todo[seg_start : seg_start + segment_captions], key=len)
             with _SegmentWriter(self) as writer:
-                for start in range(seg_start, seg_end, batch_size):
-                    chunk = todo[start : min(start + batch_size, seg_end)]
+                for start in range(0, len(segment), batch_size):
+                    chunk = segment[start : start + batch_size]
                     writer.add(chunk, encode(chunk))
                     if bar is not None:
                         bar.update(len(chunk))
