@@ -3,6 +3,8 @@ manifest, so no official code is needed) and a CLI call that returns its exit co
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from textok.cli import main
@@ -29,3 +31,18 @@ def run(argv: list, capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def check_published_layout(fmt: str, variant: str, make_config: Callable, map_state: Callable,
+                           build: Callable) -> Any:
+    """A full-size release on the meta device: its manifest's keys, mapped by ``map_state(state, config)``, are
+    exactly the keys and shapes of the model ``build(config)`` makes, ``config = make_config(variant entry)``.
+    Returns the config, for the test's own checks of the published settings."""
+    v = load_manifest(fmt)[variant]
+    state = {k: torch.empty(shape, device="meta") for k, shape in v.keys.items()}
+    config = make_config(v)
+    mapped = map_state(state, config)
+    with torch.device("meta"):
+        model = build(config)
+    assert {k: tuple(t.shape) for k, t in mapped.items()} == {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    return config

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convert_checkpoints import random_checkpoint, run
+from convert_checkpoints import check_published_layout, random_checkpoint, run
 from textok.cli import main
 from textok.convert import FORMATS, convert, load_manifest
 from textok.convert.manifest import parse_manifest
@@ -87,14 +87,8 @@ def test_safetensors_and_folder_sources(tmp_path):
 def test_published_titok_layouts_map_exactly(variant):
     """The full-size releases, on the meta device: the manifest's keys map one to one onto the textok TiTok
     their published settings describe, with every shape right."""
-    v = load_manifest("titok")[variant]
-    state = {k: torch.empty(shape, device="meta") for k, shape in v.keys.items()}
-    config = titok_config(v)
-    mapped = titok_state(state, config)
-    with torch.device("meta"):
-        model = TiTok(config, load_vqgan=False)
-    own = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    assert {k: tuple(t.shape) for k, t in mapped.items()} == own
+    config = check_published_layout("titok", variant, titok_config, titok_state,
+                                    lambda c: TiTok(c, load_vqgan=False))
     assert config.image_size == 256 and config.patch_size == 16
     if "vae" in variant:  # the single-stage releases: a pixel head, a KL bottleneck of 16 channels
         assert (config.quantizer.kind, config.token_channels, config.pixel_conv) == ("kl", 16, True)
@@ -251,13 +245,7 @@ def test_published_maskgit_layouts_map_exactly(variant):
     from textok.convert.maskgit import maskgit_config, maskgit_state
     from textok.models.maskgit import MaskGIT
 
-    v = load_manifest("titok-maskgit")[variant]
-    state = {k: torch.empty(shape, device="meta") for k, shape in v.keys.items()}
-    config = maskgit_config(v)
-    mapped = maskgit_state(state, config)
-    with torch.device("meta"):
-        model = MaskGIT(config)
-    assert {k: tuple(t.shape) for k, t in mapped.items()} == {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    config = check_published_layout("titok-maskgit", variant, maskgit_config, maskgit_state, MaskGIT)
     assert (config.codebook_size, config.num_classes) == (4096, 1000)
 
 
@@ -364,13 +352,8 @@ def test_tatitok_converts_and_decodes_with_captions(tmp_path, capsys, tiny_clip_
 
 @pytest.mark.parametrize("variant", [n for n, v in load_manifest("tatitok").items() if not v.test_only])
 def test_published_tatitok_layouts_map_exactly(variant):
-    v = load_manifest("tatitok")[variant]
-    state = {k: torch.empty(shape, device="meta") for k, shape in v.keys.items()}
-    config = titok_config(v, "clip:/clip-vit-large-patch14-336")
-    mapped = titok_state(state, config)
-    with torch.device("meta"):
-        model = TiTok(config, load_vqgan=False)
-    assert {k: tuple(t.shape) for k, t in mapped.items()} == {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    config = check_published_layout("tatitok", variant, lambda v: titok_config(v, "clip:/clip-vit-large-patch14-336"),
+                                    titok_state, lambda c: TiTok(c, load_vqgan=False))
     assert config.text_positions == 77 and config.text_dim == 768
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert_checkpoints import random_checkpoint, run
+from convert_checkpoints import check_published_layout, random_checkpoint, run
 from textok.convert import convert, load_manifest
 from textok.convert.var import var_config, var_state, vqvae_config, vqvae_state
 from textok.errors import ConfigError, TextokError
@@ -145,13 +145,7 @@ def test_head_scale_of_minus_one_gives_the_shift_everywhere():
 
 @pytest.mark.parametrize("variant", [n for n, v in load_manifest("var").items() if not v.test_only])
 def test_published_var_layouts_map_exactly(variant):
-    v = load_manifest("var")[variant]
-    state = {k: torch.empty(shape, device="meta") for k, shape in v.keys.items()}
-    config = var_config(v)
-    mapped = var_state(state, config)
-    with torch.device("meta"):
-        model = VAR(config)
-    assert {k: tuple(t.shape) for k, t in mapped.items()} == {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    config = check_published_layout("var", variant, var_config, var_state, VAR)
     depth = int(variant.removeprefix("var-d"))
     assert (config.depth, config.width, config.heads, config.codebook_size) == (depth, 64 * depth, depth, 4096)
     assert config.shared_adaln == (depth == 36) and config.scales[-1] == (32 if depth == 36 else 16)
@@ -160,13 +154,7 @@ def test_published_var_layouts_map_exactly(variant):
 @pytest.mark.parametrize("variant", ["vae-ch160-v4096-z32", "vae-ch160-v4096-z32-512"])
 def test_published_vqvae_layout_maps_exactly(variant):
     """One released file, two schedules: 256 px (the default match) and VAR-d36's 512 px (--variant)."""
-    v = load_manifest("var-vqvae")[variant]
-    state = {k: torch.empty(shape, device="meta") for k, shape in v.keys.items()}
-    config = vqvae_config(v)
-    mapped = vqvae_state(state, config)
-    with torch.device("meta"):
-        model = VQVAE(config)
-    assert {k: tuple(t.shape) for k, t in mapped.items()} == {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    config = check_published_layout("var-vqvae", variant, vqvae_config, vqvae_state, VQVAE)
     if variant.endswith("512"):
         assert config.image_size == 512 and config.quantizer.scales == (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
     else:

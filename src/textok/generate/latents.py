@@ -45,19 +45,9 @@ BANK = "caption_bank.json"
 SHARD = "shard-{:05d}.safetensors"
 
 
-def tokenizer_is_discrete(tok: Any) -> bool:
-    """True when the tokenizer has integer codes (a TiTok with a VQ bottleneck, an ImageFolder)."""
-    return tok.code_form != "tokens"
-
-
 def code_dtype(codebook_size: int) -> torch.dtype:
     """The smallest signed integer type that holds every code id (ids are read back as int64)."""
     return torch.int16 if codebook_size <= 2**15 else torch.int32
-
-
-def code_layout(tok: Any) -> dict[str, Any] | None:
-    """How a multi-scale tokenizer's codes are laid out (what a VAR must model), or None for flat codes."""
-    return tok.code_layout()
 
 
 @torch.no_grad()
@@ -77,7 +67,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
     dev = resolve_device(device)
     tok = load_tokenizer(tok_dir).eval().to(dev)
     cfg = tok.config
-    discrete = tokenizer_is_discrete(tok)
+    discrete = tok.code_form != "tokens"  # integer codes (a VQ TiTok, an ImageFolder, a VQVAE)
     dataset = build_dataset(data, split, cfg.image_size, size=num, seed=seed)
     n_total = len(dataset)
     if n_total == 0:
@@ -163,7 +153,7 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
             "discrete": discrete,
             "codebook_size": int(tok.codebook_size) if discrete else 0,
             "code_shape": code_shape,
-            "code_layout": code_layout(tok),
+            "code_layout": tok.code_layout(),
             "tokenizer_sha256": sha256_file(tok_dir / "model.safetensors"),
             "count": count,
             "skipped": skipped,
@@ -314,5 +304,4 @@ def copy_latents_meta(latents_dir: str | Path, target: str | Path) -> None:
         shutil.copyfile(src / BANK, dst / BANK)
 
 
-__all__ = ["extract_latents", "LatentDataset", "code_dtype", "code_layout", "read_meta", "copy_latents_meta",
-           "tokenizer_is_discrete"]
+__all__ = ["extract_latents", "LatentDataset", "code_dtype", "read_meta", "copy_latents_meta"]
