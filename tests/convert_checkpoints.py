@@ -15,7 +15,7 @@ def random_checkpoint(fmt: str, variant: str = "tiny-test", seed: int = 0) -> di
     """Random values in the official layout; the buffers VAR derives from its scales hold what VAR puts there."""
     g = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(shape, generator=g) * 0.05 for k, shape in load_manifest(fmt)[variant].keys.items()}
-    if fmt == "var":
+    if fmt in ("var", "imagefolder-var"):
         scales = load_manifest(fmt)[variant].settings["patch_nums"]
         level = torch.cat([torch.full((pn * pn,), float(s)) for s, pn in enumerate(scales)])
         state["lvl_1L"] = level[None]

@@ -39,8 +39,10 @@ def weights_file(path: str | Path) -> Path:
     return preferred[0]
 
 
-def read_published(path: str | Path) -> dict[str, Tensor]:
-    """A flat ``{name: tensor}`` state dict from a published checkpoint, read without executing it."""
+def read_published(path: str | Path, containers: tuple[tuple[str, ...], ...] = ()) -> dict[str, Tensor]:
+    """A flat ``{name: tensor}`` state dict from a published checkpoint, read without executing it.
+    ``containers``: where a format's training checkpoints keep the weights (key paths, the first present wins,
+    e.g. ``("trainer", "var_wo_ddp")``); without them the usual ``{"model": state_dict}`` wrappers are tried."""
     p = weights_file(path)
     if p.suffix == ".safetensors":
         try:
@@ -58,7 +60,19 @@ def read_published(path: str | Path) -> dict[str, Tensor]:
                           ".safetensors release, or re-save its state dict of tensors where you trust the code") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise TextokError(f"{p} is not a readable torch checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
-    return flat_state(obj, p)
+    return flat_state(_inside(obj, containers, p) if containers else obj, p)
+
+
+def _inside(obj: object, containers: tuple[tuple[str, ...], ...], where: Path) -> object:
+    """The object at the first of ``containers`` (key paths) that ``obj`` holds."""
+    for path in containers:
+        inner = obj
+        for key in path:
+            inner = inner.get(key) if isinstance(inner, dict) else None
+        if inner is not None:
+            return inner
+    tried = " or ".join("[" + "][".join(repr(k) for k in path) + "]" for path in containers)
+    raise TextokError(f"{where} has no weights at {tried}; is it this format's released checkpoint? (check --from)")
 
 
 def flat_state(obj: object, where: Path | str) -> dict[str, Tensor]:

@@ -10,7 +10,8 @@ from torch import nn
 from .manifest import Variant
 from .maskgit import build_maskgit, maskgit_record, textok_sampler
 from .titok import build_tatitok, build_titok
-from .var import build_var, build_vqvae, var_record, var_sampler
+from .var import (build_var, build_vqvae, imagefolder_var_record, prepare_imagefolder_var, var_record,
+                  var_sampler)
 
 
 class Format(NamedTuple):
@@ -20,6 +21,8 @@ class Format(NamedTuple):
     sampler: Callable[[Variant], dict] | None = None  # generators: the release's sampler in `textok sample` terms
     record: Callable[[Any, Path], dict] | None = None  # generators: (model, tokenizer dir) -> latents_meta, checked
     text_encoder: bool = False  # takes --text-encoder (the textok spec of the text tower it decodes with)
+    containers: tuple[tuple[str, ...], ...] = ()  # key paths to the weights in a training checkpoint (first found)
+    prepare: Callable[[dict], dict] | None = None  # state -> state before the layout check (training-only entries)
 
 
 FORMATS: dict[str, Format] = {
@@ -38,6 +41,11 @@ FORMATS: dict[str, Format] = {
     "var": Format("FoundationVision VAR's class-conditional transformers VAR-d16/d20/d24/d30 and d36-s (var_d*.pth) "
                   "-> a textok VAR with one branch; needs --tokenizer (the converted VQVAE)", "generator", build_var,
                   var_sampler, var_record),
+    "imagefolder-var": Format("ImageFolder's class-conditional folded VAR-d17 (imagenet-var-4096.pt, "
+                              "ang9867/imagefolder; XQ-GAN's VAR-d17-MSVR10P2-4096/ar-ckpt-last.pth) -> a textok VAR "
+                              "with two folded branches; needs --tokenizer (the converted ImageFolder tokenizer)", "generator", build_var, var_sampler,
+                              imagefolder_var_record, containers=(("trainer", "var_wo_ddp"),),
+                              prepare=prepare_imagefolder_var),
 }
 
 __all__ = ["FORMATS", "Format"]

@@ -51,7 +51,9 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
                  what="textok model")
     _check_not_foreign_model(Path(out))
     file = weights_file(source)
-    state = read_published(file)
+    state = read_published(file, spec.containers)
+    if spec.prepare is not None:
+        state = spec.prepare(state)
     chosen = match_variant(state, load_manifest(fmt), str(file), variant)
     if text_encoder is not None and not spec.text_encoder:
         raise TextokError(f"--from {fmt} has no text: drop --text-encoder")

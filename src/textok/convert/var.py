@@ -15,6 +15,15 @@ scale, shift is textok's shift, scale). The buffers ``lvl_1L`` and ``attn_bias_f
 every position and the block-causal mask, which textok builds from the scales: they are checked, not copied.
 VAR-d36-s (512 px) shares one adaLN projection among its blocks (``shared_aln``): textok's ``shared_adaln``,
 with each block's ``ada_gss`` as its offset (rows reordered the same way).
+
+ImageFolder's generator (``imagenet-var-4096.pt``, adobe-research/ImageFolder) is the same VAR code over its
+product-quantized tokenizer: V = 2 x 4096 logits (branch p's codes are rows p 4096 ..) and Cvae = 2 x 32 input
+channels (branch 0's f_hat, then branch 1's): textok's VAR with two folded branches, mapped as above. Its training
+checkpoint keeps the weights at ``["trainer"]["var_wo_ddp"]`` (the tokenizer beside them at ``["vae_local"]``).
+Two entries differ between builds of that code and are settled before the layout check: ``empty_emb`` (the token
+that replaces masked inputs in training when ``--p_drop`` > 0; sampling never reads it) is dropped, and an
+``attn_bias_for_masking`` padded to a multiple of 8 (built where xformers was installed) is cut to the sequence
+once its padding is checked.
 """
 
 from __future__ import annotations
@@ -74,9 +83,12 @@ def build_vqvae(state: dict[str, Tensor], variant: Variant) -> VQVAE:
 
 
 def var_config(variant: Variant) -> VARConfig:
-    """The textok config of a released VAR transformer, from its published settings."""
+    """The textok config of a released VAR transformer, from its published settings (ImageFolder's: V and Cvae
+    over ``product_quant`` folded branches)."""
     g = variant.settings
-    return VARConfig(scales=tuple(g["patch_nums"]), branches=1, codebook_size=g["vocab_size"], code_dim=g["Cvae"],
+    P = g.get("product_quant", 1)
+    return VARConfig(scales=tuple(g["patch_nums"]), branches=P, codebook_size=g["vocab_size"] // P,
+                     code_dim=g["Cvae"] // P,
                      num_classes=g["num_classes"], width=g["embed_dim"], depth=g["depth"], heads=g["num_heads"],
                      mlp_ratio=g["mlp_ratio"], fold=True, class_dropout=g["cond_drop_rate"],
                      attn_l2_norm=g["attn_l2_norm"], drop_path=g["drop_path_rate"], shared_adaln=g["shared_aln"],
@@ -126,7 +138,7 @@ def var_state(state: dict[str, Tensor], config: VARConfig) -> dict[str, Tensor]:
 
 
 def build_var(state: dict[str, Tensor], variant: Variant) -> VAR:
-    """A textok VAR (one branch) holding the official weights of ``variant``'s layout."""
+    """A textok VAR (one branch; ImageFolder's: two folded) holding the official weights of ``variant``'s layout."""
     config = var_config(variant)
     model = VAR(config)
     _check_buffers(state, model)
@@ -142,19 +154,50 @@ def var_sampler(variant: Variant) -> dict[str, Any]:
     return {"cfg": g["cfg"] + 1.0, "top_k": g["top_k"], "top_p": g["top_p"]}
 
 
+def prepare_imagefolder_var(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the training-only ``empty_emb`` and cut an xformers-padded mask to the sequence (see the module)."""
+    state = dict(state)
+    empty = state.pop("empty_emb.weight", None)
+    if empty is not None and (empty.dim() != 2 or empty.shape[0] != 1):
+        raise TextokError(f"key 'empty_emb.weight' has shape {list(empty.shape)}, the layout has [1, width]")
+    level, mask = state.get("lvl_1L"), state.get("attn_bias_for_masking")
+    if level is None or mask is None or mask.dim() != 4 or level.dim() != 2:
+        return state  # the layout check names what is missing
+    L, padded = level.shape[1], mask.shape[-1]
+    if padded != L and padded == (L + 7) // 8 * 8 and mask.shape[-2] == padded:
+        inf = torch.tensor(float("-inf"))
+        pad_ok = bool((mask[..., :L, L:] == inf).all() and (mask[..., L:, :L] == inf).all()
+                      and (mask[..., L:, L:] == 0).all())
+        if not pad_ok:
+            raise TextokError(f"attn_bias_for_masking is padded from {L} to {padded} positions but the padding is "
+                              "not xformers' (-inf outside, 0 among the padded positions); is it the released file?")
+        state["attn_bias_for_masking"] = mask[..., :L, :L].contiguous()
+    return state
+
+
 def var_record(model: VAR, tokenizer: Path) -> dict[str, Any]:
     """The ``latents_meta`` of a converted VAR: the tokenizer whose codes it models (checked to match)."""
+    fix = ("give the converted VQVAE it was released with (textok convert --from var-vqvae ..."
+           f"{' --variant vae-ch160-v4096-z32-512' if model.config.scales == VAR_SCALES_512 else ''})")
+    return _latents_meta(model, tokenizer, ("vqvae", "imagefolder"), fix)
+
+
+def imagefolder_var_record(model: VAR, tokenizer: Path) -> dict[str, Any]:
+    """The ``latents_meta`` of a converted ImageFolder VAR: an ImageFolder tokenizer with its code layout."""
+    fix = "give the converted ImageFolder tokenizer it was released with (textok convert --from imagefolder ...)"
+    return _latents_meta(model, tokenizer, ("imagefolder",), fix)
+
+
+def _latents_meta(model: VAR, tokenizer: Path, kinds: tuple[str, ...], fix: str) -> dict[str, Any]:
     data = read_config_json(tokenizer)
     kind, tok = data.get("model_type"), data.get("config", {})
     q = tok.get("quantizer", {}) if isinstance(tok, dict) else {}
     c = model.config
     theirs = (list(q.get("scales", [])), q.get("branches"), q.get("num_codes"), q.get("code_dim"))
     mine = (list(c.scales), c.branches, c.codebook_size, c.code_dim)
-    if kind not in ("vqvae", "imagefolder") or theirs != mine:
+    if kind not in kinds or theirs != mine:
         raise TextokError(f"--tokenizer {tokenizer} is a {kind} with codes {theirs} (scales, branches, codes, "
-                          f"channels), but this VAR models {mine}; "
-                          "give the converted VQVAE it was released with (textok convert --from var-vqvae ..."
-                          f"{' --variant vae-ch160-v4096-z32-512' if c.scales == VAR_SCALES_512 else ''})")
+                          f"channels), but this VAR models {mine}; {fix}")
     return {"tokenizer_dir": str(tokenizer.resolve()), "tokenizer_type": kind, "discrete": True,
             "codebook_size": c.codebook_size, "num_classes": c.num_classes,
             "code_shape": [c.branches, c.codes_per_branch],
@@ -162,5 +205,5 @@ def var_record(model: VAR, tokenizer: Path) -> dict[str, Any]:
                             "code_dim": c.code_dim}}
 
 
-__all__ = ["build_var", "build_vqvae", "var_config", "var_record", "var_sampler", "var_state", "vqvae_config",
-           "vqvae_state"]
+__all__ = ["build_var", "build_vqvae", "imagefolder_var_record", "prepare_imagefolder_var", "var_config",
+           "var_record", "var_sampler", "var_state", "vqvae_config", "vqvae_state"]
