@@ -23,6 +23,11 @@ def random_checkpoint(fmt: str, variant: str = "tiny-test", seed: int = 0) -> di
         for key in state:
             if key.endswith("zero_k_bias"):
                 state[key] = torch.zeros_like(state[key])
+    if fmt == "imagefolder":  # the level of each position: class token and patches 0, then the latent tokens
+        s = load_manifest(fmt)[variant].settings
+        prefix, K2 = [0] * (1 + (s["image_size"] // s["patch_size"]) ** 2), s["num_latent_tokens"]
+        state["encoder.lvl1LC"] = torch.tensor([prefix + [p + 1 for p in range(s["product_quant"]) for _ in range(K2)]])
+        state["decoder.lvl1LC"] = torch.tensor([prefix + [1] * (1 + K2)])
     return state
 
 

@@ -2,12 +2,14 @@
 
 ``.safetensors`` files are read with safetensors; ``.pth``/``.pt``/``.bin`` files are pickles, so they are read
 with ``torch.load(..., weights_only=True)`` only: tensors, dicts and plain values load, and a file that would
-need any other object (arbitrary code) is refused in one line. A directory (a Hugging Face snapshot) is read
-through its single weights file.
+need any other object (arbitrary code) is refused in one line; the one class allowed besides is
+``argparse.Namespace`` (training scripts store their arguments as one; unpickling it only sets attributes). A
+directory (a Hugging Face snapshot) is read through its single weights file.
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from pathlib import Path
 
@@ -43,16 +45,23 @@ def read_published(path: str | Path, containers: tuple[tuple[str, ...], ...] = (
     """A flat ``{name: tensor}`` state dict from a published checkpoint, read without executing it.
     ``containers``: where a format's training checkpoints keep the weights (key paths, the first present wins,
     e.g. ``("trainer", "var_wo_ddp")``); without them the usual ``{"model": state_dict}`` wrappers are tried."""
+    return read_checkpoint(path, containers)[0]
+
+
+def read_checkpoint(path: str | Path, containers: tuple[tuple[str, ...], ...] = ()) -> tuple[dict[str, Tensor],
+                                                                                           tuple[str, ...] | None]:
+    """:func:`read_published` that also says which of ``containers`` held the weights (None without them)."""
     p = weights_file(path)
     if p.suffix == ".safetensors":
         try:
-            return load_file(str(p), device="cpu")
+            return load_file(str(p), device="cpu"), None
         except (SafetensorError, OSError) as err:
             raise TextokError(f"{p} is not a readable safetensors file ({err})") from None
     if p.suffix not in PICKLE_SUFFIXES:
         raise TextokError(f"{p}: unknown checkpoint type {p.suffix!r} (expected one of {', '.join(WEIGHT_SUFFIXES)})")
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise TextokError(f"{p} needs arbitrary code to load ({first[:160]}); textok reads published checkpoints "
@@ -60,17 +69,20 @@ def read_published(path: str | Path, containers: tuple[tuple[str, ...], ...] = (
                           ".safetensors release, or re-save its state dict of tensors where you trust the code") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise TextokError(f"{p} is not a readable torch checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
-    return flat_state(_inside(obj, containers, p) if containers else obj, p)
+    if not containers:
+        return flat_state(obj, p), None
+    inner, used = _inside(obj, containers, p)
+    return flat_state(inner, p), used
 
 
-def _inside(obj: object, containers: tuple[tuple[str, ...], ...], where: Path) -> object:
-    """The object at the first of ``containers`` (key paths) that ``obj`` holds."""
+def _inside(obj: object, containers: tuple[tuple[str, ...], ...], where: Path) -> tuple[object, tuple[str, ...]]:
+    """The object at the first of ``containers`` (key paths) that ``obj`` holds, and that path."""
     for path in containers:
         inner = obj
         for key in path:
             inner = inner.get(key) if isinstance(inner, dict) else None
         if inner is not None:
-            return inner
+            return inner, path
     tried = " or ".join("[" + "][".join(repr(k) for k in path) + "]" for path in containers)
     raise TextokError(f"{where} has no weights at {tried}; is it this format's released checkpoint? (check --from)")
 
@@ -92,4 +104,4 @@ def flat_state(obj: object, where: Path | str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-__all__ = ["read_published", "flat_state", "weights_file"]
+__all__ = ["read_checkpoint", "read_published", "flat_state", "weights_file"]

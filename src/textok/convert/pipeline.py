@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import TextokError
 from ..hub import CONFIG_NAME
 from ..io import check_output, sha256_file
-from .checkpoint import read_published, weights_file
+from .checkpoint import read_checkpoint, weights_file
 from .formats import FORMATS
 from .manifest import Variant, load_manifest, match_variant
 
@@ -51,7 +51,7 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
                  what="textok model")
     _check_not_foreign_model(Path(out))
     file = weights_file(source)
-    state = read_published(file, spec.containers)
+    state, container = read_checkpoint(file, spec.containers)
     if spec.prepare is not None:
         state = spec.prepare(state)
     chosen = match_variant(state, load_manifest(fmt), str(file), variant)
@@ -60,6 +60,8 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
     model = spec.build(state, chosen, **({"text_encoder": text_encoder} if spec.text_encoder else {}))
     record: dict[str, Any] = {"format": fmt, "variant": chosen.name, "file": file.name, "sha256": sha256_file(file),
                               "published_settings": chosen.settings}
+    if container:  # a training checkpoint: the key path of the weights that were converted
+        record["container"] = list(container)
     extra: dict[str, Any] = {"converted_from": record}
     if spec.kind == "generator":
         assert tokenizer is not None and spec.sampler is not None and spec.record is not None

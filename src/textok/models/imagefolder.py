@@ -111,7 +111,9 @@ class ImageFolderConfig(TexTokConfig):
                             token_channels=self.quantizer.code_dim, encoder=self.encoder, decoder=self.decoder,
                             text_in_encoder=self.text_in_encoder, text_in_decoder=self.text_in_decoder,
                             text_encoder=self.text_encoder, text_dim=self.text_dim,
-                            text_max_length=self.text_max_length)
+                            text_max_length=self.text_max_length, class_token=self.class_token,
+                            norm_pre=self.norm_pre, norm_eps=self.norm_eps, gelu=self.gelu,
+                            legacy_token_layout=self.legacy_token_layout, text_positions=self.text_positions)
 
 
 def _register_presets() -> None:

@@ -62,6 +62,7 @@ class TexTokConfig(Config):
     legacy_token_layout: bool = False  # encoder head reads the (N, width) outputs as a (width, N) array
     pixel_conv: bool = False  # a 3x3 conv on the decoder's unpatchified image
     text_positions: int = 0  # >0: learned positions added to exactly that many projected text tokens (TA-TiTok)
+    decoder_prefix_tokens: int = 0  # learned tokens after the decoder's class token, outputs dropped (ImageFolder's release)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -74,6 +75,8 @@ class TexTokConfig(Config):
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.text_positions < 0 or (self.text_positions and self.text_pooled):
             raise ConfigError(f"text_positions={self.text_positions} must be >= 0, and cannot go with text_pooled")
+        if self.decoder_prefix_tokens < 0:
+            raise ConfigError(f"decoder_prefix_tokens={self.decoder_prefix_tokens} must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         """As :meth:`Config.to_dict`, without the layout options that hold their defaults (so configs written
@@ -103,7 +106,8 @@ class TexTokConfig(Config):
 
 
 LAYOUT_DEFAULTS: dict[str, Any] = {"class_token": False, "norm_pre": False, "norm_eps": 1e-6, "gelu": "tanh",
-                                   "legacy_token_layout": False, "pixel_conv": False, "text_positions": 0}
+                                   "legacy_token_layout": False, "pixel_conv": False, "text_positions": 0,
+                                   "decoder_prefix_tokens": 0}
 
 
 def _register_presets() -> None:
@@ -192,6 +196,8 @@ class TexTokDecoder(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, D) if cfg.text_in_decoder else None
         self.text_pos = _text_pos(cfg, D) if cfg.text_in_decoder else None
         self.class_token = nn.Parameter(torch.randn(1, 1, D) * D**-0.5) if cfg.class_token else None
+        n_prefix = cfg.decoder_prefix_tokens
+        self.prefix_tokens = nn.Parameter(torch.randn(1, n_prefix, D) * D**-0.5) if n_prefix else None
         self.transformer = Transformer(cfg.decoder, cfg.norm_eps, cfg.gelu, cfg.norm_pre)
         self.to_pixels = nn.Linear(D, cfg.patch_size**2 * 3)
         self.pixel_conv = nn.Conv2d(3, 3, 3, padding=1) if cfg.pixel_conv else None
@@ -201,9 +207,11 @@ class TexTokDecoder(nn.Module):
         B, P = z.shape[0], self.cfg.num_patches
         z = z.to(self.patch_pos.dtype)
         parts = [(self.mask_token + self.patch_pos).expand(B, -1, -1), self.token_proj(z) + self.latent_pos]
+        if self.prefix_tokens is not None:
+            parts.insert(0, self.prefix_tokens.expand(B, -1, -1))
         if self.class_token is not None:
             parts.insert(0, self.class_token.expand(B, -1, -1))
-        start = len(parts) - 2
+        start = sum(part.shape[1] for part in parts[:-2])  # tokens before the patches
         key_padding = None
         if self.text_proj is not None:
             assert text is not None
