@@ -86,6 +86,20 @@ def test_eval_and_extract_latents_run_on_the_converted_tokenizer(imagefolder_dir
     assert any((tmp_path / "lat").iterdir())
 
 
+def test_the_tokenizer_inside_the_var_release_converts(tmp_path):
+    """The VAR trainer's checkpoint stores the tokenizer it trained with (``["trainer"]["vae_local"]``, loaded
+    strictly from the tokenizer release, so in its layout): ``--from imagefolder`` reads it from there."""
+    state = random_checkpoint("imagefolder", seed=4)
+    path = tmp_path / "imagenet-var-tiny.pt"
+    torch.save({"trainer": {"config": {"patch_nums": [1, 2, 3]}, "var_wo_ddp": {"pos_start": torch.zeros(1, 1, 8)},
+                            "vae_local": state}, "args": {"depth": 2}}, path)
+    converted = convert("imagefolder", path, tmp_path / "tok")
+    record = json.loads((converted.directory / "config.json").read_text())["converted_from"]
+    assert record["container"] == ["trainer", "vae_local"]
+    torch.testing.assert_close(converted.model.quantizer.branches[0].embedding.weight,
+                               state["quantizes.0.embedding.weight"])
+
+
 # ---- the folding, against a restatement of the official forward -------------------------------------------
 
 def _official_vit(state: dict, prefix: str, x: torch.Tensor, depth: int, heads: int) -> torch.Tensor:

@@ -49,7 +49,8 @@ FORMATS: dict[str, Format] = {
                               prepare=prepare_imagefolder_var),
     "imagefolder": Format("adobe-research ImageFolder's tokenizers (imagenet-{4096,8192,16384}.pt; ang9867/imagefolder): "
                           "DINOv2-layout ViT-B encoder/decoder, 2 branches x 10 scales to 11x11 -> a textok ImageFolder "
-                          "(its EMA weights when the file has them)", "tokenizer", build_imagefolder,
+                          "(its EMA weights when the file has them; also the tokenizer inside the VAR's "
+                          "imagenet-var-4096.pt)", "tokenizer", build_imagefolder,
                           containers=EMA_FIRST),
 }
 

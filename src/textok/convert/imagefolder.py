@@ -21,7 +21,8 @@ and attention does not depend on where a token sits in the sequence, so the conv
 Dropped: ``semantic_model.*`` (the frozen DINOv2 teacher of the training loss; the converted model trains with
 ``semantic_teacher=none`` unless given one), ``ema_vocab_hit_SV`` (a codebook-usage statistic) and the
 ``lvl1LC`` level buffers, which are checked against the layout rather than copied. Training checkpoints hold both
-``model`` and ``ema`` weights; the EMA ones (what the official evaluation loads) are converted.
+``model`` and ``ema`` weights; the EMA ones (what the official evaluation loads) are converted. The VAR release's
+file also holds its tokenizer, which converts the same way.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from ..models.multiscale import MultiScaleQuantizerConfig, phi_index
 from ..models.vit import ViTConfig
 from .manifest import Variant
 
-# Where the weights are: in a training checkpoint the official evaluation reads "ema", then "model", then
-# "state_dict"; () is a file that is the state dict itself.
-EMA_FIRST = (("ema",), ("model",), ("state_dict",), ())
+# Where the weights are: in a tokenizer training checkpoint the official evaluation reads "ema", then "model", then
+# "state_dict"; the VAR trainer's checkpoint holds the tokenizer it was trained with at ["trainer"]["vae_local"]
+# (loaded strictly from the tokenizer's file, so in its layout); () is a file that is the state dict itself.
+EMA_FIRST = (("ema",), ("model",), ("state_dict",), ("trainer", "vae_local"), ())
 _BLOCK_COPIED = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "norm2.weight", "norm2.bias",
                  "mlp.fc1.weight", "mlp.fc1.bias")
 
