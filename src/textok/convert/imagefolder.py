@@ -144,7 +144,8 @@ def imagefolder_state(state: dict[str, Tensor], config: ImageFolderConfig) -> di
         out[f"quantizer.branches.{p}.embedding.weight"] = state[f"quantizes.{p}.embedding.weight"]
         for mine, theirs in enumerate(used):
             for part in ("weight", "bias"):
-                out[f"quantizer.branches.{p}.phis.{mine}.conv.{part}"] = state[f"quantizes.{p}.quant_resi.qresi_ls.{theirs}.{part}"]
+                phi = state[f"quantizes.{p}.quant_resi.qresi_ls.{theirs}.{part}"]
+                out[f"quantizer.branches.{p}.phis.{mine}.conv.{part}"] = phi
     return out
 
 

@@ -324,8 +324,8 @@ class ImageFolder(MultiScaleCodes, TexTok):
         """Forward FLOPs (2 x multiply-adds) of encoder, decoder and the code matching (teacher excluded)."""
         c = self.config
         P = c.num_patches
-        enc_len = P + c.num_latent_tokens + (text_tokens if c.text_in_encoder else 0)
-        dec_len = P + c.num_tokens + (text_tokens if c.text_in_decoder else 0)
+        enc_len = P + c.num_latent_tokens + c.num_prefix + (text_tokens if c.text_in_encoder else 0)
+        dec_len = P + c.num_tokens + c.num_prefix + c.decoder_prefix_tokens + (text_tokens if c.text_in_decoder else 0)
         patch = 2 * P * 3 * c.patch_size**2 * (c.encoder.width + c.decoder.width)
         heads = 2 * c.num_latent_tokens * c.encoder.width * c.quantizer.code_dim
         heads += 2 * c.num_tokens * c.token_channels * c.decoder.width

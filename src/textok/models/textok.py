@@ -62,7 +62,7 @@ class TexTokConfig(Config):
     legacy_token_layout: bool = False  # encoder head reads the (N, width) outputs as a (width, N) array
     pixel_conv: bool = False  # a 3x3 conv on the decoder's unpatchified image
     text_positions: int = 0  # >0: learned positions added to exactly that many projected text tokens (TA-TiTok)
-    decoder_prefix_tokens: int = 0  # learned tokens after the decoder's class token, outputs dropped (ImageFolder's release)
+    decoder_prefix_tokens: int = 0  # learned tokens after the decoder's class token, outputs dropped
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -89,7 +89,7 @@ class TexTokConfig(Config):
 
     @property
     def num_prefix(self) -> int:
-        """Tokens before the patches in both sequences (the class token)."""
+        """Tokens before the patches in both sequences (the class token; the decoder adds decoder_prefix_tokens)."""
         return int(self.class_token)
 
     @property
@@ -389,8 +389,8 @@ class TexTok(PretrainedMixin, nn.Module):
         c = self.config
         P, N = c.num_patches, c.num_tokens
         text_tokens = min(text_tokens, 1) if c.text_pooled else text_tokens
-        enc_len = P + N + (text_tokens if c.text_in_encoder else 0)
-        dec_len = P + N + (text_tokens if c.text_in_decoder else 0)
+        enc_len = P + N + c.num_prefix + (text_tokens if c.text_in_encoder else 0)
+        dec_len = P + N + c.num_prefix + c.decoder_prefix_tokens + (text_tokens if c.text_in_decoder else 0)
         patch = 2 * P * (3 * c.patch_size**2) * c.encoder.width
         out = 2 * P * c.decoder.width * 3 * c.patch_size**2
         text = 2 * text_tokens * c.text_dim * ((c.encoder.width if c.text_in_encoder else 0)
