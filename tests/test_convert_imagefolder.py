@@ -1,7 +1,7 @@
 """`textok convert --from imagefolder`: adobe-research ImageFolder's released tokenizers.
 
 A random training checkpoint of the manifest's test size (the official layout with a 32-wide, 2-block ViT at
-16 px, 2 branches of 3 scales) is converted through the CLI, loaded by the tokenizer verbs and run. The folding
+16 px, 2 branches of 64 codes x 8 channels on scales 1, 1, 2, 3) is converted through the CLI, loaded by the tokenizer verbs and run. The folding
 (LayerScale into the linear layers, class/position/level embeddings into textok's constant tokens) is proven in
 float64 against a functional restatement of the official forward written here. The published sizes map exactly
 on the meta device; bad keys and level buffers are refused naming the problem. (Agreement with the official
@@ -36,7 +36,7 @@ def _training_checkpoint(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     ema = random_checkpoint("imagefolder", seed=seed)
     torch.save({"model": random_checkpoint("imagefolder", seed=seed + 1), "ema": ema, "steps": 7,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95)}]},
-                "args": argparse.Namespace(codebook_size=16, v_patch_nums=[1, 2, 3], ema=True)}, path)
+                "args": argparse.Namespace(codebook_size=64, v_patch_nums=[1, 1, 2, 3], ema=True)}, path)
     return ema
 
 
@@ -64,7 +64,7 @@ def test_imagefolder_converts_from_its_ema_and_the_tokenizer_verbs_load_it(tmp_p
     with torch.no_grad():
         codes = model.encode_codes(images)
         recon = model.decode_codes(codes)
-    assert codes.shape == (2, 2, 1 + 4 + 9) and recon.shape == images.shape and torch.isfinite(recon).all()
+    assert codes.shape == (2, 2, 1 + 1 + 4 + 9) and recon.shape == images.shape and torch.isfinite(recon).all()
     code, out, err = run(["info", out_dir], capsys)
     assert code == 0 and "quantizer" in out, err
     from PIL import Image
@@ -86,18 +86,28 @@ def test_eval_and_extract_latents_run_on_the_converted_tokenizer(imagefolder_dir
     assert any((tmp_path / "lat").iterdir())
 
 
-def test_the_tokenizer_inside_the_var_release_converts(tmp_path):
+def test_the_released_pair_converts_from_the_var_file_and_samples(tmp_path, capsys):
     """The VAR trainer's checkpoint stores the tokenizer it trained with (``["trainer"]["vae_local"]``, loaded
-    strictly from the tokenizer release, so in its layout): ``--from imagefolder`` reads it from there."""
-    state = random_checkpoint("imagefolder", seed=4)
+    strictly from the tokenizer release, so in its layout): ``--from imagefolder`` reads it from there, and the
+    VAR in the same file converts over it and samples images through it."""
+    tokenizer_state = random_checkpoint("imagefolder", seed=4)
     path = tmp_path / "imagenet-var-tiny.pt"
-    torch.save({"trainer": {"config": {"patch_nums": [1, 2, 3]}, "var_wo_ddp": {"pos_start": torch.zeros(1, 1, 8)},
-                            "vae_local": state}, "args": {"depth": 2}}, path)
-    converted = convert("imagefolder", path, tmp_path / "tok")
-    record = json.loads((converted.directory / "config.json").read_text())["converted_from"]
+    torch.save({"epoch": 3, "args": {"depth": 2, "patch_nums": (1, 1, 2, 3)},
+                "trainer": {"config": {"patch_nums": (1, 1, 2, 3)}, "var_wo_ddp": random_checkpoint("imagefolder-var"),
+                            "vae_local": tokenizer_state}}, path)
+    code, out, err = run(["convert", "--from", "imagefolder", path, "--out", tmp_path / "tok"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "tok" / "config.json").read_text())["converted_from"]
     assert record["container"] == ["trainer", "vae_local"]
-    torch.testing.assert_close(converted.model.quantizer.branches[0].embedding.weight,
-                               state["quantizes.0.embedding.weight"])
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    torch.testing.assert_close(tokenizer.quantizer.branches[0].embedding.weight,
+                               tokenizer_state["quantizes.0.embedding.weight"])
+    code, out, err = run(["convert", "--from", "imagefolder-var", path, "--out", tmp_path / "var", "--tokenizer",
+                          tmp_path / "tok"], capsys)
+    assert code == 0, err
+    code, out, err = run(["sample", "--generator", tmp_path / "var", "--class", 3, "--n", 2, "--out",
+                          tmp_path / "s.png"], capsys)
+    assert code == 0 and (tmp_path / "s.png").is_file(), err
 
 
 # ---- the folding, against a restatement of the official forward -------------------------------------------
@@ -252,8 +262,8 @@ def test_published_imagefolder_layouts_map_exactly(variant):
 @pytest.mark.parametrize("damage, named", [
     (lambda s: s.pop("encoder.model.blocks.1.ls1.gamma"), "missing key 'encoder.model.blocks.1.ls1.gamma'"),
     (lambda s: s.__setitem__("decoder.extra", torch.zeros(3)), "extra key 'decoder.extra'"),
-    (lambda s: s.__setitem__("quantizes.1.embedding.weight", torch.zeros(16, 5)),
-     "key 'quantizes.1.embedding.weight' has shape [16, 5], the layout has [16, 4]"),
+    (lambda s: s.__setitem__("quantizes.1.embedding.weight", torch.zeros(64, 5)),
+     "key 'quantizes.1.embedding.weight' has shape [64, 5], the layout has [64, 8]"),
 ])
 def test_bad_keys_are_refused_naming_the_key(tmp_path, capsys, damage, named):
     state = random_checkpoint("imagefolder")
