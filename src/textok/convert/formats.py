@@ -47,10 +47,10 @@ FORMATS: dict[str, Format] = {
                               "with two folded branches; needs --tokenizer (the converted ImageFolder tokenizer)", "generator", build_var, var_sampler,
                               imagefolder_var_record, containers=(("trainer", "var_wo_ddp"),),
                               prepare=prepare_imagefolder_var),
-    "imagefolder": Format("adobe-research ImageFolder's tokenizers (imagenet-{4096,8192,16384}.pt; "
-                          "ang9867/imagefolder): DINOv2-layout ViT-B encoder/decoder, 2 branches x 10 scales to "
-                          "11x11 -> a textok ImageFolder (its EMA weights when the file has them; also the tokenizer "
-                          "inside the VAR's imagenet-var-4096.pt)", "tokenizer", build_imagefolder,
+    "imagefolder": Format("ImageFolder's tokenizers (imagenet-{4096,8192,16384}.pt, ang9867/imagefolder; XQ-GAN's "
+                          "MSVR10P2-{4096,8192,16384}/best_ckpt.pt): DINOv2-layout ViT-B encoder/decoder, 2 branches "
+                          "x 10 scales to 11x11 -> a textok ImageFolder (its EMA weights when the file has them; also "
+                          "the tokenizer inside the VAR's imagenet-var-4096.pt)", "tokenizer", build_imagefolder,
                           containers=EMA_FIRST),
 }
 
