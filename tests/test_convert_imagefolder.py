@@ -11,6 +11,7 @@ code itself: benchmarks/results/convert-equivalence.md.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 from pathlib import Path
@@ -26,6 +27,7 @@ from textok.convert import convert, load_manifest
 from textok.convert.checkpoint import read_checkpoint, read_published
 from textok.convert.imagefolder import imagefolder_config, imagefolder_state
 from textok.errors import TextokError
+from textok.models.dinov2 import load_dinov2
 from textok.models.imagefolder import ImageFolder
 from textok.models.multiscale import PAPER_SCALES
 from textok.models.registry import load_tokenizer
@@ -108,6 +110,30 @@ def test_the_released_pair_converts_from_the_var_file_and_samples(tmp_path, caps
     code, out, err = run(["sample", "--generator", tmp_path / "var", "--class", 3, "--n", 2, "--out",
                           tmp_path / "s.png"], capsys)
     assert code == 0 and (tmp_path / "s.png").is_file(), err
+
+
+def test_teacher_out_writes_the_dinov2_teacher_textok_trains_with(tmp_path, capsys):
+    """The file's frozen DINOv2 (``semantic_model.*``) is written with --teacher-out in the layout textok's
+    ``dinov2:FILE`` teacher reads, and an ImageFolder of the converted layout computes its semantic loss with it."""
+    path = tmp_path / "imagenet-tiny.pt"
+    ema = _training_checkpoint(path)
+    teacher = tmp_path / "teacher.safetensors"
+    code, out, err = run(["convert", "--from", "imagefolder", path, "--out", tmp_path / "if", "--teacher-out",
+                          teacher], capsys)
+    assert code == 0 and f"semantic_teacher=dinov2:{teacher}" in out, err
+    net = load_dinov2(teacher, patch_size=None, image_size=16)
+    for key in ("cls_token", "pos_embed", "blocks.1.ls2.gamma", "norm.weight"):
+        torch.testing.assert_close(net.state_dict()[key], ema[f"semantic_model.{key}"])
+    model = load_tokenizer(tmp_path / "if")
+    config = dataclasses.replace(model.config, semantic_teacher=f"dinov2:{teacher}", semantic_dim=32)
+    tuned = ImageFolder(config)
+    missing, unexpected = tuned.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("semantic_proj.") for k in missing)
+    _, terms = tuned.train().training_losses(torch.rand(4, 3, 16, 16) * 2 - 1)
+    assert torch.isfinite(terms["semantic"]) and terms["semantic"] > 0
+    code, out, err = run(["convert", "--from", "var-vqvae", path, "--out", tmp_path / "v", "--teacher-out",
+                          tmp_path / "t.safetensors"], capsys)
+    assert code == 2 and "stores no training teacher" in err and not (tmp_path / "t.safetensors").exists()
 
 
 # ---- the folding, against a restatement of the official forward -------------------------------------------

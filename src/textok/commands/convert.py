@@ -29,16 +29,21 @@ def convert_args(p: argparse.ArgumentParser) -> None:
                    "the generator models (recorded as the one `textok sample` decodes with)")
     p.add_argument("--text-encoder", default=None, help="TA-TiTok: its CLIP text tower as a textok text encoder "
                    "spec, clip:/path/to/a local openai/clip-vit-large-patch14-336")
+    p.add_argument("--teacher-out", default=None, metavar="FILE", help="imagefolder: also write the DINOv2 teacher "
+                   "stored in the file (.safetensors), a semantic_teacher=dinov2:FILE for ImageFolder training")
     p.add_argument("--variant", default=None, help="insist on one published variant (default: the one whose keys "
                    "and shapes the file has)")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     done = convert(args.fmt, args.source, args.out, variant=args.variant, tokenizer=args.tokenizer,
-                   text_encoder=args.text_encoder)
+                   text_encoder=args.text_encoder, teacher_out=args.teacher_out)
     params = sum(p.numel() for p in done.model.parameters())
     print(f"{args.source}: {done.format} {done.variant.name} -> {done.directory} "
           f"({type(done.model).__name__}, {params / 1e6:.1f}M parameters)")
+    if args.teacher_out is not None:
+        print(f"teacher: {args.teacher_out} (train an ImageFolder with it: model.semantic_teacher=dinov2:"
+              f"{args.teacher_out} model.teacher_size=256)")
     if FORMATS[args.fmt].kind == "tokenizer":
         print(f"evaluate it: textok eval reconstruction --model {done.directory} --data DIR")
         return

@@ -7,7 +7,7 @@ from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
-from .imagefolder import EMA_FIRST, build_imagefolder
+from .imagefolder import EMA_FIRST, build_imagefolder, teacher_state
 from .manifest import Variant
 from .maskgit import build_maskgit, maskgit_record, textok_sampler
 from .titok import build_tatitok, build_titok
@@ -24,6 +24,7 @@ class Format(NamedTuple):
     text_encoder: bool = False  # takes --text-encoder (the textok spec of the text tower it decodes with)
     containers: tuple[tuple[str, ...], ...] = ()  # key paths to the weights in a training checkpoint (first found)
     prepare: Callable[[dict], dict] | None = None  # state -> state before the layout check (training-only entries)
+    teacher: Callable[[dict], dict] | None = None  # state -> a training teacher stored beside it (--teacher-out)
 
 
 FORMATS: dict[str, Format] = {
@@ -50,8 +51,9 @@ FORMATS: dict[str, Format] = {
     "imagefolder": Format("ImageFolder's tokenizers (imagenet-{4096,8192,16384}.pt, ang9867/imagefolder; XQ-GAN's "
                           "MSVR10P2-{4096,8192,16384}/best_ckpt.pt): DINOv2-layout ViT-B encoder/decoder, 2 branches "
                           "x 10 scales to 11x11 -> a textok ImageFolder (its EMA weights when the file has them; also "
-                          "the tokenizer inside the VAR's imagenet-var-4096.pt)", "tokenizer", build_imagefolder,
-                          containers=EMA_FIRST),
+                          "the tokenizer inside the VAR's imagenet-var-4096.pt); --teacher-out FILE also writes its "
+                          "DINOv2 teacher", "tokenizer", build_imagefolder, containers=EMA_FIRST,
+                          teacher=teacher_state),
 }
 
 __all__ = ["FORMATS", "Format"]

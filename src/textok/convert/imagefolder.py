@@ -18,8 +18,8 @@ and attention does not depend on where a token sits in the sequence, so the conv
   head writes patches in textok's order. The two quantizers are textok's branches: the codebook and the shared
   phi convolutions (``quant_resi.qresi_ls.k``), cosine matching.
 
-Dropped: ``semantic_model.*`` (the frozen DINOv2 teacher of the training loss; the converted model trains with
-``semantic_teacher=none`` unless given one), ``ema_vocab_hit_SV`` (a codebook-usage statistic) and the
+Dropped from the model: ``semantic_model.*`` (the frozen DINOv2 teacher of the training loss; the converted model
+has ``semantic_teacher=none``; :func:`teacher_state` gives it in the layout of textok's ``dinov2:FILE`` teacher), ``ema_vocab_hit_SV`` (a codebook-usage statistic) and the
 ``lvl1LC`` level buffers, which are checked against the layout rather than copied. Training checkpoints hold both
 ``model`` and ``ema`` weights; the EMA ones (what the official evaluation loads) are converted. The VAR release's
 file also holds its tokenizer, which converts the same way.
@@ -149,6 +149,16 @@ def imagefolder_state(state: dict[str, Tensor], config: ImageFolderConfig) -> di
     return out
 
 
+def teacher_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The frozen DINOv2 teacher stored beside the tokenizer (``semantic_model.*``: timm's DINOv2 ViT-B loaded with
+    its pretrained weights, patch embedding and positions resampled to 256 px patch 16), in the timm key layout
+    textok's ``dinov2:FILE`` teacher reads."""
+    teacher = {k.removeprefix("semantic_model."): v for k, v in state.items() if k.startswith("semantic_model.")}
+    if not teacher:
+        raise TextokError("this checkpoint stores no semantic teacher (semantic_model.*): drop --teacher-out")
+    return teacher
+
+
 def build_imagefolder(state: dict[str, Tensor], variant: Variant) -> ImageFolder:
     """A textok ImageFolder computing what the released tokenizer of ``variant``'s layout computes."""
     config = imagefolder_config(variant)
@@ -158,4 +168,5 @@ def build_imagefolder(state: dict[str, Tensor], variant: Variant) -> ImageFolder
     return model.eval()
 
 
-__all__ = ["EMA_FIRST", "build_imagefolder", "imagefolder_config", "imagefolder_state", "resample_positions"]
+__all__ = ["EMA_FIRST", "build_imagefolder", "imagefolder_config", "imagefolder_state", "resample_positions",
+           "teacher_state"]
