@@ -38,6 +38,20 @@ def run(argv: list, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def check_info_and_reconstruct(model_dir, image_size: int, tmp_path, capsys, info_says: str) -> None:
+    """A converted tokenizer through the CLI: ``textok info`` names ``info_says``, ``textok reconstruct`` writes
+    the reconstruction of a random ``image_size`` picture."""
+    from PIL import Image
+
+    code, out, err = run(["info", model_dir], capsys)
+    assert code == 0 and info_says in out, err
+    img_path = tmp_path / "x.png"
+    Image.fromarray((torch.rand(image_size, image_size, 3) * 255).byte().numpy()).save(img_path)
+    code, out, err = run(["reconstruct", "--model", model_dir, "--image", img_path, "--out", tmp_path / "r.png"],
+                         capsys)
+    assert code == 0 and (tmp_path / "r.png").is_file(), err
+
+
 def check_published_layout(fmt: str, variant: str, make_config: Callable, map_state: Callable,
                            build: Callable) -> Any:
     """A full-size release on the meta device: its manifest's keys, mapped by ``map_state(state, config)``, are

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convert_checkpoints import check_published_layout, random_checkpoint, run
+from convert_checkpoints import check_info_and_reconstruct, check_published_layout, random_checkpoint, run
 from textok.cli import main
 from textok.convert import FORMATS, convert, load_manifest
 from textok.convert.manifest import parse_manifest
@@ -64,14 +64,7 @@ def test_titok_converts_and_every_verb_loads_it(titok_file, tmp_path, capsys):
     # the saved weights are the converted ones: a second conversion of the same file is identical
     again = convert("titok", titok_file, tmp_path / "again").model
     torch.testing.assert_close(again.state_dict()["decoder.class_token"], model.state_dict()["decoder.class_token"])
-    code, out, err = run(["info", out_dir], capsys)
-    assert code == 0 and "vqgan" in out, err
-    from PIL import Image
-
-    img_path = tmp_path / "x.png"
-    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(img_path)
-    code, out, err = run(["reconstruct", "--model", out_dir, "--image", img_path, "--out", tmp_path / "r.png"], capsys)
-    assert code == 0 and (tmp_path / "r.png").is_file(), err
+    check_info_and_reconstruct(out_dir, 32, tmp_path, capsys, info_says="vqgan")
 
 
 def test_safetensors_and_folder_sources(tmp_path):

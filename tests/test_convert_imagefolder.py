@@ -1,11 +1,11 @@
 """`textok convert --from imagefolder`: adobe-research ImageFolder's released tokenizers.
 
-A random training checkpoint of the manifest's test size (the official layout with a 32-wide, 2-block ViT at
-16 px, 2 branches of 64 codes x 8 channels on scales 1, 1, 2, 3) is converted through the CLI, loaded by the tokenizer verbs and run. The folding
-(LayerScale into the linear layers, class/position/level embeddings into textok's constant tokens) is proven in
-float64 against a functional restatement of the official forward written here. The published sizes map exactly
-on the meta device; bad keys and level buffers are refused naming the problem. (Agreement with the official
-code itself: benchmarks/results/convert-equivalence.md.)
+A random training checkpoint of the manifest's test size (the official layout with a 32-wide, 2-block ViT at 16 px,
+2 branches of 64 codes x 8 channels on scales 1, 1, 2, 3) is converted through the CLI, loaded by the tokenizer
+verbs and run. The folding (LayerScale into the linear layers, class/position/level embeddings into textok's
+constant tokens) is proven in float64 against a functional restatement of the official forward written here. The
+published sizes map exactly on the meta device; bad keys and level buffers are refused naming the problem.
+(Agreement with the official code itself: benchmarks/results/convert-equivalence.md.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convert_checkpoints import check_published_layout, random_checkpoint, run
+from convert_checkpoints import check_info_and_reconstruct, check_published_layout, random_checkpoint, run
 from numerics import assert_same_maths
 from textok.convert import convert, load_manifest
 from textok.convert.checkpoint import read_checkpoint, read_published
@@ -67,14 +67,7 @@ def test_imagefolder_converts_from_its_ema_and_the_tokenizer_verbs_load_it(tmp_p
         codes = model.encode_codes(images)
         recon = model.decode_codes(codes)
     assert codes.shape == (2, 2, 1 + 1 + 4 + 9) and recon.shape == images.shape and torch.isfinite(recon).all()
-    code, out, err = run(["info", out_dir], capsys)
-    assert code == 0 and "quantizer" in out, err
-    from PIL import Image
-
-    img_path = tmp_path / "x.png"
-    Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(img_path)
-    code, out, err = run(["reconstruct", "--model", out_dir, "--image", img_path, "--out", tmp_path / "r.png"], capsys)
-    assert code == 0 and (tmp_path / "r.png").is_file(), err
+    check_info_and_reconstruct(out_dir, 16, tmp_path, capsys, info_says="quantizer")
 
 
 def test_eval_and_extract_latents_run_on_the_converted_tokenizer(imagefolder_dir, tmp_path, capsys):

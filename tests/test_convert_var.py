@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert_checkpoints import check_published_layout, random_checkpoint, run
+from convert_checkpoints import check_info_and_reconstruct, check_published_layout, random_checkpoint, run
 from textok.convert import convert, load_manifest
 from textok.convert.var import var_config, var_state, vqvae_config, vqvae_state
 from textok.errors import ConfigError, TextokError
@@ -52,14 +52,7 @@ def test_vqvae_converts_and_the_tokenizer_verbs_load_it(tmp_path, capsys):
         codes = model.encode_codes(images)
         recon = model.decode_codes(codes)
     assert codes.shape == (2, 1, 1 + 4 + 9 + 16) and recon.shape == images.shape and torch.isfinite(recon).all()
-    code, out, err = run(["info", out_dir], capsys)
-    assert code == 0 and "quantizer" in out, err
-    from PIL import Image
-
-    img_path = tmp_path / "x.png"
-    Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(img_path)
-    code, out, err = run(["reconstruct", "--model", out_dir, "--image", img_path, "--out", tmp_path / "r.png"], capsys)
-    assert code == 0 and (tmp_path / "r.png").is_file(), err
+    check_info_and_reconstruct(out_dir, 64, tmp_path, capsys, info_says="quantizer")
 
 
 def test_eval_reconstruction_runs_on_the_converted_vqvae(vqvae_dir, tmp_path, capsys):

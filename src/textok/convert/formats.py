@@ -45,8 +45,8 @@ FORMATS: dict[str, Format] = {
                   var_sampler, var_record),
     "imagefolder-var": Format("ImageFolder's class-conditional folded VAR-d17 (imagenet-var-4096.pt, "
                               "ang9867/imagefolder; XQ-GAN's VAR-d17-MSVR10P2-4096/ar-ckpt-last.pth) -> a textok VAR "
-                              "with two folded branches; needs --tokenizer (the converted ImageFolder tokenizer)", "generator", build_var, var_sampler,
-                              imagefolder_var_record, containers=(("trainer", "var_wo_ddp"),),
+                              "with two folded branches; needs --tokenizer (the converted ImageFolder tokenizer)",
+                              "generator", build_var, var_sampler, imagefolder_var_record, containers=(("trainer", "var_wo_ddp"),),
                               prepare=prepare_imagefolder_var),
     "imagefolder": Format("ImageFolder's tokenizers (imagenet-{4096,8192,16384}.pt, ang9867/imagefolder; XQ-GAN's "
                           "MSVR10P2-{4096,8192,16384}/best_ckpt.pt): DINOv2-layout ViT-B encoder/decoder, 2 branches "

@@ -19,10 +19,11 @@ and attention does not depend on where a token sits in the sequence, so the conv
   phi convolutions (``quant_resi.qresi_ls.k``), cosine matching.
 
 Dropped from the model: ``semantic_model.*`` (the frozen DINOv2 teacher of the training loss; the converted model
-has ``semantic_teacher=none``; :func:`teacher_state` gives it in the layout of textok's ``dinov2:FILE`` teacher), ``ema_vocab_hit_SV`` (a codebook-usage statistic) and the
-``lvl1LC`` level buffers, which are checked against the layout rather than copied. Training checkpoints hold both
-``model`` and ``ema`` weights; the EMA ones (what the official evaluation loads) are converted. The VAR release's
-file also holds its tokenizer, which converts the same way.
+has ``semantic_teacher=none``; :func:`teacher_state` gives it in the layout of textok's ``dinov2:FILE`` teacher),
+``ema_vocab_hit_SV`` (a codebook-usage statistic) and the ``lvl1LC`` level buffers, which are checked against the
+layout rather than copied. Training checkpoints hold both ``model`` and ``ema`` weights; the EMA ones (what the
+official evaluation loads) are converted. The VAR release's file also holds its tokenizer, which converts the same
+way.
 """
 
 from __future__ import annotations

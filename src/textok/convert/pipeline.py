@@ -43,8 +43,9 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
     needs ``tokenizer``: the (converted) tokenizer directory whose codes it models, recorded as the one
     ``textok sample`` decodes with. A text-conditioned tokenizer (TA-TiTok) needs ``text_encoder``, the textok
     spec of its text tower (``clip:/local/dir``). ``teacher_out`` (ImageFolder) also writes the training teacher
-    stored in the file, as a ``.safetensors`` that textok's ``dinov2:FILE`` teacher reads. The output's ``config.json`` records where the weights came from under
-    ``converted_from``: format, variant, file, its sha256 and the release's published settings."""
+    stored in the file, as a ``.safetensors`` that textok's ``dinov2:FILE`` teacher reads. The output's
+    ``config.json`` records where the weights came from under ``converted_from``: format, variant, file, its sha256
+    and the release's published settings."""
     check_format(fmt)
     spec = FORMATS[fmt]
     if spec.kind == "generator" and tokenizer is None:
