@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..progress import progress_bar
 
 StepFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -94,7 +94,7 @@ def step_fn(model: Callable[..., Tensor], cfg_scale: float, model_kwargs: dict[s
 def _steps(n: int, progress: bool, desc: str) -> Iterable[int]:
     seq: Iterable[int] = range(n - 1, -1, -1)
     if progress:
-        seq = tqdm(list(seq), desc=desc, leave=False)
+        seq = progress_bar(list(seq), desc=desc, leave=False)
     return seq
 
 
@@ -146,7 +146,7 @@ def euler_loop(velocity: StepFn, x: Tensor, times: Tensor, progress: bool = Fals
     B = x.shape[0]
     idx: Iterable[int] = range(len(times) - 1)
     if progress:
-        idx = tqdm(list(idx), desc="euler", leave=False)
+        idx = progress_bar(list(idx), desc="euler", leave=False)
     for i in idx:
         t_cur, t_next = times[i], times[i + 1]
         x = x + (t_next - t_cur) * velocity(x, t_cur.expand(B))
@@ -158,7 +158,7 @@ def heun_loop(velocity: StepFn, x: Tensor, times: Tensor, progress: bool = False
     B = x.shape[0]
     idx: Iterable[int] = range(len(times) - 1)
     if progress:
-        idx = tqdm(list(idx), desc="heun", leave=False)
+        idx = progress_bar(list(idx), desc="heun", leave=False)
     last_is_zero = float(times[-1]) <= 0  # read once: no host sync inside the loop
     for i in idx:
         t_cur, t_next = times[i], times[i + 1]

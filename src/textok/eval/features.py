@@ -133,9 +133,9 @@ def compute_stats(extractor: FeatureExtractor, image_batches: Iterable[Tensor], 
         extractor.eval()
     it: Iterable = image_batches
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        it = tqdm(image_batches, desc=f"{name} features", unit="batch", total=total)
+        it = progress_bar(image_batches, desc=f"{name} features", unit="batch", total=total)
     for batch in it:
         if isinstance(batch, (tuple, list)):
             batch = batch[0]

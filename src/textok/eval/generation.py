@@ -298,9 +298,9 @@ class _Features:
         side = 0
         it: Iterable[Tensor] = batches
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            it = tqdm(batches, desc=desc, unit="batch", total=total)
+            it = progress_bar(batches, desc=desc, unit="batch", total=total)
         eta = Eta(total, f"eval generation, {desc}", "batches", write=getattr(it, "write", None)) if total else None
         for x in it:
             if eta is not None:

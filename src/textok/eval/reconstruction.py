@@ -91,9 +91,9 @@ def reconstruct_batches(model: nn.Module, dataset: Any, *, num: int | None = Non
     text = _uses_text(model)
     it: Any = _batches(dataset, total, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        it = tqdm(it, desc="reconstruct", unit="batch", total=math.ceil(total / batch_size))
+        it = progress_bar(it, desc="reconstruct", unit="batch", total=math.ceil(total / batch_size))
     batches = math.ceil(total / batch_size)
     eta = Eta(batches, eta_label, "batches", write=getattr(it, "write", None)) if eta_label else None
     try:

@@ -85,9 +85,9 @@ def extract_latents(tokenizer: str | Path, data: str = "scenes", out: str | Path
     code_shape: list[int] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=n_total, desc=f"encoding {data}/{split}", unit="img", dynamic_ncols=True)
+        bar = progress_bar(total=n_total, desc=f"encoding {data}/{split}", unit="img")
     with atomic_directory(out, markers=(META,)) as tmp:
         buf: dict[str, list[torch.Tensor]] = {"latents": [], "codes": [], "labels": [], "index": []}
         buffered, shard_id, shard_sizes = 0, 0, []

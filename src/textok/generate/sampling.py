@@ -230,10 +230,10 @@ class GenerationPipeline:
         firsts = list(range(0, total, batch_size))[rank::world]
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
             mine = sum(min(batch_size, total - f) for f in firsts)
-            bar = tqdm(total=mine, desc=f"sampling ({self.kind})", unit="img", dynamic_ncols=True)
+            bar = progress_bar(total=mine, desc=f"sampling ({self.kind})", unit="img")
         for first in firsts:
             ids = range(first, min(total, first + batch_size))
             lab = [labels[i % len(labels)] for i in ids] if labels else None

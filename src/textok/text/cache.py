@@ -17,10 +17,10 @@ from typing import Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..errors import TextokError
 from ..io import atomic_file
+from ..progress import progress_bar
 from .embeddings import TextEmbeddings
 from .encoders import HFTextEncoder, check_captions
 
@@ -66,7 +66,7 @@ class TextEmbeddingCache:
             return
         it = range(0, len(todo), self.batch_size)
         if progress:
-            it = tqdm(it, desc=f"encoding captions ({self.name})", unit="batch")
+            it = progress_bar(it, desc=f"encoding captions ({self.name})", unit="batch")
         last_save = time.monotonic()
         try:
             for start in it:

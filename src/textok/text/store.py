@@ -176,9 +176,9 @@ class TextStateStore:
         todo = self.missing(captions)
         bar = None
         if progress and todo:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            bar = tqdm(total=len(todo), desc=f"encoding captions ({self.encoder})", unit="caption")
+            bar = progress_bar(total=len(todo), desc=f"encoding captions ({self.encoder})", unit="caption")
         for seg_start in range(0, len(todo), segment_captions):
             segment = sorted(todo[seg_start : seg_start + segment_captions], key=len)
             with _SegmentWriter(self) as writer:

@@ -9,13 +9,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_text
+from ..progress import progress_bar as terminal_bar
 
 
 def progress_bar(enabled: bool, total: int, initial: int, desc: str) -> tqdm | None:
-    """A tqdm bar over training steps (``None`` when disabled, e.g. on non-main ranks)."""
+    """A bar over training steps (``None`` when disabled, e.g. on non-main ranks; drawn only on a terminal)."""
     if not enabled:
         return None
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+    return terminal_bar(total=total, initial=initial, desc=desc, unit="step")
 
 
 def _logged_step(line: str) -> float:
