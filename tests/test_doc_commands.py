@@ -31,7 +31,8 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 READER_ENV = {"TEXTOK_DATA": "/reader/data", "OUT": "/reader/out", "NODE_RANK": "0", "MASTER": "10.0.0.1"}
 READER_PATHS = {
     "README.md": ["a.png"],  # "--image a.png": an image of the reader's
-    "docs/DATA.md": ["/data/imagenet", "/data/captions.jsonl", "/data/other-webdataset-shards", "/models/t5-xl"],
+    "docs/DATA.md": ["/data/imagenet", "/data/captions.jsonl", "/data/other-webdataset-shards", "/models/t5-xl",
+                     "/data/imagenet-wds", "/models/blip"],
     "docs/REPRODUCE.md": ["/data/imagenet", "/models/"],  # the page's variables: ImageNet and downloaded weights
     "docs/RESULTS.md": ["/reader/data/"],
     "docs/TRAINING.md": ["a.png", "/reader/data/", "/path/to/", "/nfs/in-shards",
@@ -94,6 +95,7 @@ TINY: dict[str, list[tuple[str, str]]] = {
         ("--num-samples 5000", "--num-samples 4"),
     ],
     "docs/DATA.md": [("/data/", "data/"), ("/models/t5-xl", "{tiny_t5}"),  # the reader's data, a tiny T5
+                     ("/models/blip", "models/blip"),  # a tiny random BLIP (reader_data writes it)
                      ("--config textok-b-256-32 --out runs/in", f"--config textok-tiny --out runs/in {TRAIN_TINY}"),
                      ("data.workers=8", "data.workers=0")],
     "docs/LIBRARY.md": [('"textok-b-256-32")', '"textok-tiny")'), ("256, 256)", "16, 16)"),
@@ -106,12 +108,14 @@ BEFORE = {"docs/LIBRARY.md": [["demo", "--quick", "--out", "runs/demo"],
 
 
 def reader_data() -> None:
-    """DATA.md's inputs, tiny, in the working directory: an image folder with a captions.jsonl beside it, and a
-    webdataset shard written by some other tool (no index)."""
+    """DATA.md's inputs, tiny, in the working directory: an image folder with a captions.jsonl beside it, a
+    webdataset shard written by some other tool (no index), uncaptioned ImageNet-style shards ({key}.jpg +
+    {key}.cls) with their LOC_synset_mapping.txt, and a tiny random BLIP."""
     import json
     import tarfile
 
     from textok.data import CaptionedScenes
+    from vlm_models import make_blip
 
     scenes = CaptionedScenes(32, "train", size=8)
     folder = Path("data/imagenet/n01")
@@ -134,6 +138,18 @@ def reader_data() -> None:
                 info = tarfile.TarInfo(f"{i:04d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    wds = Path("data/imagenet-wds")
+    wds.mkdir()
+    (wds / "LOC_synset_mapping.txt").write_text("n01 tench, Tinca tinca\nn02 goldfish\n")
+    for t in range(2):
+        with tarfile.open(wds / f"imagenet-train-{t:06d}.tar", "w") as tar:
+            for i in range(3 * t, 3 * t + 3):
+                for name, data in ((f"n0{i % 2 + 1}_{i}.jpg", (folder / f"{i}.png").read_bytes()),
+                                   (f"n0{i % 2 + 1}_{i}.cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    make_blip(Path("models/blip"))
 
 
 SETUP = {"docs/DATA.md": reader_data}

@@ -64,10 +64,12 @@ VERBS: dict[str, Verb] = {
                    "torchrun: the processes share the work)", "textok.commands.generate", "sample_args", "cmd_sample"),
     "study": Verb("TexTok vs the no-text baseline over token counts and text modes: trains a grid, reports the "
                   "claims", STUDY, "study_args", "cmd_study"),
-    "caption": Verb("caption an image folder or tar with a local vision-language model (BLIP, LLaVA) into captions.jsonl "
+    "caption": Verb("caption an image folder, tar or shard directory with a local vision-language model (BLIP, LLaVA) "
+                    "into captions.jsonl "
                     "(resumable; under torchrun the processes share the work)", "textok.commands.caption",
                     "caption_args", "cmd_caption"),
-    "make-shards": Verb("convert an image folder / tar + captions into webdataset shards for streaming training",
+    "make-shards": Verb("convert an image folder / tar (or uncaptioned shards) + captions into webdataset shards for "
+                        "streaming training",
                         "textok.commands.data", "make_shards_args", "cmd_make_shards"),
     "encode-captions": Verb("encode every caption of a data set once into the memory-mapped text-state store",
                             "textok.commands.data", "encode_captions_args", "cmd_encode_captions"),

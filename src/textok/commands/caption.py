@@ -1,4 +1,5 @@
-"""``textok caption``: captions for an uncaptioned image folder or tar, written by a local VLM as captions.jsonl."""
+"""``textok caption``: captions for an uncaptioned image folder, tar or directory of webdataset shards, written by a
+local VLM as captions.jsonl."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ DEFAULT_PROMPTS = {"blip": "a photography of", "llava": "Describe this image in 
 
 
 def caption_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="an image folder or tar: [split/]<class>/<image> (class folders give the labels)")
+    p.add_argument("source", help="an image folder or tar: [split/]<class>/<image> (class folders give the labels); "
+                                  "or a directory of webdataset shards ({key}.jpg + {key}.cls or {key}.json with a "
+                                  "label; each image is named <tar name>/<key>)")
     p.add_argument("--vlm", required=True,
                    help=f"a local directory holding a saved VLM ({', '.join(FAMILIES)}); chosen by its config.json")
     p.add_argument("--out", default=None,
-                   help="captions.jsonl to write (default: SOURCE/captions.jsonl for a folder, which make-shards and "
-                        "data.source read by themselves); a kill leaves a work folder .NAME.caption beside it, and "
+                   help="captions.jsonl to write (default: SOURCE/captions.jsonl for a folder or shard directory, which "
+                        "make-shards and data.source read by themselves); a kill leaves a work folder .NAME.caption beside it, and "
                         "the same command again finishes the job")
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt template, given once per prompt (caption k uses prompt k modulo their number); "
@@ -33,7 +36,8 @@ def caption_args(p: argparse.ArgumentParser) -> None:
                    help="captions per image (default 1): one sampling seed per caption")
     p.add_argument("--class-names", default=None,
                    help="a class-name map for {class_name}: JSON {folder: name}, imagenet_class_index.json, or "
-                        "lines '<folder> <name>' (LOC_synset_mapping.txt); default: classes.txt / synsets.txt / "
+                        "lines '<folder> <name>' (LOC_synset_mapping.txt); a shard's integer label n is the map's "
+                        "entry \"n\", else its n-th entry; default: classes.txt / synsets.txt / "
                         "LOC_synset_mapping.txt / imagenet_class_index.json at SOURCE's root, else the folder names")
     p.add_argument("--splits", default="", help="comma-separated splits to caption (default: every image)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")

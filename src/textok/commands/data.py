@@ -20,7 +20,9 @@ from ..train.data_source import captions_of
 
 
 def make_shards_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="an image folder or tar (captions.jsonl inside, or --captions, or class folders)")
+    p.add_argument("source", help="an image folder or tar (captions.jsonl inside, or --captions, or class folders), "
+                                  "or a directory of webdataset shards with the captions `textok caption` wrote for "
+                                  "it (SOURCE/captions.jsonl, or --captions)")
     p.add_argument("--out", required=True, help="the shard directory to write (<split>-NNNNNN.tar + index.json)")
     p.add_argument("--captions", default=None, help="a captions.jsonl outside the data")
     p.add_argument("--caption-bank", default=None, help="a {class_name: [captions]} JSON for class folders")
@@ -57,6 +59,9 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
     print_table(rows)
     if index.get("skipped"):
         print(f"left out {index['skipped']} images that could not be decoded")
+    if index.get("uncaptioned", {}).get("count"):
+        print(f"left out {index['uncaptioned']['count']} images without a caption (first: "
+              f"{index['uncaptioned']['first']})")
     print(f"wrote {out}/index.json; train with data.source={out}")
 
 

@@ -1,6 +1,7 @@
 """Captioning a data set with a VLM, resumable and shared across processes (``textok caption``).
 
-The images of a folder or tar (``[split/]<class>/<image>``, as :mod:`textok.data.folder` reads them) are cut
+The images of a folder or tar (``[split/]<class>/<image>``, as :mod:`textok.data.folder` reads them), or of a
+directory of webdataset shards (:mod:`textok.data.shard_source`: each sample named ``<tar name>/<key>``), are cut
 into fixed batches in path order; batch ``j`` belongs to process ``j % world``. Every process appends its
 finished batches to its own part file (one write and an fsync per batch) in a work directory beside the
 output, so a kill at any moment loses at most the batch in flight: a re-run reads every part, skips the images
@@ -8,8 +9,8 @@ they hold and redoes only the rest. Batches do not depend on the number of proce
 its own index, so any split of the work writes the same captions. When every image is done one merge step
 writes ``captions.jsonl`` (path order, atomically) and removes the work directory.
 
-Each output line is ``{"file", "captions": [...], "label"?}`` with the class folder's name as the label:
-exactly what :class:`textok.data.folder.ImageCaptionFolder` and ``make-shards`` read.
+Each output line is ``{"file", "captions": [...], "label"?}`` with the class folder's name as the label (a
+shard sample's own label): exactly what :class:`textok.data.folder.ImageCaptionFolder` and ``make-shards`` read.
 """
 
 from __future__ import annotations
@@ -33,24 +34,33 @@ from ..errors import TextokError
 from ..io import atomic_write_text
 from .folder import SPLIT_ALIASES, _Source, _split_of
 from .images import IMAGE_SUFFIXES, to_rgb
+from .shard_source import ShardSource, is_shard_source
 
 PROMPT_FIELDS = {"class_name": "the class's name (from the class-name map, else the folder name)",
-                 "class_id": "the class folder's name (e.g. an ImageNet synset id)", "file": "the image's path"}
+                 "class_id": "the class folder's name (e.g. an ImageNet synset id)",
+                 "file": "the image's path (<tar name>/<key> in shards)"}
 CLASS_MAP_NAMES = ("classes.txt", "synsets.txt", "LOC_synset_mapping.txt", "imagenet_class_index.json")
 SETTINGS = "settings.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageItem:
-    file: str  # path inside the source
+    file: str  # path inside the source (<tar name>/<key> in shards)
     class_id: str | None  # the class folder, None for an image outside class folders
+    label: int | str | None = None  # written as the line's label: a shard sample's own; else the class folder
 
 
-def list_images(source: str | Path, splits: tuple[str, ...] = ()) -> tuple[_Source, list[ImageItem]]:
-    """The images of a folder or tar in path order, with their class folders; ``splits`` keeps only those."""
+def list_images(source: str | Path, splits: tuple[str, ...] = (),
+                class_names: dict[str, str] | None = None) -> tuple[_Source | ShardSource, list[ImageItem]]:
+    """The images of a folder, tar or shard directory in path order, with their classes; ``splits`` keeps only
+    those. ``class_names`` resolves the integer labels of shards (see :func:`shard_class_id`)."""
     root = Path(source).expanduser()
     if not root.exists():
         raise TextokError(f"data {root} does not exist")
+    if is_shard_source(root):
+        shards = ShardSource(root, splits)
+        return shards, [ImageItem(shards.file_of(s), shard_class_id(s.label, shards.class_names, class_names), s.label)
+                        for s in shards.samples]
     src = _Source(root)
     wanted = {SPLIT_ALIASES.get(s, s) for s in splits}
     names = [n for n in src.names if n.lower().endswith(IMAGE_SUFFIXES) and not _hidden(n)]
@@ -67,8 +77,21 @@ def list_images(source: str | Path, splits: tuple[str, ...] = ()) -> tuple[_Sour
         _check_class_folders(root, has_splits, wanted, {i.class_id for i in items})
     if not items:
         raise TextokError(f"{root} holds no images{' in the splits ' + ', '.join(sorted(wanted)) if wanted else ''} "
-                          f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+                          f"(looked for {', '.join(IMAGE_SUFFIXES)}, or a directory of webdataset .tar shards)")
     return src, items
+
+
+def shard_class_id(label: int | str | None, index_names: list[str], class_names: dict[str, str] | None) -> str | None:
+    """The class a shard label stands for: a class name as it is; an integer id through the shard index's class
+    names, else the class-name map's own entry for it (``"3"``), else the map's entry at that place (ImageNet's
+    LOC_synset_mapping.txt and imagenet_class_index.json list the classes in id order), else the id itself."""
+    if label is None or isinstance(label, str):
+        return label
+    if 0 <= label < len(index_names):
+        return index_names[label]
+    if class_names and str(label) not in class_names and 0 <= label < len(class_names):
+        return list(class_names)[label]
+    return str(label)
 
 
 def _hidden(name: str) -> bool:
@@ -148,9 +171,9 @@ def check_templates(templates: list[str], items: list[ImageItem], class_names: d
         if fields & {"class_name", "class_id"}:
             loose = next((i.file for i in items if i.class_id is None), None)
             if loose is not None:
-                raise TextokError(f"prompt template {template!r} needs a class, but {loose} is not in a class folder; "
-                                  "use a template without {class_name}/{class_id} or keep to class folders "
-                                  "(--splits)")
+                raise TextokError(f"prompt template {template!r} needs a class, but {loose} is not in a class folder "
+                                  "(nor a shard sample with a label); use a template without "
+                                  "{class_name}/{class_id} or keep to class folders (--splits)")
     if class_names is not None:
         folders = sorted({i.class_id for i in items if i.class_id is not None})
         missing = [f for f in folders if f not in class_names]
@@ -257,8 +280,9 @@ def merge(items: list[ImageItem], work: Path, out: Path) -> dict:
             failed.append((item.file, row["error"]))
             continue
         line = {"file": item.file, "captions": row["captions"]}
-        if item.class_id is not None:
-            line["label"] = item.class_id
+        label = item.label if item.label is not None else item.class_id
+        if label is not None:
+            line["label"] = label
         lines.append(line)
     if not lines:
         raise TextokError(f"no image could be captioned ({len(failed)} failed, first: {failed[0][0]}: "
@@ -320,7 +344,7 @@ def caption_dataset(source: str | Path, out: str | Path, captioner: Captioner, t
     if out.exists() and not work.is_dir():
         raise TextokError(f"{out} already exists (captions written before, or a file of yours); give another --out "
                           "or move it away")
-    src, items = list_images(source, splits)
+    src, items = list_images(source, splits, class_names)
     check_templates(templates, items, class_names)
     work = open_work_dir(out, dict(settings or {}, captions_per_image=captions_per_image, sample=sample, seed=seed,
                                    prompts=list(templates), **generate))
@@ -352,7 +376,7 @@ def caption_dataset(source: str | Path, out: str | Path, captioner: Captioner, t
     return merge(items, work, out) if info.is_main else None
 
 
-def _caption_batch(captioner: Captioner, src: _Source, j: int, batch: list[ImageItem], templates: list[str],
+def _caption_batch(captioner: Captioner, src: _Source | ShardSource, j: int, batch: list[ImageItem], templates: list[str],
                    class_names: dict[str, str] | None, per_image: int, sample: bool, seed: int, on_empty: str,
                    generate: dict) -> tuple[list[dict], tuple[str, str] | None]:
     """Rows for one batch (captions, or the reason an image has none) and the first empty caption, if that stops
@@ -391,4 +415,4 @@ def _caption_batch(captioner: Captioner, src: _Source, j: int, batch: list[Image
 
 __all__ = ["ImageItem", "PartWriter", "caption_batches", "caption_dataset", "caption_report", "caption_seed", "check_templates",
            "done_records", "find_class_map", "list_images", "merge", "open_image", "open_work_dir",
-           "read_class_names", "render_prompt", "work_dir_for"]
+           "read_class_names", "render_prompt", "shard_class_id", "work_dir_for"]

@@ -1,16 +1,23 @@
-"""``textok make-shards``: an image folder or tar + captions into webdataset shards with an index.
+"""``textok make-shards``: an image folder or tar + captions into webdataset shards with an index; or a directory
+of (uncaptioned) webdataset shards + the captions.jsonl ``textok caption`` wrote for it into captioned shards.
 
 Why: a folder is listed and a tar indexed up front, and both are read at random; shards are read front to back,
 split across ranks and workers by file, and need no listing of the samples. Samples are written in a seeded
 random order by default (an ImageNet folder is sorted by class: unshuffled, every shard would hold one class and
 a window shuffle could not mix them). Image bytes are copied as they are unless ``image_size`` asks for a
 center-cropped, resized JPEG. The directory is written atomically.
+
+From shards, the same seeded shuffle over each whole split: the source's samples are indexed by (tar, offset)
+(:mod:`textok.data.shard_source`), so each image is read with one seek and nothing but that index and the
+captions is held in memory. A sample is matched to its caption by ``<tar name>/<key>``; one without a caption is
+left out and counted (the first named), as a folder's images without a line in captions.jsonl are left out.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +31,7 @@ from ..errors import TextokError
 from ..io import atomic_directory, atomic_write_text
 from .folder import SPLIT_ALIASES, ImageCaptionFolder
 from .images import center_crop_resize, to_rgb
+from .shard_source import ShardSample, ShardSource, is_shard_source, read_captions, split_of_tar
 from .shards import FORMAT, INDEX, IMAGE_EXTS
 
 
@@ -75,6 +83,10 @@ def make_shards(source: str | Path, out: str | Path, *, splits: tuple[str, ...] 
     source = Path(source).expanduser()
     if not source.exists():
         raise TextokError(f"data {source} does not exist")
+    if is_shard_source(source):
+        return make_shards_from_shards(source, out, splits=splits, captions_file=captions_file,
+                                       caption_bank=caption_bank, shard_size=shard_size, image_size=image_size,
+                                       shuffle=shuffle, seed=seed, progress=progress)
     index: dict[str, Any] = {"format": FORMAT, "class_names": [], "splits": {}, "source": str(source)}
     skipped = 0
     written: set[str] = set()
@@ -126,6 +138,102 @@ def make_shards(source: str | Path, out: str | Path, *, splits: tuple[str, ...] 
     return index
 
 
+def make_shards_from_shards(source: Path, out: str | Path, *, splits: tuple[str, ...], captions_file: str | None,
+                            caption_bank: str | None, shard_size: int, image_size: int, shuffle: bool, seed: int,
+                            progress: bool) -> dict[str, Any]:
+    """Captioned shards in ``out`` from the shard directory ``source`` and its captions (``--captions``, else
+    ``source/captions.jsonl``); see the module docstring. Returns the index written, with ``skipped`` and
+    ``uncaptioned`` (``{"count", "first"}``) added."""
+    if caption_bank is not None:
+        raise TextokError("--caption-bank gives class folders their captions; a shard directory takes the captions "
+                          f"`textok caption {source} --vlm DIR` writes (--captions FILE)")
+    captions_path = Path(captions_file).expanduser() if captions_file else source / "captions.jsonl"
+    if not captions_path.is_file():
+        raise TextokError(f"{captions_path} does not exist: caption the shards first (`textok caption {source} "
+                          "--vlm DIR`) or give --captions FILE")
+    wanted = tuple(dict.fromkeys(SPLIT_ALIASES.get(s, s) for s in splits))
+    shards = ShardSource(source)  # every split: a caption is "matched" when it names any sample
+    captions = read_captions(captions_path)
+    files = {shards.file_of(s): s for s in shards.samples}
+    unmatched = [f for f in captions if f not in files]
+    if len(unmatched) == len(captions):
+        raise TextokError(f"none of the {len(captions)} captions in {captions_path} names a sample of {source} "
+                          f"(first: {unmatched[0]!r}; samples are named <tar name>/<key>, e.g. "
+                          f"{next(iter(files))!r}): caption these shards with `textok caption {source}`")
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} of the {len(captions)} captions in {captions_path} name no sample of "
+                      f"{source} (first: {unmatched[0]!r}); they are left out", stacklevel=2)
+    present = [s for s in wanted if any(split == s for _, split in shards.tars)]
+    if not present:
+        raise TextokError(f"{source} has none of the splits {', '.join(splits)}")
+    labels, class_names = _integer_labels(shards)
+    index: dict[str, Any] = {"format": FORMAT, "class_names": class_names, "splits": {}, "source": str(source)}
+    skipped, uncaptioned, first_uncaptioned = 0, 0, None
+    with atomic_directory(out, markers=(INDEX,)) as tmp:
+        for split in present:
+            chosen: list[ShardSample] = []
+            for sample in shards.samples:
+                if shards.split_of(sample) != split:
+                    continue
+                if shards.file_of(sample) in captions:
+                    chosen.append(sample)
+                else:
+                    uncaptioned += 1
+                    first_uncaptioned = first_uncaptioned or shards.file_of(sample)
+            if not chosen:
+                continue
+            order = range(len(chosen))
+            if shuffle:
+                order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed)).tolist()
+            bar = tqdm(total=len(chosen), desc=f"shards {split}", unit="img", dynamic_ncols=True,
+                       disable=None if progress else True)
+
+            def samples() -> Iterator[dict[str, Any]]:
+                nonlocal skipped
+                for i in order:
+                    sample = chosen[i]
+                    bar.update(1)
+                    try:
+                        data, ext = shards.read_sample(sample), sample.ext
+                        if image_size:
+                            data, ext = _jpeg(data, image_size), "jpg"
+                    except Exception:  # unreadable or undecodable: left out of the shards, counted
+                        skipped += 1
+                        continue
+                    file = shards.file_of(sample)
+                    yield {"image": data, "ext": ext, "captions": captions[file], "label": labels(sample),
+                           "file": file}
+
+            index["splits"][split] = write_shards(samples(), tmp, split, shard_size)
+            bar.close()
+        if not index["splits"]:
+            raise TextokError(f"no sample of the splits {', '.join(present)} of {source} has a caption in "
+                              f"{captions_path}")
+        (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    index["skipped"] = skipped
+    index["uncaptioned"] = {"count": uncaptioned, "first": first_uncaptioned}
+    return index
+
+
+def _integer_labels(shards: ShardSource):
+    """(sample -> integer label, class names): integer ids as they are (the shard index's class names kept), class
+    names numbered after the index's names in sorted order."""
+    names = list(shards.class_names)
+    given = {s.label for s in shards.samples if s.label is not None}
+    text = sorted(x for x in given if isinstance(x, str) and x not in names)
+    if text and not names and any(isinstance(x, int) for x in given):
+        raise TextokError(f"{shards.root}: some samples are labelled by class name ({text[0]!r}) and others by an "
+                          "integer id; label them one way (the ids would be merged into the named classes)")
+    ids = {name: i for i, name in enumerate(names + text)}
+
+    def label(sample: ShardSample) -> int:
+        if sample.label is None:
+            return -1
+        return ids[sample.label] if isinstance(sample.label, str) else sample.label
+
+    return label, names + text
+
+
 def index_shards(directory: str | Path) -> dict[str, Any]:
     """Write ``index.json`` for existing webdataset shards (``<split>-*.tar``; a tar without a split prefix counts
     as ``train``), counting each shard's samples by reading it once."""
@@ -135,8 +243,7 @@ def index_shards(directory: str | Path) -> dict[str, Any]:
         raise TextokError(f"{directory} holds no .tar shards")
     splits: dict[str, list[dict]] = {}
     for tar in tars:
-        head = tar.name.split("-", 1)[0].split("_", 1)[0].lower()
-        split = SPLIT_ALIASES.get(head, "train")
+        split = split_of_tar(tar.name)
         count = sum(1 for _ in _keys(tar))
         splits.setdefault(split, []).append({"name": tar.name, "count": count})
     index = {"format": FORMAT, "class_names": [], "splits": splits, "source": str(directory)}
@@ -152,4 +259,4 @@ def _keys(tar: Path) -> Iterator[str]:
             yield sample["__key__"]
 
 
-__all__ = ["make_shards", "write_shards", "index_shards"]
+__all__ = ["make_shards", "make_shards_from_shards", "write_shards", "index_shards"]
