@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from test_bad_inputs import changed_files, run_cli, snapshot
+from test_caption import _worker
 from textok.cli import main
 from textok.data.captioning import caption_dataset
 from textok.data.shards import ShardSet
@@ -115,6 +117,20 @@ def test_cls_layout_labels_name_classes_through_the_map(blip, tmp_path):
         assert r["captions"][0].split()[:3] == ["a", ["dog", "cat"][r["label"]], "photo"]
 
 
+def test_an_undecodable_image_is_named_not_fatal(blip, tmp_path, capsys):
+    shards = cls_layout(tmp_path / "shards", tars=1)
+    _tar(shards / "imagenet-000001.tar", [("bad.cls", b"1"), ("bad.jpg", b"not a jpeg"), ("good.cls", b"0"),
+                                          ("good.jpg", _jpeg(7))])
+    assert cli("caption", shards, "--vlm", blip, *FAST) == 0
+    assert "imagenet-000001.tar/bad: cannot be decoded" in capsys.readouterr().out
+    rows = _rows(shards / "captions.jsonl")
+    assert len(rows) == 4 and rows[-1]["file"] == "imagenet-000001.tar/good"
+    _captions(shards / "captions.jsonl", rows + [{"file": "imagenet-000001.tar/bad", "captions": ["a picture"]}])
+    assert cli("make-shards", shards, "--out", tmp_path / "new", "--image-size", "16", "--no-progress") == 0
+    assert "left out 1 images that could not be decoded" in capsys.readouterr().out
+    assert len(ShardSet(tmp_path / "new", "train")) == 4
+
+
 class Interrupted(Exception):
     pass
 
@@ -156,6 +172,22 @@ def test_resume_and_ranks_write_the_file_one_uninterrupted_run_writes(blip, tmp_
     assert report["images"] == 9 and (tmp_path / "two.jsonl").read_text() == one
 
 
+@pytest.mark.slow
+def test_two_torchrun_processes_write_the_file_one_process_writes(blip, tmp_path):
+    import torch.multiprocessing as mp
+
+    shards = json_layout(tmp_path / "shards")
+    args = ["caption", str(shards), "--vlm", str(blip), "--batch-size", "2", "--captions-per-image", "2", *FAST]
+    assert main(args + ["--out", str(tmp_path / "one.jsonl")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(2, port, args + ["--out", str(tmp_path / "two.jsonl")]), nprocs=2,
+                       start_method="spawn")
+    one = (tmp_path / "one.jsonl").read_text()
+    assert (tmp_path / "two.jsonl").read_text() == one and len(one.splitlines()) == 8
+
+
 def _captions(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -169,8 +201,10 @@ def test_make_shards_from_shards_writes_captioned_shards_training_reads(layout, 
         with tarfile.open(tar) as t:
             keys += [f"{tar.name}/{m.name.rsplit('.', 1)[0]}" for m in t if m.name.endswith(".jpg")]
     rows = [{"file": k, "captions": [f"caption {i}", f"other {i}"]} for i, k in enumerate(keys)]
-    _captions(shards / "captions.jsonl", rows[1:])  # the first image has no caption
-    assert cli("make-shards", shards, "--out", tmp_path / "new", "--shard-size", "2", "--no-progress") == 0
+    stray = {"file": "gone-000000.tar/x", "captions": ["an image no shard holds"]}
+    _captions(shards / "captions.jsonl", rows[1:] + [stray])  # the first image has no caption, one caption no image
+    with pytest.warns(UserWarning, match=f"1 of the {len(rows)} captions .* name no sample .*gone-000000.tar/x"):
+        assert cli("make-shards", shards, "--out", tmp_path / "new", "--shard-size", "2", "--no-progress") == 0
     out = capsys.readouterr().out
     assert f"left out 1 images without a caption (first: {keys[0]})" in out
     by_file = {r["file"]: r for r in rows}
@@ -192,7 +226,8 @@ def test_make_shards_from_shards_writes_captioned_shards_training_reads(layout, 
         assert {tuple(it["captions"]) for it in items} <= {tuple(r["captions"]) for r in rows}
     assert sorted(seen) == sorted(keys[1:])
     assert seen != keys[1:]  # shuffled (seeded)...
-    assert cli("make-shards", shards, "--out", tmp_path / "again", "--shard-size", "2", "--no-progress") == 0
+    with pytest.warns(UserWarning):
+        assert cli("make-shards", shards, "--out", tmp_path / "again", "--shard-size", "2", "--no-progress") == 0
     for tar in (tmp_path / "new").glob("*.tar"):  # ... the same for the same seed
         assert tar.read_bytes() == (tmp_path / "again" / tar.name).read_bytes()
     index = json.loads((tmp_path / "new" / "index.json").read_text())
@@ -217,6 +252,14 @@ def _no_images(d: Path) -> None:
     _tar(d / "shards" / "readme.tar", [("README.txt", b"hello")])
 
 
+def _index_outside(d: Path) -> None:
+    json_layout(d / "shards")
+    (d / "shards" / "val-000000.tar").rename(d / "outside.tar")
+    index = json.loads((d / "shards" / "index.json").read_text())
+    index["splits"]["val"][0]["name"] = "../outside.tar"
+    (d / "shards" / "index.json").write_text(json.dumps(index))
+
+
 def _foreign_captions(d: Path) -> None:
     cls_layout(d / "shards", tars=1)
     _captions(d / "captions.jsonl", [{"file": "n01/n01_000.jpg", "captions": ["a folder's caption"]}])
@@ -230,6 +273,8 @@ CASES = [
      "notes-000001.tar is not a readable tar"),
     ("caption of a tar without images", lambda v, d: ["caption", d / "shards", "--vlm", v, *FAST], _no_images,
      "readme.tar is not a webdataset shard"),
+    ("caption of a shard index naming a shard outside its directory",
+     lambda v, d: ["caption", d / "shards", "--vlm", v, *FAST], _index_outside, "is outside the shard directory"),
     ("make-shards of shards without captions", lambda v, d: ["make-shards", d / "shards", "--out", d / "new"],
      lambda d: cls_layout(d / "shards", tars=1), "caption the shards first"),
     ("make-shards with captions that name no sample", lambda v, d: ["make-shards", d / "shards", "--out", d / "new",

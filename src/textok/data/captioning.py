@@ -376,9 +376,9 @@ def caption_dataset(source: str | Path, out: str | Path, captioner: Captioner, t
     return merge(items, work, out) if info.is_main else None
 
 
-def _caption_batch(captioner: Captioner, src: _Source | ShardSource, j: int, batch: list[ImageItem], templates: list[str],
-                   class_names: dict[str, str] | None, per_image: int, sample: bool, seed: int, on_empty: str,
-                   generate: dict) -> tuple[list[dict], tuple[str, str] | None]:
+def _caption_batch(captioner: Captioner, src: _Source | ShardSource, j: int, batch: list[ImageItem],
+                   templates: list[str], class_names: dict[str, str] | None, per_image: int, sample: bool, seed: int,
+                   on_empty: str, generate: dict) -> tuple[list[dict], tuple[str, str] | None]:
     """Rows for one batch (captions, or the reason an image has none) and the first empty caption, if that stops
     the run. An empty sampled caption is drawn again, alone, up to twice."""
     rows, images, good = [], [], []

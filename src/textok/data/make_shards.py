@@ -154,15 +154,18 @@ def make_shards_from_shards(source: Path, out: str | Path, *, splits: tuple[str,
     wanted = tuple(dict.fromkeys(SPLIT_ALIASES.get(s, s) for s in splits))
     shards = ShardSource(source)  # every split: a caption is "matched" when it names any sample
     captions = read_captions(captions_path)
-    files = {shards.file_of(s): s for s in shards.samples}
-    unmatched = [f for f in captions if f not in files]
-    if len(unmatched) == len(captions):
-        raise TextokError(f"none of the {len(captions)} captions in {captions_path} names a sample of {source} "
-                          f"(first: {unmatched[0]!r}; samples are named <tar name>/<key>, e.g. "
-                          f"{next(iter(files))!r}): caption these shards with `textok caption {source}`")
-    if unmatched:
-        warnings.warn(f"{len(unmatched)} of the {len(captions)} captions in {captions_path} name no sample of "
-                      f"{source} (first: {unmatched[0]!r}); they are left out", stacklevel=2)
+    matched = sum(shards.file_of(s) in captions for s in shards.samples)  # no second table of every name
+    if matched < len(captions):
+        files = {shards.file_of(s) for s in shards.samples}  # only to name the first stray caption
+        first = next(f for f in captions if f not in files)
+        del files
+        if not matched:
+            raise TextokError(f"none of the {len(captions)} captions in {captions_path} names a sample of {source} "
+                              f"(first: {first!r}; samples are named <tar name>/<key>, e.g. "
+                              f"{shards.file_of(shards.samples[0])!r}): caption these shards with `textok caption "
+                              f"{source}`")
+        warnings.warn(f"{len(captions) - matched} of the {len(captions)} captions in {captions_path} name no sample "
+                      f"of {source} (first: {first!r}); they are left out", stacklevel=2)
     present = [s for s in wanted if any(split == s for _, split in shards.tars)]
     if not present:
         raise TextokError(f"{source} has none of the splits {', '.join(splits)}")

@@ -2,11 +2,12 @@
 ``make-shards`` writing captioned shards from uncaptioned ones (ImageNet as ``{key}.jpg`` + ``{key}.cls``, or
 textok's own shards).
 
-A directory with textok's ``index.json`` is read in its order and splits; another index file is not
-textok's and is ignored (the ``.tar`` files are read by name). Each tar's headers are read once into an index of its samples: the webdataset grouping (consecutive members
-with the same key), each sample's image member as (offset, size) in its tar, and its label (``{key}.cls``, or
-``"label"`` of ``{key}.json``). Only that index stays in memory (about a hundred bytes a sample); images are read
-one at a time with a seek, so a global seeded shuffle costs no more memory than the source order.
+Each tar's headers are read once into an index of its samples: the webdataset grouping (consecutive members with
+the same key), each sample's image member as (offset, size) in its tar, and its label (``{key}.cls``, or
+``"label"`` of ``{key}.json``). Only that index stays in memory (about 250 bytes a sample, measured by
+benchmarks/reshard_memory.py); images are read one at a time with a seek, so a global seeded shuffle costs no
+more memory than the source order. A directory with textok's ``index.json`` is read in its order and splits;
+another ``index.json`` is not textok's and is ignored (the ``.tar`` files are read by name).
 
 A sample is named ``<tar name>/<key>`` (e.g. ``train-000003.tar/n01440764_10026``): the ``file`` of its line in
 captions.jsonl, which ``make-shards`` matches back. The split of a tar is the one ``index.json`` gives it, else
@@ -90,7 +91,7 @@ class ShardSource:
                 entries = [(str(e["name"]), split) for split, shards in index["splits"].items() for e in shards]
             except (KeyError, TypeError, AttributeError):
                 raise TextokError(f"{index_path} is corrupt (its splits are not lists of {{\"name\", \"count\"}}); "
-                                  f"write it again with `textok make-shards {self.root} --out - --index-only`") from None
+                                  f"write it again: `textok make-shards {self.root} --out - --index-only`") from None
             self.class_names = [str(c) for c in index.get("class_names") or []]
             real_root = self.root.resolve()
             for name, _ in entries:
