@@ -19,7 +19,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -169,7 +169,7 @@ def make_shards_from_shards(source: Path, out: str | Path, *, splits: tuple[str,
     present = [s for s in wanted if any(split == s for _, split in shards.tars)]
     if not present:
         raise TextokError(f"{source} has none of the splits {', '.join(splits)}")
-    labels, class_names = _integer_labels(shards)
+    label_of, class_names = _integer_labels(shards)
     index: dict[str, Any] = {"format": FORMAT, "class_names": class_names, "splits": {}, "source": str(source)}
     skipped, uncaptioned, first_uncaptioned = 0, 0, None
     with atomic_directory(out, markers=(INDEX,)) as tmp:
@@ -204,7 +204,7 @@ def make_shards_from_shards(source: Path, out: str | Path, *, splits: tuple[str,
                         skipped += 1
                         continue
                     file = shards.file_of(sample)
-                    yield {"image": data, "ext": ext, "captions": captions[file], "label": labels(sample),
+                    yield {"image": data, "ext": ext, "captions": captions[file], "label": label_of(sample),
                            "file": file}
 
             index["splits"][split] = write_shards(samples(), tmp, split, shard_size)
@@ -218,7 +218,7 @@ def make_shards_from_shards(source: Path, out: str | Path, *, splits: tuple[str,
     return index
 
 
-def _integer_labels(shards: ShardSource):
+def _integer_labels(shards: ShardSource) -> tuple[Callable[[ShardSample], int], list[str]]:
     """(sample -> integer label, class names): integer ids as they are (the shard index's class names kept), class
     names numbered after the index's names in sorted order."""
     names = list(shards.class_names)
