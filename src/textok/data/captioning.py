@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..distributed import DistInfo, any_rank, barrier
 from ..errors import TextokError
 from ..io import atomic_write_text
+from ..progress import progress_bar
 from .folder import SPLIT_ALIASES, _Source, _split_of
 from .images import IMAGE_SUFFIXES, to_rgb
 from .shard_source import ShardSource, is_shard_source
@@ -351,8 +351,8 @@ def caption_dataset(source: str | Path, out: str | Path, captioner: Captioner, t
     done = done_records(work)
     batches = caption_batches(items, batch_size, info.rank, info.world, set(done))
     writer = PartWriter(work / f"part-{info.rank:05d}.jsonl")
-    bar = tqdm(total=sum(len(b) for _, b in batches), desc="caption", unit="img", dynamic_ncols=True,
-               disable=None if (progress and info.is_main) else True)
+    bar = progress_bar(total=sum(len(b) for _, b in batches), desc="caption", unit="img",
+                       disable=None if (progress and info.is_main) else True)
     failure = None
     try:
         for j, batch in batches:

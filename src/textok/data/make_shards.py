@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..errors import TextokError
 from ..io import atomic_directory, atomic_write_text
+from ..progress import progress_bar
 from .folder import SPLIT_ALIASES, ImageCaptionFolder
 from .images import center_crop_resize, to_rgb
 from .shard_source import ShardSample, ShardSource, is_shard_source, read_captions, split_of_tar
@@ -109,7 +109,7 @@ def make_shards(source: str | Path, out: str | Path, *, splits: tuple[str, ...] 
             index["class_names"] = index["class_names"] or list(folder.class_names)
             bar = None
             if progress:
-                bar = tqdm(total=len(order), desc=f"shards {split}", unit="img", dynamic_ncols=True)
+                bar = progress_bar(total=len(order), desc=f"shards {split}", unit="img")
 
             def samples() -> Iterator[dict[str, Any]]:
                 nonlocal skipped
@@ -188,8 +188,7 @@ def make_shards_from_shards(source: Path, out: str | Path, *, splits: tuple[str,
             order = range(len(chosen))
             if shuffle:
                 order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed)).tolist()
-            bar = tqdm(total=len(chosen), desc=f"shards {split}", unit="img", dynamic_ncols=True,
-                       disable=None if progress else True)
+            bar = progress_bar(total=len(chosen), desc=f"shards {split}", unit="img", disable=None if progress else True)
 
             def samples() -> Iterator[dict[str, Any]]:
                 nonlocal skipped
