@@ -16,7 +16,8 @@ from textok.errors import ConfigError
 from textok.models.registry import TOKENIZERS, build_tokenizer, resolve_tokenizer_config
 from textok.train.config import load_generator_config, load_train_config
 
-TINY = {"titok": "titok-tiny", "imagefolder": "imagefolder-tiny", "textok": "textok-tiny", "vqvae": "vqvae-tiny"}
+TINY = {"titok": "titok-tiny", "imagefolder": "imagefolder-tiny", "textok": "textok-tiny", "vqvae": "vqvae-tiny",
+        "sdvae": "sdvae-tiny"}
 
 
 @pytest.mark.parametrize("model_type", sorted(TOKENIZERS))

@@ -77,7 +77,7 @@ def test_a_toy_kind_trains_saves_loads_and_samples_through_the_cli(tmp_path, cap
 
 
 def test_the_builtin_kinds_are_rows():
-    assert list(TOKENIZER_KINDS) == ["textok", "titok", "imagefolder", "vqvae"]
+    assert list(TOKENIZER_KINDS) == ["textok", "titok", "imagefolder", "vqvae", "sdvae"]
     assert {k: v.consumes for k, v in GENERATOR_KINDS.items()} == {"dit": "tokens", "maskgit": "codes", "var": "scales"}
     for kind in GENERATOR_KINDS.values():
         assert kind.consumes in CODE_FORMS and kind.model.config_class.presets()
@@ -87,4 +87,5 @@ def test_the_builtin_kinds_are_rows():
         assert kind.task_class().__name__ == "TokenizerTask"
     forms = {name: kind.model(kind.model.config_class.preset(f"{name}-tiny")).code_form
              for name, kind in TOKENIZER_KINDS.items()}
-    assert forms == {"textok": "tokens", "titok": "codes", "imagefolder": "scales", "vqvae": "scales"}
+    assert forms == {"textok": "tokens", "titok": "codes", "imagefolder": "scales", "vqvae": "scales",
+                     "sdvae": "tokens"}

@@ -10,6 +10,7 @@ from torch import nn
 from .imagefolder import EMA_FIRST, build_imagefolder, teacher_state
 from .manifest import Variant
 from .maskgit import build_maskgit, maskgit_record, textok_sampler
+from .sdvae import build_sdvae, release_settings
 from .titok import build_tatitok, build_titok
 from .var import (build_var, build_vqvae, imagefolder_var_record, prepare_imagefolder_var, var_record,
                   var_sampler)
@@ -25,6 +26,7 @@ class Format(NamedTuple):
     containers: tuple[tuple[str, ...], ...] = ()  # key paths to the weights in a training checkpoint (first found)
     prepare: Callable[[dict], dict] | None = None  # state -> state before the layout check (training-only entries)
     teacher: Callable[[dict], dict] | None = None  # state -> a training teacher stored beside it (--teacher-out)
+    settings: Callable[[Path, Variant], Variant] | None = None  # (weights file, variant) -> its release's own config
 
 
 FORMATS: dict[str, Format] = {
@@ -54,6 +56,11 @@ FORMATS: dict[str, Format] = {
                           "the tokenizer inside the VAR's imagenet-var-4096.pt); --teacher-out FILE also writes its "
                           "DINOv2 teacher", "tokenizer", build_imagefolder, containers=EMA_FIRST,
                           teacher=teacher_state),
+    "sd-vae": Format("Stable Diffusion's KL VAE as diffusers saves it (stabilityai/sd-vae-ft-ema, sd-vae-ft-mse: "
+                     "diffusion_pytorch_model.safetensors or .bin, the snapshot folder's config.json read when "
+                     "there; DiT's latent space) -> a textok SDVAE of 32 x 32 x 4 latent tokens at 256 px (--variant "
+                     "sd-vae-ft-512 or sd-vae-ft-legacy-512: 64 x 64 at 512 px)", "tokenizer", build_sdvae,
+                     settings=release_settings),
 }
 
 __all__ = ["FORMATS", "Format"]

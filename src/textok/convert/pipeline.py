@@ -63,6 +63,8 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
     if spec.prepare is not None:
         state = spec.prepare(state)
     chosen = match_variant(state, load_manifest(fmt), str(file), variant)
+    if spec.settings is not None:
+        chosen = spec.settings(file, chosen)
     if text_encoder is not None and not spec.text_encoder:
         raise TextokError(f"--from {fmt} has no text: drop --text-encoder")
     model = spec.build(state, chosen, **({"text_encoder": text_encoder} if spec.text_encoder else {}))

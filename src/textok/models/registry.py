@@ -19,6 +19,7 @@ from .dit import DiT
 from .imagefolder import ImageFolder
 from .kinds import GeneratorKind, TokenizerKind
 from .maskgit import MaskGIT
+from .sdvae import SDVAE
 from .textok import TexTok
 from .titok import TiTok
 from .var import VAR
@@ -50,6 +51,7 @@ for _row in (
     TokenizerKind("titok", TiTok),
     TokenizerKind("imagefolder", ImageFolder),
     TokenizerKind("vqvae", VQVAE),  # FoundationVision VAR's VQVAE, converted (textok convert --from var-vqvae)
+    TokenizerKind("sdvae", SDVAE),  # Stable Diffusion's KL VAE, converted (textok convert --from sd-vae)
     # Guidance w in uncond + w (cond - uncond). For pictures: DiT's visualisation scale; for FID (`sample --npz`):
     # DiT's evaluation scale 1.5. A MaskGIT samples with the guidance stored in its config (TiTok's per-model
     # sampler, MaskGITSamplerConfig; L-32's 4.5 in cond + 4.5 (cond - uncond) is w = 5.5). VAR ramps guidance over

@@ -4,10 +4,11 @@
       -> multi-scale residual quantizer (one branch; VAR's scales 1,2,3,4,5,6,8,10,13,16, the nearest of 4096
          codes by Euclidean distance, 4 shared phi convs) -> f_hat -> 3x3 post-quant conv -> CNN decoder -> image
 
-The encoder and decoder are the latent-diffusion / taming autoencoder (ResNet blocks with GroupNorm(32) and SiLU,
-single-head attention blocks at the lowest resolution and in the middle, stride-2 convs down, nearest x2 + conv
-up). The quantizer is textok's :class:`~textok.models.multiscale.ProductQuantizer` with one branch, so the codes
-are (B, 1, L), L = sum(pn^2), and a :class:`~textok.models.var.VAR` with ``branches=1`` samples them.
+The encoder and decoder are the latent-diffusion / taming autoencoder of :mod:`.cnn_autoencoder` (ResNet blocks
+with GroupNorm(32) and SiLU, single-head attention blocks at the lowest resolution and in the middle, stride-2 convs
+down, nearest x2 + conv up). The quantizer is textok's :class:`~textok.models.multiscale.ProductQuantizer` with one
+branch, so the codes are (B, 1, L), L = sum(pn^2), and a :class:`~textok.models.var.VAR` with ``branches=1``
+samples them.
 
 The tokenizer API is ImageFolder's: ``encode`` / ``decode`` (f_hat tokens (B, K^2, C)), ``encode_codes``,
 ``decode_codes`` (any prefix of the scales), ``codes_per_scale``, ``teacher_forcing_inputs``, ``forward`` ->
@@ -20,17 +21,15 @@ import dataclasses
 from dataclasses import field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config, derived
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
+from .cnn_autoencoder import GROUPS, Decoder, Encoder
 from .multiscale import VAR_SCALES, MultiScaleCodes, MultiScaleQuantizerConfig, ProductQuantizer
 from .textok import check_values
-
-GROUPS = 32  # GroupNorm groups of every norm (the layout's fixed choice)
 
 
 def _var_quantizer() -> MultiScaleQuantizerConfig:
@@ -99,136 +98,6 @@ def _register_presets() -> None:
 _register_presets()
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    """x + conv(SiLU(GN(conv(SiLU(GN(x)))))), a 1x1 conv on the skip when the width changes."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the pixels of a map, with a residual."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = _norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # (B, HW, C) each
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom only, as the layout was trained
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-class Level(nn.Module):
-    """One resolution: ResNet blocks (each followed by attention where the level has it), then a resampler."""
-
-    def __init__(self, widths: list[tuple[int, int]], attention: bool, resample: nn.Module | None, name: str) -> None:
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(a, b) for a, b in widths)
-        self.attn = nn.ModuleList(AttnBlock(b) for _, b in widths) if attention else nn.ModuleList()
-        if resample is not None:
-            self.add_module(name, resample)
-        self.resample_name = name if resample is not None else None
-
-    def forward(self, h: Tensor) -> Tensor:
-        for i, block in enumerate(self.block):
-            h = block(h)
-            if len(self.attn):
-                h = self.attn[i](h)
-        return getattr(self, self.resample_name)(h) if self.resample_name else h
-
-
-class Middle(nn.Module):
-    def __init__(self, channels: int, attention: bool) -> None:
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: VQVAEConfig) -> None:
-        super().__init__()
-        n, widths = len(cfg.ch_mult), [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
-        levels, cin = [], cfg.ch
-        for i, w in enumerate(widths):
-            pairs = [(cin if j == 0 else w, w) for j in range(cfg.num_res_blocks)]
-            last = i == n - 1
-            levels.append(Level(pairs, last and cfg.level_attention, None if last else Downsample(w), "downsample"))
-            cin = w
-        self.down = nn.ModuleList(levels)
-        self.mid = Middle(cin, cfg.mid_attention)
-        self.norm_out = _norm(cin)
-        self.conv_out = nn.Conv2d(cin, cfg.quantizer.code_dim, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: VQVAEConfig) -> None:
-        super().__init__()
-        n, widths = len(cfg.ch_mult), [cfg.ch * m for m in cfg.ch_mult]
-        cin = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.quantizer.code_dim, cin, 3, padding=1)
-        self.mid = Middle(cin, cfg.mid_attention)
-        levels: list[Level] = []
-        for i in reversed(range(n)):  # built from the lowest resolution up; stored in resolution order
-            w = widths[i]
-            pairs = [(cin if j == 0 else w, w) for j in range(cfg.num_res_blocks + 1)]
-            levels.insert(0, Level(pairs, i == n - 1 and cfg.level_attention, Upsample(w) if i else None, "upsample"))
-            cin = w
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(cin)
-        self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
-
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
 class VQVAE(MultiScaleCodes, PretrainedMixin, nn.Module):
     """CNN encoder -> one-branch multi-scale residual quantizer -> CNN decoder. Codes (B, 1, L) int64, scale by
     scale, row-major per scale; f_hat tokens (B, K^2, C)."""
@@ -243,8 +112,10 @@ class VQVAE(MultiScaleCodes, PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         k = config.quant_conv_kernel
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        widths, code_dim = [config.ch * m for m in config.ch_mult], config.quantizer.code_dim
+        attention = dict(level_attention=config.level_attention, mid_attention=config.mid_attention)
+        self.encoder = Encoder(config.ch, widths, config.num_res_blocks, code_dim, **attention)
+        self.decoder = Decoder(code_dim, widths, config.num_res_blocks, **attention)
         self.quant_conv = nn.Conv2d(config.quantizer.code_dim, config.quantizer.code_dim, k, padding=k // 2)
         self.post_quant_conv = nn.Conv2d(config.quantizer.code_dim, config.quantizer.code_dim, k, padding=k // 2)
         self.quantizer = ProductQuantizer(config.quantizer)
