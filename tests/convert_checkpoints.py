@@ -28,7 +28,25 @@ def random_checkpoint(fmt: str, variant: str = "tiny-test", seed: int = 0) -> di
         prefix, K2 = [0] * (1 + (s["image_size"] // s["patch_size"]) ** 2), s["num_latent_tokens"]
         state["encoder.lvl1LC"] = torch.tensor([prefix + [p + 1 for p in range(s["product_quant"]) for _ in range(K2)]])
         state["decoder.lvl1LC"] = torch.tensor([prefix + [1] * (1 + K2)])
+    if fmt == "dit":  # the fixed positions DiT stores, as its code computes them
+        v = load_manifest(fmt)[variant]
+        grid = v.settings["input_size"] // v.settings["patch_size"]
+        state["pos_embed"] = official_dit_pos_embed(v.settings["hidden_size"], grid)[None].float()
     return state
+
+
+def official_dit_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """DiT's get_2d_sincos_pos_embed restated (MAE's): a meshgrid with the column coordinate first, half the channels
+    per coordinate, each half [sin | cos] of positions x 1 / 10000^(2i / (dim/2)); (grid^2, dim) in float64."""
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+        angles = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1)
 
 
 def run(argv: list, capsys) -> tuple[int, str, str]:

@@ -48,6 +48,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print(f"evaluate it: textok eval reconstruction --model {done.directory} --data DIR")
         return
     sampler = FORMATS[args.fmt].sampler(done.variant)  # type: ignore[misc]
+    if "fid_cfg" in sampler:  # a DiT
+        print(f"sample it: textok sample --generator {done.directory} --class 0 --out samples.png (the release's "
+              f"sampler, textok's DiT defaults: {sampler['steps']} {sampler['sampler'].upper()} steps, --cfg "
+              f"{sampler['cfg']:g}; --npz samples for FID at {sampler['fid_cfg']:g}; guidance on latent channels "
+              f"0-{sampler['guided_channels'] - 1} as the official forward_with_cfg)")
+        return
     if "top_k" in sampler:  # a VAR
         print(f"sample it: textok sample --generator {done.directory} --class 0 --out samples.png (its stored sampler "
               f"is the release's FID sampler: --cfg {sampler['cfg']:g} --top-k {sampler['top_k']} --top-p "

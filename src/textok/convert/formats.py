@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
+from .dit import build_dit, dit_diffusion, dit_record, dit_sampler
 from .imagefolder import EMA_FIRST, build_imagefolder, teacher_state
 from .manifest import Variant
 from .maskgit import build_maskgit, maskgit_record, textok_sampler
@@ -27,6 +28,7 @@ class Format(NamedTuple):
     prepare: Callable[[dict], dict] | None = None  # state -> state before the layout check (training-only entries)
     teacher: Callable[[dict], dict] | None = None  # state -> a training teacher stored beside it (--teacher-out)
     settings: Callable[[Path, Variant], Variant] | None = None  # (weights file, variant) -> its release's own config
+    diffusion: Callable[[Variant], dict] | None = None  # diffusion generators: the release's DiffusionConfig
 
 
 FORMATS: dict[str, Format] = {
@@ -61,6 +63,10 @@ FORMATS: dict[str, Format] = {
                      "there; DiT's latent space) -> a textok SDVAE of 32 x 32 x 4 latent tokens at 256 px (--variant "
                      "sd-vae-ft-512 or sd-vae-ft-legacy-512: 64 x 64 at 512 px)", "tokenizer", build_sdvae,
                      settings=release_settings),
+    "dit": Format("facebookresearch DiT's class-conditional DiT-XL/2 over Stable Diffusion VAE latents "
+                  "(DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) -> a textok DiT with 2 x 2 patches over the latent grid "
+                  "and the release's sampler (250 DDPM steps, cfg 4.0; 1.5 for FID); needs --tokenizer (the "
+                  "SD VAE converted with --from sd-vae; --variant sd-vae-ft-512 for XL/2-512)", "generator", build_dit, dit_sampler, dit_record, diffusion=dit_diffusion),
 }
 
 __all__ = ["FORMATS", "Format"]

@@ -82,6 +82,8 @@ def convert(fmt: str, source: str | Path, out: str | Path, variant: str | None =
         assert tokenizer is not None and spec.sampler is not None and spec.record is not None
         record["textok_sampler"] = spec.sampler(chosen)
         extra["latents_meta"] = spec.record(model, Path(tokenizer))
+        if spec.diffusion is not None:
+            extra["diffusion"] = spec.diffusion(chosen)
     directory = model.save_pretrained(out, extra=extra)  # type: ignore[operator]
     return Converted(Path(directory), fmt, chosen, model)
 

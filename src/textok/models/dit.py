@@ -5,6 +5,12 @@ position of the sequence, so the "patch embedding" is a linear layer from the 8 
 width, positions are fixed 1D sin-cos embeddings and the output is unpatchified by a linear layer back to
 8 channels (16 with a learned variance).
 
+Patches (``patch_size`` p > 1) read the tokens as a square grid, row-major (a 2D latent such as a VAE's,
+flattened), as DiT does with images: each p x p group of neighbouring tokens is one position of the sequence,
+embedded by a linear layer on its (p, q, channel)-ordered values, with fixed 2D sin-cos positions (MAE's, the
+first half of the channels for the column), and every position's output is unpatchified back to its p x p
+tokens. DiT-XL/2 over Stable Diffusion's 32 x 32 x 4 latents is this with p = 2 (``textok convert --from dit``).
+
 Conditioning
 ------------
 * timestep ``t``: sinusoidal features -> 2-layer MLP (as DiT);
@@ -30,18 +36,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import OMIT_DEFAULT, Config
 from ..devices import autocast_for
 from ..diffusion import DiffusionConfig, create_diffusion
 from ..errors import ConfigError, TextokError
 from ..hub import PretrainedMixin
 from .kinds import SampleRequest
-from .vit import MLP, Attention, CrossAttention, attention_mask, sincos_1d
+from .vit import MLP, Attention, CrossAttention, attention_mask, sincos_1d, sincos_2d
 
 # Peak dense bf16 throughput of one H100 SXM (nominal, datasheet) and the measured bf16 matmul ceiling
 # (docs/TARGETS.md, with sources); MFU is reported against the nominal peak unless stated otherwise.
@@ -67,6 +74,10 @@ class DiTConfig(Config):
     learn_sigma: bool = True  # also predict the variance interpolation (doubles the output channels)
     freq_dim: int = 256  # sinusoidal timestep features
     qk_norm: bool = False
+    # > 1: the tokens are a square grid (row-major) embedded in p x p patches with 2D positions (DiT's images)
+    patch_size: int = field(default=1, metadata=OMIT_DEFAULT)
+    # guidance on the first k latent channels only, the others conditional (the official DiT's k = 3); 0 = all
+    guided_channels: int = field(default=0, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
@@ -79,10 +90,27 @@ class DiTConfig(Config):
                 raise ConfigError(f"{name}={p} must lie in [0, 1)")
         if self.num_tokens < 1 or self.in_channels < 1:
             raise ConfigError("num_tokens and in_channels must be positive")
+        if not 0 <= self.guided_channels <= self.in_channels:
+            raise ConfigError(f"guided_channels={self.guided_channels} must lie in [0, in_channels={self.in_channels}] "
+                              "(0 = guide every channel)")
+        if self.patch_size < 1:
+            raise ConfigError(f"patch_size={self.patch_size} must be at least 1")
+        if self.patch_size > 1:
+            side = math.isqrt(self.num_tokens)
+            if side * side != self.num_tokens or side % self.patch_size:
+                raise ConfigError(f"patch_size={self.patch_size} needs a square grid of tokens whose side it divides; "
+                                  f"num_tokens={self.num_tokens} is not one (use patch_size=1)")
+            if self.width % 4:
+                raise ConfigError(f"DiT width {self.width} must be divisible by 4 for 2D sin-cos positions")
 
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def seq_len(self) -> int:
+        """Positions of the transformer's sequence: the tokens, or their p x p patches."""
+        return self.num_tokens // self.patch_size**2
 
 
 # name -> (width, depth, heads), the sizes of the DiT paper (Table 1).
@@ -188,9 +216,12 @@ class DiT(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = cfg
         D = cfg.width
-        self.x_embedder = nn.Linear(cfg.in_channels, D)
+        p = cfg.patch_size
+        self.x_embedder = nn.Linear(cfg.in_channels * p * p, D)
         # Fixed positions, recomputed from the config (not saved in checkpoints).
-        self.register_buffer("pos_embed", sincos_1d(cfg.num_tokens, D)[None], persistent=False)
+        grid = math.isqrt(cfg.seq_len)
+        positions = sincos_1d(cfg.num_tokens, D) if p == 1 else sincos_2d(grid, grid, D)
+        self.register_buffer("pos_embed", positions[None], persistent=False)
         self.t_embedder = TimestepEmbedder(D, cfg.freq_dim)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes > 0 else None  # last row = null
         has_text = cfg.text_dim > 0
@@ -208,7 +239,7 @@ class DiT(PretrainedMixin, nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(D, cfg.heads, cfg.mlp_ratio, has_text, cfg.qk_norm) for _ in range(cfg.depth)
         )
-        self.final_layer = FinalLayer(D, cfg.out_channels)
+        self.final_layer = FinalLayer(D, cfg.out_channels * p * p)
         self.initialize_weights()
 
     # ---- init ------------------------------------------------------------------------------
@@ -317,11 +348,27 @@ class DiT(PretrainedMixin, nn.Module):
             )
         c, context, ctx_mask = self.condition(t, y, text, text_mask, drop)
         c_act = F.silu(c)
+        p = self.config.patch_size
+        if p > 1:
+            x = self.patchify(x)
         h = self.x_embedder(x.to(self.x_embedder.weight.dtype))  # float32 sampler state into bf16 weights
         h = h + self.pos_embed.to(h.dtype)
         for block in self.blocks:
             h = block(h, c_act, context, ctx_mask)
-        return self.final_layer(h, c_act)
+        out = self.final_layer(h, c_act)
+        return self.unpatchify(out) if p > 1 else out
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, side^2, C) row-major grid tokens -> (B, (side/p)^2, p p C): each patch's values in (p, q, c) order."""
+        p, (B, N, C) = self.config.patch_size, x.shape
+        g = math.isqrt(N) // p
+        return x.reshape(B, g, p, g, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g * g, p * p * C)
+
+    def unpatchify(self, h: Tensor) -> Tensor:
+        """(B, (side/p)^2, p p C') -> (B, side^2, C'): the inverse of :meth:`patchify`."""
+        p, (B, T, K) = self.config.patch_size, h.shape
+        g, C = math.isqrt(T), K // (p * p)
+        return h.reshape(B, g, g, p, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g * p * g * p, C)
 
     def forward_with_cfg(
         self,
@@ -334,9 +381,10 @@ class DiT(PretrainedMixin, nn.Module):
     ) -> Tensor:
         """Classifier-free guidance in ONE forward pass over the batch [cond; uncond].
 
-        Returns (B, N, C or 2C): ε_uncond + s (ε_cond − ε_uncond) on all C latent channels; the variance
-        channels (when ``learn_sigma``) are the conditional ones. (The official DiT guides only the first 3
-        of its 4 latent channels, a known quirk; here every channel is guided.)
+        Returns (B, N, C or 2C): ε_uncond + s (ε_cond − ε_uncond) on all C latent channels (on the first
+        ``guided_channels`` when set, the others conditional: the official DiT guides 3 of its 4 latent
+        channels, which a converted DiT reproduces); the variance channels (when ``learn_sigma``) are the
+        conditional ones.
         To compile, use ``model.compile()`` (in place) rather than ``torch.compile(model)``: this method
         calls ``self(...)``, which the in-place form routes through the compiled forward.
         """
@@ -349,9 +397,9 @@ class DiT(PretrainedMixin, nn.Module):
         drop = torch.arange(2 * B, device=x.device) >= B  # second half: null class / null text
         out = self(x2, t2, y2, text2, mask2, drop=drop)
         cond, uncond = out.chunk(2, dim=0)
-        C = self.config.in_channels
-        eps = uncond[..., :C] + cfg_scale * (cond[..., :C] - uncond[..., :C])
-        return torch.cat([eps, cond[..., C:]], dim=-1) if self.config.learn_sigma else eps
+        G = self.config.guided_channels or self.config.in_channels
+        eps = uncond[..., :G] + cfg_scale * (cond[..., :G] - uncond[..., :G])
+        return torch.cat([eps, cond[..., G:]], dim=-1)
 
     # ---- cost ------------------------------------------------------------------------------
     def num_params(self, trainable_only: bool = False) -> int:
@@ -364,7 +412,7 @@ class DiT(PretrainedMixin, nn.Module):
         softmax. DiT's paper reports multiply-adds ("Gflops"), i.e. half of this number.
         """
         cfg = self.config
-        N, D, C = cfg.num_tokens, cfg.width, cfg.in_channels
+        N, D, C = cfg.seq_len, cfg.width, cfg.in_channels * cfg.patch_size**2
         H = int(D * cfg.mlp_ratio)
         L = text_len if cfg.text_dim > 0 else 0
         macs = N * C * D  # x embedder
@@ -378,7 +426,7 @@ class DiT(PretrainedMixin, nn.Module):
             if cfg.pool_text:
                 macs += cfg.text_dim * D + D * D
         macs += cfg.depth * per_block
-        macs += 2 * D * D + N * D * cfg.out_channels  # final layer
+        macs += 2 * D * D + N * D * cfg.out_channels * cfg.patch_size**2  # final layer
         return 2.0 * macs * batch
 
     def estimate_mfu(
