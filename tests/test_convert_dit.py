@@ -65,6 +65,27 @@ def test_dit_converts_and_samples_through_textok_sample(tok_dir, tmp_path, capsy
     assert code == 0 and (tmp_path / "s.png").is_file() and "guidance 4" in out, err
 
 
+def test_dit_samples_through_the_converted_sd_vae(tmp_path, capsys):
+    """The release's pair: the SD VAE converted with --from sd-vae decodes the converted DiT's latents."""
+    vae = tmp_path / "vae.bin"
+    torch.save(random_checkpoint("sd-vae"), vae)
+    vae_dir = convert("sd-vae", vae, tmp_path / "sdvae").directory
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save(random_checkpoint("dit"), path)
+    code, out, err = run(["convert", "--from", "dit", path, "--out", tmp_path / "dit", "--tokenizer", vae_dir], capsys)
+    assert code == 0, err
+    assert load_generator(tmp_path / "dit")[1]["latents_meta"]["tokenizer_type"] == "sdvae"
+    code, out, err = run(["sample", "--generator", tmp_path / "dit", "--class", 1, "--n", 1, "--steps", 3, "--out",
+                          tmp_path / "s.png", "--no-progress"], capsys)
+    assert code == 0 and (tmp_path / "s.png").is_file(), err
+    record = json.loads((vae_dir / "config.json").read_text())
+    record["converted_from"]["published_settings"]["scaling_factor"] = 0.13025  # SDXL's VAE
+    (vae_dir / "config.json").write_text(json.dumps(record))
+    (vae_dir / "SHA256SUMS").unlink()  # an edited config.json loads unchecked
+    with pytest.raises(TextokError, match="latents scaled by 0.13025, but DiT was trained on sd-vae-ft latents"):
+        convert("dit", path, tmp_path / "dit2", tokenizer=vae_dir)
+
+
 def test_the_latents_are_unscaled_by_dit_s_factor_before_decoding(tok_dir, tmp_path, monkeypatch):
     """What the diffusion returns is the VAE's latent times 0.18215: the tokenizer must decode it divided by that."""
     path = tmp_path / "DiT-tiny.pt"

@@ -136,6 +136,10 @@ def dit_record(model: DiT, tokenizer: Path) -> dict[str, Any]:
     if form != "tokens" or shape != (c.num_tokens, c.in_channels):
         raise TextokError(f"--tokenizer {tokenizer} is a {kind} of {CODE_FORMS[form]} {shape} (tokens, channels), "
                           f"but this DiT models {c.num_tokens} x {c.in_channels} continuous tokens; {fix}")
+    scaling = data.get("converted_from", {}).get("published_settings", {}).get("scaling_factor")
+    if scaling is not None and scaling != LATENT_SCALE:  # a converted VAE records its release's scaling factor
+        raise TextokError(f"--tokenizer {tokenizer} is a VAE released with latents scaled by {scaling}, but DiT was "
+                          f"trained on sd-vae-ft latents x {LATENT_SCALE}; {fix}")
     return {"tokenizer_dir": str(tokenizer.resolve()), "tokenizer_type": kind, "discrete": False,
             "num_tokens": c.num_tokens, "channels": c.in_channels, "num_classes": c.num_classes,
             "latent_scale": LATENT_SCALE, "mean": [0.0] * c.in_channels, "std": [1.0 / LATENT_SCALE] * c.in_channels}
