@@ -41,7 +41,14 @@ def test_info_describes_every_tokenizer_kind(preset, capsys) -> None:
 def test_info_lists_the_presets_of_every_kind(capsys) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert all(p in out for p in TINY.values())
+    assert all(p in out for p in TINY.values()) and all(p in out for p in ("dit-tiny", "maskgit-tiny", "var-tiny"))
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", "maskgit-tiny", "var-tiny"])
+def test_info_describes_a_generator_preset(preset, capsys) -> None:
+    assert main(["info", preset]) == 0
+    out = capsys.readouterr().out
+    assert f"{preset}: a {preset.split('-')[0]} generator" in out and "setting" in out
 
 
 def test_flags_are_typed_overrides_and_win_over_key_value() -> None:

@@ -63,6 +63,10 @@ def test_dit_converts_and_samples_through_textok_sample(tok_dir, tmp_path, capsy
     code, out, err = run(["sample", "--generator", out_dir, "--class", 3, "--n", 2, "--steps", 5, "--out",
                           tmp_path / "s.png"], capsys)
     assert code == 0 and (tmp_path / "s.png").is_file() and "guidance 4" in out, err
+    code, out, err = run(["info", out_dir], capsys)  # a generator directory: its size, tokenizer and origin
+    params = sum(p.numel() for p in model.parameters())
+    assert code == 0 and f"a dit generator, {params:,} parameters" in out, err
+    assert f"tokenizer: {tok_dir.resolve()}" in out and "--from dit, variant tiny-test" in out
 
 
 def test_dit_samples_through_the_converted_sd_vae(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Verbs about one tokenizer: ``info`` (presets and parameter counts) and ``reconstruct`` (images through it)."""
+"""Verbs about one model: ``info`` (presets, parameter counts; tokenizers and generators) and ``reconstruct``
+(images through a tokenizer)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,23 @@ import torch
 from ..data.images import check_output_image, load_image, save_image
 from ..errors import TextokError
 from ..eval.image_metrics import psnr
-from ..hub import CONFIG_NAME
-from ..models.registry import TOKENIZERS, build_tokenizer, load_tokenizer, resolve_tokenizer_config
+from ..hub import CONFIG_NAME, read_config_json
+from ..models.registry import GENERATORS, TOKENIZERS, build_tokenizer, load_tokenizer, resolve_tokenizer_config
 from ..report import print_table
 from ..text.encoders import check_captions
 
 
 def info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("preset", nargs="?", help="a tokenizer preset, config file or model directory (omit to list the "
-                   "presets)")
+    p.add_argument("preset", nargs="?", help="a tokenizer or generator preset, a tokenizer config file, or a model "
+                   "directory (omit to list the presets)")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     if not args.preset:
-        for model_cls in TOKENIZERS.values():
+        for model_cls in [*TOKENIZERS.values(), *GENERATORS.values()]:
             print(f"{model_cls.__name__} presets:", ", ".join(model_cls.config_class.presets()))
+        return
+    if _generator_info(args.preset):
         return
     spec = Path(args.preset) / CONFIG_NAME if Path(args.preset).is_dir() else args.preset
     model_type, cfg = resolve_tokenizer_config(str(spec))
@@ -36,6 +39,38 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"channels, text in encoder={cfg.text_in_encoder} decoder={cfg.text_in_decoder} ({cfg.text_encoder})")
     print_table(rows)
     print(f"forward GFLOPs per image (32 text tokens): {model.flops_per_image(32) / 1e9:.2f}")
+
+
+def _generator_info(spec: str) -> bool:
+    """Print a generator preset's or directory's size, tokens and (for a directory) its tokenizer, stored sampler
+    and origin; False when ``spec`` is not a generator."""
+    record: dict = {}
+    for kind, model_cls in GENERATORS.items():
+        if spec in model_cls.config_class.presets():
+            config = model_cls.config_class.preset(spec)
+            break
+    else:
+        if not Path(spec).is_dir():
+            return False
+        record = read_config_json(spec)
+        kind = record.get("model_type", "")
+        if kind not in GENERATORS:
+            return False
+        model_cls = GENERATORS[kind]
+        config = model_cls.config_class.from_dict(record["config"])
+    with torch.device("meta"):
+        model = model_cls(config)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{spec}: a {kind} generator, {params:,} parameters ({params / 1e6:.1f}M)")
+    print_table([{"setting": k, "value": str(v)} for k, v in config.to_dict().items() if not isinstance(v, dict)])
+    meta, origin = record.get("latents_meta", {}), record.get("converted_from", {})
+    if meta.get("tokenizer_dir"):
+        print(f"tokenizer: {meta['tokenizer_dir']}")
+    if origin:
+        print(f"converted from {origin.get('file')} (--from {origin.get('format')}, variant {origin.get('variant')})")
+        if origin.get("textok_sampler"):
+            print(f"its release's sampler: {origin['textok_sampler']}")
+    return True
 
 
 def reconstruct_args(p: argparse.ArgumentParser) -> None:
