@@ -1,11 +1,11 @@
 """The ``textok`` command: the table of verbs, and how one runs.
 
-Each verb is a thin layer over the library or an application: the module that holds it adds its arguments and
-runs it (parse, call one function, print a table). This file sits on top: nothing in textok imports it, and a
-new verb is one row of :data:`VERBS`, which names the verb's module and functions rather than importing them:
-``textok --help`` lists the verbs without loading torch, and a run imports only its own verb's module. Errors the user can fix (``TextokError``, and
-what the file system refuses) are printed as one line and exit with status 2; Ctrl-C and SIGTERM exit with 130
-and 143.
+Each verb is a thin layer over the library or an application: the module that holds it adds its arguments and runs
+it (parse, call one function, print a table). This file sits on top: nothing in textok imports it, and a new verb is
+one row of :data:`VERBS`, which names the verb's module and functions rather than importing them: ``textok --help``
+lists the verbs without loading torch, and a run imports only its own verb's module. Errors the user can fix
+(``TextokError``, and what the file system refuses) are printed as one line and exit with status 2; Ctrl-C and
+SIGTERM exit with 130 and 143.
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ FORMATS: dict[str, Format] = {
     "imagefolder-var": Format("ImageFolder's class-conditional folded VAR-d17 (imagenet-var-4096.pt, "
                               "ang9867/imagefolder; XQ-GAN's VAR-d17-MSVR10P2-4096/ar-ckpt-last.pth) -> a textok VAR "
                               "with two folded branches; needs --tokenizer (the converted ImageFolder tokenizer)",
-                              "generator", build_var, var_sampler, imagefolder_var_record, containers=(("trainer", "var_wo_ddp"),),
-                              prepare=prepare_imagefolder_var),
+                              "generator", build_var, var_sampler, imagefolder_var_record,
+                              containers=(("trainer", "var_wo_ddp"),), prepare=prepare_imagefolder_var),
     "imagefolder": Format("ImageFolder's tokenizers (imagenet-{4096,8192,16384}.pt, ang9867/imagefolder; XQ-GAN's "
                           "MSVR10P2-{4096,8192,16384}/best_ckpt.pt): DINOv2-layout ViT-B encoder/decoder, 2 branches "
                           "x 10 scales to 11x11 -> a textok ImageFolder (its EMA weights when the file has them; also "
@@ -66,7 +66,8 @@ FORMATS: dict[str, Format] = {
     "dit": Format("facebookresearch DiT's class-conditional DiT-XL/2 over Stable Diffusion VAE latents "
                   "(DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) -> a textok DiT with 2 x 2 patches over the latent grid "
                   "and the release's sampler (250 DDPM steps, cfg 4.0; 1.5 for FID); needs --tokenizer (the "
-                  "SD VAE converted with --from sd-vae; --variant sd-vae-ft-512 for XL/2-512)", "generator", build_dit, dit_sampler, dit_record, diffusion=dit_diffusion),
+                  "SD VAE converted with --from sd-vae; --variant sd-vae-ft-512 for XL/2-512)", "generator", build_dit,
+                  dit_sampler, dit_record, diffusion=dit_diffusion),
 }
 
 __all__ = ["FORMATS", "Format"]
