@@ -11,6 +11,7 @@ foreign config.json files are refused. (Agreement with diffusers itself: benchma
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,58 @@ def test_the_converted_model_computes_the_official_forward_in_float64():
     model.load_state_dict(sdvae_state(swapped, model.config))
     with torch.no_grad(), pytest.raises(AssertionError, match="differ by"):
         assert_same_maths(model.decode(tokens), recon, torch.float64, "reconstruction")
+
+
+def diffusers_names(ldm: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """A CompVis-layout state under diffusers' names (the correspondence diffusers' own conversion uses)."""
+    out = {}
+    for key, value in ldm.items():
+        key = re.sub(r"encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+        key = re.sub(r"encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
+        key = re.sub(r"decoder\.up\.(\d+)\.block\.",
+                     lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.", key)
+        key = re.sub(r"decoder\.up\.(\d+)\.upsample\.",
+                     lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.", key)
+        key = key.replace("nin_shortcut", "conv_shortcut").replace("mid.block_1", "mid_block.resnets.0")
+        key = key.replace("mid.block_2", "mid_block.resnets.1").replace("norm_out", "conv_norm_out")
+        if ".mid.attn_1." in key:
+            part = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+            name, kind = key.split(".mid.attn_1.")[1].rsplit(".", 1)
+            key = key.split(".mid.attn_1.")[0] + f".mid_block.attentions.0.{part[name]}.{kind}"
+            value = value[..., 0, 0] if value.dim() == 4 else value
+        out[key] = value
+    return out
+
+
+@pytest.mark.numerics
+def test_the_compvis_layout_converts_to_the_official_forward(tmp_path):
+    """sd-vae-ft-*-original: a latent-diffusion training checkpoint ({"state_dict": ...} with its loss module and EMA
+    counters beside the autoencoder) converts, and computes the forward restated over diffusers' names (float64)."""
+    state = random_checkpoint("sd-vae", "tiny-test-original", seed=4)
+    for side in ("encoder", "decoder"):
+        for part in ("q", "k"):
+            state[f"{side}.mid.attn_1.{part}.weight"] *= 40
+    extras = {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.zeros(8, 3, 4, 4),
+              "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}
+    path = tmp_path / "vae-ft-mse-840000-ema-pruned.ckpt"
+    torch.save({"state_dict": {**state, **extras}, "global_step": 7}, path)
+    done = convert("sd-vae", path, tmp_path / "out")
+    assert done.variant.name == "tiny-test-original"
+    s = done.variant.settings
+    model = done.model.double()
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    levels = len(s["block_out_channels"])
+    reference = {k: v.double() for k, v in diffusers_names(state, levels).items()}
+    assert len(reference) == len(state) and set(reference) <= set(load_manifest("sd-vae")["tiny-test"].keys)
+    mean, recon = official_forward(reference, images, levels, s["layers_per_block"], s["norm_num_groups"])
+    with torch.no_grad():
+        tokens = model.encode(images)
+        assert_same_maths(tokens, mean.flatten(2).transpose(1, 2), torch.float64, "posterior mean")
+        assert_same_maths(model.decode(tokens), recon, torch.float64, "reconstruction")
+    state["model_ema.encoderconv_inweight"] = torch.zeros(3)  # EMA weights are not a counter: refused, named
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(TextokError, match="extra key 'model_ema.encoderconv_inweight'"):
+        convert("sd-vae", path, tmp_path / "out2")
 
 
 def test_a_wrong_file_is_refused(tmp_path):

@@ -11,7 +11,7 @@ from .dit import build_dit, dit_diffusion, dit_record, dit_sampler
 from .imagefolder import EMA_FIRST, build_imagefolder, teacher_state
 from .manifest import Variant
 from .maskgit import build_maskgit, maskgit_record, textok_sampler
-from .sdvae import build_sdvae, release_settings
+from .sdvae import build_sdvae, drop_training_entries, release_settings
 from .titok import build_tatitok, build_titok
 from .var import (build_var, build_vqvae, imagefolder_var_record, prepare_imagefolder_var, var_record,
                   var_sampler)
@@ -60,9 +60,10 @@ FORMATS: dict[str, Format] = {
                           teacher=teacher_state),
     "sd-vae": Format("Stable Diffusion's KL VAE as diffusers saves it (stabilityai/sd-vae-ft-ema, sd-vae-ft-mse: "
                      "diffusion_pytorch_model.safetensors or .bin, the snapshot folder's config.json read when "
-                     "there; DiT's latent space) -> a textok SDVAE of 32 x 32 x 4 latent tokens at 256 px (--variant "
-                     "sd-vae-ft-512 or sd-vae-ft-legacy-512: 64 x 64 at 512 px)", "tokenizer", build_sdvae,
-                     settings=release_settings),
+                     "there; DiT's latent space) or in the CompVis layout (sd-vae-ft-*-original: "
+                     "vae-ft-*-ema-pruned.ckpt/.safetensors) -> a textok SDVAE of 32 x 32 x 4 latent tokens at 256 "
+                     "px (--variant sd-vae-ft-512, sd-vae-ft-legacy-512 or sd-vae-ft-original-512: 64 x 64 at "
+                     "512 px)", "tokenizer", build_sdvae, prepare=drop_training_entries, settings=release_settings),
     "dit": Format("facebookresearch DiT's class-conditional DiT-XL/2 over Stable Diffusion VAE latents "
                   "(DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) -> a textok DiT with 2 x 2 patches over the latent grid "
                   "and the release's sampler (250 DDPM steps, cfg 4.0; 1.5 for FID); needs --tokenizer (the "

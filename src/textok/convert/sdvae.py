@@ -7,7 +7,13 @@ diffusers' blocks are the latent-diffusion CNN under other names: ``down_blocks.
 resolution, so ``up_blocks.j`` is ``up.(levels - 1 - j)``. The middle attention's three linear projections
 (``to_q``/``to_k``/``to_v``, or ``query``/``key``/``value`` in files saved by older diffusers, which renames them on
 load) become one 1x1 conv ``qkv`` (rows q, k, v), and ``to_out.0`` (``proj_attn``) the 1x1 conv ``proj_out``;
-``group_norm`` is ``norm``. Nothing is dropped.
+``group_norm`` is ``norm``.
+
+The same autoencoder is also released in the CompVis latent-diffusion layout (stabilityai/sd-vae-ft-*-original,
+``vae-ft-*-ema-pruned.ckpt``): textok's names already, with the middle attention as three 1x1 convolutions
+``q``/``k``/``v`` (fused into ``qkv`` the same way). Such training checkpoints may carry the loss module (``loss.*``:
+LPIPS and the discriminator) and the EMA counters ``model_ema.decay`` / ``model_ema.num_updates``: training records
+the autoencoder does not use, dropped before the layout check. Nothing else is dropped.
 
 A Hub snapshot keeps the release's ``config.json`` beside the weights: when it is there, its settings are read,
 an architecture setting that differs from the manifest's is refused, and its ``scaling_factor`` and
@@ -36,7 +42,7 @@ ARCHITECTURE = ("in_channels", "out_channels", "down_block_types", "up_block_typ
 RECORDED = ("scaling_factor", "sample_size")  # recorded from config.json, not used by the tokenizer
 # The middle attention's projections: diffusers' current names, the older ones, textok's part of qkv / proj_out.
 ATTENTION = (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn"))
-RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+TRAINING_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
 
 
 def sdvae_config(variant: Variant) -> SDVAEConfig:
@@ -68,6 +74,11 @@ def _attention(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
             "proj_out.weight": conv(part(3, "weight")), "proj_out.bias": part(3, "bias")}
 
 
+def drop_training_entries(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A latent-diffusion training checkpoint without its loss module and EMA counters (not part of the model)."""
+    return {k: v for k, v in state.items() if not k.startswith("loss.") and k not in TRAINING_COUNTERS}
+
+
 def _rename(key: str, levels: int) -> str | None:
     """A diffusers key outside the attention blocks -> textok's name (None for an attention key)."""
     if ".attentions." in key:
@@ -85,12 +96,25 @@ def _rename(key: str, levels: int) -> str | None:
 
 def sdvae_state(state: dict[str, Tensor], config: SDVAEConfig) -> dict[str, Tensor]:
     """Rename an official AutoencoderKL state dict into textok's layout (the attention projections fused)."""
+    if "encoder.norm_out.weight" in state:  # the latent-diffusion names
+        return _latent_diffusion_state(state, config)
     levels = len(config.block_out_channels)
     out = {new: v for k, v in state.items() if (new := _rename(k, levels)) is not None}
     for side in ("encoder", "decoder"):
         if config.mid_attention:
             for k, v in _attention(state, f"{side}.mid_block.attentions.0").items():
                 out[f"{side}.mid.attn_1.{k}"] = v
+    return out
+
+
+def _latent_diffusion_state(state: dict[str, Tensor], config: SDVAEConfig) -> dict[str, Tensor]:
+    """The CompVis layout: textok's names, the attention's q, k and v convolutions fused into qkv."""
+    out = {k: v for k, v in state.items() if not re.search(r"\.attn_1\.[qkv]\.", k)}
+    for side in ("encoder", "decoder"):
+        if config.mid_attention:
+            prefix = f"{side}.mid.attn_1"
+            for part in ("weight", "bias"):
+                out[f"{prefix}.qkv.{part}"] = torch.cat([state[f"{prefix}.{p}.{part}"] for p in "qkv"])
     return out
 
 
@@ -128,4 +152,4 @@ def release_settings(file: Path, variant: Variant) -> Variant:
     return dataclasses.replace(variant, settings=settings)
 
 
-__all__ = ["build_sdvae", "release_settings", "sdvae_config", "sdvae_state"]
+__all__ = ["build_sdvae", "drop_training_entries", "release_settings", "sdvae_config", "sdvae_state"]
