@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["TEXTOK_CACHE"] = tempfile.mkdtemp(prefix="textok-tests-cache-")  # tests never write the user's cache
+atexit.register(shutil.rmtree, os.environ["TEXTOK_CACHE"], ignore_errors=True)  # ... and leave none behind
 os.environ["TEXTOK_THREADS"] = "1"  # what `textok` run in-process sets torch to: one thread, as below
 torch.set_num_threads(1)
 
