@@ -9,14 +9,18 @@
 ResNet blocks are x + conv(SiLU(GN(conv(SiLU(GN(x)))))) with a 1x1 conv on the skip when the width changes; every
 GroupNorm has eps 1e-6. Module names follow the taming layout (``down.i.block.j``, ``mid.attn_1``), so VAR's
 release loads under its own names; other releases are renamed onto them by their converter.
+:class:`GridTokenizer` holds what the two tokenizers built on them share: their input checks and accounting.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import TextokError
+from .textok import check_values
 
 GROUPS = 32  # the usual GroupNorm groups (VAR's fixed choice, Stable Diffusion's norm_num_groups)
 
@@ -164,3 +168,49 @@ class Decoder(nn.Module):
 
 
 __all__ = ["GROUPS", "AttnBlock", "Decoder", "Downsample", "Encoder", "Level", "Middle", "ResnetBlock", "Upsample"]
+
+
+class GridTokenizer:
+    """What a tokenizer made of this encoder and decoder (``encoder``, ``quant_conv``, ``post_quant_conv``,
+    ``decoder``) over a K x K latent grid shares: images of the configured size in [-1, 1], no text, tokens
+    (B, K^2, C) of the grid row-major, and the parameter count per part."""
+
+    display_name: ClassVar[str]  # how messages name the model
+    tokens_are: ClassVar[str]  # what decode() takes, as messages say it
+
+    def _check_images(self, images: Tensor) -> None:
+        s = self.config.image_size  # type: ignore[attr-defined]
+        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+            raise TextokError(f"images have shape {tuple(getattr(images, 'shape', ()))} but this {self.display_name} "
+                              f"takes (batch, 3, {s}, {s}) in [-1, 1]; resize them (textok's loaders do)")
+        if not images.is_floating_point():
+            raise TextokError(f"images are {images.dtype}, not float: convert them to [-1, 1]")
+        if not self.training:  # type: ignore[attr-defined]
+            check_values(images, "images", expect_unit_range=True)
+
+    def _no_text(self, text: object) -> None:
+        if text is not None:
+            raise TextokError(f"this {self.display_name} takes no text: drop the captions")
+
+    def _check_tokens(self, z: Tensor) -> None:
+        c = self.config  # type: ignore[attr-defined]
+        if not isinstance(z, Tensor) or z.dim() != 3 or tuple(z.shape[1:]) != (c.num_tokens, c.token_channels):
+            raise TextokError(f"tokens have shape {tuple(getattr(z, 'shape', ()))} but this {self.display_name} "
+                              f"decodes (batch, {c.num_tokens}, {c.token_channels}) {self.tokens_are}")
+        if not z.is_floating_point():
+            raise TextokError(f"tokens are {z.dtype}, not float: decode what encode() returned")
+        if not self.training:  # type: ignore[attr-defined]
+            check_values(z, "tokens")
+
+    def _to_map(self, tokens: Tensor) -> Tensor:
+        """(B, K^2, C) row-major -> (B, C, K, K)."""
+        K = self.config.latent_grid  # type: ignore[attr-defined]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, K, K)
+
+    def last_layer(self) -> nn.Parameter:
+        return self.decoder.conv_out.weight  # type: ignore[attr-defined]
+
+    def _part_counts(self) -> dict[str, int]:
+        count = lambda *ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731
+        return {"encoder": count(self.encoder, self.quant_conv),  # type: ignore[attr-defined]
+                "decoder": count(self.decoder, self.post_quant_conv)}  # type: ignore[attr-defined]

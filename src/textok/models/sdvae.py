@@ -22,11 +22,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config, derived
-from ..errors import ConfigError, TextokError
+from ..errors import ConfigError
 from ..hub import PretrainedMixin
-from .cnn_autoencoder import GROUPS, Decoder, Encoder
+from .cnn_autoencoder import GROUPS, Decoder, Encoder, GridTokenizer
 from .quantizers import DiagonalGaussian
-from .textok import check_values
 
 
 @dataclasses.dataclass
@@ -88,7 +87,7 @@ def _register_presets() -> None:
 _register_presets()
 
 
-class SDVAE(PretrainedMixin, nn.Module):
+class SDVAE(GridTokenizer, PretrainedMixin, nn.Module):
     """CNN encoder -> diagonal Gaussian over a latent grid -> CNN decoder. Tokens (B, K^2, C): the posterior mean,
     unscaled, the K x K grid row-major."""
 
@@ -98,6 +97,7 @@ class SDVAE(PretrainedMixin, nn.Module):
     # What a generator models of this tokenizer (a models.kinds.CODE_FORMS key): continuous tokens.
     code_form = "tokens"
     is_discrete = False
+    display_name, tokens_are = "SD VAE", "unscaled latents"
 
     def __init__(self, config: SDVAEConfig) -> None:
         if not isinstance(config, SDVAEConfig):
@@ -116,22 +116,6 @@ class SDVAE(PretrainedMixin, nn.Module):
         """How multi-scale codes are laid out; None: this tokenizer has continuous tokens."""
         return None
 
-    # ---- checks ---------------------------------------------------------------------------------------
-    def _check_images(self, images: Tensor) -> None:
-        s = self.config.image_size
-        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise TextokError(f"images have shape {tuple(getattr(images, 'shape', ()))} but this SD VAE takes (batch, "
-                              f"3, {s}, {s}) in [-1, 1]; resize them (textok's loaders do)")
-        if not images.is_floating_point():
-            raise TextokError(f"images are {images.dtype}, not float: convert them to [-1, 1]")
-        if not self.training:
-            check_values(images, "images", expect_unit_range=True)
-
-    @staticmethod
-    def _no_text(text: object) -> None:
-        if text is not None:
-            raise TextokError("this SD VAE takes no text: drop the captions")
-
     def _moments(self, images: Tensor, text: None) -> Tensor:
         """images -> (B, K^2, 2C): [mean, log-variance] of every latent cell."""
         self._no_text(text)
@@ -139,8 +123,7 @@ class SDVAE(PretrainedMixin, nn.Module):
         return self.quant_conv(self.encoder(images)).flatten(2).transpose(1, 2)
 
     def _decode_map(self, z: Tensor) -> Tensor:
-        K = self.config.latent_grid
-        return self.decoder(self.post_quant_conv(z.transpose(1, 2).reshape(z.shape[0], -1, K, K)))
+        return self.decoder(self.post_quant_conv(self._to_map(z)))
 
     # ---- the API --------------------------------------------------------------------------------------
     def encode(self, images: Tensor, text: None = None) -> Tensor:
@@ -150,14 +133,7 @@ class SDVAE(PretrainedMixin, nn.Module):
     def decode(self, z: Tensor, text: None = None) -> Tensor:
         """Unscaled tokens (B, K^2, C) -> images (B, 3, H, W), roughly in [-1, 1] (not clamped)."""
         self._no_text(text)
-        c = self.config
-        if not isinstance(z, Tensor) or z.dim() != 3 or tuple(z.shape[1:]) != (c.num_tokens, c.token_channels):
-            raise TextokError(f"tokens have shape {tuple(getattr(z, 'shape', ()))} but this SD VAE decodes (batch, "
-                              f"{c.num_tokens}, {c.token_channels}) unscaled latents")
-        if not z.is_floating_point():
-            raise TextokError(f"tokens are {z.dtype}, not float: decode what encode() returned")
-        if not self.training:
-            check_values(z, "tokens")
+        self._check_tokens(z)
         return self._decode_map(z)
 
     def forward(self, images: Tensor, text: None = None) -> tuple[Tensor, Tensor]:
@@ -171,14 +147,9 @@ class SDVAE(PretrainedMixin, nn.Module):
         kl = out.losses["kl"]
         return self._decode_map(out.latents), {"quantizer": self.config.kl_weight * kl, "metric/kl": kl.detach()}
 
-    def last_layer(self) -> nn.Parameter:
-        return self.decoder.conv_out.weight
-
     # ---- accounting -----------------------------------------------------------------------------------
     def num_parameters(self) -> dict[str, int]:
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"encoder": count(self.encoder) + count(self.quant_conv),
-                "decoder": count(self.decoder) + count(self.post_quant_conv), "total": count(self)}
+        return {**self._part_counts(), "total": sum(p.numel() for p in self.parameters())}
 
     def flops_per_image(self, text_tokens: int = 0) -> float:
         """Forward FLOPs (2 x multiply-adds) of encoder and decoder, counted on a meta copy."""

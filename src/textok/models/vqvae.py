@@ -25,11 +25,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import Config, derived
-from ..errors import ConfigError, TextokError
+from ..errors import ConfigError
 from ..hub import PretrainedMixin
-from .cnn_autoencoder import GROUPS, Decoder, Encoder
+from .cnn_autoencoder import GROUPS, Decoder, Encoder, GridTokenizer
 from .multiscale import VAR_SCALES, MultiScaleCodes, MultiScaleQuantizerConfig, ProductQuantizer
-from .textok import check_values
 
 
 def _var_quantizer() -> MultiScaleQuantizerConfig:
@@ -98,13 +97,14 @@ def _register_presets() -> None:
 _register_presets()
 
 
-class VQVAE(MultiScaleCodes, PretrainedMixin, nn.Module):
+class VQVAE(MultiScaleCodes, GridTokenizer, PretrainedMixin, nn.Module):
     """CNN encoder -> one-branch multi-scale residual quantizer -> CNN decoder. Codes (B, 1, L) int64, scale by
     scale, row-major per scale; f_hat tokens (B, K^2, C)."""
 
     config_class = VQVAEConfig
     model_type = "vqvae"
     config: VQVAEConfig
+    display_name, tokens_are = "VQVAE", "f_hat tokens"
 
     def __init__(self, config: VQVAEConfig) -> None:
         if not isinstance(config, VQVAEConfig):
@@ -125,26 +125,6 @@ class VQVAE(MultiScaleCodes, PretrainedMixin, nn.Module):
     def num_branches(self) -> int:
         return 1
 
-    # ---- checks ---------------------------------------------------------------------------------------
-    def _check_images(self, images: Tensor) -> None:
-        s = self.config.image_size
-        if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
-            raise TextokError(f"images have shape {tuple(getattr(images, 'shape', ()))} but this VQVAE takes (batch, "
-                              f"3, {s}, {s}) in [-1, 1]; resize them (textok's loaders do)")
-        if not images.is_floating_point():
-            raise TextokError(f"images are {images.dtype}, not float: convert them to [-1, 1]")
-        if not self.training:
-            check_values(images, "images", expect_unit_range=True)
-
-    @staticmethod
-    def _no_text(text: object) -> None:
-        if text is not None:
-            raise TextokError("this VQVAE takes no text: drop the captions")
-
-    def _to_map(self, tokens: Tensor) -> Tensor:
-        K = self.config.latent_grid
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, K, K)
-
     # ---- the API --------------------------------------------------------------------------------------
     def encode_latents(self, images: Tensor, text: None = None) -> Tensor:
         """images -> unquantized latents (B, K^2, C) (after the quant conv)."""
@@ -155,10 +135,7 @@ class VQVAE(MultiScaleCodes, PretrainedMixin, nn.Module):
     def decode(self, z: Tensor, text: None = None) -> Tensor:
         """f_hat tokens (B, K^2, C) -> images (B, 3, H, W), roughly in [-1, 1] (not clamped)."""
         self._no_text(text)
-        c = self.config
-        if not isinstance(z, Tensor) or z.dim() != 3 or tuple(z.shape[1:]) != (c.num_tokens, c.token_channels):
-            raise TextokError(f"tokens have shape {tuple(getattr(z, 'shape', ()))} but this VQVAE decodes (batch, "
-                              f"{c.num_tokens}, {c.token_channels}) f_hat tokens")
+        self._check_tokens(z)
         return self.decoder(self.post_quant_conv(self._to_map(z)))
 
     def forward(self, images: Tensor, text: None = None) -> tuple[Tensor, Tensor]:
@@ -173,15 +150,10 @@ class VQVAE(MultiScaleCodes, PretrainedMixin, nn.Module):
         return recon, {"quantizer": out.losses["loss"], "metric/codebook_usage": out.metrics["usage"].detach(),
                        "metric/perplexity": out.metrics["perplexity"].detach()}
 
-    def last_layer(self) -> nn.Parameter:
-        return self.decoder.conv_out.weight
-
     # ---- accounting -----------------------------------------------------------------------------------
     def num_parameters(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        return {"encoder": count(self.encoder) + count(self.quant_conv),
-                "decoder": count(self.decoder) + count(self.post_quant_conv),
-                "quantizer": count(self.quantizer), "total": count(self)}
+        return {**self._part_counts(), "quantizer": count(self.quantizer), "total": count(self)}
 
     def flops_per_image(self, text_tokens: int = 0) -> float:
         """Forward FLOPs (2 x multiply-adds) of encoder, decoder (counted on a meta copy) and code matching."""
