@@ -47,17 +47,17 @@ FORMATS: dict[str, Format] = {
     "var": Format("FoundationVision VAR's class-conditional transformers VAR-d16/d20/d24/d30 and d36-s (var_d*.pth) "
                   "-> a textok VAR with one branch; needs --tokenizer (the converted VQVAE)", "generator", build_var,
                   var_sampler, var_record),
-    "imagefolder-var": Format("ImageFolder's class-conditional folded VAR-d17 (imagenet-var-4096.pt, "
-                              "ang9867/imagefolder; XQ-GAN's VAR-d17-MSVR10P2-4096/ar-ckpt-last.pth) -> a textok VAR "
-                              "with two folded branches; needs --tokenizer (the converted ImageFolder tokenizer)",
-                              "generator", build_var, var_sampler, imagefolder_var_record,
-                              containers=(("trainer", "var_wo_ddp"),), prepare=prepare_imagefolder_var),
     "imagefolder": Format("ImageFolder's tokenizers (imagenet-{4096,8192,16384}.pt, ang9867/imagefolder; XQ-GAN's "
                           "MSVR10P2-{4096,8192,16384}/best_ckpt.pt): DINOv2-layout ViT-B encoder/decoder, 2 branches "
                           "x 10 scales to 11x11 -> a textok ImageFolder (its EMA weights when the file has them; also "
                           "the tokenizer inside the VAR's imagenet-var-4096.pt); --teacher-out FILE also writes its "
                           "DINOv2 teacher", "tokenizer", build_imagefolder, containers=EMA_FIRST,
                           teacher=teacher_state),
+    "imagefolder-var": Format("ImageFolder's class-conditional folded VAR-d17 (imagenet-var-4096.pt, "
+                              "ang9867/imagefolder; XQ-GAN's VAR-d17-MSVR10P2-4096/ar-ckpt-last.pth) -> a textok VAR "
+                              "with two folded branches; needs --tokenizer (the converted ImageFolder tokenizer)",
+                              "generator", build_var, var_sampler, imagefolder_var_record,
+                              containers=(("trainer", "var_wo_ddp"),), prepare=prepare_imagefolder_var),
     "sd-vae": Format("Stable Diffusion's KL VAE as diffusers saves it (stabilityai/sd-vae-ft-ema, sd-vae-ft-mse: "
                      "diffusion_pytorch_model.safetensors or .bin, the snapshot folder's config.json read when "
                      "there; DiT's latent space) or in the CompVis layout (sd-vae-ft-*-original: "
