@@ -113,19 +113,23 @@ def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
     assert main(argv) == 0
 
 
-@pytest.mark.slow
-def test_two_processes_write_the_file_one_process_writes(vlms, tmp_path):
+def run_in_two_processes(argv: list[str]) -> None:
+    """``textok ARGV`` as two torchrun-style processes (ranks 0 and 1 on a free local port)."""
     import torch.multiprocessing as mp
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(2, port, argv), nprocs=2, start_method="spawn")
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_file_one_process_writes(vlms, tmp_path):
     data = image_folder(tmp_path / "data", {"a": 4, "b": 3})
     (data / "b" / "broken.jpg").write_bytes(b"not a jpeg")
     args = ["caption", str(data), "--vlm", str(vlms["blip"]), "--batch-size", "2", "--captions-per-image", "2", *FAST]
     assert main(args + ["--out", str(tmp_path / "one.jsonl")]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(2, port, args + ["--out", str(tmp_path / "two.jsonl")]), nprocs=2,
-                       start_method="spawn")
+    run_in_two_processes(args + ["--out", str(tmp_path / "two.jsonl")])
     one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
     assert one == two and len(one.splitlines()) == 7  # the broken image is left out of both
     assert not list(tmp_path.glob(".two.jsonl.caption"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import tarfile
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 
 from test_bad_inputs import changed_files, run_cli, snapshot
-from test_caption import _worker
+from test_caption import run_in_two_processes
 from textok.cli import main
 from textok.data.captioning import caption_dataset
 from textok.data.shards import ShardSet
@@ -174,16 +173,10 @@ def test_resume_and_ranks_write_the_file_one_uninterrupted_run_writes(blip, tmp_
 
 @pytest.mark.slow
 def test_two_torchrun_processes_write_the_file_one_process_writes(blip, tmp_path):
-    import torch.multiprocessing as mp
-
     shards = json_layout(tmp_path / "shards")
     args = ["caption", str(shards), "--vlm", str(blip), "--batch-size", "2", "--captions-per-image", "2", *FAST]
     assert main(args + ["--out", str(tmp_path / "one.jsonl")]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(2, port, args + ["--out", str(tmp_path / "two.jsonl")]), nprocs=2,
-                       start_method="spawn")
+    run_in_two_processes(args + ["--out", str(tmp_path / "two.jsonl")])
     one = (tmp_path / "one.jsonl").read_text()
     assert (tmp_path / "two.jsonl").read_text() == one and len(one.splitlines()) == 8
 
